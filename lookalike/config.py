@@ -1,0 +1,55 @@
+"""Settings shared by the plugin, the worker and the command line.
+
+One JSON file holds them (``LOOKALIKE_CONFIG`` names it); ``lookalike run`` writes it with generated credentials
+into ``deploy/local/`` which git ignores. Orthanc's own configuration carries the same values under its
+``"Lookalike"`` section, so the plugin reads them from ``orthanc.GetConfiguration()`` without a second file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+#: Modalities whose instances Lookalike indexes, and the encoder each goes to.
+ENCODER_FOR_MODALITY: dict[str, str] = {"US": "us", "DX": "xr", "CR": "xr"}
+
+#: Celery task names; the plugin queues by name so that it never imports the worker's code.
+TASK_INDEX_INSTANCE = "lookalike.index_instance"
+TASK_RECONCILE_STUDY = "lookalike.reconcile_study"
+
+#: The queue the plugin writes to and the worker reads.
+QUEUE = "lookalike"
+
+
+@dataclass
+class Settings:
+    """Where the parts of the stack are and how to reach them."""
+
+    orthanc_url: str = "http://127.0.0.1:8042"
+    orthanc_user: str = "lookalike"
+    orthanc_password: str = ""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Folder that holds the catalogue (SQLite) and the FAISS files.
+    index_dir: str = "var/index"
+    #: Optional paths to encoder checkpoints that replace the shipped weights, keyed by encoder name.
+    weights: dict[str, str] = field(default_factory=dict)
+    #: Instances whose decoded pixels exceed this many are refused before decoding.
+    max_pixels: int = 50_000_000
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Settings":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> "Settings":
+        """Read the settings from ``path``, else from ``$LOOKALIKE_CONFIG``, else the defaults."""
+        path = path or os.environ.get("LOOKALIKE_CONFIG")
+        if not path:
+            return cls()
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
