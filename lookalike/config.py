@@ -18,6 +18,7 @@ ENCODER_FOR_MODALITY: dict[str, str] = {"US": "us", "DX": "xr", "CR": "xr"}
 #: Celery task names; the plugin queues by name so that it never imports the worker's code.
 TASK_INDEX_INSTANCE = "lookalike.index_instance"
 TASK_RECONCILE_STUDY = "lookalike.reconcile_study"
+TASK_FORGET = "lookalike.forget"
 
 #: The queue the plugin writes to and the worker reads.
 QUEUE = "lookalike"

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what is missing, and nothing else: Debian's packages for Orthanc (Python and DICOMweb plugins), DCMTK,
+# Redis and dicom3tools; then the virtual environment .venv, made from Debian's Python 3.11 (the interpreter
+# Orthanc's Python plugin embeds, so the plugin imports the same packages), torch from this machine's CPU wheel
+# first, then the project under constraints.txt. Quick when everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb dcmtk redis-server dicom3tools python3.11-venv)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install: Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+VENV=.venv
+STAMP=$VENV/.installed
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  exit 0
+fi
+if [ ! -x $VENV/bin/python ]; then
+  echo "install: virtual environment $VENV (Debian's /usr/bin/python3.11)"
+  /usr/bin/python3.11 -m venv $VENV
+fi
+echo "install: python packages"
+$VENV/bin/python -m pip install -q torch==2.13.0
+$VENV/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+echo "$want" > "$STAMP"

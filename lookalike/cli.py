@@ -1,0 +1,119 @@
+"""``lookalike``: the one command-line entry point (``.venv/bin/lookalike``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from lookalike.config import Settings
+from lookalike.stack import SOURCE_ROOT
+
+DEFAULT_STATE = SOURCE_ROOT / "var"
+DEFAULT_STACK_CONFIG = SOURCE_ROOT / "deploy" / "local" / "stack.json"
+SAMPLES = SOURCE_ROOT / "deploy" / "samples"
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = args.config or (DEFAULT_STATE / "lookalike.json")
+    if not Path(path).exists():
+        sys.exit(f"lookalike: no settings at {path}; start the stack with `make run` or pass --config")
+    return Settings.load(path)
+
+
+def _api(settings: Settings):
+    from lookalike.orthanc_rest import HttpOrthanc
+
+    return HttpOrthanc(settings.orthanc_url, settings.orthanc_user, settings.orthanc_password)
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    from lookalike.orthanc_rest import OrthancError, get_json
+
+    api = _api(_settings(args))
+    try:
+        answer = get_json(api, f"/lookalike/studies/{args.study}/similar?limit={args.limit}")
+    except OrthancError as exc:
+        print(f"lookalike: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from lookalike.orthanc_rest import get_json
+
+    print(json.dumps(get_json(_api(_settings(args)), "/lookalike/status"), indent=2))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lookalike.stack import Stack, StackConfig
+    from lookalike.demo import show_example, store_samples
+
+    config = StackConfig.load_or_create(args.stack_config, args.state)
+    stack = Stack(config)
+    print(f"lookalike: starting Redis :{config.redis_port}, Orthanc :{config.http_port} (DICOM :{config.dicom_port}), worker")
+    print(f"lookalike: logs in {config.logs}")
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    with stack:
+        if not args.no_samples:
+            store_samples(stack, sorted(SAMPLES.glob("*.dcm")))
+            show_example(stack)
+        print(f"\nOrthanc Explorer: {config.orthanc_url}/app/explorer.html  user admin, password {config.admin_password}")
+        print("Ctrl-C stops Redis, Orthanc and the worker.")
+        while not stopping:
+            for name, proc in stack.procs.items():
+                if proc.poll() is not None:
+                    print(f"lookalike: {name} exited with status {proc.returncode}; see {config.logs}", file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+    print("lookalike: stopped")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lookalike.encoders import training
+
+    return training.main(args.rest) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lookalike", description=__doc__)
+    parser.add_argument("--config", help="settings JSON (default: var/lookalike.json of `make run`)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="start Redis, Orthanc with the plugin and a worker; store the sample studies")
+    p.add_argument("--state", type=Path, default=DEFAULT_STATE, help="where data and logs go")
+    p.add_argument("--stack-config", type=Path, default=DEFAULT_STACK_CONFIG, help="ports and generated credentials")
+    p.add_argument("--no-samples", action="store_true", help="do not store the bundled sample studies")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("lookup", help="most similar other studies of an Orthanc study")
+    p.add_argument("study", help="Orthanc study id")
+    p.add_argument("--limit", type=int, default=10)
+    p.set_defaults(func=cmd_lookup)
+
+    p = sub.add_parser("status", help="what is indexed, queued and failed")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("train", help="train an encoder (see `lookalike train -- --help`)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_train)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

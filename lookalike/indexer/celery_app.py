@@ -1,0 +1,36 @@
+"""The Celery application: Redis as broker, settings that make a task survive a crashed worker.
+
+Both sides import it: the worker runs it (``celery -A lookalike.indexer.celery_app worker``) and the plugin
+sends tasks by name through it. Importing it loads no model and no torch.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from lookalike.config import QUEUE, Settings
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    """A Celery app for ``settings`` (default: ``$LOOKALIKE_CONFIG``)."""
+    settings = settings or Settings.load()
+    app = Celery("lookalike", broker=settings.redis_url, include=["lookalike.indexer.tasks"])
+    app.conf.update(
+        task_default_queue=QUEUE,
+        # A task is acknowledged only once it has finished: a worker killed mid-task leaves it queued.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        # Redis redelivers an unacknowledged task after this long; longer than any single task runs.
+        broker_transport_options={"visibility_timeout": 3600},
+        worker_hijack_root_logger=False,
+    )
+    app.conf.lookalike_settings = settings
+    return app
+
+
+app = make_app()

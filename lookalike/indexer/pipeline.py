@@ -1,0 +1,139 @@
+"""Index one Orthanc instance: fetch, decode, route, embed, store. The Celery tasks are thin wrappers of this.
+
+Bad input ends here as a recorded problem (the instance's code and message in the catalogue, shown by
+``/lookalike/status``), never as an exception that would stop the worker; only a transient failure of Orthanc
+propagates, for Celery to retry with back-off.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from lookalike.config import ENCODER_FOR_MODALITY
+from lookalike.dicom_io.decode import decode_image, read_dataset
+from lookalike.dicom_io.errors import LookalikeDicomError, NotIndexableError
+from lookalike.dicom_io.routing import encoder_for
+from lookalike.indexer.catalogue import InstanceRecord
+from lookalike.indexer.store import IndexStore
+from lookalike.orthanc_rest import OrthancApi, OrthancNotFoundError, get_json, instance_parents
+
+log = logging.getLogger(__name__)
+
+
+class Encoder(Protocol):
+    name: str
+    model_version: str
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one instance: ``indexed``, ``skipped`` (not for Lookalike), ``failed`` or ``gone``."""
+
+    status: str
+    orthanc_instance_id: str
+    code: str = ""
+    message: str = ""
+    model_version: str = ""
+
+
+def _text(ds, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "")
+
+
+class InstanceIndexer:
+    """Indexes instances of one Orthanc into one :class:`IndexStore`.
+
+    Parameters
+    ----------
+    api
+        Orthanc's REST API (over HTTP, with credentials, in the worker).
+    store
+        The writable index.
+    encoders
+        ``load_encoder``: an encoder by name ("us", "xr"); called lazily, so torch loads only when needed.
+    max_pixels
+        Instances claiming more pixels than this are refused before any decoding.
+    """
+
+    def __init__(self, api: OrthancApi, store: IndexStore, encoders: Callable[[str], Encoder], max_pixels: int) -> None:
+        self.api = api
+        self.store = store
+        self.encoders = encoders
+        self.max_pixels = max_pixels
+
+    def index(self, instance_id: str) -> Outcome:
+        try:
+            data = self.api.get_bytes(f"/instances/{instance_id}/file")
+            series_id, study_id = instance_parents(self.api, instance_id)
+        except OrthancNotFoundError:
+            return Outcome("gone", instance_id, message="deleted from Orthanc before it could be indexed")
+        ds = None
+        try:
+            ds = read_dataset(data)
+            encoder_name = encoder_for(ds)
+            image = decode_image(ds, max_pixels=self.max_pixels)
+        except LookalikeDicomError as exc:
+            status = "skipped" if isinstance(exc, NotIndexableError) else "failed"
+            self.store.catalogue.record_problem(
+                orthanc_instance_id=instance_id,
+                sop_instance_uid=_text(ds, "SOPInstanceUID") if ds is not None else "",
+                orthanc_study_id=study_id,
+                code=exc.code,
+                message=str(exc),
+            )
+            log.warning("instance %s %s: %s: %s", instance_id, status, exc.code, exc)
+            return Outcome(status, instance_id, exc.code, str(exc))
+
+        encoder = self.encoders(encoder_name)
+        vector = encoder.embed([image.pixels])[0]
+        record = InstanceRecord(
+            sop_instance_uid=_text(ds, "SOPInstanceUID"),
+            sop_class_uid=_text(ds, "SOPClassUID"),
+            series_instance_uid=_text(ds, "SeriesInstanceUID"),
+            study_instance_uid=_text(ds, "StudyInstanceUID"),
+            patient_id=_text(ds, "PatientID"),
+            study_date=_text(ds, "StudyDate"),
+            modality=_text(ds, "Modality"),
+            orthanc_instance_id=instance_id,
+            orthanc_series_id=series_id,
+            orthanc_study_id=study_id,
+            encoder=encoder.name,
+            model_version=encoder.model_version,
+        )
+        self.store.add(record, vector)
+        return Outcome("indexed", instance_id, model_version=encoder.model_version)
+
+    def reconcile_study(self, study_id: str) -> list[Outcome]:
+        """Index every US/DX/CR instance of a study that is neither indexed nor recorded as a problem.
+
+        Catches instances whose ``NEW_INSTANCE`` event was lost (Orthanc restarted with events queued).
+        """
+        outcomes = []
+        try:
+            series_list = get_json(self.api, f"/studies/{study_id}/series")
+        except OrthancNotFoundError:
+            return outcomes
+        for series in series_list:
+            if series.get("MainDicomTags", {}).get("Modality") not in ENCODER_FOR_MODALITY:
+                continue
+            for instance_id in series.get("Instances", []):
+                if self.store.catalogue.is_indexed(instance_id) or self.store.catalogue.problem_for(instance_id):
+                    continue
+                outcomes.append(self.index(instance_id))
+        return outcomes
+
+    def forget(self, level: str, resource_id: str) -> None:
+        """Drop a deleted study or instance from the index (tombstones; nothing else is touched)."""
+        if level == "study":
+            self.store.delete_study(resource_id)
+        elif level == "instance":
+            self.store.delete_instance(resource_id)
+        elif level == "series":
+            self.store.delete_series(resource_id)
+

@@ -1,0 +1,91 @@
+"""Orthanc's REST API as Lookalike uses it, reachable two ways with one interface.
+
+The worker talks HTTP with credentials (:class:`HttpOrthanc`); the plugin calls Orthanc in-process
+(``lookalike.plugin.entry.InProcessOrthanc``). Everything that needs Orthanc takes an :class:`OrthancApi`,
+so handlers and tasks are tested against a real Orthanc or a small fake alike.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+import requests
+
+
+class OrthancError(Exception):
+    """Orthanc answered, but not with what was asked for."""
+
+
+class OrthancNotFoundError(OrthancError, LookupError):
+    """The resource is not (or no longer) in Orthanc."""
+
+
+class OrthancUnavailableError(OrthancError):
+    """Orthanc could not be reached or failed on its side: worth retrying later."""
+
+
+class OrthancAuthError(OrthancError):
+    """Orthanc refused the credentials: retrying will not help until an administrator fixes them."""
+
+
+class OrthancApi(Protocol):
+    def get_bytes(self, path: str) -> bytes: ...
+
+    def post_bytes(self, path: str, body: bytes) -> bytes: ...
+
+
+def get_json(api: OrthancApi, path: str) -> Any:
+    return json.loads(api.get_bytes(path))
+
+
+def instance_parents(api: OrthancApi, instance_id: str) -> tuple[str, str]:
+    """Orthanc ids of the series and the study an instance belongs to."""
+    series = get_json(api, f"/instances/{instance_id}/series")
+    return series["ID"], series["ParentStudy"]
+
+
+def instance_modality(api: OrthancApi, instance_id: str) -> str:
+    """The Modality of the instance's series, from Orthanc's database (no file read)."""
+    series = get_json(api, f"/instances/{instance_id}/series")
+    return series.get("MainDicomTags", {}).get("Modality", "")
+
+
+def study_series(api: OrthancApi, study_id: str) -> list[dict]:
+    return get_json(api, f"/studies/{study_id}/series")
+
+
+def store_instance(api: OrthancApi, dicom: bytes) -> str:
+    """Store a DICOM file into Orthanc; its Orthanc id."""
+    return json.loads(api.post_bytes("/instances", dicom))["ID"]
+
+
+class HttpOrthanc:
+    """Orthanc over HTTP with basic authentication, for the worker and the command line."""
+
+    def __init__(self, url: str, user: str, password: str, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.auth = (user, password)
+
+    def _request(self, method: str, path: str, **kw) -> bytes:
+        try:
+            r = self.session.request(method, self.url + path, timeout=self.timeout, **kw)
+        except requests.RequestException as exc:
+            raise OrthancUnavailableError(f"Orthanc at {self.url} unreachable: {exc}") from exc
+        if r.status_code == 404:
+            raise OrthancNotFoundError(f"{method} {path}: not found in Orthanc")
+        if r.status_code in (401, 403):
+            raise OrthancAuthError(f"{method} {path}: Orthanc refused the credentials of user {self.session.auth[0]!r}")
+        if r.status_code >= 500:
+            raise OrthancUnavailableError(f"{method} {path}: Orthanc answered {r.status_code}")
+        if r.status_code >= 400:
+            raise OrthancError(f"{method} {path}: Orthanc answered {r.status_code}: {r.text[:200]}")
+        return r.content
+
+    def get_bytes(self, path: str) -> bytes:
+        return self._request("GET", path)
+
+    def post_bytes(self, path: str, body: bytes) -> bytes:
+        return self._request("POST", path, data=body)

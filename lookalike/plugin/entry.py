@@ -1,0 +1,99 @@
+"""Wires Lookalike's handlers to Orthanc: the only module that touches the ``orthanc`` module's registration calls.
+
+``deploy/orthanc/lookalike_plugin.py`` (the script Orthanc loads) calls :func:`register` with the ``orthanc``
+module. Settings come from the ``"Lookalike"`` section of Orthanc's own configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from importlib import resources
+from typing import Any, Callable
+
+from lookalike.config import QUEUE, Settings
+from lookalike.orthanc_rest import OrthancError, OrthancNotFoundError
+from lookalike.plugin import rest
+from lookalike.plugin.events import ChangeHandler
+from lookalike.plugin.sender import TaskSender
+
+
+class InProcessOrthanc:
+    """:class:`~lookalike.orthanc_rest.OrthancApi` over the plugin's in-process REST calls."""
+
+    def __init__(self, orthanc: Any) -> None:
+        self.orthanc = orthanc
+
+    def _call(self, fn: Callable[..., Any], path: str, *args: Any) -> bytes:
+        try:
+            return fn(path, *args)
+        except Exception as exc:
+            # Plugin 4.0 raises a bare exception; Orthanc's error text names the missing resource.
+            text = str(exc)
+            if "Unknown resource" in text or "InexistentItem" in text or "Inexistent" in text:
+                raise OrthancNotFoundError(f"{path}: not found in Orthanc") from exc
+            raise OrthancError(f"{path}: {text}") from exc
+
+    def get_bytes(self, path: str) -> bytes:
+        return self._call(self.orthanc.RestApiGet, path)
+
+    def post_bytes(self, path: str, body: bytes) -> bytes:
+        return self._call(self.orthanc.RestApiPost, path, body)
+
+
+def _answer(output: Any, status: int, body: dict) -> None:
+    text = json.dumps(body, indent=2)
+    if status == 200:
+        output.AnswerBuffer(text, "application/json")
+    else:
+        output.SendHttpStatus(status, text, len(text))
+
+
+def register(orthanc: Any) -> None:
+    """Register the change callback, the REST routes and the Orthanc Explorer extension."""
+    section = json.loads(orthanc.GetConfiguration()).get("Lookalike", {})
+    settings = Settings.from_dict(section)
+
+    from lookalike.indexer.celery_app import make_app
+    from lookalike.indexer.store import IndexStore
+
+    import redis
+
+    app = make_app(settings)
+    sender = TaskSender(app.send_task, on_error=orthanc.LogError)
+    api = InProcessOrthanc(orthanc)
+    store = IndexStore(settings.index_dir, readonly=True)
+    broker = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
+
+    orthanc.RegisterOnChangeCallback(ChangeHandler(orthanc, api, sender.send, orthanc.LogError))
+
+    def route(handler: Callable[..., rest.Response], methods: tuple[str, ...]) -> Callable[..., None]:
+        def callback(output: Any, uri: str, **request: Any) -> None:
+            if request.get("method") not in methods:
+                output.SendMethodNotAllowed(",".join(methods))
+                return
+            try:
+                status, body = handler(*request.get("groups", ()), query=request.get("get", {}))
+            except ValueError as exc:
+                status, body = 400, {"error": str(exc)}
+            except Exception:
+                orthanc.LogError(f"Lookalike: {uri} failed: {traceback.format_exc()}")
+                status, body = 500, {"error": "internal error; see Orthanc's log"}
+            _answer(output, status, body)
+
+        return callback
+
+    def similar(study_id: str, query: dict) -> rest.Response:
+        return rest.similar(api, store, study_id, rest.parse_limit(query.get("limit")), sender.pending())
+
+    def similar_report(study_id: str, query: dict) -> rest.Response:
+        return rest.similar_report(api, store, study_id, rest.parse_limit(query.get("limit")), sender.pending())
+
+    def status(query: dict) -> rest.Response:
+        return rest.status(store, lambda: broker.llen(QUEUE), sender.pending())
+
+    orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar", route(similar, ("GET",)))
+    orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar-report", route(similar_report, ("POST",)))
+    orthanc.RegisterRestCallback("/lookalike/status", route(status, ("GET",)))
+    orthanc.ExtendOrthancExplorer(resources.files("lookalike.plugin").joinpath("explorer.js").read_text())
+    orthanc.LogWarning(f"Lookalike {settings.index_dir}: plugin ready, queue {QUEUE} on {settings.redis_url}")

@@ -1,0 +1,286 @@
+"""Start and stop the whole stack on this machine: Redis, Orthanc with the plugin, and a Celery worker.
+
+``lookalike run`` (behind ``make run``) and the end-to-end tests use the same code, so what the tests start is
+what an administrator runs. Every process listens on loopback; every log goes to ``<state>/logs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from lookalike.config import QUEUE, Settings
+
+PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
+#: The script Orthanc's Python plugin loads; it only puts the project on ``sys.path`` and registers callbacks.
+PLUGIN_SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "orthanc" / "lookalike_plugin.py"
+SOURCE_ROOT = PLUGIN_SCRIPT.parent.parent.parent
+ORTHANC_AET = "ORTHANC"
+#: AE titles allowed to talk DICOM to this Orthanc (DCMTK's defaults, on loopback).
+KNOWN_MODALITIES = {"STORESCU": "STORESCU", "FINDSCU": "FINDSCU"}
+
+
+def free_port(preferred: int = 0) -> int:
+    """A TCP port on loopback that nothing listens on right now: ``preferred`` if it is free."""
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free port on loopback")
+
+
+def dcmtk_env() -> dict[str, str]:
+    """Environment for Orthanc and DCMTK clients: without TCP_NODELAY, C-STORE crawls at ~11 instances/s."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+@dataclass
+class StackConfig:
+    """Ports, credentials and folders of one stack; saved as JSON so that a restart reuses them."""
+
+    state_dir: Path
+    http_port: int
+    dicom_port: int
+    redis_port: int
+    admin_password: str
+    service_password: str
+    stable_age: int = 2
+    with_plugin: bool = True
+    extra_orthanc: dict = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, state_dir: Path, **kw) -> "StackConfig":
+        """New free ports and freshly generated passwords."""
+        return cls(
+            state_dir=Path(state_dir),
+            http_port=kw.pop("http_port", None) or free_port(),
+            dicom_port=kw.pop("dicom_port", None) or free_port(),
+            redis_port=kw.pop("redis_port", None) or free_port(),
+            admin_password=secrets.token_urlsafe(12),
+            service_password=secrets.token_urlsafe(18),
+            **kw,
+        )
+
+    @classmethod
+    def load_or_create(cls, path: Path, state_dir: Path) -> "StackConfig":
+        if path.exists():
+            data = json.loads(path.read_text())
+            data["state_dir"] = Path(data["state_dir"])
+            return cls(**data)
+        # Orthanc's and Redis's usual ports where they are free, so that viewers find the usual URL.
+        cfg = cls.create(state_dir, http_port=free_port(8042), dicom_port=free_port(4242), redis_port=free_port(6379))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {**cfg.__dict__, "state_dir": str(cfg.state_dir)}
+        path.write_text(json.dumps(data, indent=2))
+        path.chmod(0o600)
+        return cfg
+
+    @property
+    def logs(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def orthanc_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def settings(self) -> Settings:
+        """What the worker, the plugin and the command line need to find each other."""
+        return Settings(
+            orthanc_url=self.orthanc_url,
+            orthanc_user="lookalike",
+            orthanc_password=self.service_password,
+            redis_url=f"redis://127.0.0.1:{self.redis_port}/0",
+            index_dir=str(self.state_dir / "index"),
+        )
+
+    def orthanc_config(self) -> dict:
+        """Orthanc's configuration: authentication on, loopback only, the two plugins, our section."""
+        plugins = [str(PLUGIN_DIR / "libOrthancDicomWeb.so")]
+        cfg: dict = {
+            "Name": "Lookalike",
+            "StorageDirectory": str(self.state_dir / "orthanc-storage"),
+            "IndexDirectory": str(self.state_dir / "orthanc-storage"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": ORTHANC_AET,
+            "DicomCheckCalledAet": True,
+            "DicomAlwaysAllowStore": False,
+            "DicomAlwaysAllowEcho": False,
+            "DicomCheckModalityHost": True,
+            "DicomModalities": {name: [aet, "127.0.0.1", 104] for name, aet in KNOWN_MODALITIES.items()},
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": {"admin": self.admin_password, "lookalike": self.service_password},
+            "StableAge": self.stable_age,
+            "HttpTimeout": 30,
+            # A re-sent instance replaces the stored one and is indexed again (in place: one entry)
+            "OverwriteInstances": True,
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "Plugins": plugins,
+        }
+        if self.with_plugin:
+            plugins.insert(0, str(PLUGIN_DIR / "libOrthancPython.so"))
+            cfg["PythonScript"] = str(PLUGIN_SCRIPT)
+            cfg["PythonVerbose"] = False
+            cfg["Lookalike"] = {
+                **self.settings().to_dict(),
+                "site_packages": sysconfig.get_paths()["purelib"],
+                "source_root": str(SOURCE_ROOT),
+            }
+        cfg.update(self.extra_orthanc)
+        return cfg
+
+
+class Stack:
+    """The running processes of one :class:`StackConfig`; a context manager that stops all it started."""
+
+    def __init__(self, config: StackConfig, *, worker: bool = True) -> None:
+        self.config = config
+        self.with_worker = worker
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    # -- start -------------------------------------------------------------------------------------------
+    def start(self, timeout: float = 60.0) -> "Stack":
+        cfg = self.config
+        for sub in ("logs", "orthanc-storage", "index", "redis"):
+            (cfg.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        settings_path = cfg.state_dir / "lookalike.json"
+        settings_path.write_text(json.dumps(cfg.settings().to_dict(), indent=2))
+        settings_path.chmod(0o600)
+        orthanc_json = cfg.state_dir / "orthanc.json"
+        orthanc_json.write_text(json.dumps(cfg.orthanc_config(), indent=2))
+        orthanc_json.chmod(0o600)
+        self.env = {**dcmtk_env(), "LOOKALIKE_CONFIG": str(settings_path)}
+        try:
+            self._start_redis()
+            self._start_orthanc(orthanc_json)
+            if self.with_worker:
+                self.start_worker()
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.config.logs / f"{name}.out", "ab")
+        # A session of its own: Ctrl-C in the terminal reaches `lookalike run`, which stops the children in order.
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.config.state_dir, start_new_session=True
+        )
+
+    def _start_redis(self) -> None:
+        cfg = self.config
+        self._spawn(
+            "redis",
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--bind", "127.0.0.1", "--port", str(cfg.redis_port), "--dir", str(cfg.state_dir / "redis"),
+                "--appendonly", "yes", "--save", "", "--logfile", str(cfg.logs / "redis.log"),
+            ],
+        )
+
+    def _start_orthanc(self, config_path: Path) -> None:
+        orthanc = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+        self._spawn(
+            "orthanc",
+            [orthanc, "--verbose-plugins", f"--logdir={self.config.logs}", str(config_path)],
+        )
+
+    def start_worker(self) -> None:
+        """One Celery worker, one process: the index has one writer, and the model is loaded once."""
+        self._spawn(
+            "worker",
+            [
+                sys.executable, "-m", "celery", "-A", "lookalike.indexer.celery_app", "worker",
+                "-Q", QUEUE, "--concurrency", "1", "--loglevel", "INFO", "-n", f"lookalike-{self.config.redis_port}@%h",
+                "--logfile", str(self.config.logs / "worker.log"),
+            ],
+        )
+
+    def stop_worker(self, timeout: float = 20.0) -> None:
+        self._terminate("worker", timeout)
+
+    # -- readiness ---------------------------------------------------------------------------------------
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self._wait(lambda: self._redis_ping(), deadline, "redis")
+        self._wait(lambda: self.http().get(f"{self.config.orthanc_url}/system", timeout=2).ok, deadline, "orthanc")
+        if "worker" in self.procs:
+            self._wait(self._worker_ready, deadline, "worker")
+
+    def _wait(self, probe, deadline: float, name: str) -> None:
+        while time.monotonic() < deadline:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with status {proc.returncode}; see {self.config.logs}")
+            try:
+                if probe():
+                    return
+            except (OSError, requests.RequestException):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} not ready; see {self.config.logs}")
+
+    def _redis_ping(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.config.redis_port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    def _worker_ready(self) -> bool:
+        log = self.config.logs / "worker.log"
+        return log.exists() and "ready." in log.read_text(errors="replace")
+
+    def http(self, user: str = "admin") -> requests.Session:
+        """An HTTP session on Orthanc with the named user's credentials."""
+        s = requests.Session()
+        password = self.config.admin_password if user == "admin" else self.config.service_password
+        s.auth = (user, password)
+        return s
+
+    # -- stop --------------------------------------------------------------------------------------------
+    def _terminate(self, name: str, timeout: float) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def stop(self) -> None:
+        """Worker first (it finishes its task), then Orthanc, then Redis."""
+        for name in ("worker", "orthanc", "redis"):
+            self._terminate(name, 20.0)
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def storescu(config: StackConfig, files: list[Path], aet: str = "STORESCU", timeout: float = 120) -> subprocess.CompletedProcess:
+    """Send files with DCMTK's ``storescu``, as a modality would."""
+    argv = ["storescu", "-aet", aet, "-aec", ORTHANC_AET, "127.0.0.1", str(config.dicom_port), *map(str, files)]
+    return subprocess.run(argv, env=dcmtk_env(), capture_output=True, text=True, timeout=timeout)

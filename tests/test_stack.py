@@ -1,0 +1,183 @@
+"""End to end: DCMTK's storescu into a real Orthanc with the plugin, a real Celery worker on Redis, lookups over
+Orthanc's REST API, the SR back through Orthanc and DCMTK's dsrdump."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+
+from lookalike.dicom_io.samples import wrap_image
+from lookalike.indexer.store import IndexStore
+from lookalike.stack import Stack, dcmtk_env, storescu
+from tests.conftest import SAMPLES, wait_for
+
+pytestmark = pytest.mark.stack
+
+
+def _sample_pixels(modality: str, n: int) -> list[np.ndarray]:
+    files = sorted(SAMPLES.glob("*.dcm"))
+    out = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        if ds.Modality == modality:
+            out.append(ds.pixel_array)
+        if len(out) == n:
+            break
+    assert len(out) == n, f"need {n} {modality} samples in {SAMPLES}"
+    return out
+
+
+def _study(pixels: np.ndarray, modality: str, patient: str, tmp: Path, name: str, date: str = "20250301") -> tuple[Path, pydicom.Dataset]:
+    ds = wrap_image(
+        pixels.astype(np.uint8), modality,
+        patient_id=patient, patient_name=f"TEST^{patient}", patient_birth_date="19700101", patient_sex="F",
+        study_instance_uid=pydicom.uid.generate_uid(), study_date=date, study_time="101500",
+        accession_number=patient[-8:], study_description=f"test {modality}",
+    )
+    path = tmp / f"{name}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, ds
+
+
+def _noisy(pixels: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(pixels.astype(np.int16) + rng.integers(-6, 7, pixels.shape), 0, 255).astype(np.uint8)
+
+
+def _orthanc_study_id(stack: Stack, ds: pydicom.Dataset) -> str:
+    found = stack.http().post(
+        f"{stack.config.orthanc_url}/tools/lookup", data=str(ds.StudyInstanceUID), timeout=10
+    ).json()
+    return next(x["ID"] for x in found if x["Type"] == "Study")
+
+
+def _status(stack: Stack) -> dict:
+    return stack.http().get(f"{stack.config.orthanc_url}/lookalike/status", timeout=10).json()
+
+
+def _indexed_total(stack: Stack) -> int:
+    return sum(c["instances"] for c in _status(stack)["indexed"])
+
+
+@pytest.fixture(scope="module")
+def corpus(stack: Stack, tmp_path_factory) -> dict:
+    """A US and a DX query study, a near-copy of each in another patient's study, and unrelated studies."""
+    tmp = tmp_path_factory.mktemp("corpus")
+    us = _sample_pixels("US", 4)
+    dx = _sample_pixels("DX", 4)
+    files, ds = {}, {}
+    files["us_query"], ds["us_query"] = _study(us[0], "US", "PQUS0001", tmp, "us_query")
+    files["us_copy"], ds["us_copy"] = _study(_noisy(us[0], 1), "US", "PCUS0002", tmp, "us_copy", "20240611")
+    files["dx_query"], ds["dx_query"] = _study(dx[0], "DX", "PQDX0003", tmp, "dx_query")
+    files["dx_copy"], ds["dx_copy"] = _study(_noisy(dx[0], 2), "DX", "PCDX0004", tmp, "dx_copy", "20231120")
+    for i in range(1, 4):
+        files[f"us_other{i}"], ds[f"us_other{i}"] = _study(us[i], "US", f"POUS{i:04d}", tmp, f"us_other{i}")
+        files[f"dx_other{i}"], ds[f"dx_other{i}"] = _study(dx[i], "DX", f"PODX{i:04d}", tmp, f"dx_other{i}")
+    before = _indexed_total(stack)
+    result = storescu(stack.config, list(files.values()))
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: _indexed_total(stack) >= before + len(files), timeout=180, what="indexing of the corpus")
+    return {"files": files, "ds": ds, "ids": {k: _orthanc_study_id(stack, d) for k, d in ds.items()}}
+
+
+class TestAuthentication:
+    def test_rest_routes_refuse_anonymous_calls(self, stack: Stack) -> None:
+        url = stack.config.orthanc_url
+        assert requests.get(f"{url}/lookalike/status", timeout=10).status_code == 401
+        assert requests.get(f"{url}/lookalike/studies/x/similar", timeout=10).status_code == 401
+        assert requests.post(f"{url}/lookalike/studies/x/similar-report", timeout=10).status_code == 401
+
+    def test_wrong_password_is_refused(self, stack: Stack) -> None:
+        r = requests.get(f"{stack.config.orthanc_url}/lookalike/status", auth=("admin", "wrong"), timeout=10)
+        assert r.status_code == 401
+
+    def test_unknown_calling_ae_title_cannot_store(self, stack: Stack, tmp_path: Path) -> None:
+        path, _ = _study(_sample_pixels("US", 1)[0], "US", "PUNKNOWNAE", tmp_path, "unknown_ae")
+        result = storescu(stack.config, [path], aet="INTRUDER")
+        assert result.returncode != 0 or "Association Rejected" in result.stderr + result.stdout
+        assert stack.http().post(f"{stack.config.orthanc_url}/tools/lookup", data="PUNKNOWNAE", timeout=10).json() == []
+
+
+class TestLookup:
+    @pytest.mark.parametrize("modality", ["us", "dx"])
+    def test_near_copy_ranks_first(self, stack: Stack, corpus: dict, modality: str) -> None:
+        query = corpus["ids"][f"{modality}_query"]
+        r = stack.http().get(f"{stack.config.orthanc_url}/lookalike/studies/{query}/similar?limit=5", timeout=30)
+        assert r.status_code == 200, r.text
+        similar = r.json()["similar"]
+        assert similar[0]["orthanc_study_id"] == corpus["ids"][f"{modality}_copy"]
+        assert similar[0]["study_instance_uid"] == corpus["ds"][f"{modality}_copy"].StudyInstanceUID
+        assert [s["rank"] for s in similar] == list(range(1, len(similar) + 1))
+        assert all(s["orthanc_study_id"] != query for s in similar)
+        scores = [s["score"] for s in similar]
+        assert scores == sorted(scores, reverse=True) and scores[0] > 0.9
+        expected_modality = "US" if modality == "us" else "DX"
+        assert all(s["modality"] == expected_modality for s in similar)
+
+    def test_unknown_study_is_404(self, stack: Stack) -> None:
+        r = stack.http().get(f"{stack.config.orthanc_url}/lookalike/studies/not-a-study/similar", timeout=10)
+        assert r.status_code == 404
+        assert r.json()["error"] == "unknown study"
+
+    def test_bad_limit_is_400(self, stack: Stack, corpus: dict) -> None:
+        r = stack.http().get(f"{stack.config.orthanc_url}/lookalike/studies/{corpus['ids']['us_query']}/similar?limit=x", timeout=10)
+        assert r.status_code == 400
+
+    def test_restoring_an_instance_leaves_one_entry(self, stack: Stack, corpus: dict) -> None:
+        store = IndexStore(stack.config.settings().index_dir, readonly=True)
+        sop = corpus["ds"]["us_other1"].SOPInstanceUID
+        [before] = [r for r in store.catalogue.rows_for_study(corpus["ids"]["us_other1"]) if r.sop_instance_uid == sop]
+        total = _indexed_total(stack)
+        assert storescu(stack.config, [corpus["files"]["us_other1"]]).returncode == 0
+
+        def reindexed():
+            rows = [r for r in store.catalogue.rows_for_study(corpus["ids"]["us_other1"]) if r.sop_instance_uid == sop]
+            return rows if rows and rows[0].seq > before.seq else None
+
+        rows = wait_for(reindexed, timeout=60, what="re-indexing of the re-sent instance")
+        assert len(rows) == 1 and rows[0].id == before.id
+        assert _indexed_total(stack) == total
+
+
+class TestSimilarityReport:
+    def test_report_round_trips_and_is_not_indexed(self, stack: Stack, corpus: dict, tmp_path: Path) -> None:
+        http, url = stack.http(), stack.config.orthanc_url
+        query = corpus["ids"]["us_query"]
+        total = _indexed_total(stack)
+        r = http.post(f"{url}/lookalike/studies/{query}/similar-report?limit=3", timeout=60)
+        assert r.status_code == 200, r.text
+        report_id = r.json()["report"]
+        assert http.get(f"{url}/instances/{report_id}/study", timeout=10).json()["ID"] == query
+        path = tmp_path / "report.dcm"
+        path.write_bytes(http.get(f"{url}/instances/{report_id}/file", timeout=10).content)
+        dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, env=dcmtk_env())
+        assert dump.returncode == 0, dump.stderr
+        assert str(corpus["ds"]["us_copy"].StudyInstanceUID) in dump.stdout
+        sr = pydicom.dcmread(path)
+        assert sr.Modality == "SR" and sr.PatientID == corpus["ds"]["us_query"].PatientID
+
+        # The report fires NEW_INSTANCE and, after StableAge, STABLE_STUDY: the worker reconciles the study
+        # (a log line each time) and must find nothing to index.
+        log = stack.config.logs / "worker.log"
+        line = f"study {query} reconciled"
+        seen = log.read_text().count(line)
+        wait_for(lambda: _stable_after(stack, report_id, query), timeout=30, what="STABLE_STUDY after the report")
+        wait_for(lambda: log.read_text().count(line) > seen, timeout=30, what="the worker's reconciliation")
+        assert _indexed_total(stack) == total
+        last = [entry for entry in log.read_text().splitlines() if line in entry][-1]
+        assert last.endswith(f"{line}: 0 instance(s) caught up")
+        assert all(p["instance"] != report_id for p in _status(stack)["problems"])
+
+
+def _stable_after(stack: Stack, instance_id: str, study_id: str) -> bool:
+    """Orthanc's change log shows STABLE_STUDY for ``study_id`` after NEW_INSTANCE of ``instance_id``."""
+    changes = stack.http().get(f"{stack.config.orthanc_url}/changes?limit=10000", timeout=10).json()["Changes"]
+    new = [c["Seq"] for c in changes if c["ChangeType"] == "NewInstance" and c["ID"] == instance_id]
+    return bool(new) and any(
+        c["ChangeType"] == "StableStudy" and c["ID"] == study_id and c["Seq"] > new[0] for c in changes
+    )
