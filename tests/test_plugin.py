@@ -1,0 +1,129 @@
+"""The plugin's handlers without Orthanc: a fake ``orthanc`` module and a fake REST API passed in."""
+
+from __future__ import annotations
+
+import json
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from lookalike.config import QUEUE, TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY
+from lookalike.orthanc_rest import OrthancNotFoundError
+from lookalike.plugin.events import ChangeHandler
+from lookalike.plugin.rest import parse_limit
+from lookalike.plugin.sender import TaskSender
+
+FAKE_ORTHANC = SimpleNamespace(
+    ChangeType=SimpleNamespace(NEW_INSTANCE=3, STABLE_STUDY=9, DELETED=1),
+    ResourceType=SimpleNamespace(PATIENT=0, STUDY=1, SERIES=2, INSTANCE=3),
+)
+
+
+class FakeApi:
+    """Orthanc's REST API answering from a dict of path -> JSON."""
+
+    def __init__(self, answers: dict[str, object]) -> None:
+        self.answers = answers
+
+    def get_bytes(self, path: str) -> bytes:
+        if path not in self.answers:
+            raise OrthancNotFoundError(path)
+        return json.dumps(self.answers[path]).encode()
+
+    def post_bytes(self, path: str, body: bytes) -> bytes:
+        raise AssertionError("the change handler never writes")
+
+
+def _series(modality: str) -> dict:
+    return {"ID": "s1", "ParentStudy": "st1", "MainDicomTags": {"Modality": modality}}
+
+
+class TestChangeHandler:
+    def _handler(self, answers: dict) -> tuple[ChangeHandler, list, list]:
+        sent, errors = [], []
+        handler = ChangeHandler(FAKE_ORTHANC, FakeApi(answers), lambda *a: sent.append(a), errors.append)
+        return handler, sent, errors
+
+    @pytest.mark.parametrize("modality", ["US", "DX", "CR"])
+    def test_new_image_instance_is_queued(self, modality: str) -> None:
+        handler, sent, errors = self._handler({"/instances/i1/series": _series(modality)})
+        handler(3, 3, "i1")
+        assert sent == [(TASK_INDEX_INSTANCE, "i1")] and errors == []
+
+    @pytest.mark.parametrize("modality", ["SR", "KO", "PR", "CT", "DOC"])
+    def test_other_modalities_are_ignored(self, modality: str) -> None:
+        handler, sent, errors = self._handler({"/instances/i1/series": _series(modality)})
+        handler(3, 3, "i1")
+        assert sent == [] and errors == []
+
+    def test_stable_study_with_images_is_reconciled(self) -> None:
+        handler, sent, _ = self._handler({"/studies/st1/series": [_series("SR"), _series("US")]})
+        handler(9, 1, "st1")
+        assert sent == [(TASK_RECONCILE_STUDY, "st1")]
+
+    def test_stable_study_of_reports_only_is_ignored(self) -> None:
+        handler, sent, _ = self._handler({"/studies/st1/series": [_series("SR")]})
+        handler(9, 1, "st1")
+        assert sent == []
+
+    def test_deletion_is_forwarded_with_its_level(self) -> None:
+        handler, sent, _ = self._handler({})
+        handler(1, 1, "st1")
+        assert sent == [(TASK_FORGET, "study", "st1")]
+
+    def test_vanished_instance_is_not_an_error(self) -> None:
+        handler, sent, errors = self._handler({})
+        handler(3, 3, "gone")
+        assert sent == [] and errors == []
+
+    def test_failure_is_logged_with_traceback_and_not_raised(self) -> None:
+        def broken(*_):
+            raise RuntimeError("broker down")
+
+        errors: list[str] = []
+        handler = ChangeHandler(FAKE_ORTHANC, FakeApi({"/instances/i1/series": _series("US")}), broken, errors.append)
+        handler(3, 3, "i1")
+        assert len(errors) == 1 and "Traceback" in errors[0] and "broker down" in errors[0]
+
+
+class TestTaskSender:
+    def test_tasks_reach_celery_in_order_on_the_lookalike_queue(self) -> None:
+        calls = []
+        sender = TaskSender(lambda name, **kw: calls.append((name, kw["args"], kw["queue"])))
+        sender.send(TASK_INDEX_INSTANCE, "a")
+        sender.send(TASK_INDEX_INSTANCE, "b")
+        sender.join()
+        assert calls == [(TASK_INDEX_INSTANCE, ["a"], QUEUE), (TASK_INDEX_INSTANCE, ["b"], QUEUE)]
+        sender.close()
+
+    def test_send_never_waits_on_the_broker(self) -> None:
+        release = threading.Event()
+        sender = TaskSender(lambda *a, **kw: release.wait(5))
+        for i in range(100):
+            sender.send(TASK_INDEX_INSTANCE, str(i))  # returns although the broker is stuck
+        assert sender.pending() >= 98
+        release.set()
+        sender.join()
+        assert sender.pending() == 0
+        sender.close()
+
+    def test_failures_are_counted_and_reported(self) -> None:
+        errors: list[str] = []
+
+        def refuse(*a, **kw):
+            raise ConnectionError("redis unreachable")
+
+        sender = TaskSender(refuse, on_error=errors.append)
+        sender.send(TASK_INDEX_INSTANCE, "x")
+        sender.join()
+        assert sender.failed == 1 and "redis unreachable" in errors[0]
+        sender.close()
+
+
+class TestParseLimit:
+    def test_default_and_bounds(self) -> None:
+        assert parse_limit(None) == 10 and parse_limit("3") == 3
+        for bad in ("0", "101", "x", "-1"):
+            with pytest.raises(ValueError):
+                parse_limit(bad)
