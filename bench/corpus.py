@@ -1,0 +1,29 @@
+"""Instances for the benchmarks: the bundled samples' pixels under fresh UIDs, one study each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+
+from lookalike.dicom_io.samples import wrap_image
+
+SAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "samples"
+
+
+def make_instances(out: Path, n: int, modality: str = "US", prefix: str = "B") -> list[Path]:
+    """``n`` single-instance studies of ``modality`` made from the sample pixels, written to ``out``."""
+    pixels = [ds.pixel_array for ds in map(pydicom.dcmread, sorted(SAMPLES.glob("*.dcm"))) if ds.Modality == modality]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        ds = wrap_image(
+            pixels[i % len(pixels)], modality,
+            patient_id=f"{prefix}{i:05d}", patient_name=f"BENCH^{prefix}{i:05d}", patient_birth_date="19700101",
+            patient_sex="F", study_instance_uid=pydicom.uid.generate_uid(), study_date="20250101",
+            study_time="080000", accession_number=f"{prefix}{i:05d}", study_description="benchmark",
+        )
+        path = out / f"{prefix}{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
