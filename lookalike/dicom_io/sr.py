@@ -40,7 +40,6 @@ __all__ = [
     "DEVICE_OBSERVER_UID",
     "MANUFACTURER",
     "SR_SERIES_DESCRIPTION",
-    "SR_CONTENT_DESCRIPTION",
     "build_similarity_report",
     "is_lookalike_document",
 ]
@@ -51,7 +50,6 @@ MANUFACTURER = "Lookalike"
 #: Series Description (0008,103E) of the report series, as shown in viewers' series lists.
 SR_SERIES_DESCRIPTION = "Lookalike similar cases"
 #: Content Description (0070,0081): one line for worklists that show it.
-SR_CONTENT_DESCRIPTION = "Studies most similar to this study, ranked by image similarity"
 
 #: Private coding scheme for concepts that neither DCM nor SCT defines
 #: ("similar case", "similarity rank", ...).  "99" prefix marks it private (PS3.16 8.2).
@@ -268,7 +266,6 @@ def build_similarity_report(
         software_versions=str(algorithm_version),
         coding_schemes=[copy.deepcopy(CODING_SCHEME_IDENTIFICATION)],
     )
-    document.ContentDescription = SR_CONTENT_DESCRIPTION
     return document
 
 
