@@ -1,0 +1,121 @@
+"""Study-level lookup on hand-made vectors whose cosines are known in advance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lookalike.indexer.catalogue import InstanceRecord
+from lookalike.indexer.lookup import SimilarStudy, StudyNotIndexedError, similar_studies
+from lookalike.indexer.store import IndexStore
+
+
+def record(sop: str, study: str, *, modality: str = "US", encoder: str = "us") -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=f"1.2.3.{study}.{sop}", sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
+        series_instance_uid=f"1.2.3.{study}.0", study_instance_uid=f"1.2.3.{study}", patient_id=f"P-{study}",
+        study_date="20240102", modality=modality, orthanc_instance_id=f"inst-{study}-{sop}",
+        orthanc_series_id=f"series-{study}", orthanc_study_id=f"study-{study}", encoder=encoder,
+        model_version="v1")
+
+
+def cos(a, b) -> float:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+Q1, Q2 = [1, 0, 0], [0, 1, 0]
+#: Study 1: one image nearly identical to Q2, one unrelated: best pair 0.9988, mean over pairs only 0.25.
+M1, M2 = [0, 1, 0.05], [0, 0, 1]
+#: Study 2: two images fairly close to both query images: best pair 0.8, mean over pairs 0.7.
+N1, N2 = [0.8, 0.6, 0], [0.6, 0.8, 0]
+#: Study 3: unrelated.
+O1 = [0, 0.1, 1]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> IndexStore:
+    with IndexStore(tmp_path / "index") as s:
+        for sop, v in (("1", Q1), ("2", Q2)):
+            s.add(record(sop, "9"), v)  # the query study
+        for sop, v in (("1", M1), ("2", M2)):
+            s.add(record(sop, "1"), v)
+        for sop, v in (("1", N1), ("2", N2)):
+            s.add(record(sop, "2"), v)
+        s.add(record("1", "3"), O1)
+        yield s
+
+
+def test_studies_rank_by_their_best_image_pair(store: IndexStore) -> None:
+    results = similar_studies(store, "study-9")
+    assert [r.orthanc_study_id for r in results] == ["study-1", "study-2", "study-3"]
+    assert [r.rank for r in results] == [1, 2, 3]
+    assert [r.score for r in results] == pytest.approx([cos(Q2, M1), 0.8, cos(Q2, O1)], abs=1e-6)
+    # Study 2 has the better average (0.7 against 0.25): only the max puts study 1 first.
+    assert np.mean([cos(q, g) for q in (Q1, Q2) for g in (M1, M2)]) < 0.7
+
+
+def test_best_match_names_the_image_pair_and_the_study_fields(store: IndexStore) -> None:
+    first = similar_studies(store, "study-9")[0]
+    assert isinstance(first, SimilarStudy)
+    assert (first.study_instance_uid, first.patient_id, first.study_date, first.modality, first.model_version) == (
+        "1.2.3.1", "P-1", "20240102", "US", "v1")
+    match = first.best_match
+    assert (match.sop_instance_uid, match.query_sop_instance_uid) == ("1.2.3.1.1", "1.2.3.9.2")
+    assert (match.orthanc_instance_id, match.series_instance_uid) == ("inst-1-1", "1.2.3.1.0")
+    assert match.score == first.score
+
+
+def test_the_query_study_is_never_its_own_answer(store: IndexStore) -> None:
+    for study in ("study-9", "study-1"):
+        assert study not in [r.orthanc_study_id for r in similar_studies(store, study)]
+    # Seen from study 1, the query study is a gallery study like any other.
+    assert similar_studies(store, "study-1")[0].orthanc_study_id == "study-9"
+
+
+def test_limit_keeps_the_best(store: IndexStore) -> None:
+    assert [r.orthanc_study_id for r in similar_studies(store, "study-9", limit=1)] == ["study-1"]
+    assert [r.orthanc_study_id for r in similar_studies(store, "study-9", limit=2)] == ["study-1", "study-2"]
+    assert len(similar_studies(store, "study-9", limit=100)) == 3  # k far beyond the index size
+    with pytest.raises(ValueError):
+        similar_studies(store, "study-9", limit=0)
+
+
+def test_a_study_without_live_instances_is_not_indexed(store: IndexStore) -> None:
+    with pytest.raises(StudyNotIndexedError) as raised:
+        similar_studies(store, "study-unknown")
+    assert isinstance(raised.value, LookupError) and raised.value.orthanc_study_id == "study-unknown"
+    store.delete_study("study-9")
+    with pytest.raises(StudyNotIndexedError):
+        similar_studies(store, "study-9")
+
+
+def test_deleted_studies_drop_out_of_the_answers(store: IndexStore) -> None:
+    store.delete_study("study-1")
+    assert [r.orthanc_study_id for r in similar_studies(store, "study-9")] == ["study-2", "study-3"]
+
+
+def test_equal_scores_rank_by_study_instance_uid(store: IndexStore) -> None:
+    # Four studies that match equally well, added so that neither id order nor its reverse is the UID order.
+    for study in ("5", "4", "6", "8"):
+        store.add(record("1", study), [0, 0, 1])
+    results = similar_studies(store, "study-9")
+    assert [r.orthanc_study_id for r in results[3:]] == ["study-4", "study-5", "study-6", "study-8"]
+    assert len({r.score for r in results[3:]}) == 1
+
+
+def test_other_encoders_are_not_compared(store: IndexStore) -> None:
+    store.add(record("1", "7", modality="DX", encoder="xr"), [1, 0, 0])  # Q1's twin, but an X-ray
+    assert "study-7" not in [r.orthanc_study_id for r in similar_studies(store, "study-9")]
+    store.add(record("3", "9", modality="DX", encoder="xr"), [2, 0, 0])  # the query study has an X-ray too
+    first = similar_studies(store, "study-9")[0]
+    assert (first.orthanc_study_id, first.modality, first.best_match.query_sop_instance_uid) == (
+        "study-7", "DX", "1.2.3.9.3")
+    assert first.score == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_read_only_store_answers_like_the_writer(store: IndexStore) -> None:
+    with IndexStore(store.index_dir, readonly=True) as reader:
+        assert similar_studies(reader, "study-9") == similar_studies(store, "study-9")
