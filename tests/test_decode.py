@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from lookalike.dicom_io import (
     ERRORS_BY_CODE,
@@ -216,8 +216,6 @@ def test_palette_color_multiframe_uses_middle_frame() -> None:
     _unit_range(image)
     assert image.source_shape == (2, 600, 800, 1)
     assert image.frames_used == (1,)
-    from pydicom.pixels import apply_color_lut
-
     rgb = apply_color_lut(ds.pixel_array[1], ds)
     np.testing.assert_allclose(image.pixels, _luma_min_max(rgb), atol=1e-5)
     assert not np.allclose(image.pixels, _luma_min_max(apply_color_lut(ds.pixel_array[0], ds)))
