@@ -382,3 +382,28 @@ def test_concurrent_writers_serialise_and_lose_nothing(store: IndexStore) -> Non
     assert len(VectorIndex.load(store.index_path("us", "v1"))) == 40
     with IndexStore(store.index_dir, readonly=True) as reader:
         assert reader.size("us", "v1") == 40
+
+
+def test_delete_series_removes_only_that_series(tmp_path) -> None:
+    import numpy as np
+
+    from lookalike.indexer.catalogue import InstanceRecord
+    from lookalike.indexer.store import IndexStore
+
+    def record(i: int, series: str) -> InstanceRecord:
+        return InstanceRecord(
+            sop_instance_uid=f"1.2.3.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1", series_instance_uid=f"1.2.{series}",
+            study_instance_uid="1.2", patient_id="P", study_date="20250101", modality="US",
+            orthanc_instance_id=f"i{i}", orthanc_series_id=series, orthanc_study_id="st", encoder="us", model_version="m1",
+        )
+
+    with IndexStore(tmp_path) as store:
+        for i, series in enumerate(["s1", "s1", "s2"]):
+            v = np.zeros(4, np.float32)
+            v[i] = 1
+            store.add(record(i, series), v)
+        store.catalogue.record_problem("i0", "transient", "x", orthanc_study_id="st")
+        assert store.delete_series("s1") == 2
+        assert [r.orthanc_instance_id for r in store.catalogue.rows_for_study("st")] == ["i2"]
+        assert store.size("us", "m1") == 1
+        assert store.catalogue.problem_for("i0") is None

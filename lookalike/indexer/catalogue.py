@@ -294,25 +294,29 @@ class Catalogue:
             conn.execute("DELETE FROM problems WHERE orthanc_instance_id = ?", (record.orthanc_instance_id,))
         return row_id
 
-    def mark_deleted(self, *, orthanc_instance_id: str | None = None,
-                     orthanc_study_id: str | None = None) -> list[CatalogueRow]:
-        """Tombstone the live rows of one instance or of one whole study (Orthanc deleted them).
+    def mark_deleted(self, **which: str) -> list[CatalogueRow]:
+        """Tombstone the live rows of one instance, series or study (Orthanc deleted them).
 
-        Give exactly one of the two ids. Each tombstone gets a new ``seq`` so that readers drop its vector; the
-        problems recorded for those instances go too, as there is nothing left to fix. Returns the rows as they
-        were before deletion (without vectors), so that the caller knows which FAISS indexes to update.
+        Give exactly one of ``orthanc_instance_id``, ``orthanc_series_id`` and ``orthanc_study_id``. Each
+        tombstone gets a new ``seq`` so that readers drop its vector; the problems recorded for those instances
+        go too, as there is nothing left to fix. Returns the rows as they were before deletion (without
+        vectors), so that the caller knows which FAISS indexes to update.
         """
-        if (orthanc_instance_id is None) == (orthanc_study_id is None):
-            raise ValueError("give exactly one of orthanc_instance_id and orthanc_study_id")
-        column, value = (("orthanc_instance_id", orthanc_instance_id) if orthanc_instance_id is not None
-                         else ("orthanc_study_id", orthanc_study_id))
+        allowed = {"orthanc_instance_id", "orthanc_series_id", "orthanc_study_id"}
+        if len(which) != 1 or not set(which) <= allowed:
+            raise ValueError(f"give exactly one of {sorted(allowed)}")
+        [(column, value)] = which.items()
         with self._write() as conn:
             found = conn.execute(f"SELECT {_ROW_COLUMNS} FROM instances WHERE {column} = ? AND vector IS NOT NULL"
                                  " ORDER BY id", (value,)).fetchall()
             for values in found:
                 conn.execute("UPDATE instances SET vector = NULL, seq = ? WHERE id = ?",
                              (self._next_seq(conn), values[0]))
-            conn.execute(f"DELETE FROM problems WHERE {column} = ?", (value,))
+            if column == "orthanc_series_id":  # problems know no series: drop those of the instances found
+                conn.executemany("DELETE FROM problems WHERE orthanc_instance_id = ?",
+                                 [(self._row(values, None).orthanc_instance_id,) for values in found])
+            else:
+                conn.execute(f"DELETE FROM problems WHERE {column} = ?", (value,))
         return [self._row(values, None) for values in found]
 
     def rows_for_study(self, orthanc_study_id: str, *, with_vectors: bool = True,

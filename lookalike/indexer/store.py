@@ -319,6 +319,10 @@ class IndexStore:
         """Forget one instance Orthanc deleted; returns how many catalogue rows were tombstoned."""
         return self._delete(orthanc_instance_id=orthanc_instance_id)
 
+    def delete_series(self, orthanc_series_id: str) -> int:
+        """Forget every instance of a series Orthanc deleted; returns how many catalogue rows were tombstoned."""
+        return self._delete(orthanc_series_id=orthanc_series_id)
+
     def delete_study(self, orthanc_study_id: str) -> int:
         """Forget every instance of a study Orthanc deleted; returns how many catalogue rows were tombstoned."""
         return self._delete(orthanc_study_id=orthanc_study_id)
