@@ -61,6 +61,8 @@ class StackConfig:
     service_password: str
     stable_age: int = 2
     with_plugin: bool = True
+    #: Encoder name -> checkpoint path, replacing the shipped weights (a hospital's own model).
+    weights: dict[str, str] = field(default_factory=dict)
     extra_orthanc: dict = field(default_factory=dict)
 
     @classmethod
@@ -106,6 +108,7 @@ class StackConfig:
             orthanc_password=self.service_password,
             redis_url=f"redis://127.0.0.1:{self.redis_port}/0",
             index_dir=str(self.state_dir / "index"),
+            weights=dict(self.weights),
         )
 
     def orthanc_config(self) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ def require_programs(*names: str) -> None:
 def stack(tmp_path_factory) -> Stack:
     """The whole stack, started once for the session's end-to-end tests, stopped after them."""
     require_programs("Orthanc", "redis-server", "storescu", "findscu", "dsrdump")
-    config = StackConfig.create(tmp_path_factory.mktemp("stack"))
+    weights = {n: os.environ[f"LOOKALIKE_TEST_WEIGHTS_{n.upper()}"] for n in ("us", "xr") if f"LOOKALIKE_TEST_WEIGHTS_{n.upper()}" in os.environ}
+    config = StackConfig.create(tmp_path_factory.mktemp("stack"), weights=weights)
     with Stack(config) as running:
         yield running
 
