@@ -1,0 +1,134 @@
+"""The worker's indexing step without Orthanc or Celery: a fake REST API, a fake encoder, a real index."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pydicom
+import pytest
+
+from lookalike.dicom_io.samples import wrap_image
+from lookalike.indexer.pipeline import InstanceIndexer
+from lookalike.indexer.store import IndexStore
+from lookalike.orthanc_rest import OrthancNotFoundError, OrthancUnavailableError
+
+
+class FakeEncoder:
+    name = "us"
+    model_version = "us-test-1"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        self.calls += 1
+        v = np.array([[img.mean(), img.std(), 1.0] for img in images], np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+class FakeOrthanc:
+    """Instances by Orthanc id, each in its own series and study."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.down = False
+
+    def add(self, instance_id: str, data: bytes) -> None:
+        self.files[instance_id] = data
+
+    def get_bytes(self, path: str) -> bytes:
+        if self.down:
+            raise OrthancUnavailableError("connection refused")
+        parts = path.strip("/").split("/")
+        if parts[0] == "instances" and parts[1] in self.files:
+            if parts[2] == "file":
+                return self.files[parts[1]]
+            if parts[2] == "series":
+                return json.dumps({"ID": f"se-{parts[1]}", "ParentStudy": f"st-{parts[1]}"}).encode()
+        raise OrthancNotFoundError(path)
+
+    def post_bytes(self, path: str, body: bytes) -> bytes:
+        raise AssertionError("indexing never writes to Orthanc")
+
+
+def _dicom(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _us(seed: int) -> pydicom.Dataset:
+    pixels = np.random.default_rng(seed).integers(0, 255, (64, 80), dtype=np.uint8)
+    return wrap_image(
+        pixels, "US", patient_id=f"P{seed}", patient_name="T^T", patient_birth_date="19700101", patient_sex="F",
+        study_instance_uid=pydicom.uid.generate_uid(), study_date="20250101", study_time="090000",
+        accession_number="A1", study_description="test",
+    )
+
+
+@pytest.fixture
+def setup(tmp_path):
+    api, encoder = FakeOrthanc(), FakeEncoder()
+    store = IndexStore(tmp_path)
+    yield InstanceIndexer(api, store, lambda name: encoder, max_pixels=10_000_000), api, store, encoder
+    store.close()
+
+
+class TestInstanceIndexer:
+    def test_good_instance_is_indexed_with_its_uids(self, setup) -> None:
+        indexer, api, store, _ = setup
+        ds = _us(1)
+        api.add("i1", _dicom(ds))
+        outcome = indexer.index("i1")
+        assert outcome.status == "indexed" and outcome.model_version == "us-test-1"
+        [row] = store.catalogue.rows_for_study("st-i1")
+        assert row.sop_instance_uid == ds.SOPInstanceUID and row.study_instance_uid == ds.StudyInstanceUID
+        assert row.patient_id == "P1" and row.modality == "US" and row.orthanc_series_id == "se-i1"
+
+    def test_bad_input_is_recorded_and_the_next_instance_still_indexes(self, setup) -> None:
+        indexer, api, store, _ = setup
+        good = _dicom(_us(2))
+        api.add("truncated", good[: len(good) - 1000])
+        no_pixels = _us(3)
+        del no_pixels.PixelData
+        api.add("nopixels", _dicom(no_pixels))
+        api.add("good", good)
+        assert indexer.index("truncated").code == "invalid-dicom"
+        assert indexer.index("nopixels").code == "no-pixel-data"
+        assert indexer.index("good").status == "indexed"
+        codes = {p.orthanc_instance_id: p.code for p in store.catalogue.problems()}
+        assert codes == {"truncated": "invalid-dicom", "nopixels": "no-pixel-data"}
+        assert store.catalogue.problem_for("nopixels").orthanc_study_id == "st-nopixels"
+
+    def test_report_is_skipped_with_a_reason(self, setup) -> None:
+        indexer, api, store, encoder = setup
+        ds = _us(4)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+        api.add("sr", _dicom(ds))
+        outcome = indexer.index("sr")
+        assert outcome.status == "skipped" and outcome.code == "not-indexable"
+        assert encoder.calls == 0 and store.catalogue.counts() == []
+
+    def test_orthanc_down_propagates_for_a_retry_and_records_nothing(self, setup) -> None:
+        indexer, api, store, _ = setup
+        api.add("i1", _dicom(_us(5)))
+        api.down = True
+        with pytest.raises(OrthancUnavailableError):
+            indexer.index("i1")
+        assert store.catalogue.problems() == []
+
+    def test_instance_deleted_meanwhile_is_gone_not_failed(self, setup) -> None:
+        indexer, _, store, _ = setup
+        assert indexer.index("nowhere").status == "gone"
+        assert store.catalogue.problems() == []
+
+    def test_a_success_after_a_failure_clears_the_problem(self, setup) -> None:
+        indexer, api, store, _ = setup
+        good = _dicom(_us(6))
+        api.add("i1", good[:200])
+        assert indexer.index("i1").status == "failed"
+        api.add("i1", good)
+        assert indexer.index("i1").status == "indexed"
+        assert store.catalogue.problem_for("i1") is None
