@@ -181,3 +181,28 @@ def _stable_after(stack: Stack, instance_id: str, study_id: str) -> bool:
     return bool(new) and any(
         c["ChangeType"] == "StableStudy" and c["ID"] == study_id and c["Seq"] > new[0] for c in changes
     )
+
+
+class TestBadInput:
+    def test_instance_without_pixels_is_reported_and_the_worker_goes_on(self, stack: Stack, corpus: dict, tmp_path: Path) -> None:
+        url, http = stack.config.orthanc_url, stack.http()
+        pixels = _sample_pixels("DX", 1)[0]
+        bad_path, bad = _study(pixels, "DX", "PBADPIX01", tmp_path, "bad")
+        del bad.PixelData
+        bad.save_as(bad_path, enforce_file_format=True)
+        good_path, good = _study(_noisy(pixels, 9), "DX", "PGOOD0001", tmp_path, "good")
+        assert storescu(stack.config, [bad_path, good_path]).returncode == 0
+        bad_id = _orthanc_study_id(stack, bad)
+
+        problem = wait_for(
+            lambda: next((p for p in _status(stack)["problems"] if p["study"] == bad_id), None),
+            timeout=60, what="the problem to be recorded",
+        )
+        assert problem["code"] == "no-pixel-data" and problem["sop_instance_uid"] == bad.SOPInstanceUID
+        r = http.get(f"{url}/lookalike/studies/{bad_id}/similar", timeout=10)
+        assert r.status_code == 409
+        assert r.json()["problems"][0]["code"] == "no-pixel-data"
+        good_id = _orthanc_study_id(stack, good)
+        wait_for(lambda: http.get(f"{url}/lookalike/studies/{good_id}/similar", timeout=10).status_code == 200,
+                 timeout=60, what="the good instance after the bad one")
+        assert stack.procs["worker"].poll() is None

@@ -407,3 +407,16 @@ def test_delete_series_removes_only_that_series(tmp_path) -> None:
         assert [r.orthanc_instance_id for r in store.catalogue.rows_for_study("st")] == ["i2"]
         assert store.size("us", "m1") == 1
         assert store.catalogue.problem_for("i0") is None
+
+
+def test_reader_sees_an_empty_catalogue_while_the_writer_has_not_committed_its_schema(tmp_path) -> None:
+    import sqlite3
+
+    from lookalike.indexer.catalogue import Catalogue
+
+    sqlite3.connect(tmp_path / "catalogue.sqlite").close()  # the file exists, its schema does not yet
+    reader = Catalogue(tmp_path / "catalogue.sqlite", readonly=True)
+    assert reader.counts() == [] and reader.problems() == []
+    Catalogue(tmp_path / "catalogue.sqlite").close()
+    assert reader.counts() == []  # opens for real now that the schema is there
+    reader.close()

@@ -204,6 +204,11 @@ class Catalogue:
             uri = f"file:{pathname2url(str(self.path.resolve()))}?mode=ro"
             conn = sqlite3.connect(uri, uri=True, timeout=self.timeout, isolation_level=None,
                                    check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+            if conn.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+                # The writer has created the file but not yet committed its schema: empty, for now.
+                conn.close()
+                return None
         else:
             conn = sqlite3.connect(str(self.path), timeout=self.timeout, isolation_level=None,
                                    check_same_thread=False)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import logging
 
+from celery.signals import worker_process_init
+
 from lookalike.config import TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY, Settings
 from lookalike.indexer.celery_app import app
 from lookalike.orthanc_rest import OrthancAuthError, OrthancUnavailableError
@@ -34,6 +36,12 @@ def indexer():
         return load_encoder(name, weights=settings.weights.get(name))
 
     return InstanceIndexer(api, store, encoder, settings.max_pixels)
+
+
+@worker_process_init.connect
+def _open_index(**_) -> None:
+    """Create the catalogue when the worker starts, so that readers find it before the first task."""
+    indexer()
 
 
 def _record_final_failure(task, instance_id: str, exc: Exception) -> None:
