@@ -52,7 +52,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from lookalike.stack import Stack, StackConfig
-    from lookalike.demo import show_example, store_samples
+    from lookalike.demo import sample_labels, show_example, store_samples
 
     config = StackConfig.load_or_create(args.stack_config, args.state)
     stack = Stack(config)
@@ -69,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with stack:
         if not args.no_samples:
             store_samples(stack, sorted(SAMPLES.glob("*.dcm")))
-            show_example(stack)
+            show_example(stack, sample_labels(SAMPLES / "index.csv"))
         print(f"\nOrthanc Explorer: {config.orthanc_url}/app/explorer.html  user admin, password {config.admin_password}")
         print("Ctrl-C stops Redis, Orthanc and the worker.")
         while not stopping:

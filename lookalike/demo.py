@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from pathlib import Path
@@ -34,8 +35,20 @@ def store_samples(stack: Stack, files: list[Path]) -> None:
     print(f"lookalike: indexed in {time.monotonic() - start:.1f} s: {counts}")
 
 
-def show_example(stack: Stack) -> None:
-    """One lookup over REST, as a PACS viewer would make it, printed with the command that makes it."""
+def sample_labels(index_csv: Path) -> dict[str, str]:
+    """Study Instance UID -> the source image's label, kept beside the samples (never inside the DICOM)."""
+    if not index_csv.exists():
+        return {}
+    with index_csv.open(newline="") as f:
+        return {row["study_instance_uid"]: row["label"] for row in csv.DictReader(f)}
+
+
+def show_example(stack: Stack, labels: dict[str, str] | None = None) -> None:
+    """One lookup over REST, as a PACS viewer would make it, printed with the command that makes it.
+
+    ``labels`` (the samples' ground truth) are printed beside each answer so that the ranking can be judged.
+    """
+    labels = labels or {}
     http = stack.http()
     url = stack.config.orthanc_url
     studies = http.get(f"{url}/studies?expand", timeout=10).json()
@@ -48,8 +61,13 @@ def show_example(stack: Stack) -> None:
     answer = http.get(f"{url}/lookalike/studies/{query['ID']}/similar?limit=5", timeout=30).json()
     print("\nExample lookup (a US study):")
     print(f"  curl -u admin:PASSWORD {url}/lookalike/studies/{query['ID']}/similar?limit=5")
-    print(f"  query: patient {query['PatientMainDicomTags'].get('PatientID')}, study date {query['MainDicomTags'].get('StudyDate')}")
+    tags = query["MainDicomTags"]
+    label = labels.get(tags.get("StudyInstanceUID", ""), "?")
+    print(f"  query: patient {query['PatientMainDicomTags'].get('PatientID')}, study date {tags.get('StudyDate')}, label {label}")
     for s in answer.get("similar", []):
-        print(f"  #{s['rank']}  score {s['score']:.3f}  {s['modality']}  {s['study_date']}  patient {s['patient_id']}  study {s['orthanc_study_id']}")
+        print(
+            f"  #{s['rank']}  score {s['score']:.3f}  {s['modality']}  {s['study_date']}  patient {s['patient_id']}"
+            f"  label {labels.get(s['study_instance_uid'], '?'):9s}  study {s['orthanc_study_id']}"
+        )
     if "similar" not in answer:
         print("  " + json.dumps(answer))
