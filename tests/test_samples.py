@@ -19,7 +19,7 @@ from lookalike.dicom_io.samples import make_sample_studies, wrap_image
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "deploy" / "samples"
-DATA_ROOT = Path(os.environ.get("LOOKALIKE_DATA", "/work/shared/data"))
+DATA_ROOT = Path(os.environ.get("LOOKALIKE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 LABELS = ("benign", "malignant", "normal", "pneumonia")
 
 

@@ -434,7 +434,7 @@ def make_sample_studies(data_root: Path, out_dir: Path, n_us: int = 18, n_xr: in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m lookalike.dicom_io.samples --data /work/shared/data --out deploy/samples``."""
+    """Command line: ``python -m lookalike.dicom_io.samples --data ../shared/data --out deploy/samples``."""
     parser = argparse.ArgumentParser(description=make_sample_studies.__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="folder with busi/ and kermany_cxr/")
     parser.add_argument("--out", type=Path, required=True, help="output folder, e.g. deploy/samples")
