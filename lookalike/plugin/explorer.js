@@ -4,7 +4,7 @@ $('#study').live('pagebeforecreate', function() {
   var find = $('<a>').attr('data-role', 'button').attr('href', '#').attr('data-icon', 'search')
     .text('Similar studies (Lookalike)');
   var report = $('<a>').attr('data-role', 'button').attr('href', '#').attr('data-icon', 'plus')
-    .text('Save similar studies as SR (Lookalike)');
+    .text('Similar studies as SR (Lookalike)');
   var anchor = $('#study-delete').parent().parent();
   find.insertBefore(anchor);
   report.insertBefore(anchor);
@@ -26,7 +26,8 @@ $('#study').live('pagebeforecreate', function() {
         if (r.similar.length == 0) list.append($('<li>').text('No other indexed study yet.'));
         $.each(r.similar, function(i, s) {
           var a = $('<a>').attr('href', '#study?uuid=' + s.orthanc_study_id)
-            .text('#' + s.rank + '  ' + s.modality + '  ' + s.study_date + '  patient ' + s.patient_id);
+            .text('#' + s.rank + ' ' + s.study_date + ' ' + s.patient_id)
+            .attr('title', s.modality + ' study ' + s.study_instance_uid + ', patient ' + s.patient_id);
           a.append($('<span>').addClass('ui-li-count').text(s.score.toFixed(3)));
           list.append($('<li>').append(a));
         });
