@@ -261,15 +261,17 @@ class Stack:
         proc = self.procs.pop(name, None)
         if proc is None or proc.poll() is not None:
             return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
+        # SIGTERM to the leader alone: Celery's main process then stops its pool child itself (warm shutdown).
+        proc.terminate()
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
     def stop(self) -> None:
         """Worker first (it finishes its task), then Orthanc, then Redis."""
