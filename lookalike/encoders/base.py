@@ -1,0 +1,158 @@
+"""The :class:`Encoder` wrapper and :func:`load_encoder`; torch is imported only when a model is loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Encoders the project ships, in the order the configuration names them.
+ENCODER_NAMES: tuple[str, ...] = ("us", "xr")
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+_CACHE: dict[tuple[str, str], tuple[tuple[int, int], "Encoder"]] = {}
+_LOCK = threading.Lock()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Encoder:
+    """A trained image encoder: grayscale images of any size -> L2-normalised float32 vectors.
+
+    Parameters
+    ----------
+    name : str
+        ``"us"`` or ``"xr"``.
+    net : torch.nn.Module
+        Network mapping (B, 1, S, S) in [0, 1] to (B, dim).
+    image_size : int
+        Side S that :func:`lookalike.encoders.preprocessing.build_preprocess` resizes to.
+    dim : int
+        Embedding size.
+    model_version : str
+        Architecture tag + first 8 hex digits of the weights' sha256; stored with every vector so that
+        vectors of different weights are never mixed.
+    batch_size : int
+        Images per forward pass inside :meth:`embed`.
+    """
+
+    def __init__(
+        self, name: str, net: Any, image_size: int, dim: int, model_version: str, batch_size: int = 64
+    ) -> None:
+        from lookalike.encoders.preprocessing import build_preprocess
+
+        self.name = name
+        self.net = net.eval()
+        self.image_size = int(image_size)
+        self.dim = int(dim)
+        self.model_version = model_version
+        self.batch_size = int(batch_size)
+        self._preprocess = build_preprocess(self.image_size)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Encoder(name={self.name!r}, dim={self.dim}, model_version={self.model_version!r})"
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Embed grayscale images.
+
+        Parameters
+        ----------
+        images : sequence of numpy.ndarray
+            Each 2-D float grayscale in [0, 1] (values outside are clipped), any size and aspect.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 (n, dim), rows L2-normalised; the same input gives the same bits on the same machine.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        from lookalike.encoders.preprocessing import check_image
+
+        if len(images) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = []
+        with self._lock, torch.no_grad():
+            self.net.eval()
+            for i in range(0, len(images), self.batch_size):
+                batch = torch.stack([self._preprocess(check_image(im)) for im in images[i : i + self.batch_size]])
+                out.append(F.normalize(self.net(batch).float(), dim=1).numpy())
+        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+def build_net(arch: dict[str, Any]) -> Any:
+    """Rebuild the network a checkpoint's ``arch`` describes."""
+    if arch.get("name") == "us":
+        from lookalike.encoders.ultrasound import UltrasoundNet
+
+        return UltrasoundNet(arch)
+    if arch.get("name") == "xr":
+        from lookalike.encoders.xray import XrayNet
+
+        return XrayNet(arch)
+    raise ValueError(f"unknown encoder architecture {arch.get('name')!r}")
+
+
+def load_encoder(name: str, weights: str | Path | None = None) -> Encoder:
+    """Load an encoder, cached per (name, path) in this process and reloaded if the file changes.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`ENCODER_NAMES`.
+    weights : str or Path, optional
+        Checkpoint written by :func:`lookalike.encoders.training.train`; default the shipped
+        ``weights/<name>.pt``.
+
+    Returns
+    -------
+    Encoder
+
+    Raises
+    ------
+    ValueError
+        Unknown name, or a checkpoint trained for the other encoder.
+    FileNotFoundError
+        Missing weights file.
+    """
+    if name not in ENCODER_NAMES:
+        raise ValueError(f"unknown encoder {name!r}; expected one of {ENCODER_NAMES}")
+    path = Path(weights) if weights is not None else WEIGHTS_DIR / f"{name}.pt"
+    path = path.expanduser().resolve()
+    st = path.stat()
+    stamp = (st.st_mtime_ns, st.st_size)
+    key = (name, str(path))
+    with _LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        import torch
+
+        sha = file_sha256(path)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        arch = ckpt["arch"]
+        if arch.get("name") != name:
+            raise ValueError(f"{path} holds a {arch.get('name')!r} encoder, not {name!r}")
+        net = build_net(arch)
+        missing, unexpected = net.load_state_dict(ckpt["state_dict"], strict=False)
+        allowed_missing = ("vae.decoder.", "vae.post_quant")
+        bad = [k for k in missing if not k.startswith(allowed_missing)]
+        if bad or unexpected:
+            raise ValueError(f"{path}: state_dict does not match its arch (missing {bad[:5]}, unexpected {unexpected[:5]})")
+        enc = Encoder(name, net, arch["image_size"], arch["dim"], f"{name}-{arch['tag']}-{sha[:8]}")
+        _CACHE[key] = (stamp, enc)
+        return enc

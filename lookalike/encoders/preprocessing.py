@@ -1,0 +1,125 @@
+"""One preprocessing pipeline for training and serving, so that the encoders see the same pixels in both.
+
+The worker hands ``embed()`` a 2-D float32 grayscale image in [0, 1] of any size; training reads PNG/JPEG
+files into the very same form with :func:`load_image` and then runs the very same :func:`build_preprocess`.
+Augmentation (:func:`build_augment`) is applied only during training, after preprocessing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Square input side per encoder, chosen for CPU cost (see ``/work/shared/notes/ml.md``).
+IMAGE_SIZE: dict[str, int] = {"us": 64, "xr": 96}
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read a PNG/JPEG as 2-D float32 grayscale in [0, 1], as the worker produces after DICOM decoding.
+
+    Parameters
+    ----------
+    path : str or Path
+        Image file readable by PIL.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 array of shape (H, W) with values in [0, 1].
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode in ("I", "I;16", "I;16B", "F"):
+            arr = np.asarray(im, dtype=np.float32)
+            top = float(arr.max())
+            return (arr / top if top > 0 else arr).astype(np.float32)
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+
+
+def check_image(image: Any) -> np.ndarray:
+    """Validate one input image and return it as finite 2-D float32 clipped to [0, 1].
+
+    Raises
+    ------
+    ValueError
+        If the array is not 2-D (a trailing singleton channel is accepted) or is empty.
+    """
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2 or arr.size == 0:
+        raise ValueError(f"expected a non-empty 2-D grayscale image, got shape {arr.shape}")
+    return np.clip(np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+
+
+def build_preprocess(size: int) -> Any:
+    """MONAI pipeline: (H, W) in [0, 1] -> (1, size, size) torch float32, per-image min-max scaled.
+
+    The image is squashed to a square (area interpolation, deterministic) and rescaled to [0, 1] per image,
+    which removes gain differences between scanners.
+
+    Parameters
+    ----------
+    size : int
+        Output side in pixels.
+
+    Returns
+    -------
+    monai.transforms.Compose
+        Callable taking a 2-D numpy array.
+    """
+    from monai.transforms import Compose, EnsureChannelFirst, EnsureType, Resize, ScaleIntensity
+
+    return Compose(
+        [
+            EnsureChannelFirst(channel_dim="no_channel"),
+            EnsureType(data_type="tensor", dtype=np.float32, track_meta=False),
+            Resize((size, size), mode="area"),
+            ScaleIntensity(minv=0.0, maxv=1.0),
+            EnsureType(data_type="tensor", track_meta=False),
+        ]
+    )
+
+
+def build_augment(size: int, flip: bool = True) -> Any:
+    """Training-only MONAI augmentation applied to a preprocessed (1, size, size) tensor.
+
+    Flips, a small affine (rotation, scale, shift), gamma contrast and mild noise; output clipped to [0, 1].
+
+    Parameters
+    ----------
+    size : int
+        Side of the preprocessed image, to scale the shift range.
+    flip : bool
+        Whether to include horizontal flips.
+    """
+    from monai.transforms import (
+        Compose,
+        EnsureType,
+        RandAdjustContrast,
+        RandAffine,
+        RandFlip,
+        RandGaussianNoise,
+        ScaleIntensityRange,
+    )
+
+    steps: list[Any] = []
+    if flip:
+        steps.append(RandFlip(prob=0.5, spatial_axis=1))
+    steps += [
+        RandAffine(
+            prob=0.8,
+            rotate_range=(0.26,),
+            scale_range=(0.15, 0.15),
+            translate_range=(0.08 * size, 0.08 * size),
+            padding_mode="zeros",
+        ),
+        RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5)),
+        RandGaussianNoise(prob=0.3, std=0.03),
+        ScaleIntensityRange(a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
+        EnsureType(data_type="tensor", track_meta=False),
+    ]
+    return Compose(steps)
