@@ -38,6 +38,11 @@ class Settings:
     weights: dict[str, str] = field(default_factory=dict)
     #: Instances whose decoded pixels exceed this many are refused before decoding.
     max_pixels: int = 50_000_000
+    #: The worker runs at idle CPU priority (Linux SCHED_IDLE), or else adds this niceness: ingest comes first.
+    worker_idle_priority: bool = True
+    worker_nice: int = 10
+    #: CPU threads torch may use in the worker; the rest of the machine stays with Orthanc.
+    torch_threads: int = 1
 
     @classmethod
     def from_dict(cls, data: dict) -> "Settings":

@@ -39,16 +39,10 @@ def get_json(api: OrthancApi, path: str) -> Any:
     return json.loads(api.get_bytes(path))
 
 
-def instance_parents(api: OrthancApi, instance_id: str) -> tuple[str, str]:
-    """Orthanc ids of the series and the study an instance belongs to."""
-    series = get_json(api, f"/instances/{instance_id}/series")
-    return series["ID"], series["ParentStudy"]
-
-
-def instance_modality(api: OrthancApi, instance_id: str) -> str:
-    """The Modality of the instance's series, from Orthanc's database (no file read)."""
-    series = get_json(api, f"/instances/{instance_id}/series")
-    return series.get("MainDicomTags", {}).get("Modality", "")
+def instance_series(api: OrthancApi, instance_id: str) -> dict:
+    """The series an instance belongs to, from Orthanc's database (no file read): its ``ID``,
+    ``ParentStudy`` and ``MainDicomTags`` (with ``Modality``)."""
+    return get_json(api, f"/instances/{instance_id}/series")
 
 
 def study_series(api: OrthancApi, study_id: str) -> list[dict]:

@@ -49,7 +49,7 @@ class TestChangeHandler:
     def test_new_image_instance_is_queued(self, modality: str) -> None:
         handler, sent, errors = self._handler({"/instances/i1/series": _series(modality)})
         handler(3, 3, "i1")
-        assert sent == [(TASK_INDEX_INSTANCE, "i1")] and errors == []
+        assert sent == [(TASK_INDEX_INSTANCE, "i1", "s1", "st1")] and errors == []
 
     @pytest.mark.parametrize("modality", ["SR", "KO", "PR", "CT", "DOC"])
     def test_other_modalities_are_ignored(self, modality: str) -> None:

@@ -19,7 +19,7 @@ from lookalike.dicom_io.errors import LookalikeDicomError, NotIndexableError
 from lookalike.dicom_io.routing import encoder_for
 from lookalike.indexer.catalogue import InstanceRecord
 from lookalike.indexer.store import IndexStore
-from lookalike.orthanc_rest import OrthancApi, OrthancNotFoundError, get_json, instance_parents
+from lookalike.orthanc_rest import OrthancApi, OrthancNotFoundError, get_json, instance_series
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,13 @@ class InstanceIndexer:
         self.encoders = encoders
         self.max_pixels = max_pixels
 
-    def index(self, instance_id: str) -> Outcome:
+    def index(self, instance_id: str, series_id: str | None = None, study_id: str | None = None) -> Outcome:
+        """Index one instance; ``series_id`` and ``study_id`` (Orthanc ids) are looked up when not given."""
         try:
             data = self.api.get_bytes(f"/instances/{instance_id}/file")
-            series_id, study_id = instance_parents(self.api, instance_id)
+            if series_id is None or study_id is None:
+                series = instance_series(self.api, instance_id)
+                series_id, study_id = series["ID"], series["ParentStudy"]
         except OrthancNotFoundError:
             return Outcome("gone", instance_id, message="deleted from Orthanc before it could be indexed")
         ds = None
@@ -125,7 +128,7 @@ class InstanceIndexer:
             for instance_id in series.get("Instances", []):
                 if self.store.catalogue.is_indexed(instance_id) or self.store.catalogue.problem_for(instance_id):
                     continue
-                outcomes.append(self.index(instance_id))
+                outcomes.append(self.index(instance_id, series["ID"], study_id))
         return outcomes
 
     def forget(self, level: str, resource_id: str) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from lookalike.config import TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY, Settings
 from lookalike.indexer.celery_app import app
@@ -33,9 +34,26 @@ def indexer():
     store = IndexStore(settings.index_dir)
 
     def encoder(name: str):
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
         return load_encoder(name, weights=settings.weights.get(name))
 
     return InstanceIndexer(api, store, encoder, settings.max_pixels)
+
+
+@worker_init.connect
+def _yield_cpu(**_) -> None:
+    """Indexing is background work: the worker (and the pool it forks) yields the CPU to Orthanc's ingest.
+
+    Linux's SCHED_IDLE runs it only on CPU time nothing else wants, and any wakeup of Orthanc preempts it at once
+    (a niceness alone still lets it finish its time slice while a C-STORE waits); elsewhere, niceness.
+    """
+    settings: Settings = app.conf.lookalike_settings
+    if settings.worker_idle_priority and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    else:
+        os.nice(settings.worker_nice)
 
 
 @worker_process_init.connect
@@ -53,9 +71,9 @@ def _record_final_failure(task, instance_id: str, exc: Exception) -> None:
 
 
 @app.task(name=TASK_INDEX_INSTANCE, bind=True, **RETRY)
-def index_instance(self, instance_id: str) -> dict:
+def index_instance(self, instance_id: str, series_id: str | None = None, study_id: str | None = None) -> dict:
     try:
-        outcome = indexer().index(instance_id)
+        outcome = indexer().index(instance_id, series_id, study_id)
     except OrthancAuthError as exc:
         _record_final_failure(self, instance_id, exc)
         return {"status": "failed", "code": "orthanc-auth"}

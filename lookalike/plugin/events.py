@@ -12,7 +12,7 @@ import traceback
 from typing import Any, Callable
 
 from lookalike.config import ENCODER_FOR_MODALITY, TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY
-from lookalike.orthanc_rest import OrthancApi, OrthancNotFoundError, instance_modality, study_series
+from lookalike.orthanc_rest import OrthancApi, OrthancNotFoundError, instance_series, study_series
 
 
 class ChangeHandler:
@@ -41,8 +41,10 @@ class ChangeHandler:
     def __call__(self, change_type: int, level: int, resource_id: str) -> None:
         try:
             if change_type == self._new_instance:
-                if instance_modality(self.api, resource_id) in ENCODER_FOR_MODALITY:
-                    self.send(TASK_INDEX_INSTANCE, resource_id)
+                series = instance_series(self.api, resource_id)
+                if series.get("MainDicomTags", {}).get("Modality") in ENCODER_FOR_MODALITY:
+                    # The parents go along: the worker then asks Orthanc for the file alone.
+                    self.send(TASK_INDEX_INSTANCE, resource_id, series["ID"], series["ParentStudy"])
             elif change_type == self._stable_study:
                 modalities = {s.get("MainDicomTags", {}).get("Modality") for s in study_series(self.api, resource_id)}
                 if modalities & set(ENCODER_FOR_MODALITY):
