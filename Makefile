@@ -15,7 +15,7 @@ bench: install
 	.venv/bin/python bench/store_to_searchable.py
 
 samples: install
-	.venv/bin/python -m lookalike.dicom_io.samples --data ../shared/data --out deploy/samples
+	.venv/bin/lookalike samples --data ../shared/data --out deploy/samples
 
 clean:
 	rm -rf var deploy/local

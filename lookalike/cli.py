@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from lookalike.config import Settings
 from lookalike.stack import SOURCE_ROOT
@@ -82,10 +84,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from lookalike.encoders import training
+def _passthrough(module: str) -> Callable[[list[str]], int]:
+    """A sub-command that hands its arguments to the ``main`` of the module that owns the task."""
 
-    return training.main(args.rest) or 0
+    def run(argv: list[str]) -> int:
+        return importlib.import_module(module).main(argv) or 0
+
+    return run
+
+
+#: Sub-commands whose own argument parser lives with the code (``lookalike train --help``).
+PASSTHROUGH = {
+    "train": ("train an encoder", _passthrough("lookalike.encoders.training")),
+    "samples": ("rebuild the bundled sample studies", _passthrough("lookalike.dicom_io.samples")),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,10 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="what is indexed, queued and failed")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("train", help="train an encoder (see `lookalike train -- --help`)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_train)
+    for name, (help_text, _) in PASSTHROUGH.items():
+        sub.add_parser(name, help=f"{help_text} (`lookalike {name} --help`)", add_help=False)
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        return PASSTHROUGH[argv[0]][1](argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 

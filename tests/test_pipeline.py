@@ -132,3 +132,38 @@ class TestInstanceIndexer:
         api.add("i1", good)
         assert indexer.index("i1").status == "indexed"
         assert store.catalogue.problem_for("i1") is None
+
+
+class TestIndexTask:
+    """The Celery task around the indexer: what a failure of Orthanc itself leaves behind."""
+
+    def _patch(self, monkeypatch, tmp_path, error: Exception):
+        from lookalike.indexer import tasks
+
+        store = IndexStore(tmp_path)
+
+        class Failing:
+            def __init__(self) -> None:
+                self.store = store
+
+            def index(self, *args):
+                raise error
+
+        monkeypatch.setattr(tasks, "indexer", lambda: Failing())
+        return tasks, store
+
+    def test_refused_credentials_are_recorded_at_once_without_retry(self, monkeypatch, tmp_path) -> None:
+        from lookalike.orthanc_rest import OrthancAuthError
+
+        tasks, store = self._patch(monkeypatch, tmp_path, OrthancAuthError("Orthanc refused the credentials of user 'lookalike'"))
+        assert tasks.index_instance.run("i1") == {"status": "failed", "code": "orthanc-auth"}
+        problem = store.catalogue.problem_for("i1")
+        assert problem.code == "orthanc-auth" and "credentials" in problem.message
+        store.close()
+
+    def test_orthanc_unreachable_is_retried_not_recorded(self, monkeypatch, tmp_path) -> None:
+        tasks, store = self._patch(monkeypatch, tmp_path, OrthancUnavailableError("connection refused"))
+        with pytest.raises(OrthancUnavailableError):
+            tasks.index_instance.run("i1")
+        assert store.catalogue.problem_for("i1") is None
+        store.close()

@@ -3,7 +3,9 @@ Orthanc's REST API, the SR back through Orthanc and DCMTK's dsrdump."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import requests
 
 from lookalike.dicom_io.samples import wrap_image
 from lookalike.indexer.store import IndexStore
+from lookalike.orthanc_rest import HttpOrthanc, OrthancAuthError
 from lookalike.stack import Stack, dcmtk_env, storescu
 from tests.conftest import SAMPLES, wait_for
 
@@ -95,6 +98,11 @@ class TestAuthentication:
     def test_wrong_password_is_refused(self, stack: Stack) -> None:
         r = requests.get(f"{stack.config.orthanc_url}/lookalike/status", auth=("admin", "wrong"), timeout=10)
         assert r.status_code == 401
+
+    def test_worker_client_reports_refused_credentials_by_name(self, stack: Stack) -> None:
+        api = HttpOrthanc(stack.config.orthanc_url, "lookalike", "not-the-password")
+        with pytest.raises(OrthancAuthError, match="refused the credentials of user 'lookalike'"):
+            api.get_bytes("/system")
 
     def test_unknown_calling_ae_title_cannot_store(self, stack: Stack, tmp_path: Path) -> None:
         path, _ = _study(_sample_pixels("US", 1)[0], "US", "PUNKNOWNAE", tmp_path, "unknown_ae")
@@ -206,3 +214,22 @@ class TestBadInput:
         wait_for(lambda: http.get(f"{url}/lookalike/studies/{good_id}/similar", timeout=10).status_code == 200,
                  timeout=60, what="the good instance after the bad one")
         assert stack.procs["worker"].poll() is None
+
+
+class TestCommandLine:
+    def _lookalike(self, stack: Stack, *args: str) -> subprocess.CompletedProcess:
+        exe = Path(sys.executable).with_name("lookalike")
+        config = stack.config.state_dir / "lookalike.json"
+        return subprocess.run([str(exe), "--config", str(config), *args], capture_output=True, text=True, timeout=60)
+
+    def test_lookup_prints_the_ranking(self, stack: Stack, corpus: dict) -> None:
+        result = self._lookalike(stack, "lookup", corpus["ids"]["dx_query"], "--limit", "2")
+        assert result.returncode == 0, result.stderr
+        answer = json.loads(result.stdout)
+        assert answer["similar"][0]["orthanc_study_id"] == corpus["ids"]["dx_copy"] and len(answer["similar"]) == 2
+
+    def test_status_and_an_unknown_study(self, stack: Stack, corpus: dict) -> None:
+        status = self._lookalike(stack, "status")
+        assert status.returncode == 0 and {c["modality"] for c in json.loads(status.stdout)["indexed"]} >= {"US", "DX"}
+        missing = self._lookalike(stack, "lookup", "no-such-study")
+        assert missing.returncode == 1 and "not found" in missing.stderr

@@ -1,4 +1,4 @@
-"""Retrieval metrics as defined in ``/work/shared/eval/PROTOCOL.md``, and the raw-pixel floor.
+"""Retrieval metrics as defined in ``shared/eval/PROTOCOL.md`` (beside the checkout), and the raw-pixel floor.
 
 numpy only, so that evaluation can run without torch once embeddings exist.
 """

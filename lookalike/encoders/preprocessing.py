@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-#: Square input side per encoder, chosen for CPU cost (see ``/work/shared/notes/ml.md``).
+#: Square input side per encoder, chosen for CPU cost (see ``shared/notes/ml.md`` beside the checkout).
 IMAGE_SIZE: dict[str, int] = {"us": 64, "xr": 96}
 
 
