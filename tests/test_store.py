@@ -420,3 +420,13 @@ def test_reader_sees_an_empty_catalogue_while_the_writer_has_not_committed_its_s
     Catalogue(tmp_path / "catalogue.sqlite").close()
     assert reader.counts() == []  # opens for real now that the schema is there
     reader.close()
+
+
+def test_problems_of_one_study(tmp_path) -> None:
+    from lookalike.indexer.catalogue import Catalogue
+
+    with Catalogue(tmp_path / "catalogue.sqlite") as catalogue:
+        catalogue.record_problem("i1", "invalid-dicom", "cut short", orthanc_study_id="st1")
+        catalogue.record_problem("i2", "no-pixel-data", "none", orthanc_study_id="st2")
+        assert [p.orthanc_instance_id for p in catalogue.problems(orthanc_study_id="st2")] == ["i2"]
+        assert len(catalogue.problems()) == 2

@@ -419,14 +419,15 @@ class Catalogue:
             cursor = conn.execute("DELETE FROM problems WHERE orthanc_instance_id = ?", (orthanc_instance_id,))
             return cursor.rowcount > 0
 
-    def problems(self, limit: int = 100) -> list[Problem]:
-        """The most recent problems, newest first."""
+    def problems(self, limit: int = 100, *, orthanc_study_id: str | None = None) -> list[Problem]:
+        """The most recent problems, newest first; only one study's with ``orthanc_study_id``."""
+        where, params = ("WHERE orthanc_study_id = ?", (orthanc_study_id,)) if orthanc_study_id else ("", ())
         with self._read() as conn:
             if conn is None:
                 return []
             found = conn.execute("SELECT orthanc_instance_id, sop_instance_uid, orthanc_study_id, code, message, at,"
-                                 " attempts FROM problems ORDER BY at DESC, rowid DESC LIMIT ?",
-                                 (int(limit),)).fetchall()
+                                 f" attempts FROM problems {where} ORDER BY at DESC, rowid DESC LIMIT ?",
+                                 (*params, int(limit))).fetchall()
         return [Problem(*values) for values in found]
 
     def problem_for(self, orthanc_instance_id: str) -> Problem | None:

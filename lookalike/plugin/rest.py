@@ -41,7 +41,7 @@ def _not_indexed(api: OrthancApi, store: IndexStore, study_id: str, pending: int
     """409 with the reason a known study has nothing to search with yet."""
     series = get_json(api, f"/studies/{study_id}/series")
     modalities = sorted({s.get("MainDicomTags", {}).get("Modality", "") for s in series})
-    problems = [p for p in store.catalogue.problems(limit=1000) if p.orthanc_study_id == study_id]
+    problems = store.catalogue.problems(limit=20, orthanc_study_id=study_id)
     if problems:
         reason = "none of the study's instances could be indexed"
     elif not any(m in lookalike.config.ENCODER_FOR_MODALITY for m in modalities):
@@ -54,7 +54,7 @@ def _not_indexed(api: OrthancApi, store: IndexStore, study_id: str, pending: int
         "study": study_id,
         "modalities": modalities,
         "queued_tasks": pending,
-        "problems": [{"instance": p.orthanc_instance_id, "code": p.code, "message": p.message} for p in problems[:20]],
+        "problems": [{"instance": p.orthanc_instance_id, "code": p.code, "message": p.message} for p in problems],
     }
     return 409, body
 
