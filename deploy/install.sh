@@ -29,6 +29,9 @@ if [ ! -x $VENV/bin/python ]; then
   /usr/bin/python3.11 -m venv $VENV
 fi
 echo "install: python packages"
-$VENV/bin/python -m pip install -q torch==2.13.0
+# The CPU build of torch lies in /opt/wheels on these machines; named explicitly so that no environment variable
+# is needed for pip to find it (PyPI's torch is a CUDA build of several GB).
+FIND_LINKS=(); [ -d /opt/wheels ] && FIND_LINKS=(--find-links /opt/wheels)
+$VENV/bin/python -m pip install -q "${FIND_LINKS[@]}" torch==2.13.0
 $VENV/bin/python -m pip install -q -c constraints.txt -e '.[test]'
 echo "$want" > "$STAMP"
