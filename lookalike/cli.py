@@ -97,6 +97,7 @@ def _passthrough(module: str) -> Callable[[list[str]], int]:
 PASSTHROUGH = {
     "train": ("train an encoder", _passthrough("lookalike.encoders.training")),
     "samples": ("rebuild the bundled sample studies", _passthrough("lookalike.dicom_io.samples")),
+    "check": ("decode DICOM files as the worker would and say what happens to each", _passthrough("lookalike.dicom_io.check")),
 }
 
 
