@@ -97,6 +97,8 @@ def _passthrough(module: str) -> Callable[[list[str]], int]:
 PASSTHROUGH = {
     "train": ("train an encoder", _passthrough("lookalike.encoders.training")),
     "samples": ("rebuild the bundled sample studies", _passthrough("lookalike.dicom_io.samples")),
+    "evaluate": ("retrieval figures of an encoder under the evaluation protocol", _passthrough("lookalike.encoders.evaluate")),
+    "embed": ("embed the images of a manifest into a .npy", _passthrough("lookalike.encoders.embed")),
     "check": ("decode DICOM files as the worker would and say what happens to each", _passthrough("lookalike.dicom_io.check")),
 }
 
