@@ -1,6 +1,7 @@
 """Retrieval metrics as defined in ``shared/eval/PROTOCOL.md`` (beside the checkout), and the raw-pixel floor.
 
-numpy only, so that evaluation can run without torch once embeddings exist.
+numpy only, so that scoring can run without torch once embeddings exist; the command that embeds a data set
+and scores it is ``lookalike evaluate`` (:mod:`lookalike.encoders.evaluate`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,42 @@ def chance_precision(query_labels: Sequence, gallery_labels: Sequence) -> float:
     return float(sum((q == lab).mean() * (g == lab).mean() for lab in np.unique(q)))
 
 
+def rank_gallery(
+    query_emb: np.ndarray,
+    query_groups: Sequence,
+    gallery_emb: np.ndarray,
+    gallery_groups: Sequence,
+    exclude_self: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rank the gallery for every query by cosine, the protocol's exclusions sorted last.
+
+    One ranking shared by the metrics and the figures of ``lookalike evaluate``, so that a figure shows
+    exactly the neighbours that were scored.
+
+    Returns
+    -------
+    sim : numpy.ndarray
+        (nq, ng) cosine similarities.
+    excluded : numpy.ndarray
+        (nq, ng) bool: gallery items of the query's group (and the query itself with ``exclude_self``).
+    order : numpy.ndarray
+        (nq, ng) gallery indices, most similar first; ties by gallery order; excluded items last.
+    """
+    q = _l2n(query_emb)
+    g = _l2n(gallery_emb)
+    qg = np.asarray(query_groups)
+    gg = np.asarray(gallery_groups)
+    sim = q @ g.T
+    excluded = qg[:, None] == gg[None, :]
+    if exclude_self:
+        if len(q) != len(g):
+            raise ValueError("exclude_self needs the query set to be the gallery set")
+        excluded |= np.eye(len(q), dtype=bool)
+    ranked = np.where(excluded, np.inf, -sim)  # excluded items sort last
+    order = np.argsort(ranked, axis=1, kind="stable")
+    return sim, excluded, order
+
+
 def retrieval_metrics(
     query_emb: np.ndarray,
     query_labels: Sequence,
@@ -75,23 +112,11 @@ def retrieval_metrics(
     dict
         ``P@k, R@k, mAP@k, MAR@k, mAP, AUC, macro-P@k, chance-P@k, n_queries, n_gallery``.
     """
-    q = _l2n(query_emb)
-    g = _l2n(gallery_emb)
     ql = np.asarray(query_labels)
     gl = np.asarray(gallery_labels)
-    qg = np.asarray(query_groups)
-    gg = np.asarray(gallery_groups)
-    sim = q @ g.T
-    excluded = qg[:, None] == gg[None, :]
-    if exclude_self:
-        if len(q) != len(g):
-            raise ValueError("exclude_self needs the query set to be the gallery set")
-        excluded |= np.eye(len(q), dtype=bool)
+    sim, excluded, order = rank_gallery(query_emb, query_groups, gallery_emb, gallery_groups, exclude_self)
     rel_all = ql[:, None] == gl[None, :]
-    ranked = np.where(excluded, np.inf, -sim)  # excluded items sort last
-    order = np.argsort(ranked, axis=1, kind="stable")
     rel = np.take_along_axis(rel_all & ~excluded, order, axis=1)
-    n_valid = (~excluded).sum(axis=1)
     n_rel = rel.sum(axis=1)
 
     topk = rel[:, :k].astype(np.float64)
@@ -118,8 +143,8 @@ def retrieval_metrics(
         "AUC": auc,
         f"macro-P@{k}": macro,
         f"chance-P@{k}": chance_precision(ql, gl),
-        "n_queries": int(len(q)),
-        "n_gallery": int(len(g)),
+        "n_queries": int(sim.shape[0]),
+        "n_gallery": int(sim.shape[1]),
     }
 
 
@@ -134,72 +159,3 @@ def raw_pixel_embeddings(images: Sequence[np.ndarray], size: int = 32) -> np.nda
         v = small.ravel() - small.mean()
         rows.append(v)
     return _l2n(np.stack(rows)).astype(np.float32)
-
-
-def _read_set(data_dir: str, labels: Sequence[str] | None = None) -> list[dict[str, str]]:
-    import csv
-    from pathlib import Path
-
-    with open(Path(data_dir) / "manifest.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for r in rows:
-        r["path"] = str(Path(data_dir) / r["path"])
-    return [r for r in rows if labels is None or r["label"] in labels]
-
-
-def evaluate(
-    name: str, data_dir: str, weights: str | None = None, cross_domain_dir: str | None = None
-) -> dict[str, dict[str, float]]:
-    """Score an encoder and the raw-pixel floor under PROTOCOL.md.
-
-    Archive setting on ``data_dir`` (test queries vs train+val gallery) and, when given, leave-one-out on
-    ``cross_domain_dir`` restricted to benign/malignant. Images go through the same path as in serving:
-    PNG/JPEG -> 2-D float32 in [0, 1] -> ``Encoder.embed``.
-    """
-    from lookalike.encoders import load_encoder
-    from lookalike.encoders.preprocessing import load_image
-
-    enc = load_encoder(name, weights)
-    out: dict[str, dict[str, float]] = {"model_version": {"value": enc.model_version}}  # type: ignore[dict-item]
-    rows = _read_set(data_dir)
-    q = [r for r in rows if r["split"] == "test"]
-    g = [r for r in rows if r["split"] in ("train", "val")]
-
-    def cols(rs: list[dict[str, str]]) -> tuple[list[np.ndarray], list[str], list[str]]:
-        return [load_image(r["path"]) for r in rs], [r["label"] for r in rs], [r["group"] for r in rs]
-
-    qi, ql, qg = cols(q)
-    gi, gl, gg = cols(g)
-    out["archive"] = retrieval_metrics(enc.embed(qi), ql, qg, enc.embed(gi), gl, gg)
-    out["archive_raw_pixels"] = retrieval_metrics(raw_pixel_embeddings(qi), ql, qg, raw_pixel_embeddings(gi), gl, gg)
-    if cross_domain_dir:
-        cd = _read_set(cross_domain_dir, labels=("benign", "malignant"))
-        ci, cl, cg = cols(cd)
-        out["cross_domain"] = retrieval_metrics(enc.embed(ci), cl, cg, enc.embed(ci), cl, cg, exclude_self=True)
-        raw = raw_pixel_embeddings(ci)
-        out["cross_domain_raw_pixels"] = retrieval_metrics(raw, cl, cg, raw, cl, cg, exclude_self=True)
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lookalike.encoders.metrics --modality us --data DIR [--weights F] [--cross-domain DIR]``."""
-    import argparse
-    import json
-
-    p = argparse.ArgumentParser(description="Retrieval figures of an encoder beside the raw-pixel floor.")
-    p.add_argument("--modality", choices=["us", "xr"], required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--weights", default=None)
-    p.add_argument("--cross-domain", default=None)
-    a = p.parse_args(argv)
-    res = evaluate(a.modality, a.data, a.weights, a.cross_domain)
-    print(json.dumps(res, indent=1))
-    for key, val in res.items():
-        if key != "model_version":
-            print(f"{key:26s} P@5 {val['P@5']:.3f}  macro-P@5 {val['macro-P@5']:.3f}  mAP@5 {val['mAP@5']:.3f}  "
-                  f"R@5 {val['R@5']:.3f}  mAP {val['mAP']:.3f}  AUC {val['AUC']:.3f}  chance {val['chance-P@5']:.3f}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

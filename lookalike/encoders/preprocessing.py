@@ -39,6 +39,41 @@ def load_image(path: str | Path) -> np.ndarray:
         return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
 
 
+def read_manifest(data: str | Path) -> list[dict[str, str]]:
+    """Rows of a data set's ``manifest.csv``, in file order, with ``path`` made absolute.
+
+    One reader for training, ``lookalike evaluate`` and ``lookalike embed``, so that every command sees the
+    same rows in the same order.
+
+    Parameters
+    ----------
+    data : str or Path
+        A folder holding ``manifest.csv``, or a CSV file; ``path`` entries are relative to the CSV's folder
+        (absolute ones are kept). Only the ``path`` column is required.
+
+    Raises
+    ------
+    FileNotFoundError
+        No manifest there.
+    ValueError
+        The CSV has no ``path`` column.
+    """
+    import csv
+
+    data = Path(data)
+    csv_path = data / "manifest.csv" if data.is_dir() else data
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"no manifest at {csv_path}")
+    with open(csv_path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if "path" not in (reader.fieldnames or []):
+            raise ValueError(f"{csv_path}: no 'path' column (columns: {reader.fieldnames})")
+        rows = list(reader)
+    for r in rows:
+        r["path"] = str(csv_path.parent / r["path"])
+    return rows
+
+
 def check_image(image: Any) -> np.ndarray:
     """Validate one input image and return it as finite 2-D float32 clipped to [0, 1].
 

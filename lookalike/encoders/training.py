@@ -17,7 +17,6 @@ Both select the epoch with the best validation P@5 (val queries vs train gallery
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import sys
@@ -28,16 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.encoders.preprocessing import IMAGE_SIZE, build_augment, build_preprocess, load_image
-
-
-def read_manifest(data_dir: Path) -> list[dict[str, str]]:
-    """Rows of ``data_dir/manifest.csv`` with ``path`` made absolute."""
-    with open(Path(data_dir) / "manifest.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for r in rows:
-        r["path"] = str(Path(data_dir) / r["path"])
-    return rows
+from lookalike.encoders.preprocessing import IMAGE_SIZE, build_augment, build_preprocess, load_image, read_manifest
 
 
 def seed_everything(seed: int) -> None:
