@@ -1,0 +1,105 @@
+"""Inference cost per image of the shipped encoders on this CPU, at batch 1 and batch 32, in one run.
+
+What is timed is ``Encoder.embed`` on images already decoded to 2-D float32 in [0, 1] (what the worker hands
+it after DICOM decoding), at the data sets' sizes and at a typical clinical frame size: MONAI preprocessing + network, the ultrasound DDIM refinement included. File and
+DICOM decoding are not part of it. For ``us`` the network time at batch 32 is also split into its stages
+(VAE encoder, refinement, head), which is what the diffusion refinement costs. Goal: >= 20 US images/s at
+batch 32.
+
+    .venv/bin/python bench/encoder_throughput.py [--threads 1] [--images 96] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+#: A typical clinical frame size per modality (rows, columns): the data sets' images are already small.
+CLINICAL = {"us": (600, 800), "xr": (2048, 2048)}
+DATA = {"us": ROOT.parent / "shared" / "data" / "busi", "xr": ROOT.parent / "shared" / "data" / "kermany_cxr"}
+
+
+def sample_images(modality: str, n: int) -> tuple[list[np.ndarray], str]:
+    """``n`` real images of the modality's data set (test split), read by the shared reader; random if absent."""
+    from lookalike.encoders.preprocessing import load_image, read_manifest
+
+    try:
+        rows = [r for r in read_manifest(DATA[modality]) if r["split"] == "test"][:n]
+        images = [load_image(r["path"]) for r in rows]
+        if len(images) == n:
+            shapes = np.array([im.shape for im in images])
+            return images, f"{DATA[modality].name} test, median {int(np.median(shapes[:, 0]))}x{int(np.median(shapes[:, 1]))} px"
+    except FileNotFoundError:
+        pass
+    rng = np.random.default_rng(0)
+    return [rng.random((480, 560), dtype=np.float32) for _ in range(n)], "random 480x560"
+
+
+def best_of(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up (the machine is shared: median, not mean)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the worker uses 1)")
+    p.add_argument("--images", type=int, default=96, help="images per timed pass (a multiple of 32)")
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args(argv)
+
+    import torch
+
+    from lookalike.encoders import load_encoder
+
+    torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {a.images} images per pass, median of {a.repeats}")
+    print(f"{'encoder':24s} {'batch':>5s} {'ms/image':>9s} {'images/s':>9s}  images")
+    stages: dict[str, float] = {}
+    for name in ("us", "xr"):
+        enc = load_encoder(name)
+        images, what = sample_images(name, a.images)
+        for batch in (1, 32):
+            enc.batch_size = batch
+            n = a.images if batch > 1 else min(a.images, 32)
+            t = best_of(lambda: enc.embed(images[:n]), a.repeats)
+            print(f"{enc.model_version:24s} {batch:5d} {1000 * t / n:9.2f} {n / t:9.1f}  {what}")
+        from PIL import Image
+
+        rows, cols = CLINICAL[name]
+        big = [np.asarray(Image.fromarray(im, mode="F").resize((cols, rows), Image.BILINEAR)) for im in images[:32]]
+        enc.batch_size = 32
+        t = best_of(lambda: enc.embed(big), a.repeats)
+        print(f"{enc.model_version:24s} {32:5d} {1000 * t / 32:9.2f} {32 / t:9.1f}  the same, upsampled to {rows}x{cols} px")
+        enc.batch_size = 64
+        if name == "us":
+            net = enc.net
+            x = torch.stack([enc._preprocess(im) for im in images[:32]])
+            with torch.no_grad():
+                h, z = net.encode(x)
+                feats = net.features(x)
+                stages["preprocess"] = best_of(lambda: [enc._preprocess(im) for im in images[:32]], a.repeats)
+                stages["VAE encoder"] = best_of(lambda: net.encode(x), a.repeats)
+                stages["DDIM refinement"] = best_of(lambda: net.refine(z), a.repeats)
+                stages["head"] = best_of(lambda: net.head(feats), a.repeats)
+    total = sum(stages.values())
+    print("\nus at batch 32, per image, by stage:")
+    for stage, t in stages.items():
+        print(f"  {stage:16s} {1000 * t / 32:7.2f} ms  {100 * t / total:5.1f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
