@@ -39,6 +39,7 @@ def folder(tmp_path: Path) -> Path:
     (tmp_path / "sub" / "deeper").mkdir(parents=True)
     shutil.copy(_path("JPGLosslessP14SV1_1s_1f_8b.dcm"), tmp_path / "sub" / "deeper" / "IM0001")
     shutil.copy(_path("CT_small.dcm"), tmp_path / "sub" / "ct.dcm")
+    shutil.copy(_path("color3d_jpeg_baseline.dcm"), tmp_path / "sub" / "cine.dcm")
     data = _path("US1_UNCR.dcm").read_bytes()
     (tmp_path / "truncated.dcm").write_bytes(data[:-1000])
     ds = pydicom.dcmread(_path("US1_UNCR.dcm"))
@@ -56,22 +57,30 @@ def test_walks_directories_and_reports_each_file(folder: Path) -> None:
     status, lines = _run(folder)
     assert status == 1
     found = _by_name(lines)
-    assert set(found) == {"good_us.dcm", "IM0001", "ct.dcm", "truncated.dcm", "wrong_rows.dcm", "notes.txt"}
-    assert found["good_us.dcm"].startswith("OK encoder=us shape=480x640 frames=0 of 1")
-    assert "photometric=RGB" in found["good_us.dcm"]
-    assert found["IM0001"].startswith("OK encoder=us ")
+    assert set(found) == {"good_us.dcm", "IM0001", "ct.dcm", "cine.dcm", "truncated.dcm", "wrong_rows.dcm", "notes.txt"}
+    # US without declared regions: the image area found; text lines above and below are left out.
+    assert found["good_us.dcm"] == (
+        "OK encoder=us shape=275x630 frames=0 of 1 region=5,65,635,340 downsampling=1 photometric=RGB"
+    )
+    assert found["IM0001"] == (
+        "OK encoder=us shape=721x997 frames=0 of 1 region=14,38,1011,759 downsampling=1 photometric=MONOCHROME2"
+    )
+    assert found["cine.dcm"] == (
+        "OK encoder=us shape=384x512 frames=0,30,60,89,119 of 120 region=84,31,596,415 downsampling=1 "
+        "photometric=YBR_FULL_422"
+    )
     assert found["ct.dcm"].startswith("SKIPPED not-indexable: Modality CT is not indexed")
     assert found["truncated.dcm"].startswith("FAILED invalid-dicom: ") and "truncated" in found["truncated.dcm"]
     assert found["wrong_rows.dcm"].startswith("FAILED inconsistent-attributes: Pixel Data holds 921600 bytes")
     assert found["notes.txt"].startswith("FAILED invalid-dicom: ")
-    assert lines[-1] == "6 file(s): 2 ok, 1 skipped, 3 failed"
-    assert len(lines) == 7  # exactly one line per file, even for multi-line error texts
+    assert lines[-1] == "7 file(s): 3 ok, 1 skipped, 3 failed"
+    assert len(lines) == 8  # exactly one line per file, even for multi-line error texts
 
 
 def test_skipped_files_are_not_failures(folder: Path) -> None:
     status, lines = _run(folder / "good_us.dcm", folder / "sub")
     assert status == 0
-    assert lines[-1] == "3 file(s): 2 ok, 1 skipped, 0 failed"
+    assert lines[-1] == "4 file(s): 3 ok, 1 skipped, 0 failed"
 
 
 def test_size_limit_and_missing_path(folder: Path) -> None:
@@ -117,7 +126,7 @@ def test_console_command(folder: Path) -> None:
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "lookalike.cli"]
     ok = subprocess.run([*command, "check", str(folder / "good_us.dcm")], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.splitlines()[0].endswith(" OK encoder=us shape=480x640 frames=0 of 1 region=none photometric=RGB")
+    assert ok.stdout.splitlines()[0].endswith(" OK encoder=us shape=275x630 frames=0 of 1 region=5,65,635,340 downsampling=1 photometric=RGB")
     bad = subprocess.run([*command, "check", str(folder / "truncated.dcm")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "FAILED invalid-dicom" in bad.stdout
     usage = subprocess.run([*command, "check"], capture_output=True, text=True, timeout=60)

@@ -117,11 +117,15 @@ def test_us_rgb_is_luma() -> None:
     ds = read_dataset(_path("US1_UNCR.dcm"))
     image = decode_image(ds)
     _unit_range(image)
-    assert image.pixels.shape == (480, 640)
     assert image.source_shape == (1, 480, 640, 3)
     assert image.frames_used == (0,)
     assert image.photometric_interpretation == "RGB"
-    np.testing.assert_allclose(image.pixels, _luma_min_max(ds.pixel_array), atol=1e-5)
+    # No Sequence of Ultrasound Regions: the image area is found, leaving out the text above and below it.
+    assert image.region is not None
+    x0, y0, x1, y1 = image.region
+    assert image.pixels.shape == (y1 - y0, x1 - x0)
+    assert y0 > 40 and y1 < 400 and x1 - x0 > 600  # text lines at the top and "LYMPH NODE" below are out
+    np.testing.assert_allclose(image.pixels, _luma_min_max(ds.pixel_array[y0:y1, x0:x1]), atol=1e-5)
 
 
 def test_jpeg2000_ybr_rct_matches_uncompressed() -> None:
@@ -143,9 +147,10 @@ def test_jpeg_lossless_us_window_linear() -> None:
     ds = read_dataset(_path("JPGLosslessP14SV1_1s_1f_8b.dcm"))  # US, MONOCHROME2, Window 127/254
     image = decode_image(ds)
     _unit_range(image)
-    assert image.pixels.shape == (768, 1024)
+    assert image.region == (14, 38, 1011, 759)  # the declared 2D ultrasound region, Max inclusive
+    assert image.pixels.shape == (759 - 38, 1011 - 14)
     # pydicom's LINEAR window maps to the stored range [0, 255]; ours maps to [0, 1] directly.
-    reference = apply_voi_lut(ds.pixel_array, ds) / 255.0
+    reference = apply_voi_lut(ds.pixel_array, ds)[38:759, 14:1011] / 255.0
     np.testing.assert_allclose(image.pixels, reference, atol=1e-5)
 
 
@@ -210,18 +215,21 @@ def test_modality_lut_and_voi_lut_sequences() -> None:
         assert np.corrcoef(image.pixels.ravel(), reference.ravel())[0, 1] > 0.9999, name
 
 
-def test_palette_color_multiframe_uses_middle_frame() -> None:
-    ds = read_dataset(_path("OBXXXX1A_2frame.dcm"))  # US, PALETTE COLOR, 2 frames
+def test_palette_color_multiframe_uses_both_frames() -> None:
+    ds = read_dataset(_path("OBXXXX1A_2frame.dcm"))  # US, PALETTE COLOR, 2 frames, a 2D region declared
     image = decode_image(ds)
     _unit_range(image)
     assert image.source_shape == (2, 600, 800, 1)
-    assert image.frames_used == (1,)
-    rgb = apply_color_lut(ds.pixel_array[1], ds)
-    np.testing.assert_allclose(image.pixels, _luma_min_max(rgb), atol=1e-5)
-    assert not np.allclose(image.pixels, _luma_min_max(apply_color_lut(ds.pixel_array[0], ds)))
+    assert image.frames_used == (0, 1)
+    assert image.region == (120, 60, 800, 519)  # Max X1 = 800 is clipped to the 800 columns
+    assert image.frames[1] is image.pixels  # the middle frame (2 // 2)
+    for index in (0, 1):
+        rgb = apply_color_lut(ds.pixel_array[index], ds)[60:519, 120:800]
+        np.testing.assert_allclose(image.frames[index], _luma_min_max(rgb), atol=1e-5)
+    assert not np.allclose(image.frames[0], image.frames[1])
 
 
-def test_multiframe_jpeg_us_decodes_only_the_middle_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_multiframe_jpeg_us_decodes_only_the_frames_used(monkeypatch: pytest.MonkeyPatch) -> None:
     ds = read_dataset(_path("color3d_jpeg_baseline.dcm"))  # US, 120 frames, JPEG baseline YBR_FULL_422
     seen: list[int | None] = []
     real = decode_module.get_decoder
@@ -244,8 +252,12 @@ def test_multiframe_jpeg_us_decodes_only_the_middle_frame(monkeypatch: pytest.Mo
     image = decode_image(ds)
     _unit_range(image)
     assert image.source_shape == (120, 480, 640, 3)
-    assert image.frames_used == (60,)
-    assert seen == [60]
+    assert image.frames_used == (0, 30, 60, 89, 119)  # spread over the clip, the middle one included
+    assert seen == [0, 30, 60, 89, 119]
+    assert len(image.frames) == 5 and image.pixels is image.frames[2]
+    assert all(f.shape == image.pixels.shape and f.dtype == np.float32 for f in image.frames)
+    reference = decode_module._to_unit(ds.pixel_array[60][31:415, 84:596], "RGB", ds)
+    np.testing.assert_allclose(image.pixels, reference, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ errors

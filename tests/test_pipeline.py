@@ -21,9 +21,11 @@ class FakeEncoder:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.batches: list[list[np.ndarray]] = []
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         self.calls += 1
+        self.batches.append(images)
         v = np.array([[img.mean(), img.std(), 1.0] for img in images], np.float32)
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
@@ -86,6 +88,31 @@ class TestInstanceIndexer:
         [row] = store.catalogue.rows_for_study("st-i1")
         assert row.sop_instance_uid == ds.SOPInstanceUID and row.study_instance_uid == ds.StudyInstanceUID
         assert row.patient_id == "P1" and row.modality == "US" and row.orthanc_series_id == "se-i1"
+
+    def test_cine_frames_are_embedded_together_and_averaged(self, setup) -> None:
+        indexer, api, store, encoder = setup
+        rng = np.random.default_rng(7)
+        clip = rng.integers(0, 255, (9, 64, 80), dtype=np.uint8)
+        clip[::2] //= 4  # frames unlike each other, so that the mean differs from any one frame
+        ds = _us(8)
+        ds.NumberOfFrames = 9
+        ds.PixelData = clip.tobytes()
+        api.add("cine", _dicom(ds))
+        assert indexer.index("cine").status == "indexed"
+        [batch] = encoder.batches
+        assert len(batch) == 5  # frames 0, 2, 4, 6, 8 in one call
+        embedded = FakeEncoder().embed(batch)
+        expected = embedded.mean(axis=0) / np.linalg.norm(embedded.mean(axis=0))
+        [row] = store.catalogue.rows_for_study("st-cine")
+        scores, ids = store.search("us", "us-test-1", expected[None, :], k=1)
+        assert ids[0, 0] == row.id and scores[0, 0] > 1 - 1e-5  # the stored vector is the normalised mean
+        from lookalike.dicom_io import decode_image, read_dataset
+        from lookalike.indexer.pipeline import _instance_vector
+
+        vector = _instance_vector(FakeEncoder(), decode_image(read_dataset(_dicom(ds))))
+        np.testing.assert_allclose(vector, expected, atol=1e-6)
+        assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-6
+        assert not np.allclose(vector, embedded[2], atol=1e-3)  # not just the middle frame
 
     def test_bad_input_is_recorded_and_the_next_instance_still_indexes(self, setup) -> None:
         indexer, api, store, _ = setup

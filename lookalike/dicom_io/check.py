@@ -94,7 +94,11 @@ def iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[str]:
 
 
 def format_result(result: CheckResult) -> str:
-    """One line: the file, then what the encoder gets (or why nothing), in a fixed ``key=value`` form."""
+    """One line: the file, then what the encoder gets (or why nothing), in a fixed ``key=value`` form.
+
+    ``shape`` is that of each frame given to the encoder (after the crop to ``region``, given in stored pixel
+    coordinates ``x0,y0,x1,y1``, and the block-mean ``downsampling``); ``frames`` are the 0-based frames used.
+    """
     if result.status != "OK":
         message = " ".join(result.message.split())  # one line per file, whatever the exception's text
         return f"{result.path}: {result.status} {result.code}: {message}"
@@ -102,12 +106,11 @@ def format_result(result: CheckResult) -> str:
     assert image is not None
     frames_total = image.source_shape[0]
     frames = ",".join(str(i) for i in image.frames_used)
-    region = getattr(image, "region", None)
-    region_text = "none" if region is None else ",".join(str(v) for v in region)
+    region_text = "none" if image.region is None else ",".join(str(v) for v in image.region)
     height, width = image.pixels.shape
     return (
         f"{result.path}: OK encoder={result.encoder} shape={height}x{width} "
-        f"frames={frames} of {frames_total} region={region_text} "
+        f"frames={frames} of {frames_total} region={region_text} downsampling={image.downsampling} "
         f"photometric={image.photometric_interpretation}"
     )
 

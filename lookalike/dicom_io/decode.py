@@ -4,6 +4,15 @@ Every image that reaches an encoder goes through :func:`decode_image`, so that a
 YBR JPEG, an RGB screenshot and a MONOCHROME1 radiograph all arrive the same way: a 2-D ``float32`` array in
 which bright means "more signal" (echo, attenuation) whatever the stored Photometric Interpretation.
 
+Three reductions happen here, on the integer array and before the float conversion where possible, so that
+what reaches an encoder is what matters for similarity and memory stays bounded:
+
+* a cine clip gives up to :data:`MAX_FRAMES` frames spread over the clip (not one arbitrary frame);
+* an image whose long side exceeds :data:`DOWNSAMPLE_ABOVE` (a 3000 x 3000 radiograph) is block-averaged by
+  an integer factor to about :data:`TARGET_SIDE` pixels, so no full-size float copy is ever made;
+* an ultrasound image is cropped to its imaging region (the Sequence of Ultrasound Regions, else the largest
+  bright connected area), so that burned-in text, calipers and rulers do not drive similarity.
+
 Failures raise the errors of :mod:`lookalike.dicom_io.errors`, each with a stable ``code`` the worker
 records. Checks that protect the worker (size limit, pixel data length) run before any pixel is decoded.
 """
@@ -32,11 +41,30 @@ from lookalike.dicom_io.errors import (
     UnsupportedTransferSyntaxError,
 )
 
-__all__ = ["DecodedImage", "read_dataset", "decode_image", "DEFAULT_MAX_PIXELS"]
+__all__ = [
+    "DecodedImage",
+    "read_dataset",
+    "decode_image",
+    "DEFAULT_MAX_PIXELS",
+    "MAX_FRAMES",
+    "DOWNSAMPLE_ABOVE",
+    "TARGET_SIDE",
+]
 
 #: Default limit on decoded samples (Rows x Columns x Samples per Pixel x frames decoded); see
 #: :attr:`lookalike.config.Settings.max_pixels`.
 DEFAULT_MAX_PIXELS = 50_000_000
+
+#: Frames decoded from a multi-frame (cine) instance at most: enough to see the whole sweep, few enough to keep
+#: decoding and embedding cheap.
+MAX_FRAMES = 5
+
+#: Frames whose long side is above this are reduced by an integer factor to at most :data:`TARGET_SIDE`. Below
+#: it a float32 frame is at most 16 MiB, and the encoders resize to far less anyway.
+DOWNSAMPLE_ABOVE = 2048
+
+#: The long side, in pixels, that large frames are reduced to (or just under).
+TARGET_SIDE = 1024
 
 _PIXEL_DATA_TAG = 0x7FE00010
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -52,19 +80,30 @@ class DecodedImage:
     ----------
     pixels
         2-D ``float32`` array in [0, 1], grayscale; higher values are brighter in the intended display
-        (MONOCHROME1 has been inverted).
+        (MONOCHROME1 has been inverted). For a cine clip, the middle frame (``frames[frames_used.index(n // 2)]``
+        for ``n`` frames), the one image callers that want a single picture should use.
     source_shape
         ``(frames, rows, columns, samples_per_pixel)`` as the instance declares it.
     frames_used
-        0-based indices of the frames that ``pixels`` was made from.
+        0-based indices, ascending, of the frames decoded into ``frames``.
     photometric_interpretation
         The Photometric Interpretation as stored in the instance (before any conversion).
+    frames
+        One 2-D ``float32`` array in [0, 1] per entry of ``frames_used``, all cropped and reduced alike.
+    region
+        ``(x0, y0, x1, y1)``: the crop, in stored pixel coordinates of the full frame (columns x0 to x1 - 1,
+        rows y0 to y1 - 1), or None when the whole frame is used.
+    downsampling
+        The integer factor the frames were reduced by (block mean), 1 when they were not.
     """
 
     pixels: np.ndarray
     source_shape: tuple[int, int, int, int]
     frames_used: tuple[int, ...]
     photometric_interpretation: str
+    frames: tuple[np.ndarray, ...] = ()
+    region: tuple[int, int, int, int] | None = None
+    downsampling: int = 1
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -186,9 +225,24 @@ def _image_geometry(ds: pydicom.Dataset) -> tuple[int, int, int, int]:
     return frames, rows, columns, samples
 
 
-def _frames_to_use(frames: int) -> tuple[int, ...]:
-    """Choose the frames to decode: for now the middle one, usually the most representative of a sweep."""
-    return (frames // 2,)
+def _frames_to_use(frames: int, budget: int = MAX_FRAMES) -> tuple[int, ...]:
+    """Choose the frames to decode: up to ``min(MAX_FRAMES, budget)`` spread evenly over the clip.
+
+    The first and last frames and the middle one (``frames // 2``, the single most representative frame of a
+    sweep, which :attr:`DecodedImage.pixels` holds) are always among them when two or more are used, so that
+    the embedding sees the whole sweep rather than one instant of it.
+    """
+    count = max(1, min(MAX_FRAMES, frames, budget))
+    middle = frames // 2
+    if count >= frames:
+        return tuple(range(frames))
+    if count == 1:
+        return (middle,)
+    picks = [round(k * (frames - 1) / (count - 1)) for k in range(count)]
+    if middle not in picks:
+        closest = min(range(1, count - 1), key=lambda k: abs(picks[k] - middle)) if count > 2 else 1
+        picks[closest] = middle
+    return tuple(sorted(set(picks)))
 
 
 def _decode_frame(ds: pydicom.Dataset, index: int) -> tuple[np.ndarray, str]:
@@ -333,19 +387,167 @@ def _monochrome_to_unit(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     return _min_max(values)
 
 
+# ------------------------------------------------------------------------------------- size and region
+
+
+def _downsample_factor(rows: int, columns: int) -> int:
+    """The integer reduction factor for a frame: 1 up to :data:`DOWNSAMPLE_ABOVE`, else to <= TARGET_SIDE."""
+    long_side = max(rows, columns)
+    if long_side <= DOWNSAMPLE_ABOVE:
+        return 1
+    return -(-long_side // TARGET_SIDE)
+
+
+def _reduce(arr: np.ndarray, factor: int, photometric: str) -> np.ndarray:
+    """Shrink a decoded frame by `factor` on its integer array, before any float conversion.
+
+    Grayscale and colour samples are block-averaged (an anti-aliased reduction, rounded back to the stored
+    integer type so the Modality and VOI LUTs still apply); PALETTE COLOR indices are subsampled, as the mean
+    of two indices means nothing. The sum runs over a view, so the only new array is the reduced one. Rows
+    and columns beyond the last whole block are dropped (fewer than `factor` of them).
+    """
+    if factor == 1:
+        return arr
+    if photometric == "PALETTE COLOR" or not np.issubdtype(arr.dtype, np.integer):
+        return np.ascontiguousarray(arr[::factor, ::factor])
+    rows, columns = arr.shape[0] // factor, arr.shape[1] // factor
+    blocks = arr[: rows * factor, : columns * factor].reshape(rows, factor, columns, factor, *arr.shape[2:])
+    wide = np.int64 if np.issubdtype(arr.dtype, np.signedinteger) else np.uint64
+    total = blocks.sum(axis=(1, 3), dtype=wide)
+    area = factor * factor
+    total += area // 2
+    total //= area
+    return total.astype(arr.dtype)
+
+
+def _declared_region(ds: pydicom.Dataset, rows: int, columns: int) -> tuple[int, int, int, int] | None:
+    """The imaging region from the Sequence of Ultrasound Regions (PS3.3 C.8.5.5), or None.
+
+    Regions with Region Spatial Format 2D (1: a B-mode or similar tissue image) are used; several (a dual
+    display) give the bounding box of all of them. Waveforms, spectral and M-mode strips, and colour bars are
+    left out. Coordinates are clipped to the frame (Region Location Max is inclusive), and a region left
+    empty by clipping counts as absent.
+    """
+    boxes = []
+    for item in ds.get("SequenceOfUltrasoundRegions", None) or []:
+        try:
+            if int(item.get("RegionSpatialFormat", -1)) != 1:
+                continue
+            x0, y0 = int(item.RegionLocationMinX0), int(item.RegionLocationMinY0)
+            x1, y1 = int(item.RegionLocationMaxX1) + 1, int(item.RegionLocationMaxY1) + 1
+        except (AttributeError, TypeError, ValueError):
+            continue  # an incomplete item; the others may still name the region
+        boxes.append((max(0, x0), max(0, y0), min(columns, x1), min(rows, y1)))
+    if not boxes:
+        return None
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return None
+    return x0, y0, x1, y1
+
+
+#: Blocks of a frame darker than this (on the [0, 1] scale) count as background when looking for the image.
+_DARK = 0.02
+#: Erosion steps (one block each) that remove text, calipers and rulers before the largest area is chosen.
+_ERODE = 2
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """Binary erosion by a 3 x 3 square (outside the frame counts as background)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    out = mask.copy()
+    h, w = mask.shape
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            out &= padded[dy : dy + h, dx : dx + w]
+    return out
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray | None:
+    """The largest 4-connected component of `mask` (a small block grid) as a mask, or None when empty.
+
+    Labels propagate as the minimum cell index of each component with pointer jumping, in numpy, which is
+    fast on the <= 128 x 128 grids used here.
+    """
+    if not mask.any():
+        return None
+    h, w = mask.shape
+    none = h * w
+    labels = np.where(mask, np.arange(none).reshape(h, w), none)
+    while True:
+        new = labels.copy()
+        np.minimum(new[1:], labels[:-1], out=new[1:])
+        np.minimum(new[:-1], labels[1:], out=new[:-1])
+        np.minimum(new[:, 1:], labels[:, :-1], out=new[:, 1:])
+        np.minimum(new[:, :-1], labels[:, 1:], out=new[:, :-1])
+        new[~mask] = none
+        flat = new.ravel()
+        inside = flat < none
+        flat[inside] = flat[flat[inside]]  # pointer jumping: adopt the label of one's label
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    counts = np.bincount(labels[mask])
+    return labels == int(np.argmax(counts))
+
+
+def _find_region(gray: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Find the imaging area of an ultrasound frame without a declared region.
+
+    The frame is averaged in blocks (at most 128 of them on the long side), non-dark blocks are eroded twice
+    (removing structures under five blocks thick: text lines, calipers, rulers, thin annotations), and the
+    bounding box of the largest connected remainder, grown back by the erosion, is the region. None when
+    nothing is found or the box is most of the frame anyway (a full-frame image, or noise).
+    """
+    h, w = gray.shape
+    block = max(2, -(-max(h, w) // 128))
+    bh, bw = h // block, w // block
+    if bh < 4 * _ERODE or bw < 4 * _ERODE:
+        return None
+    means = gray[: bh * block, : bw * block].reshape(bh, block, bw, block).mean(axis=(1, 3))
+    mask = means > _DARK
+    for _ in range(_ERODE):
+        mask = _erode(mask)
+    largest = _largest_component(mask)
+    if largest is None:
+        return None
+    ys, xs = np.nonzero(largest)
+    x0 = max(0, (int(xs.min()) - _ERODE) * block)
+    y0 = max(0, (int(ys.min()) - _ERODE) * block)
+    x1 = min(w, (int(xs.max()) + 1 + _ERODE) * block)
+    y1 = min(h, (int(ys.max()) + 1 + _ERODE) * block)
+    if (x1 - x0) * (y1 - y0) >= 0.9 * h * w:
+        return None
+    return x0, y0, x1, y1
+
+
+def _to_unit(arr: np.ndarray, photometric: str, ds: pydicom.Dataset) -> np.ndarray:
+    """A decoded (cropped, reduced) frame to grayscale float32 in [0, 1], bright meaning more signal."""
+    if photometric in _MONOCHROME:
+        pixels = _monochrome_to_unit(arr, ds)
+        if photometric == "MONOCHROME1":
+            np.subtract(np.float32(1.0), pixels, out=pixels)
+    else:
+        pixels = _min_max(_to_gray_float32(arr, photometric, ds))
+    return np.ascontiguousarray(pixels, dtype=np.float32)
+
+
 def decode_image(ds: pydicom.Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decode the pixel data of `ds` into one grayscale float32 image in [0, 1].
+    """Decode the pixel data of `ds` into grayscale float32 frames in [0, 1], cropped and reduced.
 
     The order of work protects the worker: the size limit and the pixel data length are checked from the
-    header before pydicom decodes anything, and only the frames used are decoded.
+    header before pydicom decodes anything, only the frames used are decoded, and large frames are reduced on
+    their integer array before any float copy exists.
 
     Parameters
     ----------
     ds
         A dataset from :func:`read_dataset` (it needs its file meta information).
     max_pixels
-        Refuse images whose decoded samples (Rows x Columns x Samples per Pixel x frames decoded) exceed
-        this; :attr:`lookalike.config.Settings.max_pixels` sets it in deployment.
+        Limit on decoded samples (Rows x Columns x Samples per Pixel x frames decoded);
+        :attr:`lookalike.config.Settings.max_pixels` sets it in deployment. A clip uses as many frames (up to
+        :data:`MAX_FRAMES`) as fit; an instance refused when not even one frame fits.
 
     Returns
     -------
@@ -364,35 +566,56 @@ def decode_image(ds: pydicom.Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> D
             "been truncated before its pixel data"
         )
     frames, rows, columns, samples = _image_geometry(ds)
-    frames_used = _frames_to_use(frames)
-    claimed = rows * columns * samples * len(frames_used)
-    if claimed > max_pixels:
+    per_frame = rows * columns * samples
+    if per_frame > max_pixels:
         raise ImageTooLargeError(
-            f"the image claims {rows} x {columns} x {samples} samples per frame ({claimed:,} to decode), over "
+            f"the image claims {rows} x {columns} x {samples} samples per frame ({per_frame:,} to decode), over "
             f"the limit of {max_pixels:,} (setting max_pixels); refused without decoding",
-            claimed_pixels=claimed,
+            claimed_pixels=per_frame,
             max_pixels=max_pixels,
         )
+    frames_used = _frames_to_use(frames, max_pixels // per_frame)
 
     stored_photometric = str(ds.PhotometricInterpretation).strip()
-    arr, photometric = _decode_frame(ds, frames_used[0])
+    factor = _downsample_factor(rows, columns)
     expected_shape = (rows, columns) if samples == 1 else (rows, columns, samples)
-    if arr.shape != expected_shape:
-        raise InconsistentAttributesError(
-            f"decoded frame has shape {arr.shape} but Rows, Columns and Samples per Pixel declare {expected_shape}"
-        )
+    reduced: list[np.ndarray] = []
+    photometric = stored_photometric
+    for index in frames_used:
+        arr, photometric = _decode_frame(ds, index)
+        if arr.shape != expected_shape:
+            raise InconsistentAttributesError(
+                f"decoded frame {index} has shape {arr.shape} but Rows, Columns and Samples per Pixel declare "
+                f"{expected_shape}"
+            )
+        reduced.append(_reduce(arr, factor, photometric))
+        del arr
 
-    if photometric in _MONOCHROME:
-        pixels = _monochrome_to_unit(arr, ds)
-        if photometric == "MONOCHROME1":
-            np.subtract(np.float32(1.0), pixels, out=pixels)
-    else:
-        pixels = _min_max(_to_gray_float32(arr, photometric, ds))
-    del arr
+    middle = frames_used.index(frames // 2) if frames // 2 in frames_used else len(frames_used) // 2
+    region = _declared_region(ds, rows, columns)
+    box = None  # the region in reduced coordinates
+    if region is not None:
+        x0, y0, x1, y1 = region
+        box = (x0 // factor, y0 // factor, -(-x1 // factor), -(-y1 // factor))
+    elif str(ds.get("Modality", "") or "").strip().upper() == "US":
+        box = _find_region(_to_unit(reduced[middle], photometric, ds))
+        if box is not None:
+            x0, y0, x1, y1 = box
+            region = (x0 * factor, y0 * factor, min(columns, x1 * factor), min(rows, y1 * factor))
+
+    planes = []
+    for arr in reduced:
+        if box is not None:
+            arr = arr[box[1] : box[3], box[0] : box[2]]
+        planes.append(_to_unit(arr, photometric, ds))
+    del reduced
 
     return DecodedImage(
-        pixels=np.ascontiguousarray(pixels, dtype=np.float32),
+        pixels=planes[middle],
         source_shape=(frames, rows, columns, samples),
         frames_used=frames_used,
         photometric_interpretation=stored_photometric,
+        frames=tuple(planes),
+        region=region,
+        downsampling=factor,
     )

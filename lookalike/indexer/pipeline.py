@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from lookalike.config import ENCODER_FOR_MODALITY
-from lookalike.dicom_io.decode import decode_image, read_dataset
+from lookalike.dicom_io.decode import DecodedImage, decode_image, read_dataset
 from lookalike.dicom_io.errors import LookalikeDicomError, NotIndexableError
 from lookalike.dicom_io.routing import encoder_for
 from lookalike.indexer.catalogue import InstanceRecord
@@ -44,6 +44,23 @@ class Outcome:
 
 def _text(ds, keyword: str) -> str:
     return str(ds.get(keyword, "") or "")
+
+
+def _instance_vector(encoder: Encoder, image: DecodedImage) -> np.ndarray:
+    """One unit vector for an instance: the L2-normalised mean of its frames' embeddings.
+
+    Embeddings are unit vectors compared by inner product, and the mean of unit vectors, normalised, is the
+    direction whose summed cosine similarity to every sampled frame is highest: the instance is found by a
+    query that looks like any part of its sweep, not only like one arbitrary frame. A single-frame image
+    gives its own embedding back.
+    """
+    frames = list(image.frames) or [image.pixels]
+    vectors = np.asarray(encoder.embed(frames), dtype=np.float32)
+    mean = vectors.mean(axis=0)
+    norm = float(np.linalg.norm(mean))
+    if not np.isfinite(norm) or norm == 0.0:
+        return vectors[len(vectors) // 2]  # opposite frames cancelled out: fall back to the middle one
+    return mean / np.float32(norm)
 
 
 class InstanceIndexer:
@@ -94,7 +111,7 @@ class InstanceIndexer:
             return Outcome(status, instance_id, exc.code, str(exc))
 
         encoder = self.encoders(encoder_name)
-        vector = encoder.embed([image.pixels])[0]
+        vector = _instance_vector(encoder, image)
         record = InstanceRecord(
             sop_instance_uid=_text(ds, "SOPInstanceUID"),
             sop_class_uid=_text(ds, "SOPClassUID"),
