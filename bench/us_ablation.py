@@ -1,0 +1,200 @@
+"""Does the latent-diffusion refinement earn its cost? Ablation of the ``us`` encoder's fused features on BUSI.
+
+The shipped trunk (VAE encoder + latent UNet) is frozen. Its 320 fused features (see
+``lookalike/encoders/ultrasound.py``) are split into blocks:
+
+- VAE: mean- and max-pooled encoder map ``h`` (128) + 4x4-pooled latent ``z`` (64) — no refinement needed;
+- refinement: UNet middle-block features ``m`` (64) + 4x4-pooled refined latent ``z_r`` (64);
+- ``z`` alone vs ``z_r`` alone (64 each): the same latent before and after the 2 DDIM steps.
+
+For each subset a fresh projection head of the shipped shape (LayerNorm, Linear 256, GELU, Linear 128) is
+trained with the shipped recipe (batch-hard triplet + cross-entropy, class-balanced batches 3 x 16, AdamW
+1e-3, MONAI augmentation through cached augmented copies), selected on val P@5, then scored under
+``shared/eval/PROTOCOL.md``: busi test vs train+val and breast_lesions_usg leave-one-out. Several seeds;
+mean and spread printed. Also printed: the shipped head and each subset's z-scored features with no head.
+
+Caveat: the VAE encoder was fine-tuned end to end with the fused head, so this measures what the refinement
+adds on top of that trunk, not a VAE trained without diffusion from the start.
+
+    .venv/bin/python bench/us_ablation.py [--copies 8] [--epochs 60] [--seeds 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BUSI = ROOT.parent / "shared" / "data" / "busi"
+CROSS = ROOT.parent / "shared" / "data" / "breast_lesions_usg"
+
+#: Column ranges of the fused feature vector (order of ``UltrasoundNet.features``).
+BLOCKS = {"h": (0, 128), "z": (128, 192), "m": (192, 256), "zr": (256, 320)}
+SUBSETS = {
+    "VAE (h, z)": ("h", "z"),
+    "refinement (m, z_r)": ("m", "zr"),
+    "fused (shipped layout)": ("h", "z", "m", "zr"),
+    "z alone": ("z",),
+    "z_r alone": ("zr",),
+}
+
+
+def columns(blocks: tuple[str, ...]) -> np.ndarray:
+    return np.concatenate([np.arange(*BLOCKS[b]) for b in blocks])
+
+
+def features(net: Any, x: Any, batch: int = 64) -> np.ndarray:
+    """Frozen fused features (n, 320) of preprocessed images."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([net.features(x[i : i + batch]) for i in range(0, len(x), batch)]).numpy()
+
+
+def score(emb: dict[str, np.ndarray], sets: dict[str, Any]) -> dict[str, float]:
+    """Protocol figures of embeddings for busi test (vs train+val) and cross-domain leave-one-out."""
+    from lookalike.encoders.metrics import retrieval_metrics
+
+    s = sets
+    gal = np.concatenate([emb["train"], emb["val"]])
+    m = retrieval_metrics(emb["test"], s["test"][0], s["test"][1], gal, s["trval"][0], s["trval"][1])
+    c = retrieval_metrics(emb["cross"], *s["cross"], emb["cross"], *s["cross"], exclude_self=True)
+    v = retrieval_metrics(emb["val"], s["val"][0], s["val"][1], emb["train"], s["train"][0], s["train"][1])
+    return {"val P@5": v["P@5"], "busi P@5": m["P@5"], "busi macro-P@5": m["macro-P@5"], "cross P@5": c["P@5"], "cross macro-P@5": c["macro-P@5"]}
+
+
+def train_head(
+    feats: dict[str, np.ndarray], aug_train: np.ndarray, y: np.ndarray, sets: dict[str, Any], epochs: int, seed: int
+) -> dict[str, float]:
+    """Fresh head on fixed features, shipped loss and batches; the epoch with the best val P@5 is scored."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from lookalike.encoders.losses import batch_hard_triplet_loss
+    from lookalike.encoders.metrics import retrieval_metrics
+    from lookalike.encoders.training import balanced_batches
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    d = aug_train.shape[-1]
+    head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 256), nn.GELU(), nn.Linear(256, 128))
+    clf = nn.Linear(128, int(y.max()) + 1)
+    opt = torch.optim.AdamW(list(head.parameters()) + list(clf.parameters()), lr=1e-3, weight_decay=0.05)
+    n_batches = max(1, len(y) // 48)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=epochs * n_batches, pct_start=0.15)
+    t = {k: torch.from_numpy(v) for k, v in feats.items()}
+    aug = torch.from_numpy(aug_train)
+    yt = torch.from_numpy(y)
+
+    def embed() -> dict[str, np.ndarray]:
+        head.eval()
+        with torch.no_grad():
+            return {k: F.normalize(head(v), dim=1).numpy() for k, v in t.items()}
+
+    best, best_val = None, -1.0
+    for _ in range(epochs):
+        head.train()
+        for idx in balanced_batches(y, 16, n_batches, rng):
+            copy = torch.from_numpy(rng.integers(0, aug.shape[0], size=len(idx)))
+            xb = aug[copy, torch.from_numpy(idx)]
+            e = head(xb)
+            loss = batch_hard_triplet_loss(F.normalize(e, dim=1), yt[idx], 0.2) + F.cross_entropy(clf(e), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        emb = embed()
+        v = retrieval_metrics(emb["val"], sets["val"][0], sets["val"][1], emb["train"], sets["train"][0], sets["train"][1])["P@5"]
+        if v > best_val:
+            best_val, best = v, emb
+    return score(best, sets)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Ablation of the us encoder's VAE and refinement features on BUSI.")
+    p.add_argument("--copies", type=int, default=8, help="augmented copies of each training image")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+
+    import torch
+
+    from lookalike.encoders import load_encoder
+    from lookalike.encoders.evaluate import CROSS_DOMAIN_LABELS
+    from lookalike.encoders.preprocessing import build_augment, read_manifest
+    from lookalike.encoders.training import preprocess_all
+
+    torch.set_num_threads(a.threads)
+    t0 = time.time()
+    enc = load_encoder("us")
+    net, size = enc.net, enc.image_size
+    rows = read_manifest(BUSI)
+    cross = [r for r in read_manifest(CROSS) if r["label"] in CROSS_DOMAIN_LABELS]
+    split = {s: [r for r in rows if r["split"] == s] for s in ("train", "val", "test")}
+    classes = sorted({r["label"] for r in rows})
+    sets = {s: ([r["label"] for r in rs], [r["group"] for r in rs]) for s, rs in split.items()}
+    sets["trval"] = (sets["train"][0] + sets["val"][0], sets["train"][1] + sets["val"][1])
+    sets["cross"] = ([r["label"] for r in cross], [r["group"] for r in cross])
+    x = {s: preprocess_all([r["path"] for r in rs], size) for s, rs in split.items()}
+    x["cross"] = preprocess_all([r["path"] for r in cross], size)
+    feats = {k: features(net, v) for k, v in x.items()}
+    aug = build_augment(size)
+    aug.set_random_state(seed=0)
+    aug_train = np.stack(
+        [feats["train"]] + [features(net, torch.stack([aug(im) for im in x["train"]])) for _ in range(a.copies)]
+    )
+    y = np.array([classes.index(lab) for lab in sets["train"][0]])
+    print(f"features of {sum(len(v) for v in x.values())} images + {a.copies} augmented copies of {len(y)} "
+          f"in {time.time() - t0:.0f} s ({a.threads} thread(s))")
+
+    # cost of what each subset needs, batch 32, per image
+    xb = x["test"][:32]
+    with torch.no_grad():
+        _, z = net.encode(xb)
+        reps = 5
+        t1 = time.perf_counter()
+        for _ in range(reps):
+            net.encode(xb)
+        t_vae = (time.perf_counter() - t1) / reps / 32
+        t1 = time.perf_counter()
+        for _ in range(reps):
+            net.refine(z)
+        t_ref = (time.perf_counter() - t1) / reps / 32
+    print(f"network cost per image at batch 32: VAE encoder {1000 * t_vae:.2f} ms, DDIM refinement {1000 * t_ref:.2f} ms\n")
+
+    with torch.no_grad():
+        shipped = score({k: _norm(net.head(torch.from_numpy(v)).numpy()) for k, v in feats.items()}, sets)
+    keys = ["val P@5", "busi P@5", "busi macro-P@5", "cross P@5", "cross macro-P@5"]
+    head_line = f"{'features':24s} {'dim':>4s} {'ms/img':>6s} | " + " | ".join(f"{k:>15s}" for k in keys)
+    print(head_line + " | no-head busi P@5 | no-head cross P@5")
+    print("-" * len(head_line) + "-" * 40)
+    print(f"{'shipped head (fused)':24s} {320:4d} {1000 * (t_vae + t_ref):6.2f} | " + " | ".join(f"{shipped[k]:15.3f}" for k in keys))
+    for name, blocks in SUBSETS.items():
+        cols = columns(blocks)
+        sub = {k: v[:, cols] for k, v in feats.items()}
+        runs = [train_head(sub, aug_train[:, :, cols], y, sets, a.epochs, seed) for seed in range(a.seeds)]
+        mean = {k: np.mean([r[k] for r in runs]) for k in keys}
+        sd = {k: np.std([r[k] for r in runs]) for k in keys}
+        mu, sdv = sub["train"].mean(0), sub["train"].std(0) + 1e-6
+        nohead = score({k: _norm((v - mu) / sdv) for k, v in sub.items()}, sets)
+        cost = t_vae + (t_ref if set(blocks) & {"m", "zr"} else 0.0)
+        print(f"{name:24s} {len(cols):4d} {1000 * cost:6.2f} | "
+              + " | ".join(f"{mean[k]:8.3f} ±{sd[k]:.3f}" for k in keys)
+              + f" | {nohead['busi P@5']:16.3f} | {nohead['cross P@5']:17.3f}")
+    print(f"\n{a.seeds} seeds per row (mean ± sd), {a.epochs} epochs, {a.copies} augmented copies; total {time.time() - t0:.0f} s")
+    return 0
+
+
+def _norm(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
