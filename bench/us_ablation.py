@@ -70,8 +70,11 @@ def score(emb: dict[str, np.ndarray], sets: dict[str, Any]) -> dict[str, float]:
 
 def train_head(
     feats: dict[str, np.ndarray], aug_train: np.ndarray, y: np.ndarray, sets: dict[str, Any], epochs: int, seed: int
-) -> dict[str, float]:
-    """Fresh head on fixed features, shipped loss and batches; the epoch with the best val P@5 is scored."""
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fresh head on fixed features, shipped loss and batches; the epoch with the best val P@5 is scored.
+
+    Returns the figures and the selected head's ``state_dict``.
+    """
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -97,7 +100,7 @@ def train_head(
         with torch.no_grad():
             return {k: F.normalize(head(v), dim=1).numpy() for k, v in t.items()}
 
-    best, best_val = None, -1.0
+    best, best_val, best_state = None, -1.0, None
     for _ in range(epochs):
         head.train()
         for idx in balanced_batches(y, 16, n_batches, rng):
@@ -113,7 +116,8 @@ def train_head(
         v = retrieval_metrics(emb["val"], sets["val"][0], sets["val"][1], emb["train"], sets["train"][0], sets["train"][1])["P@5"]
         if v > best_val:
             best_val, best = v, emb
-    return score(best, sets)
+            best_state = {k: x.detach().clone() for k, x in head.state_dict().items()}
+    return score(best, sets), best_state
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save-vae-head", type=Path, default=None,
+                   help="write a us checkpoint: shipped trunk, VAE blocks only (no refinement), seed-0 head")
     a = p.parse_args(argv)
 
     import torch
@@ -179,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, blocks in SUBSETS.items():
         cols = columns(blocks)
         sub = {k: v[:, cols] for k, v in feats.items()}
-        runs = [train_head(sub, aug_train[:, :, cols], y, sets, a.epochs, seed) for seed in range(a.seeds)]
+        trained = [train_head(sub, aug_train[:, :, cols], y, sets, a.epochs, seed) for seed in range(a.seeds)]
+        runs = [r for r, _ in trained]
+        if a.save_vae_head and blocks == ("h", "z"):
+            save_checkpoint(a.save_vae_head, blocks, trained[0][1], runs[0], " ".join(["bench/us_ablation.py", *sys.argv[1:]]))
         mean = {k: np.mean([r[k] for r in runs]) for k in keys}
         sd = {k: np.std([r[k] for r in runs]) for k in keys}
         mu, sdv = sub["train"].mean(0), sub["train"].std(0) + 1e-6
@@ -190,6 +199,23 @@ def main(argv: list[str] | None = None) -> int:
               + f" | {nohead['busi P@5']:16.3f} | {nohead['cross P@5']:17.3f}")
     print(f"\n{a.seeds} seeds per row (mean ± sd), {a.epochs} epochs, {a.copies} augmented copies; total {time.time() - t0:.0f} s")
     return 0
+
+
+def save_checkpoint(path: Path, blocks: tuple[str, ...], head_state: dict[str, Any], figures: dict[str, float], command: str) -> None:
+    """A loadable ``us`` checkpoint: the shipped trunk, ``arch['features'] = blocks`` and the given head."""
+    import torch
+
+    from lookalike.encoders.base import WEIGHTS_DIR
+
+    ckpt = torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True)
+    arch = {**ckpt["arch"], "features": list(blocks), "tag": "vae-1" if not set(blocks) & {"m", "zr"} else ckpt["arch"]["tag"]}
+    state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("head.")}
+    state.update({f"head.{k}": v.float() for k, v in head_state.items()})
+    meta = {**ckpt["meta"], "head_retrained": {"command": command, "features": list(blocks), "figures": figures,
+                                              "from": "shipped us.pt trunk, frozen"}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"arch": arch, "state_dict": state, "meta": meta}, path)
+    print(f"wrote {path} ({', '.join(f'{k} {v:.3f}' for k, v in figures.items())})")
 
 
 def _norm(v: np.ndarray) -> np.ndarray:

@@ -173,3 +173,34 @@ def test_raw_pixel_baseline() -> None:
     assert e.shape == (len(imgs), 32 * 32)
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(e.sum(axis=1), 0.0, atol=1e-3)
+
+
+def test_us_feature_subset_skips_refinement(tmp_path: Path) -> None:
+    """A checkpoint naming only the VAE blocks loads, embeds, and never runs the UNet (the ablation's variant)."""
+    import torch
+
+    ckpt = torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True)
+    shipped = load_encoder("us")
+    assert shipped.net.feat_dim == 320 and shipped.net.blocks == ("h", "z", "m", "zr")
+    g = torch.Generator().manual_seed(0)
+    state = dict(ckpt["state_dict"])
+    state["head.0.weight"], state["head.0.bias"] = torch.ones(192), torch.zeros(192)
+    state["head.1.weight"] = torch.randn(256, 192, generator=g) * 0.05
+    path = tmp_path / "vae_only.pt"
+    torch.save({**ckpt, "arch": {**ckpt["arch"], "features": ["h", "z"], "tag": "vae-1"}, "state_dict": state}, path)
+    enc = load_encoder("us", weights=path)
+    assert enc.net.feat_dim == 192 and enc.model_version.startswith("us-vae-1-")
+    calls: list[int] = []
+    enc.net.unet.register_forward_hook(lambda *_: calls.append(1))
+    vecs = enc.embed(_images())
+    assert vecs.shape == (5, enc.dim) and not calls
+    handle = shipped.net.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        shipped.embed(_images()[:1])
+    finally:
+        handle.remove()  # the shipped encoder is cached for the other tests
+    assert calls  # the default layout does refine
+    bad = tmp_path / "bad.pt"
+    torch.save({**ckpt, "arch": {**ckpt["arch"], "features": ["h", "q"]}}, bad)
+    with pytest.raises(ValueError):
+        load_encoder("us", weights=bad)

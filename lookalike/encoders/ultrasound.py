@@ -11,6 +11,10 @@ Forward pass for one (1, 64, 64) image:
    unlikely is removed). The UNet's middle-block output (64 channels, 4x4) at each step is kept.
 3. Fusion: [mean-pool h, max-pool h, 4x4-pooled z, mean-pool of the UNet middle features (averaged over
    steps), 4x4-pooled refined latent] -> LayerNorm -> MLP -> ``dim``; the caller L2-normalises.
+
+``arch["features"]`` may name a subset of the feature blocks (:data:`FEATURE_BLOCKS`); when neither ``m`` nor
+``zr`` is named, the refinement is not run at all (it is 45-66 % of the network time, and the ablation in
+``bench/us_ablation.py`` found the VAE blocks alone as good). Checkpoints without the key use all blocks.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
 TAG = "vaediff-1"
+
+#: Feature blocks in fusion order: VAE map ``h`` (mean- and max-pooled), latent ``z``, UNet middle ``m``,
+#: refined latent ``zr``.
+FEATURE_BLOCKS: tuple[str, ...] = ("h", "z", "m", "zr")
 
 
 def default_arch(dim: int = 128, image_size: int = 64) -> dict[str, Any]:
@@ -107,7 +115,12 @@ class UltrasoundNet(nn.Module):
         self.register_buffer("latent_scale", torch.tensor(float(arch["latent_scale"])))
         ch = arch["vae"]["channels"][-1]
         mid = arch["unet"]["channels"][-1]
-        self.feat_dim = 2 * ch + lat * 16 + mid + lat * 16
+        self.blocks = tuple(arch.get("features", FEATURE_BLOCKS))
+        unknown = set(self.blocks) - set(FEATURE_BLOCKS)
+        if unknown or not self.blocks:
+            raise ValueError(f"features must be a non-empty subset of {FEATURE_BLOCKS}, got {self.blocks}")
+        width = {"h": 2 * ch, "z": lat * 16, "m": mid, "zr": lat * 16}
+        self.feat_dim = sum(width[b] for b in self.blocks)
         self.head = nn.Sequential(
             nn.LayerNorm(self.feat_dim),
             nn.Linear(self.feat_dim, arch["head_hidden"]),
@@ -145,15 +158,11 @@ class UltrasoundNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Fused feature vector before the projection head."""
         h, z = self.encode(x)
-        zr, mid = self.refine(z)
-        parts = [
-            h.mean(dim=(2, 3)),
-            h.amax(dim=(2, 3)),
-            F.adaptive_avg_pool2d(z, 4).flatten(1),
-            mid,
-            F.adaptive_avg_pool2d(zr, 4).flatten(1),
-        ]
-        return torch.cat(parts, dim=1)
+        parts = {"h": torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1), "z": F.adaptive_avg_pool2d(z, 4).flatten(1)}
+        if "m" in self.blocks or "zr" in self.blocks:
+            zr, parts["m"] = self.refine(z)
+            parts["zr"] = F.adaptive_avg_pool2d(zr, 4).flatten(1)
+        return torch.cat([parts[b] for b in FEATURE_BLOCKS if b in self.blocks], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) in [0, 1] -> (B, dim) unnormalised embedding."""
