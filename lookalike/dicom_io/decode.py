@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -140,6 +141,19 @@ def read_dataset(data: bytes | bytearray | memoryview | str | os.PathLike) -> py
         return _read_from(fp, os.fstat(fp.fileno()).st_size, path)
 
 
+#: What pydicom raises when it converts a corrupt raw data element: an unknown VR (NotImplementedError), a
+#: value that is not a whole number of values (BytesLengthException), undecodable text (ValueError), ...
+_CONVERSION_ERRORS = (
+    NotImplementedError,
+    ValueError,
+    LookupError,
+    TypeError,
+    OverflowError,
+    struct.error,
+    pydicom.errors.BytesLengthException,
+)
+
+
 def _read_from(fp: BinaryIO, size: int, name: str) -> pydicom.Dataset:
     """Parse `fp` (`size` bytes long) and run the completeness checks."""
     try:
@@ -150,7 +164,15 @@ def _read_from(fp: BinaryIO, size: int, name: str) -> pydicom.Dataset:
         ) from exc
     except Exception as exc:  # pydicom raises many types (struct.error, OSError, ValueError...) on corrupt data
         raise InvalidDicomError(f"{name} could not be parsed as DICOM; it is corrupt or truncated: {exc}") from exc
-    _check_complete(ds, size, name)
+    try:
+        _check_complete(ds, size, name)
+        # pydicom converts raw elements lazily, on first access: convert every one now, nested ones included,
+        # so that a corrupt Value Representation or value fails here, by name, and not as an arbitrary
+        # exception wherever the decoder first reads the attribute.
+        for _ in ds.iterall():
+            pass
+    except _CONVERSION_ERRORS as exc:
+        raise InvalidDicomError(f"{name} has a corrupt data element: {type(exc).__name__}: {exc}") from exc
     return ds
 
 
@@ -215,6 +237,15 @@ def _image_geometry(ds: pydicom.Dataset) -> tuple[int, int, int, int]:
     bits_allocated = _int_attr(ds, "BitsAllocated")
     if bits_allocated not in (1, 8, 16, 32):
         raise InconsistentAttributesError(f"Bits Allocated is {bits_allocated}; Lookalike reads 1, 8, 16 or 32")
+    bits_stored = _int_attr(ds, "BitsStored")
+    if not 1 <= bits_stored <= bits_allocated:
+        raise InconsistentAttributesError(
+            f"Bits Stored is {bits_stored}; it must be between 1 and Bits Allocated ({bits_allocated})"
+        )
+    if _int_attr(ds, "PixelRepresentation") not in (0, 1):
+        raise InconsistentAttributesError(f"Pixel Representation is {ds.PixelRepresentation}; it must be 0 or 1")
+    if samples > 1 and _int_attr(ds, "PlanarConfiguration") not in (0, 1):
+        raise InconsistentAttributesError(f"Planar Configuration is {ds.PlanarConfiguration}; it must be 0 or 1")
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
     if not photometric:
         raise InconsistentAttributesError("Pixel Data is present but Photometric Interpretation is missing")
@@ -281,7 +312,10 @@ def _decode_frame(ds: pydicom.Dataset, index: int) -> tuple[np.ndarray, str]:
             f"unable to decode {transfer_syntax.name} ({transfer_syntax}) pixel data with the installed "
             f"decoders; it uses an unsupported feature or is corrupt: {exc}"
         ) from exc
-    except (ValueError, KeyError, IndexError, EOFError) as exc:
+    except struct.error as exc:  # an item or offset table length that points past the end of the data
+        raise InvalidDicomError(f"the encapsulated Pixel Data is corrupt: {exc}") from exc
+    except (ValueError, KeyError, IndexError, EOFError, AttributeError, TypeError) as exc:
+        # AttributeError: pydicom's "Missing required element"; TypeError: an attribute with several values
         text = str(exc)
         if any(word in text for word in ("encapsulated", "fragment", "Offset Table")):
             raise InvalidDicomError(f"the encapsulated Pixel Data is corrupt: {text}") from exc
@@ -293,7 +327,13 @@ def _decode_frame(ds: pydicom.Dataset, index: int) -> tuple[np.ndarray, str]:
 def _to_gray_float32(arr: np.ndarray, photometric: str, ds: pydicom.Dataset) -> np.ndarray:
     """Reduce a decoded colour frame to float32 luma, one plane at a time (no float64 copy)."""
     if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
+        try:
+            arr = apply_color_lut(arr, ds)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise InconsistentAttributesError(
+                f"Photometric Interpretation is PALETTE COLOR but the Palette Color Lookup Table is missing or "
+                f"does not fit the pixel data: {exc}"
+            ) from exc
         photometric = "RGB"
     if photometric == "RGB":
         gray = arr[..., 0] * _LUMA[0]
@@ -565,6 +605,8 @@ def decode_image(ds: pydicom.Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> D
             f"the instance has no Pixel Data (7FE0,0010){detail}; if it should be an image, the file may have "
             "been truncated before its pixel data"
         )
+    if not ds.PixelData:  # None or b"": a zero-length element
+        raise MissingPixelDataError("Pixel Data (7FE0,0010) is present but empty (zero length)")
     frames, rows, columns, samples = _image_geometry(ds)
     per_frame = rows * columns * samples
     if per_frame > max_pixels:
