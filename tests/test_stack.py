@@ -16,7 +16,7 @@ import requests
 from lookalike.dicom_io.samples import wrap_image
 from lookalike.indexer.store import IndexStore
 from lookalike.orthanc_rest import HttpOrthanc, OrthancAuthError
-from lookalike.stack import Stack, dcmtk_env, storescu
+from lookalike.stack import ORTHANC_AET, Stack, dcmtk_env, storescu
 from tests.conftest import SAMPLES, wait_for
 
 pytestmark = pytest.mark.stack
@@ -233,3 +233,60 @@ class TestCommandLine:
         assert status.returncode == 0 and {c["modality"] for c in json.loads(status.stdout)["indexed"]} >= {"US", "DX"}
         missing = self._lookalike(stack, "lookup", "no-such-study")
         assert missing.returncode == 1 and "not found" in missing.stderr
+
+
+class TestMixedBatch:
+    """One storescu association carrying good and broken instances, as a misconfigured modality would send."""
+
+    def test_good_instances_are_indexed_and_broken_ones_listed_by_code(self, stack: Stack, corpus: dict, tmp_path: Path) -> None:
+        url, http = stack.config.orthanc_url, stack.http()
+        us, dx = _sample_pixels("US", 2), _sample_pixels("DX", 1)
+        good = [
+            _study(_noisy(us[0], 21), "US", "PMIXGOOD1", tmp_path, "good1"),
+            _study(_noisy(us[1], 22), "US", "PMIXGOOD2", tmp_path, "good2"),
+            _study(_noisy(dx[0], 23), "DX", "PMIXGOOD3", tmp_path, "good3"),
+        ]
+        broken: dict[str, tuple[Path, pydicom.Dataset]] = {}
+
+        path, ds = _study(_noisy(us[0], 24), "US", "PMIXROWS1", tmp_path, "wrong_rows")
+        ds.Rows = ds.Rows * 2  # twice the rows the Pixel Data holds
+        ds.save_as(path, enforce_file_format=True)
+        broken["inconsistent-attributes"] = (path, ds)
+
+        path, ds = _study(_noisy(dx[0], 25), "DX", "PMIXTRUNC", tmp_path, "truncated_pixels")
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3 * 2]  # a transfer cut short, re-wrapped
+        ds.save_as(path, enforce_file_format=True)
+        broken["inconsistent-attributes-truncated"] = (path, ds)
+
+        path, ds = _study(_noisy(us[1], 26), "US", "PMIXMPEG4", tmp_path, "mpeg4")
+        ds.PixelData = pydicom.encaps.encapsulate([bytes(range(256)) * 64])  # an MPEG-4 stream, as far as Orthanc knows
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG4HP41
+        ds.save_as(path, enforce_file_format=True)
+        broken["unsupported-transfer-syntax"] = (path, ds)
+
+        mpeg4 = broken["unsupported-transfer-syntax"][0]
+        files = [p for p, _ in good] + [p for p, _ in broken.values() if p != mpeg4]
+        result = storescu(stack.config, files)
+        assert result.returncode == 0, result.stderr
+        # A modality sending video proposes its transfer syntax (-xn: MPEG-4 AVC/H.264 HP / Level 4.1).
+        argv = ["storescu", "-xn", "-aet", "STORESCU", "-aec", ORTHANC_AET, "127.0.0.1", str(stack.config.dicom_port), str(mpeg4)]
+        result = subprocess.run(argv, env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        for _, ds in broken.values():  # Orthanc accepted every one of them
+            assert http.post(f"{url}/tools/lookup", data=str(ds.SOPInstanceUID), timeout=10).json(), ds.PatientID
+
+        for expected, (_, ds) in broken.items():
+            study = _orthanc_study_id(stack, ds)
+            problem = wait_for(
+                lambda: next((p for p in _status(stack)["problems"] if p["study"] == study), None),
+                timeout=90, what=f"the problem of {ds.PatientID}",
+            )
+            assert problem["code"] == expected.removesuffix("-truncated"), problem
+            assert problem["sop_instance_uid"] == ds.SOPInstanceUID
+        for _, ds in good:
+            study = _orthanc_study_id(stack, ds)
+            wait_for(lambda: http.get(f"{url}/lookalike/studies/{study}/similar", timeout=10).status_code == 200,
+                     timeout=90, what=f"indexing of {ds.PatientID}")
+            assert not [p for p in _status(stack)["problems"] if p["study"] == study]
+        assert stack.procs["worker"].poll() is None
