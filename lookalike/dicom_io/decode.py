@@ -443,17 +443,26 @@ def _reduce(arr: np.ndarray, factor: int, photometric: str) -> np.ndarray:
 
     Grayscale and colour samples are block-averaged (an anti-aliased reduction, rounded back to the stored
     integer type so the Modality and VOI LUTs still apply); PALETTE COLOR indices are subsampled, as the mean
-    of two indices means nothing. The sum runs over a view, so the only new array is the reduced one. Rows
-    and columns beyond the last whole block are dropped (fewer than `factor` of them).
+    of two indices means nothing. The sums run over strided views, so the only new arrays are of the reduced
+    size. Rows and columns beyond the last whole block are dropped (fewer than `factor` of them).
     """
     if factor == 1:
         return arr
     if photometric == "PALETTE COLOR" or not np.issubdtype(arr.dtype, np.integer):
         return np.ascontiguousarray(arr[::factor, ::factor])
     rows, columns = arr.shape[0] // factor, arr.shape[1] // factor
-    blocks = arr[: rows * factor, : columns * factor].reshape(rows, factor, columns, factor, *arr.shape[2:])
-    wide = np.int64 if np.issubdtype(arr.dtype, np.signedinteger) else np.uint64
-    total = blocks.sum(axis=(1, 3), dtype=wide)
+    whole = arr[: rows * factor, : columns * factor]
+    signed = np.issubdtype(arr.dtype, np.signedinteger)
+    if arr.dtype.itemsize <= 2 and factor <= 256:  # 65535 x 256**2 still fits in 32 bits
+        wide = np.int32 if signed else np.uint32
+    else:
+        wide = np.int64 if signed else np.uint64
+    # One strided add per position in the block: ~10x faster than a reduction over split axes, and the
+    # only arrays made are of the reduced size.
+    total = np.zeros((rows, columns, *arr.shape[2:]), dtype=wide)
+    for dy in range(factor):
+        for dx in range(factor):
+            np.add(total, whole[dy::factor, dx::factor], out=total, casting="unsafe")
     area = factor * factor
     total += area // 2
     total //= area
