@@ -72,15 +72,18 @@ def test_walks_directories_and_reports_each_file(folder: Path) -> None:
     assert found["ct.dcm"].startswith("SKIPPED not-indexable: Modality CT is not indexed")
     assert found["truncated.dcm"].startswith("FAILED invalid-dicom: ") and "truncated" in found["truncated.dcm"]
     assert found["wrong_rows.dcm"].startswith("FAILED inconsistent-attributes: Pixel Data holds 921600 bytes")
-    assert found["notes.txt"].startswith("FAILED invalid-dicom: ")
-    assert lines[-1] == "7 file(s): 3 ok, 1 skipped, 3 failed"
+    assert found["notes.txt"].startswith("IGNORED not-dicom: ")  # in a folder: Orthanc would refuse it
+    assert lines[-1] == "7 file(s): 3 ok, 1 skipped, 2 failed, 1 ignored (not DICOM)"
     assert len(lines) == 8  # exactly one line per file, even for multi-line error texts
 
 
-def test_skipped_files_are_not_failures(folder: Path) -> None:
+def test_skipped_and_ignored_files_are_not_failures(folder: Path) -> None:
+    (folder / "sub" / "index.csv").write_text("file,label\n")
     status, lines = _run(folder / "good_us.dcm", folder / "sub")
     assert status == 0
-    assert lines[-1] == "4 file(s): 3 ok, 1 skipped, 0 failed"
+    assert lines[-1] == "5 file(s): 3 ok, 1 skipped, 0 failed, 1 ignored (not DICOM)"
+    status, lines = _run(folder / "notes.txt")  # named on the command line: checked, and not DICOM
+    assert status == 1 and _by_name(lines)["notes.txt"].startswith("FAILED invalid-dicom: ")
 
 
 def test_size_limit_and_missing_path(folder: Path) -> None:

@@ -130,6 +130,7 @@ def test_frames_are_spread_over_the_clip() -> None:
     assert _frames_to_use(120) == (0, 30, 60, 89, 119)
     assert _frames_to_use(120, budget=1) == (60,)
     assert _frames_to_use(120, budget=3) == (0, 60, 119)
+    assert _frames_to_use(120, budget=2) == (0, 60)
 
 
 def test_size_limit_counts_the_frames_decoded() -> None:

@@ -6,8 +6,12 @@ with the very functions the worker's indexing step calls (:func:`~lookalike.dico
 it reports as ``OK`` is one the worker embeds, and a ``FAILED`` line carries the same error code and message
 that ``/lookalike/status`` would list. Nothing is sent anywhere and torch is never loaded.
 
-Exit status: 0 when every file is ``OK`` or ``SKIPPED`` (not for Lookalike, which is no fault), 1 when any
-file ``FAILED``, 2 on a usage error.
+In a directory, files that are not DICOM Part 10 at all (no ``DICM`` prefix after the 128-byte preamble:
+notes, CSV, thumbnails) are listed as ``IGNORED``: Orthanc refuses them, so they can never be why a study is not
+found. A file named on the command line is always checked, and fails like any other if it is not DICOM.
+
+Exit status: 0 when every file is ``OK``, ``SKIPPED`` (not for Lookalike, which is no fault) or ``IGNORED``,
+1 when any file ``FAILED``, 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ from lookalike.dicom_io.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_i
 from lookalike.dicom_io.errors import LookalikeDicomError, NotIndexableError
 from lookalike.dicom_io.routing import encoder_for
 
-__all__ = ["CheckResult", "check_file", "iter_files", "format_result", "main"]
+__all__ = ["CheckResult", "check_file", "iter_files", "is_part10", "format_result", "main"]
 
 
 @dataclass(frozen=True)
 class CheckResult:
-    """What became of one file: ``status`` is ``OK``, ``SKIPPED`` or ``FAILED``."""
+    """What became of one file: ``status`` is ``OK``, ``SKIPPED``, ``FAILED`` or ``IGNORED``."""
 
     path: str
     status: str
@@ -76,11 +80,11 @@ def check_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     return CheckResult(name, "OK", encoder=encoder, image=image)
 
 
-def iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[str]:
-    """Yield the given files, and every file under the given directories (recursively, sorted).
+def iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, bool]]:
+    """Yield ``(file, named)``: the given files (``named``), and every file under the given directories.
 
-    A path that does not exist is yielded as is, so that :func:`check_file` reports it instead of the
-    command silently checking nothing.
+    Directories are walked recursively, in sorted order. A path that does not exist is yielded as is, so
+    that :func:`check_file` reports it instead of the command silently checking nothing.
     """
     for path in paths:
         path = Path(path)
@@ -88,9 +92,19 @@ def iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[str]:
             for root, dirs, files in os.walk(path):
                 dirs.sort()
                 for file in sorted(files):
-                    yield os.path.join(root, file)
+                    yield os.path.join(root, file), False
         else:
-            yield str(path)
+            yield str(path), True
+
+
+def is_part10(path: str | os.PathLike) -> bool:
+    """Whether the file has the ``DICM`` prefix after a 128-byte preamble (the DICOM Part 10 signature)."""
+    try:
+        with open(path, "rb") as fp:
+            fp.seek(128)
+            return fp.read(4) == b"DICM"
+    except OSError:
+        return True  # let check_file report why it cannot be read
 
 
 def format_result(result: CheckResult) -> str:
@@ -130,13 +144,23 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     )
     args = parser.parse_args(argv)
     out = sys.stdout if out is None else out
-    counts = {"OK": 0, "SKIPPED": 0, "FAILED": 0}
-    for file in iter_files(args.paths):
-        result = check_file(file, max_pixels=args.max_pixels)
-        counts[result.status] += 1
-        print(format_result(result), file=out, flush=True)
-    total = sum(counts.values())
-    print(f"{total} file(s): {counts['OK']} ok, {counts['SKIPPED']} skipped, {counts['FAILED']} failed", file=out)
+    counts = {"OK": 0, "SKIPPED": 0, "FAILED": 0, "IGNORED": 0}
+    try:
+        for file, named in iter_files(args.paths):
+            if named or is_part10(file):
+                result = check_file(file, max_pixels=args.max_pixels)
+            else:
+                result = CheckResult(file, "IGNORED", "not-dicom", "no DICM prefix: not a DICOM Part 10 file")
+            counts[result.status] += 1
+            print(format_result(result), file=out, flush=True)
+        total = sum(counts.values())
+        summary = f"{total} file(s): {counts['OK']} ok, {counts['SKIPPED']} skipped, {counts['FAILED']} failed"
+        if counts["IGNORED"]:
+            summary += f", {counts['IGNORED']} ignored (not DICOM)"
+        print(summary, file=out)
+    except BrokenPipeError:  # `lookalike check DIR | head`: stop quietly, as other commands do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 1 if counts["FAILED"] else 0
 
 

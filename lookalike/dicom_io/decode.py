@@ -259,9 +259,9 @@ def _image_geometry(ds: pydicom.Dataset) -> tuple[int, int, int, int]:
 def _frames_to_use(frames: int, budget: int = MAX_FRAMES) -> tuple[int, ...]:
     """Choose the frames to decode: up to ``min(MAX_FRAMES, budget)`` spread evenly over the clip.
 
-    The first and last frames and the middle one (``frames // 2``, the single most representative frame of a
-    sweep, which :attr:`DecodedImage.pixels` holds) are always among them when two or more are used, so that
-    the embedding sees the whole sweep rather than one instant of it.
+    The middle frame (``frames // 2``, the single most representative frame of a sweep, which
+    :attr:`DecodedImage.pixels` holds) is always among them, and the first and last frames too when three or
+    more are used, so that the embedding sees the whole sweep rather than one instant of it.
     """
     count = max(1, min(MAX_FRAMES, frames, budget))
     middle = frames // 2
