@@ -238,7 +238,7 @@ class TestCommandLine:
 class TestMixedBatch:
     """One storescu association carrying good and broken instances, as a misconfigured modality would send."""
 
-    def test_good_instances_are_indexed_and_broken_ones_listed_by_code(self, stack: Stack, corpus: dict, tmp_path: Path) -> None:
+    def test_good_instances_are_indexed_and_broken_ones_listed_by_code(self, stack: Stack, tmp_path: Path) -> None:
         url, http = stack.config.orthanc_url, stack.http()
         us, dx = _sample_pixels("US", 2), _sample_pixels("DX", 1)
         good = [
