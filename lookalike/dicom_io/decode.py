@@ -541,8 +541,11 @@ def _largest_component(mask: np.ndarray) -> np.ndarray | None:
     return labels == int(np.argmax(counts))
 
 
-def _find_region(gray: np.ndarray) -> tuple[int, int, int, int] | None:
-    """Find the imaging area of an ultrasound frame without a declared region.
+def find_imaging_region(gray: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Find the imaging area of an ultrasound frame without a declared region: (x0, y0, x1, y1) or None.
+
+    Public because training and evaluation read PNG images through it too: the encoder must see ultrasound
+    cropped the same way in training as in serving.
 
     The frame is averaged in blocks (at most 128 of them on the long side), non-dark blocks are eroded twice
     (removing structures under five blocks thick: text lines, calipers, rulers, thin annotations), and the
@@ -649,7 +652,7 @@ def decode_image(ds: pydicom.Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> D
         x0, y0, x1, y1 = region
         box = (x0 // factor, y0 // factor, -(-x1 // factor), -(-y1 // factor))
     elif str(ds.get("Modality", "") or "").strip().upper() == "US":
-        box = _find_region(_to_unit(reduced[middle], photometric, ds))
+        box = find_imaging_region(_to_unit(reduced[middle], photometric, ds))
         if box is not None:
             x0, y0, x1, y1 = box
             region = (x0 * factor, y0 * factor, min(columns, x1 * factor), min(rows, y1 * factor))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ class ImageReadError(RuntimeError):
 def embed_paths(
     encoder: Any,
     paths: Sequence[str],
-    on_chunk: Callable[[list[np.ndarray]], None] | None = None,
     chunk: int = CHUNK,
 ) -> np.ndarray:
     """Embed image files in order, ``chunk`` images in memory at a time.
@@ -39,9 +38,6 @@ def embed_paths(
         Loaded encoder.
     paths : sequence of str
         Image files (PNG, JPEG, anything PIL reads), any size and aspect.
-    on_chunk : callable, optional
-        Called with each chunk of decoded images before they are dropped (``lookalike evaluate`` computes
-        the raw-pixel floor there without reading the files twice).
     chunk : int
         Images per chunk.
 
@@ -60,11 +56,9 @@ def embed_paths(
         images = []
         for p in paths[start : start + chunk]:
             try:
-                images.append(load_image(p))
+                images.append(load_image(p, encoder.name))
             except Exception as exc:  # PIL raises several types; name the file whatever it was
                 raise ImageReadError(f"cannot read image {p}: {exc}") from exc
-        if on_chunk is not None:
-            on_chunk(images)
         out.append(encoder.embed(images))
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 

@@ -96,9 +96,12 @@ def evaluate(
     rows = read_manifest(data)
     qi, gi, loo = protocol_sets(rows, cross_domain)
     needed = sorted(set(qi) | set(gi))  # each image read and embedded once, in manifest order
-    raw_parts: list[np.ndarray] = []
-    emb = embed_paths(enc, [rows[i]["path"] for i in needed], on_chunk=lambda ims: raw_parts.append(raw_pixel_embeddings(ims)))
-    raw = np.concatenate(raw_parts)
+    paths = [rows[i]["path"] for i in needed]
+    emb = embed_paths(enc, paths)
+    # The protocol's floor is raw pixels of the images as the data set gives them (no crop), read in chunks.
+    raw = np.concatenate([
+        raw_pixel_embeddings([load_image(p) for p in paths[start : start + 256]]) for start in range(0, len(paths), 256)
+    ])
     pos = {row: j for j, row in enumerate(needed)}
     qp = [pos[i] for i in qi]
     gp = [pos[i] for i in gi]
@@ -175,7 +178,7 @@ def save_figure(ev: Evaluation, path: str | Path, n_rows: int = 6) -> Path:
                 ax.axis("off")
                 continue
             item, title, colour = cells[col]
-            ax.imshow(load_image(item["path"]), cmap="gray", vmin=0.0, vmax=1.0, aspect="auto")
+            ax.imshow(load_image(item["path"], ev.report["modality"]), cmap="gray", vmin=0.0, vmax=1.0, aspect="auto")
             ax.set_title(title, fontsize=8, color=colour)
             for side in ax.spines.values():
                 side.set_edgecolor(colour)

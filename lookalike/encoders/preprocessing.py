@@ -16,13 +16,16 @@ import numpy as np
 IMAGE_SIZE: dict[str, int] = {"us": 64, "xr": 96}
 
 
-def load_image(path: str | Path) -> np.ndarray:
+def load_image(path: str | Path, modality: str | None = None) -> np.ndarray:
     """Read a PNG/JPEG as 2-D float32 grayscale in [0, 1], as the worker produces after DICOM decoding.
 
     Parameters
     ----------
     path : str or Path
         Image file readable by PIL.
+    modality : {"us", "xr"}, optional
+        For ``"us"`` the image is cropped to its imaging region exactly as ``decode_image`` crops an ultrasound
+        instance without a declared region (burned-in text and rulers outside the scan area are cut off).
 
     Returns
     -------
@@ -31,12 +34,21 @@ def load_image(path: str | Path) -> np.ndarray:
     """
     from PIL import Image
 
+    from lookalike.dicom_io.decode import find_imaging_region
+
     with Image.open(path) as im:
         if im.mode in ("I", "I;16", "I;16B", "F"):
             arr = np.asarray(im, dtype=np.float32)
             top = float(arr.max())
-            return (arr / top if top > 0 else arr).astype(np.float32)
-        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+            gray = (arr / top if top > 0 else arr).astype(np.float32)
+        else:
+            gray = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    if modality == "us":
+        box = find_imaging_region(gray)
+        if box is not None:
+            x0, y0, x1, y1 = box
+            gray = gray[y0:y1, x0:x1]
+    return gray
 
 
 def read_manifest(data: str | Path) -> list[dict[str, str]]:

@@ -41,12 +41,12 @@ def seed_everything(seed: int) -> None:
     set_determinism(seed=seed)
 
 
-def preprocess_all(paths: list[str], size: int) -> Any:
+def preprocess_all(paths: list[str], size: int, modality: str) -> Any:
     """Load and preprocess every image once with the serving pipeline -> (n, 1, size, size) tensor."""
     import torch
 
     pre = build_preprocess(size)
-    return torch.stack([pre(load_image(p)) for p in paths])
+    return torch.stack([pre(load_image(p, modality)) for p in paths])
 
 
 def balanced_batches(labels: np.ndarray, per_class: int, n_batches: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -160,8 +160,8 @@ def train(
         train_rows = [train_rows[i] for i in sorted(keep)]
     size = image_size or IMAGE_SIZE[modality]
     log(f"[{modality}] {len(train_rows)} train, {len(val_rows)} val images, classes {classes}, {size} px, {device}")
-    x_tr = preprocess_all([r["path"] for r in train_rows], size)
-    x_va = preprocess_all([r["path"] for r in val_rows], size)
+    x_tr = preprocess_all([r["path"] for r in train_rows], size, modality)
+    x_va = preprocess_all([r["path"] for r in val_rows], size, modality)
     y_tr = np.array([classes.index(r["label"]) for r in train_rows])
     y_va = np.array([classes.index(r["label"]) for r in val_rows])
     g_tr = [r["group"] for r in train_rows]
