@@ -28,7 +28,7 @@ $('#study').live('pagebeforecreate', function() {
           var a = $('<a>').attr('href', '#study?uuid=' + s.orthanc_study_id)
             .text('#' + s.rank + ' ' + s.study_date + ' ' + s.patient_id)
             .attr('title', s.modality + ' study ' + s.study_instance_uid + ', patient ' + s.patient_id);
-          a.append($('<span>').addClass('ui-li-count').text(s.score.toFixed(3)));
+          a.append($('<span>').addClass('ui-li-count').text(s.score.toFixed(4)));
           list.append($('<li>').append(a));
         });
         list.listview('refresh');
