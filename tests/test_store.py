@@ -430,3 +430,37 @@ def test_problems_of_one_study(tmp_path) -> None:
         catalogue.record_problem("i2", "no-pixel-data", "none", orthanc_study_id="st2")
         assert [p.orthanc_instance_id for p in catalogue.problems(orthanc_study_id="st2")] == ["i2"]
         assert len(catalogue.problems()) == 2
+
+
+def test_snapshots_are_saved_in_batches_and_readers_miss_nothing_meanwhile(tmp_path) -> None:
+    import numpy as np
+
+    from lookalike.indexer.catalogue import InstanceRecord
+    from lookalike.indexer.store import IndexStore
+
+    def record(i: int) -> InstanceRecord:
+        return InstanceRecord(
+            sop_instance_uid=f"1.2.3.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1", series_instance_uid="1.2.9",
+            study_instance_uid=f"1.2.{i}", patient_id="P", study_date="20250101", modality="US",
+            orthanc_instance_id=f"i{i}", orthanc_series_id=f"se{i}", orthanc_study_id=f"st{i}", encoder="us",
+            model_version="m1",
+        )
+
+    writer = IndexStore(tmp_path, snapshot_every=3)
+    reader = IndexStore(tmp_path, readonly=True)
+    snapshot = writer.index_path("us", "m1")
+    for i in range(2):
+        writer.add(record(i), np.eye(4, dtype=np.float32)[i])
+    assert not snapshot.exists()  # two changes: no snapshot yet
+    reader.refresh()
+    assert reader.size("us", "m1") == 2  # replayed from the catalogue
+    writer.add(record(2), np.eye(4, dtype=np.float32)[2])
+    assert snapshot.exists()
+    writer.add(record(3), np.eye(4, dtype=np.float32)[3])
+    writer.close()  # saves the fourth
+    fresh = IndexStore(tmp_path, readonly=True)
+    fresh.refresh()
+    assert fresh.size("us", "m1") == 4
+    import json
+
+    assert json.loads(snapshot.with_name(snapshot.name + ".json").read_text())["seq"] == fresh.catalogue.max_seq()

@@ -93,6 +93,10 @@ class IndexStore:
     readonly
         For the plugin: never writes a file, opens the catalogue read-only, and follows the writer through
         :meth:`refresh` (which :meth:`search` calls).
+    snapshot_every
+        A writer saves the FAISS snapshots after this many changes (and on :meth:`flush`/:meth:`close`). The
+        catalogue is committed at every change and readers replay what a snapshot lacks, so a larger value loses
+        nothing; it spares rewriting and fsyncing the whole index file for every instance.
 
     Notes
     -----
@@ -101,9 +105,13 @@ class IndexStore:
     process's write never blocks this process's searches.
     """
 
-    def __init__(self, index_dir: str | os.PathLike, readonly: bool = False) -> None:
+    def __init__(self, index_dir: str | os.PathLike, readonly: bool = False, snapshot_every: int = 1) -> None:
+        if snapshot_every < 1:
+            raise ValueError("snapshot_every must be at least 1")
         self.index_dir = Path(index_dir)
         self.readonly = readonly
+        self.snapshot_every = snapshot_every
+        self._unsaved = 0
         if not readonly:
             self.index_dir.mkdir(parents=True, exist_ok=True)
         self.catalogue = Catalogue(self.index_dir / CATALOGUE_FILE, readonly=readonly)
@@ -112,6 +120,9 @@ class IndexStore:
         self._writer = threading.local()
 
     def close(self) -> None:
+        """Save what the snapshots lack (a writer), then close the catalogue."""
+        if not self.readonly and self._unsaved:
+            self.flush()
         self.catalogue.close()
 
     def __enter__(self) -> "IndexStore":
@@ -312,7 +323,7 @@ class IndexStore:
                                  f"{state.index.dim}")
             row_id = self.catalogue.upsert(record, unit)
             self._replay(key, state)
-            self.flush()
+            self._changed(1)
             return row_id
 
     def delete_instance(self, orthanc_instance_id: str) -> int:
@@ -332,14 +343,21 @@ class IndexStore:
             rows = self.catalogue.mark_deleted(**which)
             for key in sorted({(row.encoder, row.model_version) for row in rows}):
                 self._refresh_key(key)
-            self.flush()
+            self._changed(len(rows))
             return len(rows)
+
+    def _changed(self, n: int) -> None:
+        """Count changes not yet in a snapshot; save the snapshots once there are ``snapshot_every`` of them."""
+        self._unsaved += n
+        if self._unsaved >= self.snapshot_every:
+            self.flush()
 
     def flush(self) -> None:
         """Save every in-memory index that is ahead of its snapshot on disk.
 
-        :meth:`add` and the deletions call this each time; it is the one place to change to batch saves.
+        :meth:`add` and the deletions call this every ``snapshot_every`` changes; :meth:`close` calls it too.
         """
+        self._unsaved = 0
         with self._writing():
             for key in sorted(self._loaded):
                 state = self._refresh_key(key)

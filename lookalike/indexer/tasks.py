@@ -10,13 +10,16 @@ import functools
 import logging
 import os
 
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from lookalike.config import TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY, Settings
 from lookalike.indexer.celery_app import app
 from lookalike.orthanc_rest import OrthancAuthError, OrthancUnavailableError
 
 log = logging.getLogger(__name__)
+
+#: FAISS snapshots are saved every this many changes and when the worker stops; the catalogue at every change.
+SNAPSHOT_EVERY = 200
 
 RETRY = dict(autoretry_for=(OrthancUnavailableError,), retry_backoff=1, retry_backoff_max=60, retry_jitter=True, max_retries=6)
 
@@ -31,7 +34,7 @@ def indexer():
 
     settings: Settings = app.conf.lookalike_settings
     api = HttpOrthanc(settings.orthanc_url, settings.orthanc_user, settings.orthanc_password)
-    store = IndexStore(settings.index_dir)
+    store = IndexStore(settings.index_dir, snapshot_every=SNAPSHOT_EVERY)
 
     def encoder(name: str):
         import torch
@@ -60,6 +63,12 @@ def _yield_cpu(**_) -> None:
 def _open_index(**_) -> None:
     """Create the catalogue when the worker starts, so that readers find it before the first task."""
     indexer()
+
+
+@worker_process_shutdown.connect
+def _save_index(**_) -> None:
+    """Save the FAISS snapshots on the way out, so that the next start replays little."""
+    indexer().store.close()
 
 
 def _record_final_failure(task, instance_id: str, exc: Exception) -> None:
