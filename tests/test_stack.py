@@ -290,3 +290,22 @@ class TestMixedBatch:
                      timeout=90, what=f"indexing of {ds.PatientID}")
             assert not [p for p in _status(stack)["problems"] if p["study"] == study]
         assert stack.procs["worker"].poll() is None
+
+
+class TestDeletion:
+    def test_deleting_a_patient_in_orthanc_removes_its_instances_from_the_index(self, stack: Stack, corpus: dict, tmp_path: Path) -> None:
+        url, http = stack.config.orthanc_url, stack.http()
+        path, ds = _study(_noisy(_sample_pixels("US", 1)[0], 21), "US", "PDELETE01", tmp_path, "to_delete")
+        total = _indexed_total(stack)
+        assert storescu(stack.config, [path]).returncode == 0
+        study_id = _orthanc_study_id(stack, ds)
+        wait_for(lambda: _indexed_total(stack) == total + 1, timeout=60, what="indexing")
+        query = corpus["ids"]["us_query"]
+        hits = http.get(f"{url}/lookalike/studies/{query}/similar?limit=100", timeout=10).json()["similar"]
+        assert study_id in {s["orthanc_study_id"] for s in hits}
+
+        patient_id = http.get(f"{url}/studies/{study_id}", timeout=10).json()["ParentPatient"]
+        assert http.delete(f"{url}/patients/{patient_id}", timeout=10).ok
+        wait_for(lambda: _indexed_total(stack) == total, timeout=60, what="the deletion to reach the index")
+        hits = http.get(f"{url}/lookalike/studies/{query}/similar?limit=100", timeout=10).json()["similar"]
+        assert study_id not in {s["orthanc_study_id"] for s in hits}
