@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from lookalike.dicom_io import check as check_module
+from lookalike.dicom_io import instance as instance_module
 from lookalike.dicom_io.check import check_file, main
 from lookalike.indexer.pipeline import InstanceIndexer
 from lookalike.indexer.store import IndexStore
@@ -98,7 +98,7 @@ def test_an_unexpected_exception_is_reported_not_raised(folder: Path, monkeypatc
     def broken(ds, max_pixels):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(check_module, "decode_image", broken)
+    monkeypatch.setattr(instance_module, "decode_image", broken)
     status, lines = _run(folder / "good_us.dcm", folder / "sub" / "ct.dcm")
     assert status == 1
     found = _by_name(lines)

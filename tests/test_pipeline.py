@@ -44,11 +44,18 @@ class FakeOrthanc:
         if self.down:
             raise OrthancUnavailableError("connection refused")
         parts = path.strip("/").split("/")
-        if parts[0] == "instances" and parts[1] in self.files:
+        if parts[0] == "instances" and len(parts) == 3 and parts[1] in self.files:
             if parts[2] == "file":
                 return self.files[parts[1]]
             if parts[2] == "series":
                 return json.dumps({"ID": f"se-{parts[1]}", "ParentStudy": f"st-{parts[1]}"}).encode()
+        if parts[0] == "instances" and len(parts) == 2 and parts[1] in self.files:
+            # Orthanc's main tags of a stored instance (it parsed the file when it stored it).
+            try:
+                uid = pydicom.dcmread(io.BytesIO(self.files[parts[1]]), stop_before_pixels=True).SOPInstanceUID
+            except Exception:
+                uid = ""
+            return json.dumps({"MainDicomTags": {"SOPInstanceUID": uid}}).encode()
         raise OrthancNotFoundError(path)
 
     def post_bytes(self, path: str, body: bytes) -> bytes:
@@ -127,7 +134,8 @@ class TestInstanceIndexer:
         assert indexer.index("good").status == "indexed"
         codes = {p.orthanc_instance_id: p.code for p in store.catalogue.problems()}
         assert codes == {"truncated": "invalid-dicom", "nopixels": "no-pixel-data"}
-        assert store.catalogue.problem_for("nopixels").orthanc_study_id == "st-nopixels"
+        problem = store.catalogue.problem_for("nopixels")
+        assert problem.orthanc_study_id == "st-nopixels" and problem.sop_instance_uid == no_pixels.SOPInstanceUID
 
     def test_report_is_skipped_with_a_reason(self, setup) -> None:
         indexer, api, store, encoder = setup

@@ -14,6 +14,7 @@ from lookalike.dicom_io.errors import (
     NotIndexableError,
     UnsupportedTransferSyntaxError,
 )
+from lookalike.dicom_io.instance import PreparedInstance, prepare_instance
 from lookalike.dicom_io.routing import encoder_for
 
 __all__ = [
@@ -26,8 +27,10 @@ __all__ = [
     "LookalikeDicomError",
     "MissingPixelDataError",
     "NotIndexableError",
+    "PreparedInstance",
     "UnsupportedTransferSyntaxError",
     "decode_image",
     "encoder_for",
+    "prepare_instance",
     "read_dataset",
 ]

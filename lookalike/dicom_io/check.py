@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from lookalike.dicom_io.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, read_dataset
+from lookalike.dicom_io.decode import DEFAULT_MAX_PIXELS, DecodedImage
 from lookalike.dicom_io.errors import LookalikeDicomError, NotIndexableError
-from lookalike.dicom_io.routing import encoder_for
+from lookalike.dicom_io.instance import prepare_instance
 
 __all__ = ["CheckResult", "check_file", "iter_files", "is_part10", "format_result", "main"]
 
@@ -66,9 +66,7 @@ def check_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     """
     name = os.fspath(path)
     try:
-        ds = read_dataset(name)
-        encoder = encoder_for(ds)
-        image = decode_image(ds, max_pixels=max_pixels)
+        prepared = prepare_instance(name, max_pixels)
     except NotIndexableError as exc:
         return CheckResult(name, "SKIPPED", exc.code, exc.reason)
     except LookalikeDicomError as exc:
@@ -77,7 +75,7 @@ def check_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         return CheckResult(name, "FAILED", "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")
     except Exception as exc:  # noqa: BLE001 - the tool must report every file, and a bug by its type
         return CheckResult(name, "FAILED", "internal-error", f"{type(exc).__name__}: {exc}")
-    return CheckResult(name, "OK", encoder=encoder, image=image)
+    return CheckResult(name, "OK", encoder=prepared.encoder, image=prepared.image)
 
 
 def iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, bool]]:

@@ -14,12 +14,12 @@ from typing import Callable, Protocol
 import numpy as np
 
 from lookalike.config import ENCODER_FOR_MODALITY
-from lookalike.dicom_io.decode import DecodedImage, decode_image, read_dataset
+from lookalike.dicom_io.decode import DecodedImage
 from lookalike.dicom_io.errors import LookalikeDicomError, NotIndexableError
-from lookalike.dicom_io.routing import encoder_for
+from lookalike.dicom_io.instance import prepare_instance
 from lookalike.indexer.catalogue import InstanceRecord
 from lookalike.indexer.store import IndexStore
-from lookalike.orthanc_rest import OrthancApi, OrthancNotFoundError, get_json, instance_series
+from lookalike.orthanc_rest import OrthancApi, OrthancError, OrthancNotFoundError, get_json, instance_series
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +93,13 @@ class InstanceIndexer:
                 series_id, study_id = series["ID"], series["ParentStudy"]
         except OrthancNotFoundError:
             return Outcome("gone", instance_id, message="deleted from Orthanc before it could be indexed")
-        ds = None
         try:
-            ds = read_dataset(data)
-            encoder_name = encoder_for(ds)
-            image = decode_image(ds, max_pixels=self.max_pixels)
+            prepared = prepare_instance(data, self.max_pixels)
         except LookalikeDicomError as exc:
             status = "skipped" if isinstance(exc, NotIndexableError) else "failed"
             self.store.catalogue.record_problem(
                 orthanc_instance_id=instance_id,
-                sop_instance_uid=_text(ds, "SOPInstanceUID") if ds is not None else "",
+                sop_instance_uid=self._sop_instance_uid(instance_id),
                 orthanc_study_id=study_id,
                 code=exc.code,
                 message=str(exc),
@@ -110,8 +107,9 @@ class InstanceIndexer:
             log.warning("instance %s %s: %s: %s", instance_id, status, exc.code, exc)
             return Outcome(status, instance_id, exc.code, str(exc))
 
-        encoder = self.encoders(encoder_name)
-        vector = _instance_vector(encoder, image)
+        ds = prepared.dataset
+        encoder = self.encoders(prepared.encoder)
+        vector = _instance_vector(encoder, prepared.image)
         record = InstanceRecord(
             sop_instance_uid=_text(ds, "SOPInstanceUID"),
             sop_class_uid=_text(ds, "SOPClassUID"),
@@ -128,6 +126,13 @@ class InstanceIndexer:
         )
         self.store.add(record, vector)
         return Outcome("indexed", instance_id, model_version=encoder.model_version)
+
+    def _sop_instance_uid(self, instance_id: str) -> str:
+        """The SOP Instance UID Orthanc holds for an instance, for a problem record (the file may not parse)."""
+        try:
+            return get_json(self.api, f"/instances/{instance_id}")["MainDicomTags"].get("SOPInstanceUID", "")
+        except (OrthancError, KeyError, ValueError):
+            return ""
 
     def reconcile_study(self, study_id: str) -> list[Outcome]:
         """Index every US/DX/CR instance of a study that is neither indexed nor recorded as a problem.
