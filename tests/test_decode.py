@@ -135,6 +135,32 @@ def test_jpeg2000_ybr_rct_matches_uncompressed() -> None:
     np.testing.assert_allclose(image.pixels, reference, atol=1e-5)
 
 
+def test_jpeg2000_irreversible_ybr_ict_close_to_uncompressed() -> None:
+    reference = decode_image(read_dataset(_path("US1_UNCI.dcm"))).pixels
+    image = decode_image(read_dataset(_path("US1_J2KI.dcm")))  # same image, lossy JPEG 2000, YBR_ICT
+    _unit_range(image)
+    assert image.photometric_interpretation == "YBR_ICT"
+    assert image.pixels.shape == reference.shape
+    assert float(np.abs(image.pixels - reference).mean()) < 0.02
+
+
+def test_deflated_explicit_little_endian_matches_uncompressed() -> None:
+    """Deflate is a whole-dataset encoding: the same US image re-written deflated decodes identically."""
+    import io
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(_path("US1_UNCR.dcm"))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    assert len(buf.getvalue()) < len(open(_path("US1_UNCR.dcm"), "rb").read()) // 2  # really deflated
+    reference = decode_image(read_dataset(_path("US1_UNCR.dcm")))
+    image = decode_image(read_dataset(buf.getvalue()))
+    assert image.region == reference.region
+    np.testing.assert_array_equal(image.pixels, reference.pixels)
+
+
 def test_jpeg_baseline_ybr_full_matches_uncompressed() -> None:
     reference = decode_image(read_dataset(_path("SC_rgb.dcm"))).pixels
     image = decode_image(read_dataset(_path("SC_rgb_jpeg_dcmtk.dcm")))  # same image, lossy JPEG, YBR_FULL

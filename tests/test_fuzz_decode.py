@@ -4,8 +4,9 @@ The worker reads whatever modalities send. A stray exception (``struct.error``, 
 pydicom or a codec) would be recorded as an anonymous crash instead of a problem an administrator can act on,
 and an allocation sized by a corrupt header could take the worker down. Hypothesis mutates real files from
 pydicom's test data (truncation, flipped bytes, edited element lengths, edited Image Pixel attributes), over
-2,000 cases in all, and each must end in a :class:`DecodedImage` or a :class:`LookalikeDicomError` subclass
-with its own ``code``, while the memory traced during the case stays under :data:`PEAK_BOUND`.
+3,500 cases in all, and each must end in a :class:`DecodedImage` or a :class:`LookalikeDicomError` subclass
+with its own ``code``, while the memory traced during the case stays under :data:`PEAK_BOUND` and the case ends within
+:data:`CASE_SECONDS` (a hang fails the case instead of stalling the run).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import signal
 import tracemalloc
 import warnings
 
@@ -57,7 +59,10 @@ MAX_PIXELS = 10_000_000
 #: Peak memory traced while one case decodes.
 PEAK_BOUND = 200_000_000
 
-# Derandomized: CI runs the same 2,200 cases every time, so a red run is reproducible rather than a draw.
+#: Wall-clock limit of one case; a case normally takes milliseconds.
+CASE_SECONDS = 20
+
+# Derandomized: CI runs the same 3,500 cases every time, so a red run is reproducible rather than a draw.
 # To explore new cases locally: LOOKALIKE_FUZZ_RANDOM=1.
 SETTINGS = dict(
     deadline=None, database=None, suppress_health_check=list(HealthCheck),
@@ -104,6 +109,12 @@ def _outcome(data: bytes) -> str:
     slower.
     """
     peak = 0
+
+    def hang(_signum: int, _frame: object) -> None:
+        raise AssertionError(f"a case ran over {CASE_SECONDS} s: the decoder hangs on this input")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -128,6 +139,9 @@ def _outcome(data: bytes) -> str:
         assert len(image.frames) == len(image.frames_used) >= 1
         assert all(np.isfinite(f).all() and f.min() >= 0.0 and f.max() <= 1.0 for f in image.frames)
         outcome = "decoded"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
     assert peak < PEAK_BOUND, f"decoding peaked at {peak / 1e6:.0f} MB"
     event(outcome)  # pytest --hypothesis-show-statistics shows how the cases ended
     event(f"peak {'<10' if peak < 10e6 else '<50' if peak < 50e6 else '>=50'} MB")
@@ -141,14 +155,14 @@ OUTCOMES = {"decoded", *ERRORS_BY_CODE}
 names = st.sampled_from(BASES)
 
 
-@settings(max_examples=500, **SETTINGS)
+@settings(max_examples=800, **SETTINGS)
 @given(name=names, where=st.floats(0.0, 1.0, exclude_max=True))
 def test_truncated(name: str, where: float) -> None:
     data = _base(name)
     assert _outcome(data[: int(where * len(data))]) in OUTCOMES
 
 
-@settings(max_examples=600, **SETTINGS)
+@settings(max_examples=1000, **SETTINGS)
 @given(name=names, flips=st.lists(st.tuples(st.floats(0.0, 1.0, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=8))
 def test_flipped_bytes(name: str, flips: list[tuple[float, int]]) -> None:
     data = bytearray(_base(name))
@@ -157,7 +171,7 @@ def test_flipped_bytes(name: str, flips: list[tuple[float, int]]) -> None:
     assert _outcome(bytes(data)) in OUTCOMES
 
 
-@settings(max_examples=500, **SETTINGS)
+@settings(max_examples=800, **SETTINGS)
 @given(name=names, pick=st.floats(0.0, 1.0, exclude_max=True), value=st.one_of(
     st.integers(0, 16), st.integers(0, 0xFFFFFFFF), st.sampled_from([0xFFFFFFFF, 0xFFFFFFFE, 1, 3])))
 def test_edited_lengths(name: str, pick: float, value: int) -> None:
@@ -182,7 +196,7 @@ _ATTRIBUTES = {
 }
 
 
-@settings(max_examples=600, **SETTINGS)
+@settings(max_examples=900, **SETTINGS)
 @given(name=names, edits=st.dictionaries(st.sampled_from(sorted(_ATTRIBUTES)), st.none(), min_size=1, max_size=3), data=st.data())
 def test_edited_image_pixel_attributes(name: str, edits: dict, data) -> None:
     ds = pydicom.dcmread(io.BytesIO(_base(name)))

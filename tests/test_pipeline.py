@@ -202,3 +202,17 @@ class TestIndexTask:
             tasks.index_instance.run("i1")
         assert store.catalogue.problem_for("i1") is None
         store.close()
+
+    def test_orthanc_unreachable_is_given_up_after_the_retry_budget(self, monkeypatch, tmp_path) -> None:
+        """Celery retries with back-off (eager here: no waiting), then the last try records the problem."""
+        calls = []
+        tasks, store = self._patch(monkeypatch, tmp_path, OrthancUnavailableError("connection refused"))
+        failing = tasks.indexer()
+        monkeypatch.setattr(tasks, "indexer", lambda: calls.append(1) or failing)
+        assert tasks.index_instance.retry_backoff and tasks.index_instance.max_retries == 6
+        result = tasks.index_instance.apply(args=("i1",)).get()
+        assert result == {"status": "failed", "code": "orthanc-unavailable"}
+        assert len(calls) == 1 + 6 + 1  # first try, six retries, and the store lookup that records the failure
+        problem = store.catalogue.problem_for("i1")
+        assert problem.code == "orthanc-unavailable" and "connection refused" in problem.message
+        store.close()
