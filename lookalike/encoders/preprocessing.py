@@ -131,7 +131,7 @@ def build_preprocess(size: int) -> Any:
     )
 
 
-def build_augment(size: int, flip: bool = True) -> Any:
+def build_augment(size: int, flip: bool = True, field_of_view: bool = False) -> Any:
     """Training-only MONAI augmentation applied to a preprocessed (1, size, size) tensor.
 
     Flips, a small affine (rotation, scale, shift), gamma contrast and mild noise; output clipped to [0, 1].
@@ -142,6 +142,12 @@ def build_augment(size: int, flip: bool = True) -> Any:
         Side of the preprocessed image, to scale the shift range.
     flip : bool
         Whether to include horizontal flips.
+    field_of_view : bool
+        Scanner-to-scanner variation instead of the small affine: zoom in and out independently per axis
+        (0.8x to 1.5x of the sampling grid, mostly zooming out; other scanners frame a lesion smaller or larger, and squashing images of other aspect
+        ratios to a square stretches them), blur (other probes and resolutions) and a random monotone
+        intensity curve (other gain and dynamic-range settings). BUSI's images are framed tightly on the
+        lesion; breast ultrasound from elsewhere is not.
     """
     from monai.transforms import (
         Compose,
@@ -150,20 +156,37 @@ def build_augment(size: int, flip: bool = True) -> Any:
         RandAffine,
         RandFlip,
         RandGaussianNoise,
+        RandGaussianSmooth,
+        RandHistogramShift,
         ScaleIntensityRange,
     )
 
     steps: list[Any] = []
     if flip:
         steps.append(RandFlip(prob=0.5, spatial_axis=1))
+    if field_of_view:
+        steps += [
+            RandAffine(
+                prob=0.9,
+                rotate_range=(0.26,),
+                scale_range=((-0.2, 0.5), (-0.2, 0.5)),
+                translate_range=(0.1 * size, 0.1 * size),
+                padding_mode="zeros",
+            ),
+            RandGaussianSmooth(prob=0.3, sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0)),
+            RandHistogramShift(prob=0.3, num_control_points=(5, 10)),
+        ]
+    else:
+        steps.append(
+            RandAffine(
+                prob=0.8,
+                rotate_range=(0.26,),
+                scale_range=(0.15, 0.15),
+                translate_range=(0.08 * size, 0.08 * size),
+                padding_mode="zeros",
+            )
+        )
     steps += [
-        RandAffine(
-            prob=0.8,
-            rotate_range=(0.26,),
-            scale_range=(0.15, 0.15),
-            translate_range=(0.08 * size, 0.08 * size),
-            padding_mode="zeros",
-        ),
         RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5)),
         RandGaussianNoise(prob=0.3, std=0.03),
         ScaleIntensityRange(a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),

@@ -7,6 +7,8 @@ B. DiffusionModelUNet trained to predict noise on the (frozen) VAE latents, time
 C. Metric stage: VAE encoder fine-tuned with the projection head (UNet frozen, gradients pass through the
    refinement) on class-balanced batches, loss = batch-hard triplet + cross-entropy on a linear classifier
    over the embedding (triplet alone stayed at the floor in earlier probes).
+D. Head refit: trunk frozen, fresh heads trained with the same loss on cached features of several augmented
+   views per image (many more augmented samples than C affords); kept only if val P@5 improves.
 
 X-ray (``xr``): ViT + head from scratch, two augmented views per image, supervised contrastive loss plus a
 cross-entropy term (weight ``ce_weight``) on class-balanced batches.
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from lookalike.encoders.preprocessing import IMAGE_SIZE, build_augment, build_preprocess, load_image, read_manifest
 
@@ -85,6 +88,80 @@ def _augment_batch(aug: Any, x: Any) -> Any:
     return torch.stack([aug(img) for img in x])
 
 
+def fit_head(
+    train_views: np.ndarray,
+    y: np.ndarray,
+    val: np.ndarray,
+    y_val: np.ndarray,
+    g_val: list[str],
+    train: np.ndarray,
+    g_train: list[str],
+    *,
+    hidden: int,
+    dim: int,
+    epochs: int,
+    seed: int,
+    per_class: int = 16,
+    lr: float = 1e-3,
+    margin: float = 0.2,
+    ce_weight: float = 1.0,
+) -> tuple[float, dict[str, Any]]:
+    """Train a fresh projection head on fixed trunk features; return (best val P@5, its ``state_dict``).
+
+    ``train_views`` is (copies, n, d): the features of ``copies`` augmented views of every training image,
+    computed once with the frozen trunk, so that many epochs of augmentation cost one forward pass each.
+    The head has the shape :class:`~lookalike.encoders.ultrasound.UltrasoundNet` uses (LayerNorm, Linear,
+    GELU, Linear) and the loss is the metric stage's (batch-hard triplet + cross-entropy). The epoch with the
+    best val P@5 (``val`` queries against the un-augmented ``train`` gallery) is kept.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from lookalike.encoders.losses import batch_hard_triplet_loss
+    from lookalike.encoders.metrics import retrieval_metrics
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    d = train_views.shape[-1]
+    head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, dim))
+    clf = nn.Linear(dim, int(y.max()) + 1)
+    opt = torch.optim.AdamW(list(head.parameters()) + list(clf.parameters()), lr=lr, weight_decay=0.05)
+    n_batches = max(1, len(y) // (per_class * (int(y.max()) + 1)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * n_batches, pct_start=0.15)
+    views = torch.from_numpy(train_views)
+    yt = torch.from_numpy(y)
+    val_t, train_t = torch.from_numpy(val), torch.from_numpy(train)
+    best_val, best_state = -1.0, None
+    for _ in range(epochs):
+        head.train()
+        for idx in balanced_batches(y, per_class, n_batches, rng):
+            copy = torch.from_numpy(rng.integers(0, views.shape[0], size=len(idx)))
+            e = head(views[copy, torch.from_numpy(idx)])
+            loss = batch_hard_triplet_loss(F.normalize(e, dim=1), yt[idx], margin) + ce_weight * F.cross_entropy(clf(e), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        head.eval()
+        with torch.no_grad():
+            q, g = F.normalize(head(val_t), dim=1).numpy(), F.normalize(head(train_t), dim=1).numpy()
+        v = retrieval_metrics(q, y_val, g_val, g, y, g_train)["P@5"]
+        if v > best_val:
+            best_val = v
+            best_state = {k: t.detach().clone() for k, t in head.state_dict().items()}
+    return best_val, best_state
+
+
+def frozen_features(net: Any, x: Any, device: Any, batch: int = 64) -> np.ndarray:
+    """Fused trunk features (before the head) of preprocessed images, eval mode."""
+    import torch
+
+    net.eval()
+    with torch.no_grad():
+        return torch.cat([net.features(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)]).numpy()
+
+
 def train(
     modality: str,
     data_dir: Path,
@@ -103,6 +180,11 @@ def train(
     threads: int | None = None,
     max_train: int | None = None,
     val_gallery_max: int = 1500,
+    head_refit_epochs: int | None = None,
+    head_refit_copies: int = 8,
+    head_refit_seeds: int = 3,
+    init: Path | None = None,
+    field_of_view_augment: bool = False,
     command: str | None = None,
     log: Callable[[str], None] = lambda s: print(s, flush=True),
 ) -> dict[str, Any]:
@@ -128,6 +210,16 @@ def train(
         ``torch.set_num_threads`` on CPU.
     max_train : int, optional
         Use a stratified random subset of this many training images (CPU budget).
+    head_refit_epochs, head_refit_copies, head_refit_seeds : int
+        Ultrasound stage D (default 60 epochs, 0 skips it): with the trunk frozen, fresh heads are trained
+        for ``head_refit_seeds`` seeds on cached features of ``head_refit_copies`` augmented views of every
+        training image (:func:`fit_head`); the best by val P@5 replaces the stage-C head only if it beats it.
+    field_of_view_augment : bool
+        Train with :func:`~lookalike.encoders.preprocessing.build_augment`'s scanner-variation augmentation
+        (wide anisotropic zoom, blur, intensity curves) instead of the small affine.
+    init : Path, optional
+        Ultrasound: start from this checkpoint's VAE and UNet and skip stages A and B (C runs for
+        ``epochs``; 0 keeps the checkpoint's head and goes straight to D).
 
     Returns
     -------
@@ -167,7 +259,7 @@ def train(
     g_tr = [r["group"] for r in train_rows]
     g_va = [r["group"] for r in val_rows]
     log(f"[{modality}] preprocessed in {time.time() - t_begin:.0f} s")
-    aug = build_augment(size)
+    aug = build_augment(size, field_of_view=field_of_view_augment)
     aug.set_random_state(seed=seed)
 
     def autocast():
@@ -192,6 +284,11 @@ def train(
         per_class = per_class or 16
         ce_weight = 1.0 if ce_weight is None else ce_weight
         x_all = torch.cat([x_tr, x_va])  # labels unused in stages A and B
+        if init is not None:
+            start = torch.load(init, map_location="cpu", weights_only=True)
+            arch = {**arch, **{k: v for k, v in start["arch"].items() if k != "features"}}
+            pretrain_epochs = diffusion_epochs = 0
+            log(f"[us] stages A and B skipped: VAE and UNet from {init} ({start['arch'].get('tag')})")
 
         # Stage A: VAE
         vae = build_vae(arch).to(device)
@@ -214,12 +311,13 @@ def train(
                 scaler.update()
                 tot += float(loss.detach()) * len(xb)
             log(f"[us] A vae epoch {ep + 1}/{pretrain_epochs} loss {tot / len(x_all):.4f} ({time.time() - t0:.0f} s)")
-        vae.eval()
-        with torch.no_grad():
-            lat = torch.cat([vae.encode(x_all[i : i + 128].to(device))[0] for i in range(0, len(x_all), 128)])
-        arch["latent_scale"] = float(1.0 / lat.std().clamp_min(1e-6))
-        lat = lat * arch["latent_scale"]
-        figures["vae_l1_last"] = tot / len(x_all)
+        if init is None:
+            vae.eval()
+            with torch.no_grad():
+                lat = torch.cat([vae.encode(x_all[i : i + 128].to(device))[0] for i in range(0, len(x_all), 128)])
+            arch["latent_scale"] = float(1.0 / lat.std().clamp_min(1e-6))
+            lat = lat * arch["latent_scale"]
+            figures["vae_l1_last"] = tot / len(x_all)
 
         # Stage B: latent diffusion UNet
         unet = build_unet(arch).to(device)
@@ -242,11 +340,18 @@ def train(
                 scaler.update()
                 tot += float(loss.detach()) * len(zb)
             log(f"[us] B diffusion epoch {ep + 1}/{diffusion_epochs} loss {tot / len(lat):.4f} ({time.time() - t0:.0f} s)")
-        figures["diffusion_mse_last"] = tot / len(lat)
+        if init is None:
+            figures["diffusion_mse_last"] = tot / len(lat)
 
         net = UltrasoundNet(arch).to(device)
-        net.vae.load_state_dict(vae.state_dict())
-        net.unet.load_state_dict(unet.state_dict())
+        if init is not None:
+            missing = net.load_state_dict(start["state_dict"], strict=False).missing_keys
+            if any(not k.startswith(("vae.decoder.", "vae.post_quant")) for k in missing):
+                raise ValueError(f"{init} lacks trunk weights: {missing[:5]}")
+            figures["init"] = {"from": str(init), "model_meta_command": start["meta"].get("command")}
+        else:
+            net.vae.load_state_dict(vae.state_dict())
+            net.unet.load_state_dict(unet.state_dict())
         for p in net.unet.parameters():
             p.requires_grad_(False)
         for p in net.vae.decoder.parameters():
@@ -280,6 +385,9 @@ def train(
     best = {"P@5": -1.0}
     best_state = None
     history = []
+    if epochs == 0:
+        best = {**val_p5(net), "epoch": 0}
+        best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     for ep in range(epochs):
         net.train()
         if modality == "us":
@@ -287,6 +395,7 @@ def train(
         clf.train()
         t0 = time.time()
         tot = 0.0
+        bar = tqdm(total=n_batches, desc=f"[{modality}] epoch {ep + 1}/{epochs}", leave=False, disable=None)
         for idx in balanced_batches(y_tr, per_class, n_batches, rng):
             yb = torch.from_numpy(y_tr[idx]).to(device)
             xb = x_tr[torch.from_numpy(idx)]
@@ -307,6 +416,9 @@ def train(
             scaler.update()
             sched_lr.step()
             tot += float(loss.detach())
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        bar.close()
         m = val_p5(net)
         history.append({"epoch": ep + 1, "loss": tot / n_batches, "val_P@5": m["P@5"], "val_macro-P@5": m["macro-P@5"]})
         log(
@@ -318,6 +430,35 @@ def train(
             best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
 
     net.load_state_dict(best_state)
+    head_refit_epochs = (60 if modality == "us" else 0) if head_refit_epochs is None else head_refit_epochs
+    if head_refit_epochs > 0:
+        if modality != "us":
+            raise ValueError("head refit (stage D) is implemented for the us encoder only")
+        t0 = time.time()
+        f_tr, f_va = frozen_features(net, x_tr, device), frozen_features(net, x_va, device)
+        views = np.stack([f_tr] + [frozen_features(net, _augment_batch(aug, x_tr), device) for _ in range(head_refit_copies)])
+        runs = [
+            fit_head(views, y_tr, f_va, y_va, g_va, f_tr, g_tr, hidden=arch["head_hidden"], dim=arch["dim"],
+                     epochs=head_refit_epochs, seed=seed + k, per_class=per_class, lr=lr, margin=margin, ce_weight=ce_weight)
+            for k in range(head_refit_seeds)
+        ]
+        refit_val, refit_state = max(runs, key=lambda r: r[0])
+        # same gallery as stage C's selection, so the two are compared on equal terms
+        old_head = {k: v.clone() for k, v in net.head.state_dict().items()}
+        net.head.load_state_dict(refit_state)
+        m = val_p5(net)
+        kept = m["P@5"] > best["P@5"]
+        if not kept:
+            net.head.load_state_dict(old_head)
+        figures["head_refit"] = {
+            "epochs": head_refit_epochs, "copies": head_refit_copies, "seeds": head_refit_seeds,
+            "val_P@5_per_seed": [round(r[0], 4) for r in runs], "val": m, "kept": kept,
+            "seconds": round(time.time() - t0, 1),
+        }
+        log(f"[us] D head refit: val P@5 per seed {[round(r[0], 3) for r in runs]}, best {m['P@5']:.3f} vs stage C "
+            f"{best['P@5']:.3f}: {'kept' if kept else 'stage C head kept'} ({time.time() - t0:.0f} s)")
+        if kept:
+            best = {**m, "epoch": "D"}
     figures.update({"val_best": best, "history": history, "train_seconds": round(time.time() - t_begin, 1)})
     meta = {
         "figures": figures,
@@ -340,6 +481,10 @@ def train(
             "temperature": temperature,
             "ce_weight": ce_weight,
             "max_train": max_train,
+            "head_refit_epochs": head_refit_epochs,
+            "head_refit_copies": head_refit_copies,
+            "head_refit_seeds": head_refit_seeds,
+            "field_of_view_augment": field_of_view_augment,
         },
         "torch": torch.__version__,
         "device": device.type,
@@ -372,6 +517,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--head-refit-epochs", type=int, default=None, help="us stage D epochs (default 60; 0 skips)")
+    p.add_argument("--head-refit-copies", type=int, default=8, help="us stage D: augmented views per training image")
+    p.add_argument("--head-refit-seeds", type=int, default=3, help="us stage D: heads trained, best by val P@5 kept")
+    p.add_argument("--field-of-view-augment", action="store_true",
+                   help="augment with wide anisotropic zoom, blur and intensity curves (scanner variation)")
+    p.add_argument("--init", type=Path, default=None, help="us: take VAE and UNet from this checkpoint, skip stages A and B")
     a = p.parse_args(argv)
     train(
         a.modality,
@@ -387,6 +538,11 @@ def main(argv: list[str] | None = None) -> int:
         image_size=a.image_size,
         threads=a.threads,
         max_train=a.max_train,
+        head_refit_epochs=a.head_refit_epochs,
+        head_refit_copies=a.head_refit_copies,
+        head_refit_seeds=a.head_refit_seeds,
+        init=a.init,
+        field_of_view_augment=a.field_of_view_augment,
     )
     return 0
 
