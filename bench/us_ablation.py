@@ -71,53 +71,26 @@ def score(emb: dict[str, np.ndarray], sets: dict[str, Any]) -> dict[str, float]:
 def train_head(
     feats: dict[str, np.ndarray], aug_train: np.ndarray, y: np.ndarray, sets: dict[str, Any], epochs: int, seed: int
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fresh head on fixed features, shipped loss and batches; the epoch with the best val P@5 is scored.
+    """Fresh head on fixed features with training's stage D (:func:`lookalike.encoders.training.fit_head`).
 
-    Returns the figures and the selected head's ``state_dict``.
+    Returns the protocol figures of the head with the best val P@5 and its ``state_dict``.
     """
     import torch
     import torch.nn.functional as F
     from torch import nn
 
-    from lookalike.encoders.losses import batch_hard_triplet_loss
-    from lookalike.encoders.metrics import retrieval_metrics
-    from lookalike.encoders.training import balanced_batches
+    from lookalike.encoders.training import fit_head
 
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    y_val = np.array([sorted(set(sets["train"][0])).index(lab) for lab in sets["val"][0]])
+    _, state = fit_head(aug_train, y, feats["val"], y_val, sets["val"][1], feats["train"], sets["train"][1],
+                        hidden=256, dim=128, epochs=epochs, seed=seed)
     d = aug_train.shape[-1]
     head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 256), nn.GELU(), nn.Linear(256, 128))
-    clf = nn.Linear(128, int(y.max()) + 1)
-    opt = torch.optim.AdamW(list(head.parameters()) + list(clf.parameters()), lr=1e-3, weight_decay=0.05)
-    n_batches = max(1, len(y) // 48)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=epochs * n_batches, pct_start=0.15)
-    t = {k: torch.from_numpy(v) for k, v in feats.items()}
-    aug = torch.from_numpy(aug_train)
-    yt = torch.from_numpy(y)
-
-    def embed() -> dict[str, np.ndarray]:
-        head.eval()
-        with torch.no_grad():
-            return {k: F.normalize(head(v), dim=1).numpy() for k, v in t.items()}
-
-    best, best_val, best_state = None, -1.0, None
-    for _ in range(epochs):
-        head.train()
-        for idx in balanced_batches(y, 16, n_batches, rng):
-            copy = torch.from_numpy(rng.integers(0, aug.shape[0], size=len(idx)))
-            xb = aug[copy, torch.from_numpy(idx)]
-            e = head(xb)
-            loss = batch_hard_triplet_loss(F.normalize(e, dim=1), yt[idx], 0.2) + F.cross_entropy(clf(e), yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        emb = embed()
-        v = retrieval_metrics(emb["val"], sets["val"][0], sets["val"][1], emb["train"], sets["train"][0], sets["train"][1])["P@5"]
-        if v > best_val:
-            best_val, best = v, emb
-            best_state = {k: x.detach().clone() for k, x in head.state_dict().items()}
-    return score(best, sets), best_state
+    head.load_state_dict(state)
+    head.eval()
+    with torch.no_grad():
+        emb = {k: F.normalize(head(torch.from_numpy(v)), dim=1).numpy() for k, v in feats.items()}
+    return score(emb, sets), state
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from lookalike.encoders import load_encoder
+    from lookalike.encoders.base import WEIGHTS_DIR
     from lookalike.encoders.evaluate import CROSS_DOMAIN_LABELS
     from lookalike.encoders.preprocessing import build_augment, read_manifest
     from lookalike.encoders.training import preprocess_all
@@ -151,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     x = {s: preprocess_all([r["path"] for r in rs], size, "us") for s, rs in split.items()}
     x["cross"] = preprocess_all([r["path"] for r in cross], size, "us")
     feats = {k: features(net, v) for k, v in x.items()}
-    aug = build_augment(size)
+    hyper = torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True)["meta"].get("hyper", {})
+    aug = build_augment(size, field_of_view=bool(hyper.get("field_of_view_augment")))  # as the weights were trained
     aug.set_random_state(seed=0)
     aug_train = np.stack(
         [feats["train"]] + [features(net, torch.stack([aug(im) for im in x["train"]])) for _ in range(a.copies)]

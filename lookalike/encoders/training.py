@@ -470,7 +470,7 @@ def train(
             "ssl_images": "train+val" if modality == "us" else None,
         },
         "seed": seed,
-        "command": command or " ".join([Path(sys.executable).name, "-m", "lookalike.encoders.training", *sys.argv[1:]]),
+        "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "hyper": {
             "epochs": epochs,
             "pretrain_epochs": pretrain_epochs,
