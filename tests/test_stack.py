@@ -258,6 +258,12 @@ class TestMixedBatch:
         ds.save_as(path, enforce_file_format=True)
         broken["inconsistent-attributes-truncated"] = (path, ds)
 
+        path, ds = _study(_noisy(us[1], 27), "US", "PMIXHUGE", tmp_path, "memory_bomb")
+        ds.Rows = ds.Columns = 60000  # claims 3.6 G pixels per frame over a few kB of data
+        ds.NumberOfFrames = 50
+        ds.save_as(path, enforce_file_format=True)
+        broken["image-too-large"] = (path, ds)
+
         path, ds = _study(_noisy(us[1], 26), "US", "PMIXMPEG4", tmp_path, "mpeg4")
         ds.PixelData = pydicom.encaps.encapsulate([bytes(range(256)) * 64])  # an MPEG-4 stream, as far as Orthanc knows
         ds["PixelData"].VR = "OB"
