@@ -183,7 +183,8 @@ def save_checkpoint(path: Path, blocks: tuple[str, ...], head_state: dict[str, A
     from lookalike.encoders.base import WEIGHTS_DIR
 
     ckpt = torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True)
-    arch = {**ckpt["arch"], "features": list(blocks), "tag": "vae-1" if not set(blocks) & {"m", "zr"} else ckpt["arch"]["tag"]}
+    arch = {k: v for k, v in ckpt["arch"].items() if k != "center"}  # the centre belongs to the shipped head
+    arch = {**arch, "features": list(blocks), "tag": "vae-1" if not set(blocks) & {"m", "zr"} else ckpt["arch"]["tag"]}
     state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("head.")}
     state.update({f"head.{k}": v.float() for k, v in head_state.items()})
     meta = {**ckpt["meta"], "head_retrained": {"command": command, "features": list(blocks), "figures": figures,

@@ -136,3 +136,23 @@ def test_console_command(dataset: Path, tmp_path: Path) -> None:
     assert cli.main(["train", "--modality", "xr", "--data", str(dataset), "--out", str(out), "--epochs", "1",
                      "--image-size", "32", "--per-class", "4", "--threads", "1"]) == 0
     assert out.is_file()
+
+
+def test_center_spreads_cosines_and_is_applied_by_the_encoder(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "centred.pt"
+    meta = train("xr", dataset, out, epochs=1, per_class=4, image_size=32, threads=1, center=True, log=lambda s: None)
+    ckpt = torch.load(out, weights_only=True)
+    center = np.asarray(ckpt["arch"]["center"], dtype=np.float32)
+    assert center.shape == (128,) and "center" in meta["figures"]
+    rng = np.random.default_rng(3)
+    images = [_picture(label, rng) for label in ("benign", "malignant") * 8]
+    centred = load_encoder("xr", out).embed(images)
+    np.testing.assert_allclose(np.linalg.norm(centred, axis=1), 1.0, rtol=1e-5)
+    # the same weights without the centre give the raw directions; centring is exactly normalise(v - c)
+    del ckpt["arch"]["center"]
+    torch.save(ckpt, tmp_path / "raw.pt")
+    raw = load_encoder("xr", tmp_path / "raw.pt").embed(images)
+    want = (raw - center) / np.linalg.norm(raw - center, axis=1, keepdims=True)
+    np.testing.assert_allclose(centred, want, atol=1e-5)
+    off_diagonal = ~np.eye(len(images), dtype=bool)
+    assert (centred @ centred.T)[off_diagonal].mean() < (raw @ raw.T)[off_diagonal].mean()

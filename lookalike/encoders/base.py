@@ -46,11 +46,24 @@ class Encoder:
         vectors of different weights are never mixed.
     batch_size : int
         Images per forward pass inside :meth:`embed`.
+    center : sequence of float, optional
+        Mean L2-normalised embedding of the training images (``arch["center"]``), subtracted before the final
+        normalisation. Without it the vectors share a large common component and every cosine lies near 1;
+        centred, a cosine says how alike two images are relative to the typical training image.
     """
 
     def __init__(
-        self, name: str, net: Any, image_size: int, dim: int, model_version: str, batch_size: int = 64
+        self,
+        name: str,
+        net: Any,
+        image_size: int,
+        dim: int,
+        model_version: str,
+        batch_size: int = 64,
+        center: Sequence[float] | None = None,
     ) -> None:
+        import torch
+
         from lookalike.encoders.preprocessing import build_preprocess
 
         self.name = name
@@ -59,6 +72,7 @@ class Encoder:
         self.dim = int(dim)
         self.model_version = model_version
         self.batch_size = int(batch_size)
+        self.center = None if center is None else torch.tensor(center, dtype=torch.float32)
         self._preprocess = build_preprocess(self.image_size)
         self._lock = threading.Lock()
 
@@ -90,7 +104,10 @@ class Encoder:
             self.net.eval()
             for i in range(0, len(images), self.batch_size):
                 batch = torch.stack([self._preprocess(check_image(im)) for im in images[i : i + self.batch_size]])
-                out.append(F.normalize(self.net(batch).float(), dim=1).numpy())
+                vectors = F.normalize(self.net(batch).float(), dim=1)
+                if self.center is not None:
+                    vectors = F.normalize(vectors - self.center, dim=1)
+                out.append(vectors.numpy())
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
 
@@ -153,6 +170,6 @@ def load_encoder(name: str, weights: str | Path | None = None) -> Encoder:
         bad = [k for k in missing if not k.startswith(allowed_missing)]
         if bad or unexpected:
             raise ValueError(f"{path}: state_dict does not match its arch (missing {bad[:5]}, unexpected {unexpected[:5]})")
-        enc = Encoder(name, net, arch["image_size"], arch["dim"], f"{name}-{arch['tag']}-{sha[:8]}")
+        enc = Encoder(name, net, arch["image_size"], arch["dim"], f"{name}-{arch['tag']}-{sha[:8]}", center=arch.get("center"))
         _CACHE[key] = (stamp, enc)
         return enc

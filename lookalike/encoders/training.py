@@ -185,6 +185,7 @@ def train(
     head_refit_seeds: int = 3,
     init: Path | None = None,
     field_of_view_augment: bool = False,
+    center: bool = False,
     command: str | None = None,
     log: Callable[[str], None] = lambda s: print(s, flush=True),
 ) -> dict[str, Any]:
@@ -217,6 +218,10 @@ def train(
     field_of_view_augment : bool
         Train with :func:`~lookalike.encoders.preprocessing.build_augment`'s scanner-variation augmentation
         (wide anisotropic zoom, blur, intensity curves) instead of the small affine.
+    center : bool
+        Store the mean L2-normalised embedding of the training images as ``arch["center"]``; the encoder
+        subtracts it before the final normalisation, so that cosines spread over [-1, 1] instead of all lying
+        near 1. Selection (best val P@5) is made before and does not depend on it.
     init : Path, optional
         Ultrasound: start from this checkpoint's VAE and UNet and skip stages A and B (C runs for
         ``epochs``; 0 keeps the checkpoint's head and goes straight to D).
@@ -459,6 +464,17 @@ def train(
             f"{best['P@5']:.3f}: {'kept' if kept else 'stage C head kept'} ({time.time() - t0:.0f} s)")
         if kept:
             best = {**m, "epoch": "D"}
+    if center:
+        arch["center"] = [float(v) for v in embed_tensor(net, x_tr, device).mean(axis=0)]
+        q = embed_tensor(net, x_va, device)
+        g = embed_tensor(net, x_tr[gal_idx], device)
+        c = np.asarray(arch["center"], dtype=np.float32)
+        q, g = (v - c for v in (q, g))
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        g /= np.linalg.norm(g, axis=1, keepdims=True)
+        m = retrieval_metrics(q, y_va, g_va, g, y_tr[gal_idx], [g_tr[i] for i in gal_idx])
+        figures["center"] = {"val": m, "val_P@5_uncentred": best["P@5"]}
+        log(f"[{modality}] centred on the training mean embedding: val P@5 {m['P@5']:.3f} (uncentred {best['P@5']:.3f})")
     figures.update({"val_best": best, "history": history, "train_seconds": round(time.time() - t_begin, 1)})
     meta = {
         "figures": figures,
@@ -485,6 +501,7 @@ def train(
             "head_refit_copies": head_refit_copies,
             "head_refit_seeds": head_refit_seeds,
             "field_of_view_augment": field_of_view_augment,
+            "center": center,
         },
         "torch": torch.__version__,
         "device": device.type,
@@ -522,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-refit-seeds", type=int, default=3, help="us stage D: heads trained, best by val P@5 kept")
     p.add_argument("--field-of-view-augment", action="store_true",
                    help="augment with wide anisotropic zoom, blur and intensity curves (scanner variation)")
+    p.add_argument("--center", action="store_true",
+                   help="store the training images' mean embedding; the encoder subtracts it (cosines spread out)")
     p.add_argument("--init", type=Path, default=None, help="us: take VAE and UNet from this checkpoint, skip stages A and B")
     a = p.parse_args(argv)
     train(
@@ -543,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         head_refit_seeds=a.head_refit_seeds,
         init=a.init,
         field_of_view_augment=a.field_of_view_augment,
+        center=a.center,
     )
     return 0
 
