@@ -156,3 +156,13 @@ def test_center_spreads_cosines_and_is_applied_by_the_encoder(dataset: Path, tmp
     np.testing.assert_allclose(centred, want, atol=1e-5)
     off_diagonal = ~np.eye(len(images), dtype=bool)
     assert (centred @ centred.T)[off_diagonal].mean() < (raw @ raw.T)[off_diagonal].mean()
+
+
+def test_xr_init_with_zero_epochs_only_adds_the_centre(dataset: Path, tmp_path: Path) -> None:
+    base = tmp_path / "xr.pt"
+    train("xr", dataset, base, epochs=1, per_class=4, image_size=32, threads=1, log=lambda s: None)
+    out = tmp_path / "xr_c.pt"
+    train("xr", dataset, out, epochs=0, per_class=4, threads=1, init=base, center=True, log=lambda s: None)
+    a, b = torch.load(base, weights_only=True), torch.load(out, weights_only=True)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert "center" not in a["arch"] and len(b["arch"]["center"]) == 128 and b["arch"]["image_size"] == 32

@@ -223,8 +223,9 @@ def train(
         subtracts it before the final normalisation, so that cosines spread over [-1, 1] instead of all lying
         near 1. Selection (best val P@5) is made before and does not depend on it.
     init : Path, optional
-        Ultrasound: start from this checkpoint's VAE and UNet and skip stages A and B (C runs for
-        ``epochs``; 0 keeps the checkpoint's head and goes straight to D).
+        Start from this checkpoint. Ultrasound: its VAE and UNet, stages A and B skipped (C runs for
+        ``epochs``; 0 keeps the checkpoint's head and goes straight to D). X-ray: its ViT and head
+        (``epochs`` 0 with ``center`` only adds the centre).
 
     Returns
     -------
@@ -256,6 +257,10 @@ def train(
         keep = rng.choice(len(train_rows), size=max_train, replace=False)
         train_rows = [train_rows[i] for i in sorted(keep)]
     size = image_size or IMAGE_SIZE[modality]
+    if init is not None:  # the network's input size is the checkpoint's
+        size = int(torch.load(init, map_location="cpu", weights_only=True)["arch"]["image_size"])
+        if image_size and image_size != size:
+            raise ValueError(f"--image-size {image_size} does not match {init} ({size} px)")
     log(f"[{modality}] {len(train_rows)} train, {len(val_rows)} val images, classes {classes}, {size} px, {device}")
     x_tr = preprocess_all([r["path"] for r in train_rows], size, modality)
     x_va = preprocess_all([r["path"] for r in val_rows], size, modality)
@@ -369,7 +374,14 @@ def train(
         arch = default_arch(image_size=size)
         per_class = per_class or 32
         ce_weight = 0.5 if ce_weight is None else ce_weight
+        if init is not None:
+            start = torch.load(init, map_location="cpu", weights_only=True)
+            arch = {k: v for k, v in start["arch"].items() if k != "center"}
         net = XrayNet(arch).to(device)
+        if init is not None:
+            net.load_state_dict(start["state_dict"])
+            figures["init"] = {"from": str(init), "model_meta_command": start["meta"].get("command")}
+            log(f"[xr] ViT and head from {init}")
         head_params = list(net.head.parameters())
         trunk_params = list(net.vit.parameters())
 
@@ -541,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="augment with wide anisotropic zoom, blur and intensity curves (scanner variation)")
     p.add_argument("--center", action="store_true",
                    help="store the training images' mean embedding; the encoder subtracts it (cosines spread out)")
-    p.add_argument("--init", type=Path, default=None, help="us: take VAE and UNet from this checkpoint, skip stages A and B")
+    p.add_argument("--init", type=Path, default=None, help="start from this checkpoint (us: its VAE and UNet, stages A and B skipped; xr: ViT and head)")
     a = p.parse_args(argv)
     train(
         a.modality,
