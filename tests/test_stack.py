@@ -194,7 +194,7 @@ def _stable_after(stack: Stack, instance_id: str, study_id: str) -> bool:
 class TestBadInput:
     def test_instance_without_pixels_is_reported_and_the_worker_goes_on(self, stack: Stack, corpus: dict, tmp_path: Path) -> None:
         url, http = stack.config.orthanc_url, stack.http()
-        pixels = _sample_pixels("DX", 1)[0]
+        pixels = _sample_pixels("DX", 5)[4]  # not an image of the corpus: its near copies must stay unique
         bad_path, bad = _study(pixels, "DX", "PBADPIX01", tmp_path, "bad")
         del bad.PixelData
         bad.save_as(bad_path, enforce_file_format=True)
@@ -240,7 +240,7 @@ class TestMixedBatch:
 
     def test_good_instances_are_indexed_and_broken_ones_listed_by_code(self, stack: Stack, tmp_path: Path) -> None:
         url, http = stack.config.orthanc_url, stack.http()
-        us, dx = _sample_pixels("US", 2), _sample_pixels("DX", 1)
+        us, dx = _sample_pixels("US", 7)[5:], _sample_pixels("DX", 6)[5:]  # images the corpus does not use
         good = [
             _study(_noisy(us[0], 21), "US", "PMIXGOOD1", tmp_path, "good1"),
             _study(_noisy(us[1], 22), "US", "PMIXGOOD2", tmp_path, "good2"),
@@ -301,7 +301,7 @@ class TestMixedBatch:
 class TestDeletion:
     def test_deleting_a_patient_in_orthanc_removes_its_instances_from_the_index(self, stack: Stack, corpus: dict, tmp_path: Path) -> None:
         url, http = stack.config.orthanc_url, stack.http()
-        path, ds = _study(_noisy(_sample_pixels("US", 1)[0], 21), "US", "PDELETE01", tmp_path, "to_delete")
+        path, ds = _study(_noisy(_sample_pixels("US", 8)[7], 21), "US", "PDELETE01", tmp_path, "to_delete")
         total = _indexed_total(stack)
         assert storescu(stack.config, [path]).returncode == 0
         study_id = _orthanc_study_id(stack, ds)
