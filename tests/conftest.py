@@ -40,3 +40,21 @@ def wait_for(probe, timeout: float = 60.0, interval: float = 0.25, what: str = "
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def write_image_set(root: Path, rows) -> Path:
+    """Write a data set as ``lookalike train|evaluate|embed`` read it: image files and ``manifest.csv``.
+
+    ``rows`` yields ``(relative path, PIL image, label, group, split)``; each image is saved under ``root``
+    in the format its suffix names. Returns ``root``.
+    """
+    import csv
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    with open(root / "manifest.csv", "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["path", "label", "group", "split"])
+        for name, image, label, group, split in rows:
+            image.save(root / name, quality=95) if name.endswith(".jpg") else image.save(root / name)
+            out.writerow([name, label, group, split])
+    return root

@@ -15,6 +15,7 @@ from lookalike.encoders import load_encoder
 from lookalike.encoders.evaluate import figure_queries, protocol_sets
 from lookalike.encoders.metrics import rank_gallery, retrieval_metrics
 from lookalike.encoders.preprocessing import load_image, read_manifest
+from tests.conftest import write_image_set
 
 # (label, group, split, size (w, h), format) — sizes and aspects differ, PNG 8-bit, PNG 16-bit and JPEG
 ROWS = [
@@ -47,21 +48,16 @@ def _picture(label: str, w: int, h: int, rng: np.random.Generator) -> np.ndarray
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "images").mkdir()
     rng = np.random.default_rng(0)
-    with open(root / "manifest.csv", "w", newline="") as fh:
-        out = csv.writer(fh)
-        out.writerow(["path", "label", "group", "split"])
+
+    def rows():
         for i, (label, group, split, (w, h), fmt) in enumerate(ROWS):
             img = _picture(label, w, h, rng)
             name = f"images/{i:02d}_{label}.{'jpg' if fmt == 'jpg' else 'png'}"
-            if fmt == "png16":
-                Image.fromarray((img * 65535).astype(np.uint16)).save(root / name)
-            else:
-                Image.fromarray((img * 255).astype(np.uint8)).save(root / name, quality=95)
-            out.writerow([name, label, group, split])
-    return root
+            pixels = (img * 65535).astype(np.uint16) if fmt == "png16" else (img * 255).astype(np.uint8)
+            yield name, Image.fromarray(pixels), label, group, split
+
+    return write_image_set(tmp_path_factory.mktemp("tiny"), rows())
 
 
 def _run(*argv: str) -> int:

@@ -7,7 +7,6 @@ so that the same losses come out on every machine.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from PIL import Image
 from lookalike import cli
 from lookalike.encoders import load_encoder
 from lookalike.encoders.training import balanced_batches, fit_head, train
+from tests.conftest import write_image_set
 
 PER_CLASS = {"train": 10, "val": 4}
 
@@ -34,21 +34,14 @@ def _picture(label: str, rng: np.random.Generator, size: int = 48) -> np.ndarray
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("train-smoke")
-    (root / "images").mkdir()
     rng = np.random.default_rng(0)
-    with open(root / "manifest.csv", "w", newline="") as fh:
-        out = csv.writer(fh)
-        out.writerow(["path", "label", "group", "split"])
-        n = 0
-        for split, count in PER_CLASS.items():
-            for label in ("benign", "malignant"):
-                for _ in range(count):
-                    name = f"images/{n:03d}.png"
-                    Image.fromarray((_picture(label, rng) * 255).astype(np.uint8)).save(root / name)
-                    out.writerow([name, label, f"g{n}", split])
-                    n += 1
-    return root
+    rows = (
+        (f"images/{n:03d}.png", Image.fromarray((_picture(label, rng) * 255).astype(np.uint8)), label, f"g{n}", split)
+        for n, (split, label) in enumerate(
+            (split, label) for split, count in PER_CLASS.items() for label in ("benign", "malignant") for _ in range(count)
+        )
+    )
+    return write_image_set(tmp_path_factory.mktemp("train-smoke"), rows)
 
 
 def _first_and_last_loss(meta: dict) -> tuple[float, float]:
