@@ -153,6 +153,12 @@ def fit_head(
     return best_val, best_state
 
 
+def centre(vectors: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """``normalise(v - center)`` row by row: what :meth:`Encoder.embed` does with ``arch["center"]``."""
+    v = vectors - center
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
 def frozen_features(net: Any, x: Any, device: Any, batch: int = 64) -> np.ndarray:
     """Fused trunk features (before the head) of preprocessed images, eval mode."""
     import torch
@@ -459,7 +465,7 @@ def train(
                      epochs=head_refit_epochs, seed=seed + k, per_class=per_class, lr=lr, margin=margin, ce_weight=ce_weight)
             for k in range(head_refit_seeds)
         ]
-        refit_val, refit_state = max(runs, key=lambda r: r[0])
+        _, refit_state = max(runs, key=lambda r: r[0])
         # same gallery as stage C's selection, so the two are compared on equal terms
         old_head = {k: v.clone() for k, v in net.head.state_dict().items()}
         net.head.load_state_dict(refit_state)
@@ -477,13 +483,9 @@ def train(
         if kept:
             best = {**m, "epoch": "D"}
     if center:
-        arch["center"] = [float(v) for v in embed_tensor(net, x_tr, device).mean(axis=0)]
-        q = embed_tensor(net, x_va, device)
-        g = embed_tensor(net, x_tr[gal_idx], device)
-        c = np.asarray(arch["center"], dtype=np.float32)
-        q, g = (v - c for v in (q, g))
-        q /= np.linalg.norm(q, axis=1, keepdims=True)
-        g /= np.linalg.norm(g, axis=1, keepdims=True)
+        c = embed_tensor(net, x_tr, device).mean(axis=0)
+        arch["center"] = [float(v) for v in c]
+        q, g = (centre(embed_tensor(net, x, device), c) for x in (x_va, x_tr[gal_idx]))
         m = retrieval_metrics(q, y_va, g_va, g, y_tr[gal_idx], [g_tr[i] for i in gal_idx])
         figures["center"] = {"val": m, "val_P@5_uncentred": best["P@5"]}
         log(f"[{modality}] centred on the training mean embedding: val P@5 {m['P@5']:.3f} (uncentred {best['P@5']:.3f})")
