@@ -48,14 +48,6 @@ def columns(blocks: tuple[str, ...]) -> np.ndarray:
     return np.concatenate([np.arange(*BLOCKS[b]) for b in blocks])
 
 
-def features(net: Any, x: Any, batch: int = 64) -> np.ndarray:
-    """Frozen fused features (n, 320) of preprocessed images."""
-    import torch
-
-    with torch.no_grad():
-        return torch.cat([net.features(x[i : i + batch]) for i in range(0, len(x), batch)]).numpy()
-
-
 def score(emb: dict[str, np.ndarray], sets: dict[str, Any]) -> dict[str, float]:
     """Protocol figures of embeddings for busi test (vs train+val) and cross-domain leave-one-out."""
     from lookalike.encoders.metrics import retrieval_metrics
@@ -69,7 +61,12 @@ def score(emb: dict[str, np.ndarray], sets: dict[str, Any]) -> dict[str, float]:
 
 
 def train_head(
-    feats: dict[str, np.ndarray], aug_train: np.ndarray, y: np.ndarray, sets: dict[str, Any], epochs: int, seed: int
+    feats: dict[str, np.ndarray],
+    aug_train: np.ndarray,
+    y: dict[str, np.ndarray],
+    sets: dict[str, Any],
+    epochs: int,
+    seed: int,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Fresh head on fixed features with training's stage D (:func:`lookalike.encoders.training.fit_head`).
 
@@ -77,20 +74,14 @@ def train_head(
     """
     import torch
     import torch.nn.functional as F
-    from torch import nn
 
     from lookalike.encoders.training import fit_head
 
-    y_val = np.array([sorted(set(sets["train"][0])).index(lab) for lab in sets["val"][0]])
-    _, state = fit_head(aug_train, y, feats["val"], y_val, sets["val"][1], feats["train"], sets["train"][1],
-                        hidden=256, dim=128, epochs=epochs, seed=seed)
-    d = aug_train.shape[-1]
-    head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 256), nn.GELU(), nn.Linear(256, 128))
-    head.load_state_dict(state)
-    head.eval()
+    _, head = fit_head(aug_train, y["train"], feats["val"], y["val"], sets["val"][1], feats["train"], sets["train"][1],
+                       hidden=256, dim=128, epochs=epochs, seed=seed)
     with torch.no_grad():
         emb = {k: F.normalize(head(torch.from_numpy(v)), dim=1).numpy() for k, v in feats.items()}
-    return score(emb, sets), state
+    return score(emb, sets), head.state_dict()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from lookalike.encoders.base import WEIGHTS_DIR
     from lookalike.encoders.evaluate import CROSS_DOMAIN_LABELS
     from lookalike.encoders.preprocessing import build_augment, read_manifest
-    from lookalike.encoders.training import preprocess_all
+    from lookalike.encoders.training import frozen_features, preprocess_all
 
     torch.set_num_threads(a.threads)
     t0 = time.time()
@@ -124,15 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     sets["cross"] = ([r["label"] for r in cross], [r["group"] for r in cross])
     x = {s: preprocess_all([r["path"] for r in rs], size, "us") for s, rs in split.items()}
     x["cross"] = preprocess_all([r["path"] for r in cross], size, "us")
-    feats = {k: features(net, v) for k, v in x.items()}
-    hyper = torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True)["meta"].get("hyper", {})
+    device = torch.device("cpu")
+    feats = {k: frozen_features(net, v, device) for k, v in x.items()}
+    shipped_ckpt = torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True)
+    hyper = shipped_ckpt["meta"].get("hyper", {})
     aug = build_augment(size, field_of_view=bool(hyper.get("field_of_view_augment")))  # as the weights were trained
     aug.set_random_state(seed=0)
     aug_train = np.stack(
-        [feats["train"]] + [features(net, torch.stack([aug(im) for im in x["train"]])) for _ in range(a.copies)]
+        [feats["train"]]
+        + [frozen_features(net, torch.stack([aug(im) for im in x["train"]]), device) for _ in range(a.copies)]
     )
-    y = np.array([classes.index(lab) for lab in sets["train"][0]])
-    print(f"features of {sum(len(v) for v in x.values())} images + {a.copies} augmented copies of {len(y)} "
+    y = {s: np.array([classes.index(lab) for lab in sets[s][0]]) for s in ("train", "val")}
+    print(f"features of {sum(len(v) for v in x.values())} images + {a.copies} augmented copies of {len(y['train'])} "
           f"in {time.time() - t0:.0f} s ({a.threads} thread(s))")
 
     # cost of what each subset needs, batch 32, per image
@@ -163,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         trained = [train_head(sub, aug_train[:, :, cols], y, sets, a.epochs, seed) for seed in range(a.seeds)]
         runs = [r for r, _ in trained]
         if a.save_vae_head and blocks == ("h", "z"):
-            save_checkpoint(a.save_vae_head, blocks, trained[0][1], runs[0], " ".join(["bench/us_ablation.py", *sys.argv[1:]]))
+            command = " ".join(["bench/us_ablation.py", *sys.argv[1:]])
+            save_checkpoint(a.save_vae_head, shipped_ckpt, blocks, trained[0][1], runs[0], command)
         mean = {k: np.mean([r[k] for r in runs]) for k in keys}
         sd = {k: np.std([r[k] for r in runs]) for k in keys}
         mu, sdv = sub["train"].mean(0), sub["train"].std(0) + 1e-6
@@ -176,13 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def save_checkpoint(path: Path, blocks: tuple[str, ...], head_state: dict[str, Any], figures: dict[str, float], command: str) -> None:
-    """A loadable ``us`` checkpoint: the shipped trunk, ``arch['features'] = blocks`` and the given head."""
+def save_checkpoint(
+    path: Path,
+    ckpt: dict[str, Any],
+    blocks: tuple[str, ...],
+    head_state: dict[str, Any],
+    figures: dict[str, float],
+    command: str,
+) -> None:
+    """A loadable ``us`` checkpoint: the trunk of ``ckpt`` (the shipped one), ``arch['features'] = blocks``, the head."""
     import torch
 
-    from lookalike.encoders.base import WEIGHTS_DIR
-
-    ckpt = torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True)
     arch = {k: v for k, v in ckpt["arch"].items() if k != "center"}  # the centre belongs to the shipped head
     arch = {**arch, "features": list(blocks), "tag": "vae-1" if not set(blocks) & {"m", "zr"} else ckpt["arch"]["tag"]}
     state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("head.")}

@@ -112,10 +112,10 @@ def test_fit_head_selects_on_val_and_learns_separable_features() -> None:
     views = np.stack([feats, feats + 0.1 * rng.standard_normal(feats.shape).astype(np.float32)])
     y_val = np.repeat([0, 1, 2], 4)
     val = (centres[y_val] + rng.standard_normal((12, 12))).astype(np.float32)
-    best, state = fit_head(views, y, val, y_val, [f"v{i}" for i in range(12)], feats, [f"t{i}" for i in range(48)],
+    best, head = fit_head(views, y, val, y_val, [f"v{i}" for i in range(12)], feats, [f"t{i}" for i in range(48)],
                            hidden=32, dim=16, epochs=5, seed=0, per_class=4)
     assert best == 1.0  # well-separated clusters: every val query's top 5 share its label
-    assert state["3.weight"].shape == (16, 32)
+    assert head[3].weight.shape == (16, 32) and not head.training
 
 
 def test_balanced_batches_hold_every_class_equally() -> None:

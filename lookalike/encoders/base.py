@@ -62,8 +62,6 @@ class Encoder:
         batch_size: int = 64,
         center: Sequence[float] | None = None,
     ) -> None:
-        import torch
-
         from lookalike.encoders.preprocessing import build_preprocess
 
         self.name = name
@@ -72,7 +70,7 @@ class Encoder:
         self.dim = int(dim)
         self.model_version = model_version
         self.batch_size = int(batch_size)
-        self.center = None if center is None else torch.tensor(center, dtype=torch.float32)
+        self.center = None if center is None else np.asarray(center, dtype=np.float32)
         self._preprocess = build_preprocess(self.image_size)
         self._lock = threading.Lock()
 
@@ -104,11 +102,15 @@ class Encoder:
             self.net.eval()
             for i in range(0, len(images), self.batch_size):
                 batch = torch.stack([self._preprocess(check_image(im)) for im in images[i : i + self.batch_size]])
-                vectors = F.normalize(self.net(batch).float(), dim=1)
-                if self.center is not None:
-                    vectors = F.normalize(vectors - self.center, dim=1)
-                out.append(vectors.numpy())
+                vectors = F.normalize(self.net(batch).float(), dim=1).numpy()
+                out.append(vectors if self.center is None else centre_vectors(vectors, self.center))
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+def centre_vectors(vectors: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """Rows of ``vectors`` minus ``center``, L2-normalised again: how a centred encoder's vectors are made."""
+    v = np.asarray(vectors, dtype=np.float32) - center
+    return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def build_net(arch: dict[str, Any]) -> Any:

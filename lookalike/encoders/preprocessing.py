@@ -143,11 +143,11 @@ def build_augment(size: int, flip: bool = True, field_of_view: bool = False) -> 
     flip : bool
         Whether to include horizontal flips.
     field_of_view : bool
-        Scanner-to-scanner variation instead of the small affine: zoom in and out independently per axis
-        (0.8x to 1.5x of the sampling grid, mostly zooming out; other scanners frame a lesion smaller or larger, and squashing images of other aspect
-        ratios to a square stretches them), blur (other probes and resolutions) and a random monotone
-        intensity curve (other gain and dynamic-range settings). BUSI's images are framed tightly on the
-        lesion; breast ultrasound from elsewhere is not.
+        Scanner-to-scanner variation instead of the small affine: zoom independently per axis (0.8x to 1.5x
+        of the sampling grid, mostly zooming out: other scanners frame a lesion smaller or larger, and
+        squashing images of other aspect ratios to a square stretches them), blur (other probes and
+        resolutions) and a random monotone intensity curve (other gain and dynamic-range settings). BUSI's
+        images are framed tightly on the lesion; breast ultrasound from elsewhere is not.
     """
     from monai.transforms import (
         Compose,

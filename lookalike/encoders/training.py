@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from lookalike.encoders.base import centre_vectors
 from lookalike.encoders.preprocessing import IMAGE_SIZE, build_augment, build_preprocess, load_image, read_manifest
 
 
@@ -105,29 +106,29 @@ def fit_head(
     lr: float = 1e-3,
     margin: float = 0.2,
     ce_weight: float = 1.0,
-) -> tuple[float, dict[str, Any]]:
-    """Train a fresh projection head on fixed trunk features; return (best val P@5, its ``state_dict``).
+) -> tuple[float, Any]:
+    """Train a fresh projection head on fixed trunk features; return (best val P@5, that head in eval mode).
 
     ``train_views`` is (copies, n, d): the features of ``copies`` augmented views of every training image,
     computed once with the frozen trunk, so that many epochs of augmentation cost one forward pass each.
-    The head has the shape :class:`~lookalike.encoders.ultrasound.UltrasoundNet` uses (LayerNorm, Linear,
-    GELU, Linear) and the loss is the metric stage's (batch-hard triplet + cross-entropy). The epoch with the
-    best val P@5 (``val`` queries against the un-augmented ``train`` gallery) is kept.
+    The head is :func:`~lookalike.encoders.ultrasound.projection_head` and the loss the metric stage's
+    (batch-hard triplet + cross-entropy). The epoch with the best val P@5 (``val`` queries against the
+    un-augmented ``train`` gallery) is kept.
     """
     import torch
     import torch.nn.functional as F
-    from torch import nn
 
     from lookalike.encoders.losses import batch_hard_triplet_loss
     from lookalike.encoders.metrics import retrieval_metrics
+    from lookalike.encoders.ultrasound import projection_head
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    d = train_views.shape[-1]
-    head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, dim))
-    clf = nn.Linear(dim, int(y.max()) + 1)
+    n_classes = int(y.max()) + 1
+    head = projection_head(train_views.shape[-1], hidden, dim)
+    clf = torch.nn.Linear(dim, n_classes)
     opt = torch.optim.AdamW(list(head.parameters()) + list(clf.parameters()), lr=lr, weight_decay=0.05)
-    n_batches = max(1, len(y) // (per_class * (int(y.max()) + 1)))
+    n_batches = max(1, len(y) // (per_class * n_classes))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * n_batches, pct_start=0.15)
     views = torch.from_numpy(train_views)
     yt = torch.from_numpy(y)
@@ -138,7 +139,8 @@ def fit_head(
         for idx in balanced_batches(y, per_class, n_batches, rng):
             copy = torch.from_numpy(rng.integers(0, views.shape[0], size=len(idx)))
             e = head(views[copy, torch.from_numpy(idx)])
-            loss = batch_hard_triplet_loss(F.normalize(e, dim=1), yt[idx], margin) + ce_weight * F.cross_entropy(clf(e), yt[idx])
+            loss = batch_hard_triplet_loss(F.normalize(e, dim=1), yt[idx], margin)
+            loss = loss + ce_weight * F.cross_entropy(clf(e), yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -150,13 +152,84 @@ def fit_head(
         if v > best_val:
             best_val = v
             best_state = {k: t.detach().clone() for k, t in head.state_dict().items()}
-    return best_val, best_state
+    head.load_state_dict(best_state)
+    return best_val, head.eval()
 
 
-def centre(vectors: np.ndarray, center: np.ndarray) -> np.ndarray:
-    """``normalise(v - center)`` row by row: what :meth:`Encoder.embed` does with ``arch["center"]``."""
-    v = vectors - center
-    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+def pretrain_us(
+    arch: dict[str, Any],
+    x_all: Any,
+    pretrain_epochs: int,
+    diffusion_epochs: int,
+    lr: float,
+    rng: np.random.Generator,
+    device: Any,
+    figures: dict[str, Any],
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Ultrasound stages A and B on images whose labels are not used; return the VAE's and UNet's ``state_dict``.
+
+    A: :class:`AutoencoderKL`, L1 reconstruction + 1e-4 KL, horizontal flips. Then ``arch["latent_scale"]`` is
+    set to 1 / std of the latents. B: :class:`DiffusionModelUNet` predicting the noise added to the scaled
+    latents at timesteps in [0, 300). Last losses go into ``figures``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from lookalike.encoders.ultrasound import build_scheduler, build_unet, build_vae
+
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    def step(opt: Any, loss: Any) -> None:
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    vae = build_vae(arch).to(device)
+    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    for ep in range(pretrain_epochs):
+        vae.train()
+        perm = torch.from_numpy(rng.permutation(len(x_all)))
+        tot, t0 = 0.0, time.time()
+        for i in range(0, len(perm), 32):
+            xb = x_all[perm[i : i + 32]].to(device)
+            flip = torch.rand(len(xb), device=device) < 0.5
+            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                rec, mu, sigma = vae(xb)
+                kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).mean()
+                loss = F.l1_loss(rec.float(), xb) + 1e-4 * kl
+            step(opt, loss)
+            tot += float(loss.detach()) * len(xb)
+        log(f"[us] A vae epoch {ep + 1}/{pretrain_epochs} loss {tot / len(x_all):.4f} ({time.time() - t0:.0f} s)")
+        figures["vae_l1_last"] = tot / len(x_all)
+    vae.eval()
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(x_all[i : i + 128].to(device))[0] for i in range(0, len(x_all), 128)])
+    arch["latent_scale"] = float(1.0 / lat.std().clamp_min(1e-6))
+    lat = lat * arch["latent_scale"]
+
+    unet = build_unet(arch).to(device)
+    sched = build_scheduler(arch)
+    opt = torch.optim.Adam(unet.parameters(), lr=lr)
+    for ep in range(diffusion_epochs):
+        unet.train()
+        perm = torch.from_numpy(rng.permutation(len(lat)))
+        tot, t0 = 0.0, time.time()
+        for i in range(0, len(perm), 64):
+            zb = lat[perm[i : i + 64]]
+            noise = torch.randn_like(zb)
+            t = torch.randint(0, 300, (len(zb),), device=device)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                pred = unet(sched.add_noise(zb, noise, t), timesteps=t)
+                loss = F.mse_loss(pred.float(), noise)
+            step(opt, loss)
+            tot += float(loss.detach()) * len(zb)
+        log(f"[us] B diffusion epoch {ep + 1}/{diffusion_epochs} loss {tot / len(lat):.4f} ({time.time() - t0:.0f} s)")
+        figures["diffusion_mse_last"] = tot / len(lat)
+    return vae.state_dict(), unet.state_dict()
 
 
 def frozen_features(net: Any, x: Any, device: Any, batch: int = 64) -> np.ndarray:
@@ -165,7 +238,8 @@ def frozen_features(net: Any, x: Any, device: Any, batch: int = 64) -> np.ndarra
 
     net.eval()
     with torch.no_grad():
-        return torch.cat([net.features(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)]).numpy()
+        parts = [net.features(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)]
+    return torch.cat(parts).numpy()
 
 
 def train(
@@ -263,8 +337,9 @@ def train(
         keep = rng.choice(len(train_rows), size=max_train, replace=False)
         train_rows = [train_rows[i] for i in sorted(keep)]
     size = image_size or IMAGE_SIZE[modality]
-    if init is not None:  # the network's input size is the checkpoint's
-        size = int(torch.load(init, map_location="cpu", weights_only=True)["arch"]["image_size"])
+    start = None if init is None else torch.load(init, map_location="cpu", weights_only=True)
+    if start is not None:  # the network's input size is the checkpoint's
+        size = int(start["arch"]["image_size"])
         if image_size and image_size != size:
             raise ValueError(f"--image-size {image_size} does not match {init} ({size} px)")
     log(f"[{modality}] {len(train_rows)} train, {len(val_rows)} val images, classes {classes}, {size} px, {device}")
@@ -291,83 +366,31 @@ def train(
         return retrieval_metrics(q, y_va, g_va, g, y_tr[gal_idx], [g_tr[i] for i in gal_idx])
 
     figures: dict[str, Any] = {}
+    if start is not None:
+        figures["init"] = {"from": str(init), "model_meta_command": start["meta"].get("command")}
     if modality == "us":
-        from lookalike.encoders.ultrasound import UltrasoundNet, build_scheduler, build_unet, build_vae, default_arch
+        from lookalike.encoders.ultrasound import UltrasoundNet, default_arch
 
         arch = default_arch(image_size=size)
         pretrain_epochs = 8 if pretrain_epochs is None else pretrain_epochs
         diffusion_epochs = 20 if diffusion_epochs is None else diffusion_epochs
         per_class = per_class or 16
         ce_weight = 1.0 if ce_weight is None else ce_weight
-        x_all = torch.cat([x_tr, x_va])  # labels unused in stages A and B
-        if init is not None:
-            start = torch.load(init, map_location="cpu", weights_only=True)
-            arch = {**arch, **{k: v for k, v in start["arch"].items() if k != "features"}}
+        if start is None:  # labels unused in stages A and B
+            vae_state, unet_state = pretrain_us(
+                arch, torch.cat([x_tr, x_va]), pretrain_epochs, diffusion_epochs, lr, rng, device, figures, log
+            )
+            net = UltrasoundNet(arch).to(device)
+            net.vae.load_state_dict(vae_state)
+            net.unet.load_state_dict(unet_state)
+        else:
+            arch = {**arch, **{k: v for k, v in start["arch"].items() if k not in ("features", "center")}}
             pretrain_epochs = diffusion_epochs = 0
             log(f"[us] stages A and B skipped: VAE and UNet from {init} ({start['arch'].get('tag')})")
-
-        # Stage A: VAE
-        vae = build_vae(arch).to(device)
-        opt = torch.optim.Adam(vae.parameters(), lr=lr)
-        for ep in range(pretrain_epochs):
-            vae.train()
-            perm = torch.from_numpy(rng.permutation(len(x_all)))
-            tot, t0 = 0.0, time.time()
-            for i in range(0, len(perm), 32):
-                xb = x_all[perm[i : i + 32]].to(device)
-                flip = torch.rand(len(xb), device=device) < 0.5
-                xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-                with autocast():
-                    rec, mu, sigma = vae(xb)
-                    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).mean()
-                    loss = F.l1_loss(rec.float(), xb) + 1e-4 * kl
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                tot += float(loss.detach()) * len(xb)
-            log(f"[us] A vae epoch {ep + 1}/{pretrain_epochs} loss {tot / len(x_all):.4f} ({time.time() - t0:.0f} s)")
-        if init is None:
-            vae.eval()
-            with torch.no_grad():
-                lat = torch.cat([vae.encode(x_all[i : i + 128].to(device))[0] for i in range(0, len(x_all), 128)])
-            arch["latent_scale"] = float(1.0 / lat.std().clamp_min(1e-6))
-            lat = lat * arch["latent_scale"]
-            figures["vae_l1_last"] = tot / len(x_all)
-
-        # Stage B: latent diffusion UNet
-        unet = build_unet(arch).to(device)
-        sched = build_scheduler(arch)
-        opt = torch.optim.Adam(unet.parameters(), lr=lr)
-        for ep in range(diffusion_epochs):
-            unet.train()
-            perm = torch.from_numpy(rng.permutation(len(lat)))
-            tot, t0 = 0.0, time.time()
-            for i in range(0, len(perm), 64):
-                zb = lat[perm[i : i + 64]]
-                noise = torch.randn_like(zb)
-                t = torch.randint(0, 300, (len(zb),), device=device)
-                with autocast():
-                    pred = unet(sched.add_noise(zb, noise, t), timesteps=t)
-                    loss = F.mse_loss(pred.float(), noise)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                tot += float(loss.detach()) * len(zb)
-            log(f"[us] B diffusion epoch {ep + 1}/{diffusion_epochs} loss {tot / len(lat):.4f} ({time.time() - t0:.0f} s)")
-        if init is None:
-            figures["diffusion_mse_last"] = tot / len(lat)
-
-        net = UltrasoundNet(arch).to(device)
-        if init is not None:
+            net = UltrasoundNet(arch).to(device)
             missing = net.load_state_dict(start["state_dict"], strict=False).missing_keys
             if any(not k.startswith(("vae.decoder.", "vae.post_quant")) for k in missing):
                 raise ValueError(f"{init} lacks trunk weights: {missing[:5]}")
-            figures["init"] = {"from": str(init), "model_meta_command": start["meta"].get("command")}
-        else:
-            net.vae.load_state_dict(vae.state_dict())
-            net.unet.load_state_dict(unet.state_dict())
         for p in net.unet.parameters():
             p.requires_grad_(False)
         for p in net.vae.decoder.parameters():
@@ -380,13 +403,11 @@ def train(
         arch = default_arch(image_size=size)
         per_class = per_class or 32
         ce_weight = 0.5 if ce_weight is None else ce_weight
-        if init is not None:
-            start = torch.load(init, map_location="cpu", weights_only=True)
+        if start is not None:
             arch = {k: v for k, v in start["arch"].items() if k != "center"}
         net = XrayNet(arch).to(device)
-        if init is not None:
+        if start is not None:
             net.load_state_dict(start["state_dict"])
-            figures["init"] = {"from": str(init), "model_meta_command": start["meta"].get("command")}
             log(f"[xr] ViT and head from {init}")
         head_params = list(net.head.parameters())
         trunk_params = list(net.vit.parameters())
@@ -459,16 +480,17 @@ def train(
             raise ValueError("head refit (stage D) is implemented for the us encoder only")
         t0 = time.time()
         f_tr, f_va = frozen_features(net, x_tr, device), frozen_features(net, x_va, device)
-        views = np.stack([f_tr] + [frozen_features(net, _augment_batch(aug, x_tr), device) for _ in range(head_refit_copies)])
+        augmented = [frozen_features(net, _augment_batch(aug, x_tr), device) for _ in range(head_refit_copies)]
+        views = np.stack([f_tr, *augmented])
         runs = [
             fit_head(views, y_tr, f_va, y_va, g_va, f_tr, g_tr, hidden=arch["head_hidden"], dim=arch["dim"],
                      epochs=head_refit_epochs, seed=seed + k, per_class=per_class, lr=lr, margin=margin, ce_weight=ce_weight)
             for k in range(head_refit_seeds)
         ]
-        _, refit_state = max(runs, key=lambda r: r[0])
+        _, refit_head = max(runs, key=lambda r: r[0])
         # same gallery as stage C's selection, so the two are compared on equal terms
         old_head = {k: v.clone() for k, v in net.head.state_dict().items()}
-        net.head.load_state_dict(refit_state)
+        net.head.load_state_dict(refit_head.state_dict())
         m = val_p5(net)
         kept = m["P@5"] > best["P@5"]
         if not kept:
@@ -485,7 +507,7 @@ def train(
     if center:
         c = embed_tensor(net, x_tr, device).mean(axis=0)
         arch["center"] = [float(v) for v in c]
-        q, g = (centre(embed_tensor(net, x, device), c) for x in (x_va, x_tr[gal_idx]))
+        q, g = (centre_vectors(embed_tensor(net, x, device), c) for x in (x_va, x_tr[gal_idx]))
         m = retrieval_metrics(q, y_va, g_va, g, y_tr[gal_idx], [g_tr[i] for i in gal_idx])
         figures["center"] = {"val": m, "val_P@5_uncentred": best["P@5"]}
         log(f"[{modality}] centred on the training mean embedding: val P@5 {m['P@5']:.3f} (uncentred {best['P@5']:.3f})")

@@ -91,6 +91,11 @@ def build_unet(arch: dict[str, Any]) -> DiffusionModelUNet:
     )
 
 
+def projection_head(in_dim: int, hidden: int, dim: int) -> nn.Sequential:
+    """The head on the fused features: LayerNorm -> Linear -> GELU -> Linear (also refit alone in stage D)."""
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
 def build_scheduler(arch: dict[str, Any]) -> DDIMScheduler:
     """DDIM scheduler whose step stride makes ``refine_steps`` steps go from ``t_start`` to 0."""
     sched = DDIMScheduler(num_train_timesteps=arch["num_train_timesteps"], clip_sample=False)
@@ -121,12 +126,7 @@ class UltrasoundNet(nn.Module):
             raise ValueError(f"features must be a non-empty subset of {FEATURE_BLOCKS}, got {self.blocks}")
         width = {"h": 2 * ch, "z": lat * 16, "m": mid, "zr": lat * 16}
         self.feat_dim = sum(width[b] for b in self.blocks)
-        self.head = nn.Sequential(
-            nn.LayerNorm(self.feat_dim),
-            nn.Linear(self.feat_dim, arch["head_hidden"]),
-            nn.GELU(),
-            nn.Linear(arch["head_hidden"], arch["dim"]),
-        )
+        self.head = projection_head(self.feat_dim, arch["head_hidden"], arch["dim"])
         self._mid: list[torch.Tensor] = []
         self.unet.middle_block.register_forward_hook(lambda _m, _i, out: self._mid.append(out))
 
