@@ -43,6 +43,10 @@ class Settings:
     worker_nice: int = 10
     #: CPU threads torch may use in the worker; the rest of the machine stays with Orthanc.
     torch_threads: int = 1
+    #: Lookup answers (REST, Explorer, DICOM query) name other patients (PatientID, name, accession number) only
+    #: when a site's policy allows it; by default the reader of one patient's study learns nothing that identifies
+    #: another.
+    disclose_other_patients: bool = False
 
     @classmethod
     def from_dict(cls, data: dict) -> "Settings":

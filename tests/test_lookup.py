@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 
 from lookalike.indexer.catalogue import InstanceRecord
-from lookalike.indexer.lookup import SimilarStudy, StudyNotIndexedError, similar_studies
+from lookalike.indexer.lookup import IDENTITY_FIELDS, SimilarStudy, StudyNotIndexedError, similar_studies
 from lookalike.indexer.store import IndexStore
 
 
-def record(sop: str, study: str, *, modality: str = "US", encoder: str = "us") -> InstanceRecord:
+def record(sop: str, study: str, *, modality: str = "US", encoder: str = "us",
+           patient: str | None = None) -> InstanceRecord:
     return InstanceRecord(
         sop_instance_uid=f"1.2.3.{study}.{sop}", sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
-        series_instance_uid=f"1.2.3.{study}.0", study_instance_uid=f"1.2.3.{study}", patient_id=f"P-{study}",
+        series_instance_uid=f"1.2.3.{study}.0", study_instance_uid=f"1.2.3.{study}",
+        patient_id=f"P-{study}" if patient is None else patient,
         study_date="20240102", modality=modality, orthanc_instance_id=f"inst-{study}-{sop}",
         orthanc_series_id=f"series-{study}", orthanc_study_id=f"study-{study}", encoder=encoder,
         model_version="v1")
@@ -119,3 +121,55 @@ def test_other_encoders_are_not_compared(store: IndexStore) -> None:
 def test_a_read_only_store_answers_like_the_writer(store: IndexStore) -> None:
     with IndexStore(store.index_dir, readonly=True) as reader:
         assert similar_studies(reader, "study-9") == similar_studies(store, "study-9")
+
+
+def test_patient_scope_answers_the_same_patients_other_studies_only(store: IndexStore) -> None:
+    # Two priors of the query patient (P-9), both less similar than forty other patients' near twins of Q1: the
+    # first k = 4 * limit + n hits hold none of them, so the search has to go deeper to find them.
+    store.add(record("1", "20", patient="P-9"), [0.1, 0, 1])
+    store.add(record("1", "21", patient="P-9"), [0.3, 0, 1])
+    for i in range(40):
+        store.add(record("1", str(100 + i)), [1, 0.01 * i, 0])
+    results = similar_studies(store, "study-9", limit=2, scope="patient")
+    assert [r.orthanc_study_id for r in results] == ["study-21", "study-20"]
+    assert [r.rank for r in results] == [1, 2]
+    assert all(r.same_patient and r.patient_id == "P-9" for r in results)
+    assert results[0].score == pytest.approx(cos(Q1, [0.3, 0, 1]), abs=1e-6)
+    archive = similar_studies(store, "study-9", limit=2)
+    assert {r.orthanc_study_id for r in archive} <= {f"study-{100 + i}" for i in range(40)}
+    assert not any(r.same_patient for r in archive)
+
+
+def test_archive_scope_finds_enough_studies_when_one_study_takes_the_first_hits(tmp_path: Path) -> None:
+    # One study with thirty near copies of the query image fills the first k = 4 * 2 + 1 hits.
+    with IndexStore(tmp_path / "index") as s:
+        s.add(record("1", "1"), Q1)
+        for i in range(30):
+            s.add(record(str(i), "50"), [1, 0, 0.001 * i])
+        s.add(record("1", "2"), N1)
+        s.add(record("1", "3"), O1)
+        assert [r.orthanc_study_id for r in similar_studies(s, "study-1", limit=2)] == ["study-50", "study-2"]
+
+
+def test_patient_scope_with_an_empty_patient_id_matches_no_one(tmp_path: Path) -> None:
+    with IndexStore(tmp_path / "index") as s:
+        s.add(record("1", "1", patient=""), Q1)
+        s.add(record("1", "2", patient=""), Q1)
+        assert similar_studies(s, "study-1", scope="patient") == []
+        assert [r.orthanc_study_id for r in similar_studies(s, "study-1")] == ["study-2"]
+        assert not similar_studies(s, "study-1")[0].same_patient
+
+
+def test_an_unknown_scope_is_refused(store: IndexStore) -> None:
+    with pytest.raises(ValueError, match="scope"):
+        similar_studies(store, "study-9", scope="everyone")
+
+
+def test_the_public_answer_leaves_the_patient_identity_out_unless_disclosed(store: IndexStore) -> None:
+    first = similar_studies(store, "study-9")[0]
+    hidden = first.as_public_dict(disclose_identity=False)
+    assert "P-1" not in repr(hidden) and not set(IDENTITY_FIELDS) & set(hidden)
+    assert (hidden["study_instance_uid"], hidden["rank"], hidden["same_patient"]) == ("1.2.3.1", 1, False)
+    assert hidden["best_match"]["orthanc_instance_id"] == "inst-1-1"
+    shown = first.as_public_dict(disclose_identity=True)
+    assert shown["patient_id"] == "P-1" and {k: v for k, v in shown.items() if k != "patient_id"} == hidden

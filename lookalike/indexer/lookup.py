@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -25,9 +25,21 @@ class MatchedInstance:
     score: float
 
 
+#: Where a lookup searches: every patient's studies ("archive"), or the query patient's other studies ("patient",
+#: the priors a radiologist compares with).
+SCOPES: tuple[str, ...] = ("archive", "patient")
+
+#: Fields of :class:`SimilarStudy` that identify a patient. An answer shown to the reader of one patient's study
+#: leaves them out unless the site's policy discloses other patients (``Settings.disclose_other_patients``).
+IDENTITY_FIELDS: tuple[str, ...] = ("patient_id",)
+
+
 @dataclass(frozen=True)
 class SimilarStudy:
-    """One ranked answer to "which other studies look like this one"."""
+    """One ranked answer to "which other studies look like this one".
+
+    ``patient_id`` is here for the server's own checks; what leaves the server goes through :meth:`as_public_dict`.
+    """
 
     rank: int
     study_instance_uid: str
@@ -39,6 +51,20 @@ class SimilarStudy:
     score: float
     model_version: str
     best_match: MatchedInstance
+    #: The study belongs to the query study's patient (a prior): the reader may know that without any identity.
+    same_patient: bool = False
+
+    def as_public_dict(self, disclose_identity: bool) -> dict[str, Any]:
+        """This answer as JSON-ready data, without the patient's identity unless ``disclose_identity``.
+
+        The one place that decides what an answer (REST, Explorer, DICOM query) may say about another patient:
+        by default nothing that names them (:data:`IDENTITY_FIELDS`), only the study, its date, modality and score.
+        """
+        data = asdict(self)
+        if not disclose_identity:
+            for name in IDENTITY_FIELDS:
+                del data[name]
+        return data
 
 
 class StudyNotIndexedError(LookupError):
@@ -49,31 +75,50 @@ class StudyNotIndexedError(LookupError):
         self.orthanc_study_id = orthanc_study_id
 
 
-def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10) -> list[SimilarStudy]:
+def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10,
+                    scope: str = "archive") -> list[SimilarStudy]:
     """The studies most similar to ``orthanc_study_id``, best first, at most ``limit``.
 
     Every live instance of the query study searches the index of its (encoder, model_version) for its
     ``k = 4 * limit + n`` nearest instances (``n`` query instances of that index, whose own hits take up to ``n``
     places; the factor 4 leaves room for studies that contribute several instances), capped at the index size.
-    Hits from the query study itself are dropped and the rest grouped by study.
+    Hits from the query study itself, and with ``scope="patient"`` hits from other patients, are dropped and the
+    rest grouped by study. When fewer than ``limit`` studies are certain to be the best (a study not among the hits
+    can score at most the k-th hit's score), ``k`` grows fourfold and the search runs again, so a narrow scope
+    still gets its best studies and not merely those that happened to fall in the first ``k``.
 
     A study's score is the **maximum** over (query instance, gallery instance) pairs, and its ``best_match`` is
     that pair: a radiologist compares one image of the current case with the most similar image of a prior case,
     so one strong pair matters more than many mediocre ones, and a mean would penalise studies with extra views.
     Ties rank by ``study_instance_uid``, so the order is stable.
 
+    Parameters
+    ----------
+    scope
+        ``"archive"``: every other study. ``"patient"``: the other studies with the query study's PatientID only
+        (none when that PatientID is empty, since an empty ID identifies no one).
+
     Raises
     ------
     StudyNotIndexedError
         The study has no live instance in the catalogue.
     ValueError
-        ``limit`` is below 1.
+        ``limit`` is below 1, or ``scope`` is not one of :data:`SCOPES`.
     """
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
     query_rows = store.catalogue.rows_for_study(orthanc_study_id, with_vectors=True, live_only=True)
     if not query_rows:
         raise StudyNotIndexedError(orthanc_study_id)
+    patient_id = query_rows[0].patient_id  # an Orthanc study belongs to one patient
+    if scope == "patient" and not patient_id:
+        return []
+
+    def eligible(hit: CatalogueRow) -> bool:
+        return (hit.live and hit.orthanc_study_id != orthanc_study_id
+                and (scope == "archive" or hit.patient_id == patient_id))
 
     groups: dict[tuple[str, str], list[CatalogueRow]] = {}
     for row in query_rows:
@@ -81,18 +126,10 @@ def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10) -
 
     best: dict[str, _Pair] = {}  # by orthanc_study_id
     for (encoder, model_version), rows in sorted(groups.items()):
-        vectors = np.stack([row.vector for row in rows])
-        scores, ids = store.search(encoder, model_version, vectors, limit * 4 + len(rows))
-        gallery = store.catalogue.rows({int(i) for i in ids.ravel() if i >= 0})
-        for query_row, row_scores, row_ids in zip(rows, scores, ids):
-            for score, hit_id in zip(row_scores.tolist(), row_ids.tolist()):
-                hit = gallery.get(hit_id)
-                if hit is None or not hit.live or hit.orthanc_study_id == orthanc_study_id:
-                    continue  # deleted since the search, or the query study itself
-                pair = _Pair(min(1.0, max(-1.0, score)), hit, query_row)  # float32 can step just past ±1
-                current = best.get(hit.orthanc_study_id)
-                if current is None or pair.beats(current):
-                    best[hit.orthanc_study_id] = pair
+        for study, pair in _best_pairs(store, encoder, model_version, rows, limit, eligible).items():
+            current = best.get(study)
+            if current is None or pair.beats(current):
+                best[study] = pair
 
     ranked = sorted(best.values(), key=lambda pair: (-pair.score, pair.hit.study_instance_uid,
                                                      pair.hit.orthanc_study_id))[:limit]
@@ -114,9 +151,41 @@ def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10) -
                 query_sop_instance_uid=query_row.sop_instance_uid,
                 score=score,
             ),
+            same_patient=bool(patient_id) and hit.patient_id == patient_id,
         )
         for rank, (score, hit, query_row) in enumerate(ranked, start=1)
     ]
+
+
+def _best_pairs(store: IndexStore, encoder: str, model_version: str, rows: list[CatalogueRow], limit: int,
+                eligible: Callable[[CatalogueRow], bool]) -> dict[str, _Pair]:
+    """Per eligible study, its best pair with ``rows`` (the query instances of one index), searching deep enough.
+
+    Stops once ``limit`` studies score strictly above the k-th hit of every query instance (no study left unseen
+    can overtake or tie them), or once the whole index was returned.
+    """
+    vectors = np.stack([row.vector for row in rows])
+    k = limit * 4 + len(rows)
+    gallery: dict[int, CatalogueRow] = {}
+    while True:
+        scores, ids = store.search(encoder, model_version, vectors, k)
+        gallery.update(store.catalogue.rows({int(i) for i in ids.ravel() if i >= 0 and int(i) not in gallery}))
+        best: dict[str, _Pair] = {}
+        for query_row, row_scores, row_ids in zip(rows, scores, ids):
+            for score, hit_id in zip(row_scores.tolist(), row_ids.tolist()):
+                hit = gallery.get(hit_id)
+                if hit is None or not eligible(hit):
+                    continue  # deleted since the search, the query study itself, or outside the scope
+                pair = _Pair(min(1.0, max(-1.0, score)), hit, query_row)  # float32 can step just past ±1
+                current = best.get(hit.orthanc_study_id)
+                if current is None or pair.beats(current):
+                    best[hit.orthanc_study_id] = pair
+        if ids.shape[1] < k:
+            return best  # the whole index was searched
+        bound = float(scores[:, -1].max())
+        if sum(pair.score > bound for pair in best.values()) >= limit:
+            return best
+        k *= 4
 
 
 class _Pair(NamedTuple):
