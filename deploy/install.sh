@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs what is missing, and nothing else: Debian's packages for Orthanc (Python and DICOMweb plugins), DCMTK,
-# Redis and dicom3tools; then the virtual environment .venv, made from Debian's Python 3.11 (the interpreter
-# Orthanc's Python plugin embeds, so the plugin imports the same packages), torch from this machine's CPU wheel
-# first, then the project under constraints.txt. Quick when everything is there.
+# Redis, dicom3tools and chromium (which the browser tests drive); then the virtual environment .venv, made from
+# Debian's Python 3.11 (the interpreter Orthanc's Python plugin embeds, so the plugin imports the same packages),
+# torch from this machine's CPU wheel first, then the project under constraints.txt. Quick when everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb dcmtk redis-server dicom3tools python3.11-venv)
+APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb dcmtk redis-server dicom3tools python3.11-venv chromium)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
