@@ -52,6 +52,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from lookalike.indexer.audit import show
+
+    return show(args.file or _settings(args).audit_log, args.since)
+
+
+def cmd_query_scp(args: argparse.Namespace) -> int:
+    from lookalike.indexer.query_scp import serve
+
+    return serve(_settings(args), args.logfile)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from lookalike.stack import Stack, StackConfig
     from lookalike.demo import sample_labels, show_example, store_samples
@@ -121,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("status", help="what is indexed, queued and failed")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("audit", help="who looked up which study, and what came back (JSON lines)")
+    p.add_argument("--since", help="only entries at or after this: an ISO date or time (UTC), or an age: 30m, 2h, 7d")
+    p.add_argument("--file", help="the audit file (default: audit_log of the settings)")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("query-scp", help="the DICOM query endpoint (C-FIND similar studies, C-MOVE, C-ECHO)")
+    p.add_argument("--logfile", help="log here instead of to standard error")
+    p.set_defaults(func=cmd_query_scp)
 
     for name, (help_text, _) in PASSTHROUGH.items():
         sub.add_parser(name, help=f"{help_text} (`lookalike {name} --help`)", add_help=False)

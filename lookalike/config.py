@@ -47,6 +47,21 @@ class Settings:
     #: when a site's policy allows it; by default the reader of one patient's study learns nothing that identifies
     #: another.
     disclose_other_patients: bool = False
+    #: Every lookup and retrieval, by HTTP user or calling AE title, is appended here (JSON lines, rotated, 0600).
+    audit_log: str = "var/logs/audit.jsonl"
+    #: The DICOM query endpoint (``lookalike query-scp``): its AE title, the address and port it listens on.
+    query_aet: str = "LOOKALIKE"
+    query_host: str = "0.0.0.0"
+    query_port: int = 11112
+    #: Calling AE titles that may query, each with the hosts (IP addresses; "*": any) it may call from.
+    query_allowed: dict[str, list[str]] = field(default_factory=dict)
+    #: At most this many similar studies per C-FIND, and this many associations at once.
+    query_max_results: int = 10
+    query_max_associations: int = 10
+    #: Seconds the endpoint waits for a peer's association request or next message (twice that on an idle link).
+    query_timeout: float = 30.0
+    #: Rank and similarity also at the head of StudyDescription, the column every workstation's study list shows.
+    query_score_in_description: bool = True
 
     @classmethod
     def from_dict(cls, data: dict) -> "Settings":
