@@ -66,7 +66,8 @@ def show_example(stack: Stack, labels: dict[str, str] | None = None) -> None:
     print(f"  query: patient {query['PatientMainDicomTags'].get('PatientID')}, study date {tags.get('StudyDate')}, label {label}")
     for s in answer.get("similar", []):
         print(
-            f"  #{s['rank']}  score {s['score']:.4f}  {s['modality']}  {s['study_date']}  patient {s['patient_id']}"
+            f"  #{s['rank']}  score {s['score']:.4f}  {s['modality']}  {s['study_date']}"
+            f"  {'this patient' if s['same_patient'] else 'another patient'}"
             f"  label {labels.get(s['study_instance_uid'], '?'):9s}  study {s['orthanc_study_id']}"
         )
     if "similar" not in answer:

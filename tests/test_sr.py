@@ -11,6 +11,7 @@ import math
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom
@@ -31,10 +32,10 @@ from lookalike.dicom_io.sr import (
     CODING_SCHEME_DESIGNATOR,
     MANUFACTURER,
     SR_SERIES_DESCRIPTION,
+    SimilarCase,
     build_similarity_report,
     is_lookalike_document,
 )
-from lookalike.indexer.lookup import MatchedInstance, SimilarStudy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OTHER_PATIENT_ID = "OTHER-PATIENT-7731"
@@ -94,35 +95,26 @@ def evidence() -> list[Dataset]:
 
 def make_matches(
     n: int, query_sop_instance_uid: str, *, sop_class_uid: str = UltrasoundImageStorage
-) -> list[SimilarStudy]:
+) -> list[SimilarCase]:
+    """Answers as the REST route serves them where a site discloses other patients, read as the report reads them."""
     matches = []
     for i in range(n):
         score = 0.93 - 0.07 * i
-        best = MatchedInstance(
-            sop_instance_uid=generate_uid(),
-            sop_class_uid=sop_class_uid,
-            series_instance_uid=generate_uid(),
-            orthanc_instance_id=f"orthanc-instance-{i}",
-            query_sop_instance_uid=query_sop_instance_uid,
-            score=score,
-        )
-        matches.append(
-            SimilarStudy(
-                rank=i + 1,
-                study_instance_uid=generate_uid(),
-                orthanc_study_id=f"orthanc-study-{i}",
-                patient_id=OTHER_PATIENT_ID,
-                study_date=f"2023010{i + 1}",
-                modality="US",
-                score=score,
-                model_version=MODEL_VERSION,
-                best_match=best,
-            )
-        )
+        answer = {
+            "rank": i + 1, "study_instance_uid": generate_uid(), "orthanc_study_id": f"orthanc-study-{i}",
+            "patient_id": OTHER_PATIENT_ID, "study_date": f"2023010{i + 1}", "modality": "US", "score": score,
+            "model_version": MODEL_VERSION, "same_patient": False,
+            "best_match": {
+                "sop_instance_uid": generate_uid(), "sop_class_uid": sop_class_uid,
+                "series_instance_uid": generate_uid(), "orthanc_instance_id": f"orthanc-instance-{i}",
+                "query_sop_instance_uid": query_sop_instance_uid, "score": score,
+            },
+        }
+        matches.append(SimilarCase.from_answer(answer))
     return matches
 
 
-def build(evidence: list[Dataset], matches: list[SimilarStudy], **kwargs) -> highdicom.sr.ComprehensiveSR:
+def build(evidence: list[Dataset], matches: list[SimilarCase], **kwargs) -> highdicom.sr.ComprehensiveSR:
     kwargs.setdefault("algorithm_version", "0.1.0")
     kwargs.setdefault("model_version", MODEL_VERSION)
     return build_similarity_report(evidence, matches, **kwargs)
@@ -244,13 +236,13 @@ def test_one_container_per_match_with_rank_score_and_uids(evidence):
         assert num_value(score) == pytest.approx(match.score, abs=1e-12)
         assert score.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "1"
         assert items[("DCM", "110180")].UID == match.study_instance_uid
-        assert items[("DCM", "112002")].UID == match.best_match.series_instance_uid
+        assert items[("DCM", "112002")].UID == match.series_instance_uid
         assert str(items[("DCM", "111060")].Date) == match.study_date
         assert items[("DCM", "121139")].TextValue == match.modality
         assert items[key(CODES.ENCODER_MODEL_VERSION)].TextValue == match.model_version
         best = items[key(CODES.BEST_MATCHING_INSTANCE)]
         assert best.ValueType == "IMAGE"
-        assert best.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == match.best_match.sop_instance_uid
+        assert best.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == match.sop_instance_uid
         assert best.ReferencedSOPSequence[0].ReferencedSOPClassUID == UltrasoundImageStorage
         query = items[key(CODES.MATCHED_QUERY_INSTANCE)]
         assert query.ValueType == "IMAGE"
@@ -277,7 +269,7 @@ def test_referenced_instances_are_listed_as_evidence(evidence):
         for sop in series.ReferencedSOPSequence
     }
     assert other == {
-        (m.study_instance_uid, m.best_match.series_instance_uid, m.best_match.sop_instance_uid) for m in matches
+        (m.study_instance_uid, m.series_instance_uid, m.sop_instance_uid) for m in matches
     }
 
 
@@ -299,7 +291,7 @@ def test_query_instance_outside_evidence_is_kept_as_uid(evidence):
 
 def test_missing_study_date_and_modality_are_left_out(evidence):
     match = make_matches(1, evidence[0].SOPInstanceUID)[0]
-    match = SimilarStudy(**{**match.__dict__, "study_date": "", "modality": ""})
+    match = replace(match, study_date="", modality="")
     items = children_by_concept(similar_case_containers(build(evidence, [match]))[0])
     assert ("DCM", "111060") not in items
     assert ("DCM", "121139") not in items
@@ -308,7 +300,7 @@ def test_missing_study_date_and_modality_are_left_out(evidence):
 
 def test_numpy_scalars_from_the_index_are_accepted(evidence):
     match = make_matches(1, evidence[0].SOPInstanceUID)[0]
-    match = SimilarStudy(**{**match.__dict__, "rank": np.int64(1), "score": np.float32(0.8125)})
+    match = replace(match, rank=np.int64(1), score=np.float32(0.8125))
     items = children_by_concept(similar_case_containers(build(evidence, [match]))[0])
     assert num_value(items[key(CODES.SIMILARITY_RANK)]) == 1
     assert num_value(items[key(CODES.COSINE_SIMILARITY)]) == 0.8125
@@ -346,8 +338,8 @@ def test_no_identifier_of_another_patient_is_written(evidence, tmp_path):
     path = save(build(evidence, matches), tmp_path)
     data = path.read_bytes()
     assert OTHER_PATIENT_ID.encode() not in data
-    for match in matches:
-        assert match.orthanc_study_id.encode() not in data
+    for i in range(len(matches)):
+        assert f"orthanc-study-{i}".encode() not in data
     assert evidence[0].PatientID.encode() in data  # the query patient is, so the search is meaningful
 
 
@@ -431,14 +423,6 @@ def test_dciodvfy_reports_no_errors(evidence, tmp_path, n_matches):
 # --- Input validation -------------------------------------------------------------------------
 
 
-def replace(match: SimilarStudy, **changes) -> SimilarStudy:
-    return SimilarStudy(**{**match.__dict__, **changes})
-
-
-def replace_best(match: SimilarStudy, **changes) -> SimilarStudy:
-    return replace(match, best_match=MatchedInstance(**{**match.best_match.__dict__, **changes}))
-
-
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
@@ -449,12 +433,11 @@ def replace_best(match: SimilarStudy, **changes) -> SimilarStudy:
         (lambda m: [m[0], replace(m[1], rank=2.0), m[2]], "rank"),
         (lambda m: [m[0], replace(m[1], score=math.nan), m[2]], "finite"),
         (lambda m: [m[0], replace(m[1], score=np.float32("inf")), m[2]], "finite"),
-        (lambda m: [m[0], replace_best(m[1], score=math.nan), m[2]], "finite"),
         (lambda m: [m[0], replace(m[1], score=1.5), m[2]], "cosine"),
         (lambda m: [m[0], replace(m[1], score="high"), m[2]], "not a number"),
         (lambda m: [m[0], replace(m[1], study_instance_uid=m[0].study_instance_uid), m[2]], "already listed"),
         (lambda m: [m[0], replace(m[1], study_instance_uid="1.2.3.abc"), m[2]], "valid DICOM UID"),
-        (lambda m: [m[0], replace_best(m[1], sop_instance_uid=""), m[2]], "valid DICOM UID"),
+        (lambda m: [m[0], replace(m[1], sop_instance_uid=""), m[2]], "valid DICOM UID"),
         (lambda m: [m[0], replace(m[1], study_date="2023-01-02"), m[2]], "study_date"),
     ],
 )
@@ -526,7 +509,20 @@ def test_is_lookalike_document_on_orthanc_tags(tags, expected):
     assert is_lookalike_document(tags) is expected
 
 
-def test_module_does_not_import_torch():
-    code = "import sys, lookalike.dicom_io.sr; sys.exit(1 if 'torch' in sys.modules else 0)"
+def test_report_series_has_a_date_and_time(evidence):
+    sr = build(evidence, make_matches(1, evidence[0].SOPInstanceUID))
+    assert sr.SeriesDate and sr.SeriesTime
+    assert (sr.SeriesDate, sr.SeriesTime) == (sr.ContentDate, sr.ContentTime)
+
+
+def test_an_answer_entry_without_its_best_match_is_refused():
+    with pytest.raises(KeyError, match="best_match"):
+        SimilarCase.from_answer({"rank": 1, "score": 0.5, "study_instance_uid": "1.2.3"})
+
+
+def test_module_imports_neither_the_indexer_nor_torch():
+    code = ("import sys, lookalike.dicom_io.sr; "
+            "sys.exit(1 if {'torch', 'lookalike.indexer', 'faiss'} & set(sys.modules) else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr or "lookalike.dicom_io.sr imported torch"
+    assert result.returncode == 0, result.stderr or "lookalike.dicom_io.sr imported the indexer or torch"
+

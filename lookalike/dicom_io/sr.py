@@ -19,7 +19,8 @@ import math
 import operator
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import highdicom
 import highdicom.sr
@@ -30,9 +31,6 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 from pydicom.valuerep import DS
 
-if TYPE_CHECKING:  # only the attribute shapes are used; keep the plugin import light
-    from lookalike.indexer.lookup import SimilarStudy
-
 __all__ = [
     "CODING_SCHEME_DESIGNATOR",
     "CODING_SCHEME_IDENTIFICATION",
@@ -40,6 +38,7 @@ __all__ = [
     "DEVICE_OBSERVER_UID",
     "MANUFACTURER",
     "SR_SERIES_DESCRIPTION",
+    "SimilarCase",
     "build_similarity_report",
     "is_lookalike_document",
 ]
@@ -131,9 +130,51 @@ _PIXEL_DATA_TAGS = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class SimilarCase:
+    """What the report says of one similar study: plain values, and nothing that names its patient.
+
+    The report module sits below the indexer and takes this rather than the indexer's result type, so that it
+    can be built from any answer (REST JSON, a stored answer, a test) and cannot reach a field it must not write.
+    """
+
+    rank: int
+    #: Cosine similarity of the study's best-matching image pair, in [-1, 1].
+    score: float
+    study_instance_uid: str
+    #: DICOM DA (YYYYMMDD), or empty: Study Date is Type 2.
+    study_date: str
+    modality: str
+    model_version: str
+    #: The similar study's best-matching instance.
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    #: The query study's instance it matched; empty when unknown.
+    query_sop_instance_uid: str = ""
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> "SimilarCase":
+        """From one entry of a lookup answer as the REST route serves it (a best match nested under
+        ``best_match``); other keys, such as an identity a site chose to disclose, are ignored."""
+        best = answer["best_match"]
+        return cls(
+            rank=answer["rank"],
+            score=answer["score"],
+            study_instance_uid=answer["study_instance_uid"],
+            study_date=answer.get("study_date") or "",
+            modality=answer.get("modality") or "",
+            model_version=answer.get("model_version") or "",
+            series_instance_uid=best["series_instance_uid"],
+            sop_instance_uid=best["sop_instance_uid"],
+            sop_class_uid=best["sop_class_uid"],
+            query_sop_instance_uid=best.get("query_sop_instance_uid") or "",
+        )
+
+
 def build_similarity_report(
     evidence: Sequence[Dataset],
-    matches: Sequence[SimilarStudy],
+    matches: Sequence[SimilarCase],
     *,
     algorithm_name: str = "Lookalike",
     algorithm_version: str,
@@ -161,9 +202,8 @@ def build_similarity_report(
         One or more instances of the query study; headers suffice (pixel data is
         neither needed nor copied).  The first one supplies patient and study
         attributes.
-    matches : Sequence[SimilarStudy]
-        Similar studies ranked 1..n, as returned by
-        :func:`lookalike.indexer.lookup.similar_studies`.  May be empty: the report
+    matches : Sequence[SimilarCase]
+        Similar studies ranked 1..n (a lookup's answer, see :meth:`SimilarCase.from_answer`).  May be empty: the report
         then says that no similar study was found, which is itself an answer the
         radiologist should see rather than a missing report.
     algorithm_name : str
@@ -174,7 +214,8 @@ def build_similarity_report(
         Version(s) of the encoder model(s) that produced the embeddings, recorded so
         that a report can be traced back to the index that answered it.
     series_instance_uid, sop_instance_uid : str, optional
-        UIDs of the new series and instance; generated when not given.
+        UIDs of the new series and instance; generated when not given.  A caller that derives them from the
+        answer gets the same UIDs for the same answer, so that it can find a report it filed before.
     series_number : int
         Series Number of the report series; high so viewers list it after the images.
     instance_number : int
@@ -266,6 +307,10 @@ def build_similarity_report(
         software_versions=str(algorithm_version),
         coding_schemes=[copy.deepcopy(CODING_SCHEME_IDENTIFICATION)],
     )
+    # Series Date and Time are Type 3, but viewers group and sort series by them: without them a report series
+    # lands under "no date". The series is made with its one document, so they are the document's.
+    document.SeriesDate = document.ContentDate
+    document.SeriesTime = document.ContentTime
     return document
 
 
@@ -348,7 +393,7 @@ def _query_headers(evidence: Sequence[Dataset]) -> list[Dataset]:
     return headers
 
 
-def _validate_matches(matches: Sequence[SimilarStudy], query_study_uid: str) -> None:
+def _validate_matches(matches: Sequence[SimilarCase], query_study_uid: str) -> None:
     seen: dict[str, int] = {}
     for position, match in enumerate(matches):
         expected_rank = position + 1
@@ -361,20 +406,19 @@ def _validate_matches(matches: Sequence[SimilarStudy], query_study_uid: str) -> 
                 f"matches[{position}]: rank {match.rank!r}, expected {expected_rank}; "
                 "matches must be ranked 1..n in order"
             )
-        for label, score in (("score", match.score), ("best_match.score", match.best_match.score)):
-            try:
-                value = float(score)
-            except (TypeError, ValueError):
-                raise ValueError(f"rank {rank}: {label} {score!r} is not a number") from None
-            if not math.isfinite(value):
-                raise ValueError(f"rank {rank}: {label} {score!r} is not finite")
-            if abs(value) > 1.0 + _SCORE_TOLERANCE:
-                raise ValueError(f"rank {rank}: {label} {value!r} is not a cosine similarity in [-1, 1]")
+        try:
+            value = float(match.score)
+        except (TypeError, ValueError):
+            raise ValueError(f"rank {rank}: score {match.score!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"rank {rank}: score {match.score!r} is not finite")
+        if abs(value) > 1.0 + _SCORE_TOLERANCE:
+            raise ValueError(f"rank {rank}: score {value!r} is not a cosine similarity in [-1, 1]")
         study_uid = str(match.study_instance_uid)
         _check_uid(study_uid, f"rank {rank}: study_instance_uid")
-        _check_uid(str(match.best_match.series_instance_uid), f"rank {rank}: best_match.series_instance_uid")
-        _check_uid(str(match.best_match.sop_instance_uid), f"rank {rank}: best_match.sop_instance_uid")
-        _check_uid(str(match.best_match.sop_class_uid), f"rank {rank}: best_match.sop_class_uid")
+        _check_uid(str(match.series_instance_uid), f"rank {rank}: series_instance_uid")
+        _check_uid(str(match.sop_instance_uid), f"rank {rank}: sop_instance_uid")
+        _check_uid(str(match.sop_class_uid), f"rank {rank}: sop_class_uid")
         if study_uid == query_study_uid:
             raise ValueError(f"rank {rank}: the similar study is the query study itself ({study_uid})")
         if study_uid in seen:
@@ -433,7 +477,7 @@ def _instance_reference(
 
 
 def _similar_case_container(
-    match: SimilarStudy, query_instances: Mapping[str, str]
+    match: SimilarCase, query_instances: Mapping[str, str]
 ) -> highdicom.sr.ContainerContentItem:
     contains = RelationshipTypeValues.CONTAINS
     container = highdicom.sr.ContainerContentItem(
@@ -442,7 +486,6 @@ def _similar_case_container(
         relationship_type=contains,
     )
     rank = operator.index(match.rank)
-    best = match.best_match
     rank_item = highdicom.sr.NumContentItem(
         name=CODES.SIMILARITY_RANK, value=rank, unit=CODES.UNIT_RANK, relationship_type=contains
     )
@@ -471,11 +514,12 @@ def _similar_case_container(
         )
     items.append(
         highdicom.sr.UIDRefContentItem(
-            name=CODES.SERIES_INSTANCE_UID, value=str(best.series_instance_uid), relationship_type=contains
+            name=CODES.SERIES_INSTANCE_UID, value=str(match.series_instance_uid), relationship_type=contains
         )
     )
-    items.append(_instance_reference(CODES.BEST_MATCHING_INSTANCE, str(best.sop_class_uid), str(best.sop_instance_uid)))
-    query_uid = str(best.query_sop_instance_uid or "").strip()
+    items.append(_instance_reference(CODES.BEST_MATCHING_INSTANCE, str(match.sop_class_uid),
+                                     str(match.sop_instance_uid)))
+    query_uid = str(match.query_sop_instance_uid or "").strip()
     if query_uid in query_instances:
         items.append(_instance_reference(CODES.MATCHED_QUERY_INSTANCE, query_instances[query_uid], query_uid))
     elif query_uid and len(query_uid) <= 64 and _UID_PATTERN.fullmatch(query_uid):
@@ -490,7 +534,7 @@ def _similar_case_container(
     return container
 
 
-def _reference_stub(match: SimilarStudy) -> Dataset:
+def _reference_stub(match: SimilarCase) -> Dataset:
     """The four UIDs of a best-matching instance, as evidence for highdicom.
 
     highdicom refuses content that references an instance missing from the evidence;
@@ -499,7 +543,7 @@ def _reference_stub(match: SimilarStudy) -> Dataset:
     """
     stub = Dataset()
     stub.StudyInstanceUID = str(match.study_instance_uid)
-    stub.SeriesInstanceUID = str(match.best_match.series_instance_uid)
-    stub.SOPInstanceUID = str(match.best_match.sop_instance_uid)
-    stub.SOPClassUID = str(match.best_match.sop_class_uid)
+    stub.SeriesInstanceUID = str(match.series_instance_uid)
+    stub.SOPInstanceUID = str(match.sop_instance_uid)
+    stub.SOPClassUID = str(match.sop_class_uid)
     return stub

@@ -73,7 +73,12 @@ def register(orthanc: Any) -> None:
                 output.SendMethodNotAllowed(",".join(methods))
                 return
             try:
-                status, body = handler(*request.get("groups", ()), query=request.get("get", {}))
+                # Orthanc hands a GET its query string (undecoded), and a POST only its body.
+                if request.get("method") == "POST":
+                    query = rest.parse_post_body(request.get("body", b""))
+                else:
+                    query = rest.decode_query(request.get("get", {}))
+                status, body = handler(*request.get("groups", ()), query=query)
             except ValueError as exc:
                 status, body = 400, {"error": str(exc)}
             except Exception:
@@ -84,10 +89,13 @@ def register(orthanc: Any) -> None:
         return callback
 
     def similar(study_id: str, query: dict) -> rest.Response:
-        return rest.similar(api, store, study_id, rest.parse_limit(query.get("limit")), sender.pending())
+        return rest.similar(api, store, study_id, rest.parse_limit(query.get("limit")),
+                            rest.parse_scope(query.get("scope")), disclose=settings.disclose_other_patients,
+                            pending=sender.pending())
 
     def similar_report(study_id: str, query: dict) -> rest.Response:
-        return rest.similar_report(api, store, study_id, rest.parse_limit(query.get("limit")), sender.pending())
+        return rest.similar_report(api, store, study_id, rest.parse_limit(query.get("limit")),
+                                   rest.parse_scope(query.get("scope")), pending=sender.pending())
 
     def status(query: dict) -> rest.Response:
         return rest.status(store, lambda: broker.llen(QUEUE), sender.pending())

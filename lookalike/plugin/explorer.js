@@ -1,44 +1,153 @@
-// Lookalike in Orthanc Explorer: on a study's page, list the most similar other studies and write them as an SR.
-$('#study').live('pagebeforecreate', function() {
-  var list = $('<ul>').attr('id', 'lookalike-similar').attr('data-role', 'listview').attr('data-inset', 'true');
-  var find = $('<a>').attr('data-role', 'button').attr('href', '#').attr('data-icon', 'search')
-    .text('Similar studies (Lookalike)');
-  var report = $('<a>').attr('data-role', 'button').attr('href', '#').attr('data-icon', 'plus')
-    .text('Similar studies as SR (Lookalike)');
-  var anchor = $('#study-delete').parent().parent();
-  find.insertBefore(anchor);
-  report.insertBefore(anchor);
-  list.insertBefore(anchor);
+// Lookalike in Orthanc Explorer: on a study's page, the most similar other studies, each beside the image of this
+// study it matched, and one click to file the answer into this study as an SR.
+//
+// Safety rule: everything the panel shows and does belongs to one study, `shown`, the study on screen. It is set
+// whenever Orthanc Explorer shows a study (page change, link, back button); an answer that arrives for another
+// study is dropped, and no button acts while Orthanc Explorer is still drawing another study than `shown`.
+(function() {
+  var LIMIT = 10;
+  var shown = null;     // Orthanc id of the study on screen, which the panel belongs to
+  var generation = 0;   // bumped whenever `shown` changes: replies to older requests are dropped
 
-  function studyId() { return $.mobile.pageData ? $.mobile.pageData.uuid : null; }
-  function failure(xhr) {
-    var msg = xhr.status + ' ' + xhr.statusText;
-    try { var b = JSON.parse(xhr.responseText); msg = b.error + (b.reason ? ': ' + b.reason : ''); } catch (e) {}
-    list.empty().append($('<li>').text('Lookalike: ' + msg)).listview('refresh');
+  var panel = $('<div>').attr('id', 'lookalike-panel');
+  var scopeName = 'lookalike-scope';
+  var scopes = $('<fieldset>').attr('data-role', 'controlgroup').attr('data-type', 'horizontal')
+    .attr('id', 'lookalike-scopes')
+    .append($('<legend>').text('Search'));
+  $.each([['archive', 'All patients'], ['patient', "This patient's priors"]], function(i, s) {
+    var id = 'lookalike-scope-' + s[0];
+    scopes.append($('<input>').attr({ type: 'radio', name: scopeName, id: id, value: s[0] })
+      .prop('checked', i == 0));
+    scopes.append($('<label>').attr('for', id).text(s[1]));
+  });
+  var find = $('<a>').attr({ 'data-role': 'button', href: '#', 'data-icon': 'search', 'data-inline': 'true',
+    id: 'lookalike-find' }).text('Similar studies (Lookalike)');
+  var report = $('<a>').attr({ 'data-role': 'button', href: '#', 'data-icon': 'plus', 'data-inline': 'true',
+    id: 'lookalike-report' }).text('Similar studies as SR (Lookalike)');
+  var status = $('<p>').attr('id', 'lookalike-status');
+  var results = $('<div>').attr('id', 'lookalike-results');
+  panel.append($('<h3>').text('Similar studies (Lookalike)'), scopes, find, report, status, results);
+
+  function pageStudy() {
+    var d = $.mobile.pageData;
+    return d && d.active == 'study' && d.uuid ? d.uuid : null;
+  }
+
+  // Orthanc Explorer sets `currentUuid` once it has drawn a study: until then the screen shows the previous one.
+  function drawn(study) {
+    return typeof currentUuid === 'undefined' || currentUuid == study;
+  }
+
+  function bind() {
+    var study = pageStudy();
+    if (study === shown) return;
+    shown = study;
+    generation++;
+    results.empty();
+    status.empty();
+  }
+
+  function scope() { return $('input[name=' + scopeName + ']:checked').val() || 'archive'; }
+
+  function say(text, link) {
+    status.empty().text(text);
+    if (link) status.append(' ', link);
+  }
+
+  function failure(forGeneration) {
+    return function(xhr) {
+      if (forGeneration !== generation) return;
+      var msg = xhr.status + ' ' + xhr.statusText;
+      try { var b = JSON.parse(xhr.responseText); msg = b.error + (b.reason ? ': ' + b.reason : ''); } catch (e) {}
+      say('Lookalike: ' + msg);
+    };
+  }
+
+  // The study the buttons may act on now, or null (with the reason on screen).
+  function actionableStudy() {
+    bind();
+    if (!shown) return null;
+    if (!drawn(shown)) { say('The study is still loading; try again in a moment.'); return null; }
+    return shown;
+  }
+
+  function preview(instance, alt) {
+    if (!instance) return $('<span>').text('(no image)');
+    return $('<img>').attr({ src: '../instances/' + instance + '/preview', alt: alt, height: 128 })
+      .css({ 'max-width': '192px', 'object-fit': 'contain', background: '#000' });
+  }
+
+  function formatDate(d) {
+    return d && d.length == 8 ? d.substr(0, 4) + '-' + d.substr(4, 2) + '-' + d.substr(6, 2) : (d || '');
+  }
+
+  function show(answer) {
+    results.empty();
+    if (answer.similar.length == 0) {
+      say(answer.scope == 'patient' ? 'No other indexed study of this patient.' : 'No other indexed study yet.');
+      return;
+    }
+    say(answer.similar.length + ' most similar ' + (answer.scope == 'patient' ? "of this patient's studies" :
+      'studies of all patients') + '; the score is the cosine similarity of the best-matching image pair.');
+    var disclosed = answer.similar.some(function(s) { return 'patient_id' in s; });
+    var head = $('<tr>').append($('<th>').text('#'), $('<th>').text('This study'), $('<th>').text('Similar study'),
+      $('<th>').text('Score'), $('<th>').text('Date'), $('<th>').text('Modality'), $('<th>').text('Patient'),
+      $('<th>'));
+    var table = $('<table>').addClass('lookalike-table').css({ 'border-spacing': '8px 4px' }).append(head);
+    $.each(answer.similar, function(i, s) {
+      var patient = s.same_patient ? 'this patient' : (disclosed ? s.patient_id + ' ' + (s.patient_name || '')
+        : 'another patient');
+      var open = $('<a>').addClass('lookalike-open').attr({ href: 'explorer.html#study?uuid=' + s.orthanc_study_id,
+        'data-ajax': 'false', title: s.modality + ' study ' + s.study_instance_uid }).text('Open study');
+      table.append($('<tr>').addClass('lookalike-result').attr('data-study', s.orthanc_study_id).append(
+        $('<td>').addClass('lookalike-rank').text(s.rank),
+        $('<td>').append(preview(s.best_match.query_orthanc_instance_id, 'matched image of this study')),
+        $('<td>').append(preview(s.best_match.orthanc_instance_id, 'best-matching image of study #' + s.rank)),
+        $('<td>').addClass('lookalike-score').text(s.score.toFixed(4)),
+        $('<td>').text(formatDate(s.study_date)),
+        $('<td>').text(s.modality),
+        $('<td>').addClass('lookalike-patient').text(patient),
+        $('<td>').append(open)));
+    });
+    results.append(table);
   }
 
   find.click(function(e) {
     e.preventDefault();
-    if (!studyId()) return;
-    $.ajax({ url: '../lookalike/studies/' + studyId() + '/similar?limit=10', dataType: 'json', cache: false,
+    var study = actionableStudy(), mine = generation;
+    if (!study) return;
+    say('Looking up…');
+    $.ajax({ url: '../lookalike/studies/' + study + '/similar', data: { limit: LIMIT, scope: scope() },
+      dataType: 'json', cache: false,
       success: function(r) {
-        list.empty().append($('<li>').attr('data-role', 'list-divider').text('Most similar studies'));
-        if (r.similar.length == 0) list.append($('<li>').text('No other indexed study yet.'));
-        $.each(r.similar, function(i, s) {
-          var a = $('<a>').attr('href', '#study?uuid=' + s.orthanc_study_id)
-            .text('#' + s.rank + ' ' + s.study_date + ' ' + s.patient_id)
-            .attr('title', s.modality + ' study ' + s.study_instance_uid + ', patient ' + s.patient_id);
-          a.append($('<span>').addClass('ui-li-count').text(s.score.toFixed(4)));
-          list.append($('<li>').append(a));
-        });
-        list.listview('refresh');
-      }, error: failure });
+        if (mine !== generation || r.study !== shown) return;  // the page has moved on to another study
+        show(r);
+      }, error: failure(mine) });
   });
 
   report.click(function(e) {
     e.preventDefault();
-    if (!studyId()) return;
-    $.ajax({ url: '../lookalike/studies/' + studyId() + '/similar-report', type: 'POST', dataType: 'json',
-      success: function(r) { window.location.href = 'explorer.html#instance?uuid=' + r.report; }, error: failure });
+    var study = actionableStudy(), mine = generation;
+    if (!study) return;
+    say('Filing the report…');
+    $.ajax({ url: '../lookalike/studies/' + study + '/similar-report', type: 'POST', dataType: 'json',
+      contentType: 'application/json', data: JSON.stringify({ limit: LIMIT, scope: scope() }),
+      success: function(r) {
+        if (mine !== generation) return;
+        var when = formatDate(r.series_date) + ' ' + (r.series_time || '').substr(0, 2) + ':' +
+          (r.series_time || '').substr(2, 2);
+        var link = $('<a>').addClass('lookalike-report-link').attr({ href: 'explorer.html#series?uuid=' + r.series,
+          'data-ajax': 'false' }).text('series "' + r.series_description + '" of this study');
+        say((r.existing ? 'Already filed on ' + when + ' (nothing new since): ' : 'Report of ' + r.similar +
+          ' similar studies filed into ') , link);
+      }, error: failure(mine) });
   });
-});
+
+  $('#study').live('pagebeforecreate', function() {
+    panel.insertAfter($('#list-series'));
+  });
+  $('#study').live('pagebeforeshow', bind);
+  // Links between studies stay on the #study page: jQuery Mobile then shows no new page, and Orthanc Explorer
+  // redraws the study from its own hashchange handler. Run after jQuery Mobile's handler has set pageData.
+  $(window).bind('hashchange', function() { setTimeout(bind, 0); });
+})();

@@ -1,18 +1,23 @@
 """The ``/lookalike/...`` REST routes, as plain functions of their inputs: (HTTP status, JSON body).
 
-They read the index the worker writes (read-only) and Orthanc's REST API in-process; no model runs here.
+They read the index the worker writes (read-only) and Orthanc's REST API in-process; no model runs here. Every
+answer goes through :meth:`SimilarStudy.as_public_dict`, so another patient's identity leaves the server only where
+the site's settings disclose it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-from dataclasses import asdict
-from typing import Any, Callable
+import json
+import uuid
+from typing import Any, Callable, Mapping
+from urllib.parse import unquote_plus
 
 import pydicom
 
 import lookalike
-from lookalike.indexer.lookup import SimilarStudy, StudyNotIndexedError, similar_studies
+from lookalike.indexer.lookup import SCOPES, SimilarStudy, StudyNotIndexedError, similar_studies
 from lookalike.indexer.store import IndexStore
 from lookalike.orthanc_rest import OrthancApi, OrthancNotFoundError, get_json, store_instance
 
@@ -20,21 +25,67 @@ Response = tuple[int, dict[str, Any]]
 
 DEFAULT_LIMIT = 10
 MAX_LIMIT = 100
+DEFAULT_SCOPE = "archive"
 #: Query-study instances whose headers an SR inherits from; the report needs patient and study, not every image.
 MAX_EVIDENCE = 20
+#: Namespace of the name-based UUIDs that make a report's UIDs from its answer.
+_REPORT_UID_NAMESPACE = uuid.UUID("8f0b6a3e-5c1d-4e77-9a51-6c1f0e2b7d44")
 
 
-def parse_limit(raw: str | None) -> int:
-    """``?limit=N``: an integer in 1..MAX_LIMIT, else ValueError with a message for the client."""
-    if raw in (None, ""):
+def decode_query(raw: Mapping[str, str]) -> dict[str, str]:
+    """The query string's names and values URL-decoded: Orthanc's Python plugin hands them over as sent."""
+    return {unquote_plus(name): unquote_plus(value) for name, value in raw.items()}
+
+
+#: What the body of ``POST .../similar-report`` may hold.
+POST_FIELDS = ("limit", "scope")
+
+
+def parse_post_body(body: bytes | str) -> dict[str, Any]:
+    """The parameters of a POST: a JSON object with :data:`POST_FIELDS` (empty body: the defaults).
+
+    Orthanc's Python plugin passes no query string to a POST callback, so ``?limit=`` cannot reach it; an unknown
+    field or a body that is not a JSON object is refused rather than ignored, so that no setting is dropped
+    silently.
+    """
+    text = body.decode() if isinstance(body, bytes) else body
+    if not text.strip():
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise ValueError(f'the body must be a JSON object such as {{"limit": 10, "scope": "archive"}}, not '
+                         f'{text[:80]!r}')
+    unknown = sorted(set(data) - set(POST_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(POST_FIELDS)}")
+    return data
+
+
+def parse_limit(raw: str | int | None) -> int:
+    """``limit``: an integer in 1..MAX_LIMIT (a query-string text or a JSON number), else ValueError."""
+    if raw is None or raw == "":
         return DEFAULT_LIMIT
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+        raise ValueError(f"limit must be an integer, not {raw!r}")
     try:
         limit = int(raw)
     except ValueError:
         raise ValueError(f"limit must be an integer, not {raw!r}") from None
     if not 1 <= limit <= MAX_LIMIT:
-        raise ValueError(f"limit must be between 1 and {MAX_LIMIT}")
+        raise ValueError(f"limit must be between 1 and {MAX_LIMIT}, not {limit}")
     return limit
+
+
+def parse_scope(raw: str | None) -> str:
+    """``scope``: archive or patient (default archive), else ValueError with a message for the client."""
+    if raw is None or raw == "":
+        return DEFAULT_SCOPE
+    if raw not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {raw!r}")
+    return raw
 
 
 def _not_indexed(api: OrthancApi, store: IndexStore, study_id: str, pending: int) -> Response:
@@ -59,60 +110,140 @@ def _not_indexed(api: OrthancApi, store: IndexStore, study_id: str, pending: int
     return 409, body
 
 
-def _study_exists(api: OrthancApi, study_id: str) -> bool:
+def _lookup(api: OrthancApi, store: IndexStore, study_id: str, limit: int, scope: str,
+            pending: int) -> tuple[dict | None, list[SimilarStudy] | None, Response | None]:
+    """The query study's Orthanc record and its answer, or the error response."""
     try:
-        get_json(api, f"/studies/{study_id}")
-        return True
+        study = get_json(api, f"/studies/{study_id}")
     except OrthancNotFoundError:
-        return False
-
-
-def _lookup(api: OrthancApi, store: IndexStore, study_id: str, limit: int, pending: int) -> tuple[list[SimilarStudy] | None, Response | None]:
-    if not _study_exists(api, study_id):
-        return None, (404, {"error": "unknown study", "study": study_id})
+        return None, None, (404, {"error": "unknown study", "study": study_id})
     store.refresh()
     try:
-        return similar_studies(store, study_id, limit), None
+        return study, similar_studies(store, study_id, limit, scope), None
     except StudyNotIndexedError:
-        return None, _not_indexed(api, store, study_id, pending)
+        return None, None, _not_indexed(api, store, study_id, pending)
 
 
-def match_to_json(m: SimilarStudy) -> dict[str, Any]:
-    return asdict(m)
+def _answer_entries(api: OrthancApi, store: IndexStore, study_id: str, matches: list[SimilarStudy],
+                    disclose: bool) -> list[dict[str, Any]]:
+    """Each match as served: public fields, the Orthanc id of the query image it matched (for previews side by
+    side), and, only where disclosed, the other patient's name and accession number from Orthanc."""
+    query_instances = {row.sop_instance_uid: row.orthanc_instance_id for row in store.catalogue.rows_for_study(
+        study_id, with_vectors=False)}
+    entries = []
+    for match in matches:
+        entry = match.as_public_dict(disclose_identity=disclose)
+        entry["best_match"]["query_orthanc_instance_id"] = query_instances.get(
+            match.best_match.query_sop_instance_uid, "")
+        if disclose:
+            other = get_json(api, f"/studies/{match.orthanc_study_id}")
+            entry["patient_name"] = other.get("PatientMainDicomTags", {}).get("PatientName", "")
+            entry["accession_number"] = other.get("MainDicomTags", {}).get("AccessionNumber", "")
+        entries.append(entry)
+    return entries
 
 
-def similar(api: OrthancApi, store: IndexStore, study_id: str, limit: int, pending: int = 0) -> Response:
-    """``GET /lookalike/studies/{id}/similar``: the most similar other studies, best first."""
-    matches, error = _lookup(api, store, study_id, limit, pending)
+def similar(api: OrthancApi, store: IndexStore, study_id: str, limit: int, scope: str = DEFAULT_SCOPE, *,
+            disclose: bool = False, pending: int = 0) -> Response:
+    """``GET /lookalike/studies/{id}/similar``: the most similar other studies, best first.
+
+    The answer names the study it answers for (Orthanc id and StudyInstanceUID), its scope and limit, so that a
+    page can check it is showing the answer of the study on screen.
+    """
+    study, matches, error = _lookup(api, store, study_id, limit, scope, pending)
     if error:
         return error
     return 200, {
         "study": study_id,
+        "study_instance_uid": study.get("MainDicomTags", {}).get("StudyInstanceUID", ""),
+        "scope": scope,
+        "limit": limit,
         "aggregation": "a study scores the cosine similarity of its best-matching image pair with the query study",
-        "similar": [match_to_json(m) for m in matches],
+        "similar": _answer_entries(api, store, study_id, matches, disclose),
     }
 
 
-def similar_report(api: OrthancApi, store: IndexStore, study_id: str, limit: int, pending: int = 0) -> Response:
-    """``POST /lookalike/studies/{id}/similar-report``: the same answer as a Comprehensive SR stored in the study."""
-    from lookalike.dicom_io.sr import build_similarity_report
+def _report_uids(study_instance_uid: str, evidence_uids: list[str], model_versions: list[str], limit: int,
+                 scope: str, matches: list[SimilarStudy]) -> tuple[str, str]:
+    """Series and SOP Instance UIDs that follow from the answer alone: the same question with nothing new gives
+    the same UIDs, so a report filed before is found instead of filed twice."""
+    answer = {
+        "algorithm_version": lookalike.__version__, "model_versions": model_versions, "study": study_instance_uid,
+        "evidence": evidence_uids, "limit": limit, "scope": scope,
+        "matches": [[m.rank, m.study_instance_uid, m.best_match.sop_instance_uid,
+                     m.best_match.query_sop_instance_uid, f"{m.score:.6f}"] for m in matches],
+    }
+    digest = hashlib.sha256(json.dumps(answer, sort_keys=True).encode()).hexdigest()
+    # Name-based UUIDs (PS3.5 B.2: "2.25." and the UUID as an integer).
+    return (f"2.25.{uuid.uuid5(_REPORT_UID_NAMESPACE, digest + '/series').int}",
+            f"2.25.{uuid.uuid5(_REPORT_UID_NAMESPACE, digest + '/instance').int}")
 
-    matches, error = _lookup(api, store, study_id, limit, pending)
+
+def _filed_report(api: OrthancApi, study_id: str, sop_instance_uid: str) -> dict | None:
+    """The report with this SOP Instance UID if it is already in this study: its instance and series records."""
+    found = json.loads(api.post_bytes("/tools/lookup", sop_instance_uid.encode()))
+    for resource in found:
+        if resource.get("Type") != "Instance":
+            continue
+        instance = get_json(api, f"/instances/{resource['ID']}")
+        series = get_json(api, f"/series/{instance['ParentSeries']}")
+        if series.get("ParentStudy") == study_id:
+            return {"instance": instance, "series": series}
+    return None
+
+
+def similar_report(api: OrthancApi, store: IndexStore, study_id: str, limit: int, scope: str = DEFAULT_SCOPE, *,
+                   pending: int = 0) -> Response:
+    """``POST /lookalike/studies/{id}/similar-report``: the same answer as a Comprehensive SR stored in the study.
+
+    Asked again for the same study, limit and scope with nothing new (same models, same answer), it returns the
+    report filed before (``"existing": true``) rather than a second copy.
+    """
+    from lookalike.dicom_io.sr import SimilarCase, build_similarity_report
+
+    study, matches, error = _lookup(api, store, study_id, limit, scope, pending)
     if error:
         return error
-    rows = [r for r in store.catalogue.rows_for_study(study_id)][:MAX_EVIDENCE]
-    evidence = [
-        pydicom.dcmread(io.BytesIO(api.get_bytes(f"/instances/{r.orthanc_instance_id}/file")), stop_before_pixels=True)
-        for r in rows
-    ]
+    rows = store.catalogue.rows_for_study(study_id, with_vectors=False)[:MAX_EVIDENCE]
     versions = sorted({r.model_version for r in rows})
-    sr = build_similarity_report(
-        evidence, matches, algorithm_version=lookalike.__version__, model_version=", ".join(versions)
-    )
-    buf = io.BytesIO()
-    sr.save_as(buf, enforce_file_format=True)
-    sr_id = store_instance(api, buf.getvalue())
-    return 200, {"study": study_id, "report": sr_id, "sop_instance_uid": str(sr.SOPInstanceUID), "similar": len(matches)}
+    study_uid = study.get("MainDicomTags", {}).get("StudyInstanceUID", "")
+    series_uid, sop_uid = _report_uids(study_uid, sorted(r.sop_instance_uid for r in rows), versions, limit, scope,
+                                       matches)
+    filed = _filed_report(api, study_id, sop_uid)
+    if filed is None:
+        evidence = [
+            pydicom.dcmread(io.BytesIO(api.get_bytes(f"/instances/{r.orthanc_instance_id}/file")),
+                            stop_before_pixels=True)
+            for r in rows
+        ]
+        cases = [SimilarCase.from_answer(m.as_public_dict(disclose_identity=False)) for m in matches]
+        sr = build_similarity_report(evidence, cases, algorithm_version=lookalike.__version__,
+                                     model_version=", ".join(versions), series_instance_uid=series_uid,
+                                     sop_instance_uid=sop_uid)
+        buf = io.BytesIO()
+        sr.save_as(buf, enforce_file_format=True)
+        store_instance(api, buf.getvalue())
+        filed = _filed_report(api, study_id, sop_uid)
+        if filed is None:
+            raise RuntimeError(f"the report {sop_uid} was stored but Orthanc does not list it in study {study_id}")
+        existing = False
+    else:
+        existing = True
+    series_tags = filed["series"].get("MainDicomTags", {})
+    return 200, {
+        "study": study_id,
+        "report": filed["instance"]["ID"],
+        "series": filed["series"]["ID"],
+        "sop_instance_uid": sop_uid,
+        "series_instance_uid": series_uid,
+        "series_description": series_tags.get("SeriesDescription", ""),
+        "series_date": series_tags.get("SeriesDate", ""),
+        "series_time": series_tags.get("SeriesTime", ""),
+        "similar": len(matches),
+        "limit": limit,
+        "scope": scope,
+        "existing": existing,
+    }
 
 
 def status(store: IndexStore, queue_length: Callable[[], int | None], pending: int = 0) -> Response:
