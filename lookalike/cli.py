@@ -111,6 +111,8 @@ PASSTHROUGH = {
     "samples": ("rebuild the bundled sample studies", _passthrough("lookalike.dicom_io.samples")),
     "evaluate": ("retrieval figures of an encoder under the evaluation protocol", _passthrough("lookalike.encoders.evaluate")),
     "embed": ("embed the images of a manifest into a .npy", _passthrough("lookalike.encoders.embed")),
+    "lesions": ("lesion box of each ultrasound image of a manifest into a CSV", _passthrough("lookalike.encoders.lesion")),
+    "train-lesions": ("train the ultrasound lesion finder", _passthrough("lookalike.encoders.lesion_training")),
     "check": ("decode DICOM files as the worker would and say what happens to each", _passthrough("lookalike.dicom_io.check")),
 }
 

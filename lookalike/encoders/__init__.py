@@ -4,6 +4,6 @@ Importing this package does not import torch; :func:`load_encoder` does, so proc
 names (the Orthanc plugin) stay light.
 """
 
-from lookalike.encoders.base import ENCODER_NAMES, Encoder, load_encoder
+from lookalike.encoders.base import ENCODER_NAMES, Embedding, Encoder, load_encoder
 
-__all__ = ["ENCODER_NAMES", "Encoder", "load_encoder"]
+__all__ = ["ENCODER_NAMES", "Embedding", "Encoder", "load_encoder"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,19 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """What :meth:`Encoder.embed_with_boxes` gives: the vectors and, per image, the lesion box it used.
+
+    ``boxes[i]`` is a :class:`lookalike.encoders.lesion.LesionBox` in image ``i``'s own pixels (the array handed
+    to the encoder, e.g. the decoded frame after its imaging-region crop), or None: no lesion found, or an
+    encoder without a lesion finder; the vector then comes from the whole image.
+    """
+
+    vectors: np.ndarray
+    boxes: list[Any]
 
 
 class Encoder:
@@ -50,6 +64,14 @@ class Encoder:
         Mean L2-normalised embedding of the training images (``arch["center"]``), subtracted before the final
         normalisation. Without it the vectors share a large common component and every cosine lies near 1;
         centred, a cosine says how alike two images are relative to the typical training image.
+    views : sequence of str
+        Input channels (:func:`lookalike.encoders.lesion.prepare_views`): ``("whole",)`` or
+        ``("whole", "lesion")``.
+    finder : lookalike.encoders.lesion.LesionFinder, optional
+        Runs on every image inside :meth:`embed_with_boxes`, so the worker, ``lookalike embed`` and
+        evaluation crop the lesion by one code path; required for the ``"lesion"`` view.
+    lesion_margin : float
+        Context around the lesion box, as a fraction of its size on each side.
     """
 
     def __init__(
@@ -61,6 +83,9 @@ class Encoder:
         model_version: str,
         batch_size: int = 64,
         center: Sequence[float] | None = None,
+        views: Sequence[str] = ("whole",),
+        finder: Any = None,
+        lesion_margin: float = 0.5,
     ) -> None:
         from lookalike.encoders.preprocessing import build_preprocess
 
@@ -71,6 +96,9 @@ class Encoder:
         self.model_version = model_version
         self.batch_size = int(batch_size)
         self.center = None if center is None else np.asarray(center, dtype=np.float32)
+        self.views = tuple(views)
+        self.finder = finder
+        self.lesion_margin = float(lesion_margin)
         self._preprocess = build_preprocess(self.image_size)
         self._lock = threading.Lock()
 
@@ -78,7 +106,7 @@ class Encoder:
         return f"Encoder(name={self.name!r}, dim={self.dim}, model_version={self.model_version!r})"
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Embed grayscale images.
+        """Embed grayscale images: :meth:`embed_with_boxes` without the boxes.
 
         Parameters
         ----------
@@ -90,21 +118,32 @@ class Encoder:
         numpy.ndarray
             float32 (n, dim), rows L2-normalised; the same input gives the same bits on the same machine.
         """
+        return self.embed_with_boxes(images).vectors
+
+    def embed_with_boxes(self, images: Sequence[np.ndarray]) -> Embedding:
+        """Embed grayscale images and say which lesion box each vector was made from.
+
+        The lesion finder (when the checkpoint has one) runs here, in batches of ``batch_size``, so that
+        every caller gets the same crop for the same pixels.
+        """
         import torch
         import torch.nn.functional as F
 
-        from lookalike.encoders.preprocessing import check_image
+        from lookalike.encoders.lesion import prepare_views
 
         if len(images) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        out = []
+            return Embedding(np.zeros((0, self.dim), dtype=np.float32), [])
+        out, boxes = [], []
         with self._lock, torch.no_grad():
             self.net.eval()
             for i in range(0, len(images), self.batch_size):
-                batch = torch.stack([self._preprocess(check_image(im)) for im in images[i : i + self.batch_size]])
+                batch, found = prepare_views(
+                    images[i : i + self.batch_size], self._preprocess, self.views, self.finder, self.lesion_margin
+                )
                 vectors = F.normalize(self.net(batch).float(), dim=1).numpy()
                 out.append(vectors if self.center is None else centre_vectors(vectors, self.center))
-        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+                boxes += found
+        return Embedding(np.ascontiguousarray(np.concatenate(out), dtype=np.float32), boxes)
 
 
 def centre_vectors(vectors: np.ndarray, center: np.ndarray) -> np.ndarray:
@@ -164,6 +203,11 @@ def load_encoder(name: str, weights: str | Path | None = None) -> Encoder:
         sha = file_sha256(path)
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         arch = ckpt["arch"]
+        finder = None
+        if "lesion" in ckpt:
+            from lookalike.encoders.lesion import finder_from_checkpoint
+
+            finder = finder_from_checkpoint(ckpt)
         if arch.get("name") != name:
             raise ValueError(f"{path} holds a {arch.get('name')!r} encoder, not {name!r}")
         net = build_net(arch)
@@ -172,6 +216,9 @@ def load_encoder(name: str, weights: str | Path | None = None) -> Encoder:
         bad = [k for k in missing if not k.startswith(allowed_missing)]
         if bad or unexpected:
             raise ValueError(f"{path}: state_dict does not match its arch (missing {bad[:5]}, unexpected {unexpected[:5]})")
-        enc = Encoder(name, net, arch["image_size"], arch["dim"], f"{name}-{arch['tag']}-{sha[:8]}", center=arch.get("center"))
+        enc = Encoder(
+            name, net, arch["image_size"], arch["dim"], f"{name}-{arch['tag']}-{sha[:8]}", center=arch.get("center"),
+            views=arch.get("views", ("whole",)), finder=finder, lesion_margin=arch.get("lesion_margin", 0.5),
+        )
         _CACHE[key] = (stamp, enc)
         return enc

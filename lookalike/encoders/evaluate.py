@@ -6,6 +6,8 @@ Two settings, as the protocol defines them:
 - **cross-domain** (``--cross-domain``): a set the model never trained on, benign/malignant rows only, each
   image querying all the others (leave-one-out).
 
+An archive set whose manifest has a ``device`` column also gets P@k per scanner (``report["per_device"]``).
+
 In both, gallery items of the query's own ``group`` never count. Every encoder figure is printed beside the
 chance P@k and the raw-pixel baseline computed on the same queries and gallery, so that it always has its
 floor next to it. Images are read by the same function as training and ``lookalike embed``
@@ -112,6 +114,11 @@ def evaluate(
     enc_m = retrieval_metrics(emb[qp], ql, qg, emb[gp], gl, gg, k=k, exclude_self=loo)
     raw_m = retrieval_metrics(raw[qp], ql, qg, raw[gp], gl, gg, k=k, exclude_self=loo)
     sim, excluded, order = rank_gallery(emb[qp], qg, emb[gp], gg, exclude_self=loo)
+    per_device = None
+    if not loo and any(r.get("device") for r in queries):  # archive sets only: query i is gallery i in leave-one-out
+        per_device = per_device_table(queries, lambda sel: retrieval_metrics(
+            emb[qp][sel], [ql[i] for i in sel], [qg[i] for i in sel], emb[gp], gl, gg, k=k
+        ), k)
     report: dict[str, Any] = {
         "modality": modality,
         "model": str(Path(model).resolve()) if model else "shipped",
@@ -126,7 +133,32 @@ def evaluate(
         "raw_pixels": raw_m,
         f"chance-P@{k}": enc_m[f"chance-P@{k}"],
     }
+    if per_device is not None:
+        report["per_device"] = per_device
     return Evaluation(report, queries, gallery, sim, excluded, order)
+
+
+def per_device_table(queries: list[dict[str, str]], score: Any, k: int = 5) -> list[dict[str, Any]]:
+    """P@k and macro-P@k of the queries of each scanner (manifest column ``device``), against the whole gallery.
+
+    One row per device among the queries, in order of first appearance; queries without a device are one row
+    named ``""``. One scanner carrying the average is not generalisation: this table shows it.
+
+    Parameters
+    ----------
+    queries : list of dict
+        The query rows, in the order ``score`` indexes them.
+    score : callable
+        ``score(indices)`` -> :func:`~lookalike.encoders.metrics.retrieval_metrics` of those queries.
+    """
+    by_device: dict[str, list[int]] = {}
+    for i, r in enumerate(queries):
+        by_device.setdefault(r.get("device", ""), []).append(i)
+    rows = []
+    for device, sel in by_device.items():
+        m = score(sel)
+        rows.append({"device": device, "n_queries": len(sel), f"P@{k}": m[f"P@{k}"], f"macro-P@{k}": m[f"macro-P@{k}"]})
+    return rows
 
 
 def figure_queries(labels: list[str], n: int) -> list[int]:
@@ -208,6 +240,10 @@ def format_table(report: dict[str, Any]) -> str:
     for name in ("encoder", "raw_pixels"):
         lines.append(f"{name:12s}" + "".join(f"{report[name][c]:12.3f}" for c in cols))
     lines.append(f"{'chance':12s}{report[f'chance-P@{k}']:12.3f}")
+    if report.get("per_device"):
+        lines.append(f"{'device':32s}{'queries':>10s}{f'P@{k}':>12s}{f'macro-P@{k}':>12s}")
+        for row in report["per_device"]:
+            lines.append(f"{row['device'][:32]:32s}{row['n_queries']:10d}{row[f'P@{k}']:12.3f}{row[f'macro-P@{k}']:12.3f}")
     return "\n".join(lines)
 
 

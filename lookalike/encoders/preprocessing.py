@@ -32,6 +32,17 @@ def load_image(path: str | Path, modality: str | None = None) -> np.ndarray:
     numpy.ndarray
         float32 array of shape (H, W) with values in [0, 1].
     """
+    return load_image_with_region(path, modality)[0]
+
+
+def load_image_with_region(
+    path: str | Path, modality: str | None = None
+) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+    """:func:`load_image` and the imaging region it cut out, (x0, y0, x1, y1) in the file's pixels or None.
+
+    The region is what turns a lesion box found on the cropped image back into the file's own pixels
+    (``lookalike lesions``) and crops a mask the same way as its image (lesion finder training).
+    """
     from PIL import Image
 
     from lookalike.dicom_io.decode import find_imaging_region
@@ -43,12 +54,11 @@ def load_image(path: str | Path, modality: str | None = None) -> np.ndarray:
             gray = (arr / top if top > 0 else arr).astype(np.float32)
         else:
             gray = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    if modality == "us":
-        box = find_imaging_region(gray)
-        if box is not None:
-            x0, y0, x1, y1 = box
-            gray = gray[y0:y1, x0:x1]
-    return gray
+    box = find_imaging_region(gray) if modality == "us" else None
+    if box is not None:
+        x0, y0, x1, y1 = box
+        gray = gray[y0:y1, x0:x1]
+    return gray, box
 
 
 def read_manifest(data: str | Path) -> list[dict[str, str]]:
@@ -61,7 +71,7 @@ def read_manifest(data: str | Path) -> list[dict[str, str]]:
     ----------
     data : str or Path
         A folder holding ``manifest.csv``, or a CSV file; ``path`` entries are relative to the CSV's folder
-        (absolute ones are kept). Only the ``path`` column is required.
+        (absolute ones are kept), and so are non-empty ``mask`` entries. Only the ``path`` column is required.
 
     Raises
     ------
@@ -83,6 +93,8 @@ def read_manifest(data: str | Path) -> list[dict[str, str]]:
         rows = list(reader)
     for r in rows:
         r["path"] = str(csv_path.parent / r["path"])
+        if r.get("mask"):
+            r["mask"] = str(csv_path.parent / r["mask"])
     return rows
 
 
@@ -131,7 +143,7 @@ def build_preprocess(size: int) -> Any:
     )
 
 
-def build_augment(size: int, flip: bool = True, field_of_view: bool = False) -> Any:
+def build_augment(size: int, flip: bool = True, field_of_view: bool = False, scanner: bool = False) -> Any:
     """Training-only MONAI augmentation applied to a preprocessed (1, size, size) tensor.
 
     Flips, a small affine (rotation, scale, shift), gamma contrast and mild noise; output clipped to [0, 1].
@@ -148,6 +160,9 @@ def build_augment(size: int, flip: bool = True, field_of_view: bool = False) -> 
         squashing images of other aspect ratios to a square stretches them), blur (other probes and
         resolutions) and a random monotone intensity curve (other gain and dynamic-range settings). BUSI's
         images are framed tightly on the lesion; breast ultrasound from elsewhere is not.
+    scanner : bool
+        Add :func:`lookalike.encoders.augment.scanner_intensity_steps` (gain, depth-dependent gain, lateral gain field, speckle, blur,
+        gamma) in place of the plain gamma and noise; works on multi-channel views too (one draw for all).
     """
     from monai.transforms import (
         Compose,
@@ -186,9 +201,13 @@ def build_augment(size: int, flip: bool = True, field_of_view: bool = False) -> 
                 padding_mode="zeros",
             )
         )
+    from lookalike.encoders.augment import scanner_intensity_steps
+
+    steps += (
+        scanner_intensity_steps() if scanner
+        else [RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5)), RandGaussianNoise(prob=0.3, std=0.03)]
+    )
     steps += [
-        RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5)),
-        RandGaussianNoise(prob=0.3, std=0.03),
         ScaleIntensityRange(a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
         EnsureType(data_type="tensor", track_meta=False),
     ]

@@ -12,6 +12,10 @@ Forward pass for one (1, 64, 64) image:
 3. Fusion: [mean-pool h, max-pool h, 4x4-pooled z, mean-pool of the UNet middle features (averaged over
    steps), 4x4-pooled refined latent] -> LayerNorm -> MLP -> ``dim``; the caller L2-normalises.
 
+``arch["views"]`` (default ``["whole"]``) names the input channels (:data:`lookalike.encoders.lesion.VIEWS`):
+with ``["whole", "lesion"]`` the image and the lesion crop the finder made (with context) each go through the
+same VAE and refinement, and their fused features are concatenated before the head.
+
 ``arch["features"]`` may name a subset of the feature blocks (:data:`FEATURE_BLOCKS`); when neither ``m`` nor
 ``zr`` is named, the refinement is not run at all (it is 45-66 % of the network time, and the ablation in
 ``bench/us_ablation.py`` found the VAE blocks alone as good). Checkpoints without the key use all blocks.
@@ -125,7 +129,8 @@ class UltrasoundNet(nn.Module):
         if unknown or not self.blocks:
             raise ValueError(f"features must be a non-empty subset of {FEATURE_BLOCKS}, got {self.blocks}")
         width = {"h": 2 * ch, "z": lat * 16, "m": mid, "zr": lat * 16}
-        self.feat_dim = sum(width[b] for b in self.blocks)
+        self.views = tuple(arch.get("views", ("whole",)))
+        self.feat_dim = len(self.views) * sum(width[b] for b in self.blocks)
         self.head = projection_head(self.feat_dim, arch["head_hidden"], arch["dim"])
         self._mid: list[torch.Tensor] = []
         self.unet.middle_block.register_forward_hook(lambda _m, _i, out: self._mid.append(out))
@@ -156,7 +161,14 @@ class UltrasoundNet(nn.Module):
         return x, mid
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Fused feature vector before the projection head."""
+        """Fused feature vector before the projection head: (B, V, S, S) -> (B, V * per-view features)."""
+        b, v = x.shape[:2]
+        if v != len(self.views):
+            raise ValueError(f"expected {len(self.views)} view channel(s) {self.views}, got {v}")
+        return self.view_features(x.reshape(b * v, 1, *x.shape[2:])).reshape(b, -1)
+
+    def view_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Fused features of single-channel images (B, 1, S, S): VAE blocks, then refinement blocks if named."""
         h, z = self.encode(x)
         parts = {"h": torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1), "z": F.adaptive_avg_pool2d(z, 4).flatten(1)}
         if "m" in self.blocks or "zr" in self.blocks:
@@ -165,5 +177,5 @@ class UltrasoundNet(nn.Module):
         return torch.cat([parts[b] for b in FEATURE_BLOCKS if b in self.blocks], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) in [0, 1] -> (B, dim) unnormalised embedding."""
+        """(B, V, S, S) in [0, 1], one channel per view -> (B, dim) unnormalised embedding."""
         return self.head(self.features(x))
