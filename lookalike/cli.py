@@ -72,6 +72,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     stack = Stack(config)
     print(f"lookalike: starting Redis :{config.redis_port}, Orthanc :{config.http_port} (DICOM :{config.dicom_port}), worker")
     print(f"lookalike: logs in {config.logs}")
+    settings = config.settings()
+    callers = ", ".join(f"{aet} from {' '.join(hosts)}" for aet, hosts in settings.query_allowed.items())
+    print(f"lookalike: DICOM query endpoint {settings.query_aet} on :{config.query_port} (C-FIND similar studies,"
+          f" C-MOVE, C-ECHO) answers {callers}; audit trail {settings.audit_log}")
     stopping = False
 
     def stop(*_: object) -> None:
@@ -85,7 +89,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             store_samples(stack, sorted(SAMPLES.glob("*.dcm")))
             show_example(stack, sample_labels(SAMPLES / "index.csv"))
         print(f"\nOrthanc Explorer: {config.orthanc_url}/app/explorer.html  user admin, password {config.admin_password}")
-        print("Ctrl-C stops Redis, Orthanc and the worker.")
+        print(f"From a workstation: findscu -S -aet FINDSCU -aec {settings.query_aet} -k QueryRetrieveLevel=STUDY"
+              f" -k StudyInstanceUID=UID -k StudyDate -k StudyDescription 127.0.0.1 {config.query_port}")
+        print("Ctrl-C stops Redis, Orthanc, the worker and the query endpoint.")
         while not stopping:
             for name, proc in stack.procs.items():
                 if proc.poll() is not None:

@@ -30,6 +30,8 @@ SOURCE_ROOT = PLUGIN_SCRIPT.parent.parent.parent
 ORTHANC_AET = "ORTHANC"
 #: AE titles allowed to talk DICOM to this Orthanc (DCMTK's defaults, on loopback).
 KNOWN_MODALITIES = {"STORESCU": "STORESCU", "FINDSCU": "FINDSCU"}
+#: Calling AE titles the DICOM query endpoint answers (DCMTK's findscu and movescu defaults, on loopback).
+QUERY_CALLERS = ("FINDSCU", "MOVESCU")
 
 
 def free_port(preferred: int = 0) -> int:
@@ -59,6 +61,8 @@ class StackConfig:
     redis_port: int
     admin_password: str
     service_password: str
+    #: The DICOM query endpoint's port (``lookalike query-scp``); 0 in a stack.json older than the endpoint.
+    query_port: int = 0
     stable_age: int = 2
     with_plugin: bool = True
     #: Encoder name -> checkpoint path, replacing the shipped weights (a hospital's own model).
@@ -73,6 +77,7 @@ class StackConfig:
             http_port=kw.pop("http_port", None) or free_port(),
             dicom_port=kw.pop("dicom_port", None) or free_port(),
             redis_port=kw.pop("redis_port", None) or free_port(),
+            query_port=kw.pop("query_port", None) or free_port(),
             admin_password=secrets.token_urlsafe(12),
             service_password=secrets.token_urlsafe(18),
             **kw,
@@ -83,9 +88,14 @@ class StackConfig:
         if path.exists():
             data = json.loads(path.read_text())
             data["state_dir"] = Path(data["state_dir"])
-            return cls(**data)
-        # Orthanc's and Redis's usual ports where they are free, so that viewers find the usual URL.
-        cfg = cls.create(state_dir, http_port=free_port(8042), dicom_port=free_port(4242), redis_port=free_port(6379))
+            cfg = cls(**data)
+            if cfg.query_port:
+                return cfg
+            cfg.query_port = free_port(11112)  # kept from now on, so that workstations keep finding it
+        else:
+            # The usual ports of Orthanc, Redis and a DICOM query SCP where they are free: viewers find them.
+            cfg = cls.create(state_dir, http_port=free_port(8042), dicom_port=free_port(4242),
+                             redis_port=free_port(6379), query_port=free_port(11112))
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {**cfg.__dict__, "state_dir": str(cfg.state_dir)}
         path.write_text(json.dumps(data, indent=2))
@@ -109,6 +119,10 @@ class StackConfig:
             redis_url=f"redis://127.0.0.1:{self.redis_port}/0",
             index_dir=str(self.state_dir / "index"),
             weights=dict(self.weights),
+            audit_log=str(self.logs / "audit.jsonl"),
+            query_host="127.0.0.1",
+            query_port=self.query_port,
+            query_allowed={aet: ["127.0.0.1"] for aet in QUERY_CALLERS},
         )
 
     def orthanc_config(self) -> dict:
@@ -172,6 +186,8 @@ class Stack:
         try:
             self._start_redis()
             self._start_orthanc(orthanc_json)
+            if cfg.with_plugin:
+                self._start_query_scp(settings_path)
             if self.with_worker:
                 self.start_worker()
             self.wait_ready(timeout)
@@ -205,6 +221,14 @@ class Stack:
             [orthanc, "--verbose-plugins", f"--logdir={self.config.logs}", str(config_path)],
         )
 
+    def _start_query_scp(self, settings_path: Path) -> None:
+        """The DICOM query endpoint, a process of its own beside Orthanc (see ``lookalike.indexer.query_scp``)."""
+        self._spawn(
+            "query-scp",
+            [sys.executable, "-m", "lookalike.cli", "--config", str(settings_path), "query-scp",
+             "--logfile", str(self.config.logs / "query-scp.log")],
+        )
+
     def start_worker(self) -> None:
         """One Celery worker, one process: the index has one writer, and the model is loaded once."""
         self._spawn(
@@ -226,6 +250,8 @@ class Stack:
         self._wait(lambda: self.http().get(f"{self.config.orthanc_url}/system", timeout=2).ok, deadline, "orthanc")
         if "worker" in self.procs:
             self._wait(self._worker_ready, deadline, "worker")
+        if "query-scp" in self.procs:
+            self._wait(self._query_scp_ready, deadline, "query-scp")
 
     def _wait(self, probe, deadline: float, name: str) -> None:
         while time.monotonic() < deadline:
@@ -248,6 +274,10 @@ class Stack:
     def _worker_ready(self) -> bool:
         log = self.config.logs / "worker.log"
         return log.exists() and "ready." in log.read_text(errors="replace")
+
+    def _query_scp_ready(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.config.query_port), timeout=1):
+            return True
 
     def http(self, user: str = "admin") -> requests.Session:
         """An HTTP session on Orthanc with the named user's credentials."""
@@ -274,8 +304,8 @@ class Stack:
         proc.wait()
 
     def stop(self) -> None:
-        """Worker first (it finishes its task), then Orthanc, then Redis."""
-        for name in ("worker", "orthanc", "redis"):
+        """The query endpoint, the worker (it finishes its task), then Orthanc, then Redis."""
+        for name in ("query-scp", "worker", "orthanc", "redis"):
             self._terminate(name, 20.0)
 
     def __enter__(self) -> "Stack":

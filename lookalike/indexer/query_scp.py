@@ -1,0 +1,504 @@
+"""The DICOM query endpoint: a workstation asks "studies similar to this one" with a plain C-FIND.
+
+A pynetdicom SCP in a process of its own (``lookalike query-scp``, started by ``lookalike run``), beside Orthanc
+rather than inside it: a plugin's C-FIND callback would take over every C-FIND Orthanc receives, and the PACS's
+own study queries would have to be written again.
+
+The conversation, as a workstation sees it:
+
+C-FIND (Study Root or Patient Root, QueryRetrieveLevel STUDY)
+    The identifier's StudyInstanceUID names the study on screen (one UID, no wildcard). Each similar study comes
+    back as one pending response, best first, with the return keys asked for (StudyInstanceUID, StudyDate,
+    ModalitiesInStudy, NumberOfStudyRelatedInstances, StudyDescription, ...) filled from Orthanc. Rank and
+    similarity are in the private block :data:`PRIVATE_CREATOR` of group 0x0099 (:data:`RANK` IS,
+    :data:`SIMILARITY` DS, :data:`MODEL_VERSION` LO, :data:`QUERY_STUDY` UI) and, unless switched off, at the head
+    of StudyDescription, which every workstation lists.
+    Matching keys narrow the answer: ModalitiesInStudy (any of the values), StudyDate (a date or a range), and
+    PatientID, which asks for that patient's priors only (scope "patient"; a PatientID other than the query
+    study's matches nothing).
+C-MOVE (STUDY, SERIES or IMAGE level: a result study, or the SR filed into the study on screen)
+    Orthanc sends the resources (``POST /modalities/{name}/store``) to the destination, which must be one of
+    Orthanc's DICOM modalities. The final response is Success with zero sub-operations of this SCP's own: the
+    sub-operations are Orthanc's, and failures come back as a failure status with an ErrorComment.
+C-ECHO
+    Success.
+
+Who may ask: the calling AE titles of ``Settings.query_allowed``, each from its listed hosts; any other association
+is rejected (calling AE title not recognised) and the reason logged. Answers never name another patient (no
+PatientID, PatientName, AccessionNumber, ... of a study that is not the query patient's) unless
+``Settings.disclose_other_patients``: only the keys of :data:`STUDY_KEYS` are filled for those studies, and the
+decision is :meth:`lookalike.indexer.lookup.SimilarStudy.as_public_dict`'s. Every C-FIND and C-MOVE is written
+to the audit trail (:mod:`lookalike.indexer.audit`) before it is answered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from lookalike.config import Settings
+from lookalike.orthanc_rest import HttpOrthanc, OrthancApi, OrthancError, get_json
+
+from .audit import AuditLog
+from .lookup import SimilarStudy, StudyNotIndexedError, similar_studies
+from .store import IndexStore
+
+log = logging.getLogger("lookalike.query_scp")
+
+PRIVATE_GROUP = 0x0099
+PRIVATE_CREATOR = "LOOKALIKE 1.0"
+#: Element offsets in the private block: rank (IS), similarity (DS), model version (LO), query study UID (UI).
+RANK, SIMILARITY, MODEL_VERSION, QUERY_STUDY = 0x01, 0x02, 0x03, 0x04
+
+#: Return keys that say nothing about who the patient is: filled for every answer. Any other key asked for
+#: (PatientID, PatientName, AccessionNumber, PatientBirthDate, ...) is filled only where the answer may name the
+#: patient (the query patient's own studies, or a site that discloses other patients), else returned empty.
+STUDY_KEYS = frozenset({
+    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyDescription", "ModalitiesInStudy",
+    "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "RetrieveAETitle", "QueryRetrieveLevel",
+    "SpecificCharacterSet",
+})
+
+# Status codes (PS3.4 C.4.1.1.4 and C.4.2.1.5); the 0xC0xx "unable to process" ones are this endpoint's own.
+SUCCESS = 0x0000
+CANCEL = 0xFE00
+PENDING = 0xFF00
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+MOVE_DESTINATION_UNKNOWN = 0xA801
+UNKNOWN_STUDY = 0xC001
+STUDY_NOT_INDEXED = 0xC002
+ORTHANC_FAILED = 0xC003
+AUDIT_FAILED = 0xC004
+#: Widening steps for a narrowed lookup: candidates asked of the index before filtering, times max results.
+_POOL_FACTORS = (1, 4, 16, 64)
+
+
+class QueryRefused(Exception):
+    """A request this endpoint answers with a failure ``status`` and an ErrorComment (64 characters at most)."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+    def status_dataset(self) -> Dataset:
+        ds = Dataset()
+        ds.Status = self.status
+        ds.ErrorComment = self.comment[:64]
+        return ds
+
+
+# -- reading a C-FIND identifier -----------------------------------------------------------------------------------
+
+def _text(identifier: Dataset, keyword: str) -> str:
+    value = identifier.get(keyword)
+    if value is None or isinstance(value, (list, MultiValue)):
+        return "\\".join(str(v) for v in value or [])
+    return str(value).strip()
+
+
+def _is_universal(value: str) -> bool:
+    """An empty value or a lone ``*`` matches everything (PS3.4 C.2.2.2.3): the key is a return key only."""
+    return value in ("", "*")
+
+
+def parse_date_range(value: str) -> tuple[str, str] | None:
+    """A DA matching value (``YYYYMMDD``, ``A-``, ``-B``, ``A-B``) as an inclusive ``(low, high)``; None for any date.
+
+    Raises
+    ------
+    QueryRefused
+        Not a date or a range of dates.
+    """
+    value = value.strip()
+    if _is_universal(value):
+        return None
+    low, sep, high = value.partition("-")
+    high = high if sep else low
+    for part in (low, high):
+        if part and not (len(part) == 8 and part.isdigit()):
+            raise QueryRefused(IDENTIFIER_DOES_NOT_MATCH, f"StudyDate {value!r} is not YYYYMMDD or a range")
+    return low or "00000000", high or "99999999"
+
+
+@dataclass(frozen=True)
+class FindRequest:
+    """What a C-FIND identifier asks: the study on screen and the keys that narrow the answer."""
+
+    study_instance_uid: str
+    #: A PatientID given: that patient's priors only.
+    patient_id: str | None
+    #: Any of these in the study's modalities; empty: any modality.
+    modalities: frozenset[str]
+    #: Inclusive StudyDate bounds; None: any date.
+    study_date: tuple[str, str] | None
+
+    @property
+    def scope(self) -> str:
+        return "archive" if self.patient_id is None else "patient"
+
+    @property
+    def narrowed(self) -> bool:
+        return bool(self.modalities) or self.study_date is not None
+
+    @classmethod
+    def from_identifier(cls, identifier: Dataset) -> "FindRequest":
+        """Read the identifier of a STUDY-level C-FIND.
+
+        Raises
+        ------
+        QueryRefused
+            Another level, or no single StudyInstanceUID naming the study on screen.
+        """
+        level = _text(identifier, "QueryRetrieveLevel").upper()
+        if level != "STUDY":
+            raise QueryRefused(IDENTIFIER_DOES_NOT_MATCH, f"QueryRetrieveLevel must be STUDY, not {level!r}")
+        uid = _text(identifier, "StudyInstanceUID")
+        if not uid or "\\" in uid or "*" in uid or "?" in uid:
+            raise QueryRefused(IDENTIFIER_DOES_NOT_MATCH, "StudyInstanceUID must name the one study on screen")
+        patient_id = _text(identifier, "PatientID")
+        modalities = _text(identifier, "ModalitiesInStudy")
+        return cls(
+            study_instance_uid=uid,
+            patient_id=None if _is_universal(patient_id) else patient_id,
+            modalities=frozenset() if _is_universal(modalities) else frozenset(m.strip().upper()
+                                                                               for m in modalities.split("\\")),
+            study_date=parse_date_range(_text(identifier, "StudyDate")),
+        )
+
+
+# -- Orthanc ------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """A study as Orthanc's database describes it: its main tags and the counts a C-FIND answer computes."""
+
+    orthanc_study_id: str
+    #: Orthanc's MainDicomTags of the study and its patient, by DICOM keyword.
+    tags: dict[str, str]
+    modalities: tuple[str, ...]
+    series: int
+    instances: int
+
+    def value(self, keyword: str) -> str:
+        computed = {
+            "ModalitiesInStudy": "\\".join(self.modalities),
+            "NumberOfStudyRelatedSeries": str(self.series),
+            "NumberOfStudyRelatedInstances": str(self.instances),
+        }
+        return computed.get(keyword, self.tags.get(keyword, ""))
+
+
+def study_info(api: OrthancApi, orthanc_study_id: str) -> StudyInfo:
+    """Two calls to Orthanc's database (no file read): the study, then its series."""
+    study = get_json(api, f"/studies/{orthanc_study_id}")
+    series = get_json(api, f"/studies/{orthanc_study_id}/series")
+    modalities = sorted({s.get("MainDicomTags", {}).get("Modality", "") for s in series} - {""})
+    return StudyInfo(
+        orthanc_study_id=orthanc_study_id,
+        tags={**study.get("PatientMainDicomTags", {}), **study.get("MainDicomTags", {})},
+        modalities=tuple(modalities),
+        series=len(series),
+        instances=sum(len(s.get("Instances", [])) for s in series),
+    )
+
+
+def lookup_uid(api: OrthancApi, uid: str, resource_type: str) -> str | None:
+    """The Orthanc id of the Study, Series or Instance with DICOM UID ``uid``; None if Orthanc has none."""
+    found = json.loads(api.post_bytes("/tools/lookup", uid.encode()))
+    return next((x["ID"] for x in found if x.get("Type") == resource_type), None)
+
+
+# -- answering ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FindResult:
+    """The answer to one C-FIND: the study on screen and its similar studies, best first."""
+
+    query: StudyInfo
+    matches: list[tuple[SimilarStudy, StudyInfo]]
+
+
+def _date_matches(date: str, bounds: tuple[str, str] | None) -> bool:
+    return bounds is None or (bool(date) and bounds[0] <= date <= bounds[1])
+
+
+def find_similar(api: OrthancApi, store: IndexStore, request: FindRequest, max_results: int) -> FindResult:
+    """The similar studies a C-FIND answers, with what Orthanc says of each, at most ``max_results``.
+
+    With narrowing keys the index is asked for more candidates than ``max_results`` (up to 64 times as many), so
+    that filtering does not leave the answer short while better-fitting studies exist.
+
+    Raises
+    ------
+    QueryRefused
+        The study is unknown to Orthanc, or not indexed (yet).
+    """
+    query_id = lookup_uid(api, request.study_instance_uid, "Study")
+    if query_id is None:
+        raise QueryRefused(UNKNOWN_STUDY, "no study with this StudyInstanceUID in the archive")
+    query = study_info(api, query_id)
+    if request.patient_id is not None and request.patient_id != query.tags.get("PatientID", ""):
+        return FindResult(query, [])  # the priors of another patient than the study on screen: none
+    store.refresh()
+    infos: dict[str, StudyInfo] = {}
+    for factor in _POOL_FACTORS if request.narrowed else (1,):
+        pool = max_results * factor
+        try:
+            candidates = similar_studies(store, query_id, pool, request.scope)
+        except StudyNotIndexedError:
+            raise QueryRefused(STUDY_NOT_INDEXED, "study not indexed (yet): no US, DX or CR image searchable") from None
+        matches = []
+        for similar in candidates:
+            if not _date_matches(similar.study_date, request.study_date):
+                continue  # the catalogue's StudyDate spares a call to Orthanc
+            info = infos.get(similar.orthanc_study_id) or study_info(api, similar.orthanc_study_id)
+            infos[similar.orthanc_study_id] = info
+            if request.modalities and not request.modalities & set(info.modalities):
+                continue
+            matches.append((similar, info))
+            if len(matches) == max_results:
+                return FindResult(query, matches)
+        if len(candidates) < pool:
+            break  # the index has nothing more to offer
+    return FindResult(query, matches)
+
+
+def _needs_utf8(ds: Dataset) -> bool:
+    return any(isinstance(e.value, str) and not e.value.isascii() for e in ds)
+
+
+def answer_dataset(identifier: Dataset, similar: SimilarStudy, info: StudyInfo, query_uid: str, *, aet: str,
+                   disclose_other_patients: bool, score_in_description: bool) -> Dataset:
+    """One pending C-FIND response: the return keys of ``identifier`` filled for ``similar``, plus the private block.
+
+    Whether the patient may be named is :meth:`SimilarStudy.as_public_dict`'s decision (the query patient's own
+    studies always may); where it may not, every key outside :data:`STUDY_KEYS` comes back empty.
+    """
+    may_name = "patient_id" in similar.as_public_dict(disclose_other_patients or similar.same_patient)
+    ds = Dataset()
+    for elem in identifier:
+        if elem.tag.is_private or elem.VR == "SQ" or elem.keyword in ("", "SpecificCharacterSet"):
+            continue  # sequences and private keys of the SCU are not matched here: returned as nothing
+        keyword = elem.keyword
+        value = info.value(keyword) if (keyword in STUDY_KEYS or may_name) else ""
+        ds.add_new(elem.tag, elem.VR, value or None)
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = similar.study_instance_uid
+    ds.RetrieveAETitle = aet
+    if score_in_description and "StudyDescription" in identifier:
+        head = f"#{similar.rank} sim {similar.score:.4f}"
+        original = info.tags.get("StudyDescription", "")
+        ds.StudyDescription = f"{head} | {original}"[:64] if original else head
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(RANK, "IS", similar.rank)
+    block.add_new(SIMILARITY, "DS", f"{similar.score:.6f}")
+    block.add_new(MODEL_VERSION, "LO", similar.model_version[:64])
+    block.add_new(QUERY_STUDY, "UI", query_uid)
+    if _needs_utf8(ds):
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    return ds
+
+
+# -- the service --------------------------------------------------------------------------------------------------
+
+def calling_allowed(allowed: dict[str, list[str]], aet: str, host: str) -> bool:
+    """Whether AE title ``aet`` may associate from ``host`` (an IP address; ``"*"`` in the list allows any)."""
+    hosts = allowed.get(aet.strip())
+    return hosts is not None and ("*" in hosts or host in hosts)
+
+
+class QueryEndpoint:
+    """The SCP: one pynetdicom AE with its handlers, the index read-only, Orthanc over HTTP, the audit trail.
+
+    Each association runs in a thread of its own (pynetdicom's); the index store is thread-safe, and each thread
+    gets its own HTTP session with Orthanc.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = IndexStore(settings.index_dir, readonly=True)
+        self.audit = AuditLog(settings.audit_log)
+        self._local = threading.local()
+        self.ae = AE(ae_title=settings.query_aet)
+        for context in (Verification, StudyRootQueryRetrieveInformationModelFind,
+                        PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelMove,
+                        PatientRootQueryRetrieveInformationModelMove):
+            self.ae.add_supported_context(context)
+        self.ae.require_called_aet = True
+        self.ae.maximum_associations = settings.query_max_associations
+        self.ae.acse_timeout = self.ae.dimse_timeout = settings.query_timeout
+        self.ae.network_timeout = settings.query_timeout * 2
+        self.handlers = [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_MOVE, self.on_move),
+        ]
+        self.server = None
+
+    @property
+    def api(self) -> OrthancApi:
+        api = getattr(self._local, "api", None)
+        if api is None:
+            s = self.settings
+            api = self._local.api = HttpOrthanc(s.orthanc_url, s.orthanc_user, s.orthanc_password)
+        return api
+
+    def start(self) -> None:
+        """Listen on ``query_host:query_port`` in background threads."""
+        s = self.settings
+        self.server = self.ae.start_server((s.query_host, s.query_port), block=False, evt_handlers=self.handlers)
+        log.info("%s listening on %s:%d; allowed: %s", s.query_aet, s.query_host, s.query_port,
+                 ", ".join(f"{aet} from {' '.join(hosts)}" for aet, hosts in s.query_allowed.items()) or "nobody")
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        self.audit.close()
+        self.store.close()
+
+    # -- handlers ---------------------------------------------------------------------------------------------
+
+    def on_requested(self, event: evt.Event) -> None:
+        """Reject an association whose calling AE title (or host) is not on the list, and say why in the log."""
+        requestor = event.assoc.requestor
+        aet, host = requestor.primitive.calling_ae_title.strip(), requestor.address
+        if not calling_allowed(self.settings.query_allowed, aet, host):
+            known = self.settings.query_allowed.get(aet)
+            reason = (f"calling AE title {aet!r} is not in query_allowed" if known is None
+                      else f"{aet!r} may call from {', '.join(known)} only")
+            log.warning("association from %s at %s rejected: %s", aet, host, reason)
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+            event.assoc.kill()  # as pynetdicom's own rejections do: the reject goes out before the socket closes
+
+    def on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def on_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        requestor = event.assoc.requestor
+        who, host = requestor.ae_title.strip(), requestor.address
+        identifier = event.identifier
+        try:
+            request = FindRequest.from_identifier(identifier)
+            result = find_similar(self.api, self.store, request, self.settings.query_max_results)
+        except QueryRefused as refused:
+            log.info("C-FIND from %s at %s refused: %s", who, host, refused.comment)
+            yield refused.status_dataset(), None
+            return
+        except OrthancError as exc:
+            log.error("C-FIND from %s at %s: Orthanc failed: %s", who, host, exc)
+            yield QueryRefused(ORTHANC_FAILED, "the archive could not be read").status_dataset(), None
+            return
+        try:
+            self.audit.record(
+                who=who, via="dicom", host=host, study=request.study_instance_uid,
+                orthanc_study_id=result.query.orthanc_study_id, scope=request.scope,
+                results=[s.study_instance_uid for s, _ in result.matches], action="lookup",
+                modalities=sorted(request.modalities), study_date=request.study_date,
+            )
+        except OSError as exc:
+            log.error("C-FIND from %s at %s not answered: the audit trail could not be written: %s", who, host, exc)
+            yield QueryRefused(AUDIT_FAILED, "audit trail unavailable").status_dataset(), None
+            return
+        log.info("C-FIND from %s at %s: study %s, scope %s, %d answer(s)", who, host, request.study_instance_uid,
+                 request.scope, len(result.matches))
+        s = self.settings
+        for similar, info in result.matches:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            yield PENDING, answer_dataset(identifier, similar, info, request.study_instance_uid, aet=s.query_aet,
+                                          disclose_other_patients=s.disclose_other_patients,
+                                          score_in_description=s.query_score_in_description)
+
+    def on_move(self, event: evt.Event) -> Iterator[object]:
+        """Have Orthanc send the study, series or instance named by the identifier to the move destination.
+
+        pynetdicom's C-MOVE service would open an association to the destination itself; the store is done by
+        Orthanc before that point, and zero sub-operations of this SCP's own are reported, which ends the C-MOVE
+        with Success without a second association.
+        """
+        requestor = event.assoc.requestor
+        who, host = requestor.ae_title.strip(), requestor.address
+        destination = (event.move_destination or "").strip()
+        try:
+            address = self._move(who, host, destination, event.identifier)
+        except QueryRefused as refused:
+            log.info("C-MOVE from %s at %s to %s refused: %s", who, host, destination, refused.comment)
+            if refused.status == MOVE_DESTINATION_UNKNOWN:
+                yield None, None  # pynetdicom answers 0xA801 itself
+                return
+            raise RuntimeError(refused.comment) from None  # pynetdicom answers a failure and logs the comment
+        yield address
+        yield 0
+
+    def _move(self, who: str, host: str, destination: str, identifier: Dataset) -> tuple[str, int]:
+        """Orthanc sends what ``identifier`` names to ``destination``; the destination's (host, port)."""
+        level = _text(identifier, "QueryRetrieveLevel").upper()
+        key = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}.get(level)
+        if key is None:
+            raise QueryRefused(IDENTIFIER_DOES_NOT_MATCH, f"QueryRetrieveLevel {level!r} cannot be moved")
+        uids = [u for u in _text(identifier, key).split("\\") if u]
+        if not uids:
+            raise QueryRefused(IDENTIFIER_DOES_NOT_MATCH, f"{key} is required")
+        modalities = get_json(self.api, "/modalities?expand")
+        name = next((n for n, m in modalities.items() if str(m.get("AET", "")).strip() == destination), None)
+        if name is None:
+            raise QueryRefused(MOVE_DESTINATION_UNKNOWN, f"{destination!r} is not one of Orthanc's modalities")
+        resource_type = {"STUDY": "Study", "SERIES": "Series", "IMAGE": "Instance"}[level]
+        ids = []
+        for uid in uids:
+            found = lookup_uid(self.api, uid, resource_type)
+            if found is None:
+                raise QueryRefused(UNKNOWN_STUDY, f"no {resource_type.lower()} {uid} in the archive")
+            ids.append(found)
+        self.audit.record(who=who, via="dicom", host=host, study=uids[0], orthanc_study_id=None, scope="archive",
+                          results=uids, action="retrieve", destination=destination, level=level)
+        body = json.dumps({"Resources": ids, "Synchronous": True}).encode()
+        try:
+            sent = json.loads(self.api.post_bytes(f"/modalities/{name}/store", body))
+        except OrthancError as exc:
+            raise QueryRefused(ORTHANC_FAILED, f"Orthanc could not send to {destination}: {exc}") from None
+        if sent.get("FailedInstancesCount"):
+            raise QueryRefused(ORTHANC_FAILED, f"{sent['FailedInstancesCount']} instance(s) not sent to {destination}")
+        log.info("C-MOVE from %s at %s: Orthanc sent %s instance(s) of %s %s to %s", who, host,
+                 sent.get("InstancesCount"), level.lower(), " ".join(uids), destination)
+        config = modalities[name]
+        return str(config.get("Host", "")), int(config.get("Port", 0))
+
+
+def serve(settings: Settings, logfile: str | Path | None = None) -> int:
+    """Run the endpoint until SIGTERM or SIGINT (``lookalike query-scp``)."""
+    handler: logging.Handler = logging.FileHandler(logfile) if logfile else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one line per PDU otherwise
+    endpoint = QueryEndpoint(settings)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    endpoint.start()
+    try:
+        done.wait()
+    finally:
+        endpoint.stop()
+        log.info("stopped")
+    return 0

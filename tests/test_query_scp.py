@@ -1,0 +1,273 @@
+"""The DICOM query endpoint end to end: DCMTK's findscu, movescu and echoscu against ``LOOKALIKE``, with a real
+Orthanc, Redis and Celery worker behind it, and a second real Orthanc playing the radiologist's workstation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from lookalike.dicom_io.samples import wrap_image
+from lookalike.indexer.query_scp import (
+    IDENTIFIER_DOES_NOT_MATCH,
+    PRIVATE_CREATOR,
+    PRIVATE_GROUP,
+    RANK,
+    SIMILARITY,
+    FindRequest,
+    QueryRefused,
+    calling_allowed,
+    parse_date_range,
+)
+from lookalike.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env, storescu
+from tests.conftest import wait_for
+from tests.test_stack import _indexed_total, _noisy, _orthanc_study_id, _sample_pixels, _study
+
+pytestmark = pytest.mark.stack
+
+QUERY_PATIENT = "PQSCP0001"
+OTHER_PATIENT = "PCSCP0002"
+#: What identifies the other patients of the corpus: none of it may appear in a default answer.
+OTHER_IDENTITY = ("PCSCP0002", "TEST^PCSCP0002", "PMXSCP0003", "TEST^PMXSCP0003", "CSCP0002", "MXSCP0003")
+
+
+def _private(ds: pydicom.Dataset, offset: int) -> str:
+    value = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)[offset].value
+    return value.decode().strip("\x00 ") if isinstance(value, bytes) else str(value)
+
+
+def findscu(stack: Stack, out: Path, *keys: str, aet: str = "FINDSCU", model: str = "-S", log: str = "-v") -> tuple[subprocess.CompletedProcess, list[pydicom.Dataset]]:
+    """A C-FIND as a workstation sends it; the responses as DCMTK extracted them (rsp0001.dcm, ...).
+
+    ``log="-d"`` prints the DIMSE command of each response, with its Status and ErrorComment.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    argv = ["findscu", log, model, "-aet", aet, "-aec", "LOOKALIKE", "-X", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
+            *[arg for key in keys for arg in ("-k", key)], "127.0.0.1", str(stack.config.query_port)]
+    result = subprocess.run(argv, env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+    assert "Bad override key" not in result.stderr, result.stderr  # findscu exits 0 even then
+    return result, [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+RETURN_KEYS = ("StudyDate", "StudyTime", "ModalitiesInStudy", "NumberOfStudyRelatedInstances", "StudyDescription",
+               "PatientID", "PatientName", "PatientBirthDate", "AccessionNumber")
+
+
+@pytest.fixture(scope="module")
+def cases(stack: Stack, tmp_path_factory) -> dict:
+    """The study on screen (US), a noisy near copy of it from another patient, a prior of the same patient, and a
+    third patient's study holding a US and a DX series; images of the samples no other test module stores."""
+    tmp = tmp_path_factory.mktemp("scp")
+    us = _sample_pixels("US", 18)[15:]
+    dx = _sample_pixels("DX", 18)[17]
+    files, ds = {}, {}
+    files["query"], ds["query"] = _study(us[0], "US", QUERY_PATIENT, tmp, "query", "20250301")
+    files["copy"], ds["copy"] = _study(_noisy(us[0], 31), "US", OTHER_PATIENT, tmp, "copy", "20240611")
+    files["prior"], ds["prior"] = _study(us[1], "US", QUERY_PATIENT, tmp, "prior", "20230105")
+    uid = pydicom.uid.generate_uid()
+    for name, pixels, modality, number in (("mixed_us", _noisy(us[2], 32), "US", 1), ("mixed_dx", dx, "DX", 2)):
+        d = wrap_image(
+            pixels.astype(np.uint8), modality, patient_id="PMXSCP0003", patient_name="TEST^PMXSCP0003",
+            patient_birth_date="19600101", patient_sex="M", study_instance_uid=uid, study_date="20240920",
+            study_time="091500", accession_number="MXSCP0003", study_description="mixed", series_number=number,
+        )
+        files[name], ds[name] = tmp / f"{name}.dcm", d
+        d.save_as(files[name], enforce_file_format=True)
+    before = _indexed_total(stack)
+    result = storescu(stack.config, list(files.values()))
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: _indexed_total(stack) >= before + len(files), timeout=180, what="indexing of the SCP corpus")
+    return {"files": files, "ds": ds, "tmp": tmp}
+
+
+class TestFind:
+    def test_near_copy_from_another_patient_answers_first(self, stack: Stack, cases: dict, tmp_path: Path) -> None:
+        query = cases["ds"]["query"]
+        result, answers = findscu(stack, tmp_path, f"StudyInstanceUID={query.StudyInstanceUID}",
+                                  *(f"{k}" for k in RETURN_KEYS))
+        assert result.returncode == 0, result.stderr
+        assert answers, result.stderr
+        first = answers[0]
+        assert first.StudyInstanceUID == cases["ds"]["copy"].StudyInstanceUID
+        assert first.StudyDate == "20240611" and first.ModalitiesInStudy == "US"
+        assert int(first.NumberOfStudyRelatedInstances) == 1
+        assert first.RetrieveAETitle == "LOOKALIKE"
+        ranks = [int(_private(a, RANK)) for a in answers]
+        scores = [float(_private(a, SIMILARITY)) for a in answers]
+        assert ranks == list(range(1, len(answers) + 1))
+        assert scores == sorted(scores, reverse=True) and scores[0] > 0.9
+        assert first.StudyDescription.startswith(f"#1 sim {scores[0]:.4f}")
+        assert query.StudyInstanceUID not in {a.StudyInstanceUID for a in answers}
+        assert len(answers) <= stack.config.settings().query_max_results
+
+    def test_patient_root_answers_the_same(self, stack: Stack, cases: dict, tmp_path: Path) -> None:
+        uid = cases["ds"]["query"].StudyInstanceUID
+        _, study_root = findscu(stack, tmp_path / "s", f"StudyInstanceUID={uid}")
+        result, patient_root = findscu(stack, tmp_path / "p", f"StudyInstanceUID={uid}", "PatientID", model="-P")
+        assert result.returncode == 0, result.stderr
+        assert [a.StudyInstanceUID for a in patient_root] == [a.StudyInstanceUID for a in study_root]
+
+    def test_no_other_patients_identity_in_any_answer(self, stack: Stack, cases: dict, tmp_path: Path) -> None:
+        result, answers = findscu(stack, tmp_path, f"StudyInstanceUID={cases['ds']['query'].StudyInstanceUID}",
+                                  *RETURN_KEYS, "IssuerOfPatientID", "ReferringPhysicianName", "StudyID")
+        assert result.returncode == 0, result.stderr
+        others = [a for a in answers if a.StudyInstanceUID != cases["ds"]["prior"].StudyInstanceUID]
+        assert any(a.StudyInstanceUID == cases["ds"]["copy"].StudyInstanceUID for a in others)
+        for answer in others:
+            for keyword in ("PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "StudyID"):
+                assert keyword in answer and not answer[keyword].value, (keyword, answer[keyword].value)
+        raw = b"".join(p.read_bytes() for p in tmp_path.glob("rsp*.dcm"))
+        for secret in OTHER_IDENTITY:
+            assert secret.encode() not in raw, secret
+
+    def test_patient_id_answers_that_patients_priors_only(self, stack: Stack, cases: dict, tmp_path: Path) -> None:
+        uid = cases["ds"]["query"].StudyInstanceUID
+        result, answers = findscu(stack, tmp_path / "own", f"StudyInstanceUID={uid}", f"PatientID={QUERY_PATIENT}",
+                                  "PatientName", "StudyDate")
+        assert result.returncode == 0, result.stderr
+        assert [a.StudyInstanceUID for a in answers] == [cases["ds"]["prior"].StudyInstanceUID]
+        assert answers[0].PatientID == QUERY_PATIENT and answers[0].PatientName == f"TEST^{QUERY_PATIENT}"
+        _, none = findscu(stack, tmp_path / "other", f"StudyInstanceUID={uid}", f"PatientID={OTHER_PATIENT}")
+        assert none == []
+
+    def test_study_date_range_and_modalities_narrow_the_answer(self, stack: Stack, cases: dict, tmp_path: Path) -> None:
+        uid = cases["ds"]["query"].StudyInstanceUID
+        _, in_2024 = findscu(stack, tmp_path / "date", f"StudyInstanceUID={uid}", "StudyDate=20240101-20241231")
+        dates = [a.StudyDate for a in in_2024]
+        assert all("20240101" <= d <= "20241231" for d in dates), dates
+        found = {a.StudyInstanceUID for a in in_2024}
+        assert cases["ds"]["copy"].StudyInstanceUID in found and cases["ds"]["mixed_us"].StudyInstanceUID in found
+        assert cases["ds"]["prior"].StudyInstanceUID not in found
+
+        _, with_dx = findscu(stack, tmp_path / "dx", f"StudyInstanceUID={uid}", "ModalitiesInStudy=DX\\CR",
+                               "NumberOfStudyRelatedInstances")
+        assert cases["ds"]["mixed_us"].StudyInstanceUID in {a.StudyInstanceUID for a in with_dx}
+        for answer in with_dx:
+            assert "DX" in answer.ModalitiesInStudy or "CR" in answer.ModalitiesInStudy, answer.ModalitiesInStudy
+        mixed = next(a for a in with_dx if a.StudyInstanceUID == cases["ds"]["mixed_us"].StudyInstanceUID)
+        assert list(mixed.ModalitiesInStudy) == ["DX", "US"] and int(mixed.NumberOfStudyRelatedInstances) == 2
+
+    def test_unknown_study_and_wrong_level_fail_with_a_reason(self, stack: Stack, cases: dict, tmp_path: Path) -> None:
+        result, answers = findscu(stack, tmp_path / "unknown", "StudyInstanceUID=1.2.3.4.5.6.7.8.9", log="-d")
+        assert answers == [] and "DIMSE Status                  : 0xc001" in result.stderr
+        assert "[no study with this StudyInstanceUID in the archive]" in result.stderr
+        result, answers = findscu(stack, tmp_path / "wild", "StudyInstanceUID=*", log="-d")
+        assert answers == [] and "DIMSE Status                  : 0xa900" in result.stderr
+        assert "[StudyInstanceUID must name the one study on screen]" in result.stderr
+
+    def test_each_lookup_is_audited_with_its_caller_and_answers(self, stack: Stack, cases: dict, tmp_path: Path) -> None:
+        uid = cases["ds"]["query"].StudyInstanceUID
+        _, answers = findscu(stack, tmp_path, f"StudyInstanceUID={uid}", f"PatientID={QUERY_PATIENT}")
+        audit = Path(stack.config.settings().audit_log)
+        entry = [json.loads(line) for line in audit.read_text().splitlines()][-1]
+        assert (entry["who"], entry["via"], entry["host"], entry["action"]) == ("FINDSCU", "dicom", "127.0.0.1", "lookup")
+        assert entry["study"] == uid and entry["scope"] == "patient"
+        assert entry["results"] == [a.StudyInstanceUID for a in answers]
+        assert audit.stat().st_mode & 0o077 == 0
+
+
+class TestAssociation:
+    def test_unknown_calling_ae_is_refused_and_the_reason_logged(self, stack: Stack, cases: dict, tmp_path: Path) -> None:
+        result, answers = findscu(stack, tmp_path, f"StudyInstanceUID={cases['ds']['query'].StudyInstanceUID}",
+                                  aet="INTRUDER")
+        assert result.returncode != 0 and answers == []
+        assert "Association Rejected" in result.stderr + result.stdout
+        log = (stack.config.logs / "query-scp.log").read_text()
+        assert "association from INTRUDER at 127.0.0.1 rejected: calling AE title 'INTRUDER' is not in query_allowed" in log
+
+    def test_echo(self, stack: Stack) -> None:
+        argv = ["echoscu", "-aet", "FINDSCU", "-aec", "LOOKALIKE", "127.0.0.1", str(stack.config.query_port)]
+        assert subprocess.run(argv, env=dcmtk_env(), capture_output=True, timeout=30).returncode == 0
+
+    def test_wrong_called_ae_title_is_refused(self, stack: Stack) -> None:
+        argv = ["echoscu", "-aet", "FINDSCU", "-aec", "NOTLOOKALIKE", "127.0.0.1", str(stack.config.query_port)]
+        assert subprocess.run(argv, env=dcmtk_env(), capture_output=True, timeout=30).returncode != 0
+
+
+@pytest.fixture(scope="module")
+def workstation(stack: Stack, tmp_path_factory) -> Stack:
+    """A second, plain Orthanc (AE WORKSTATION) that accepts C-STORE from the archive; known to the archive."""
+    config = StackConfig.create(
+        tmp_path_factory.mktemp("workstation"), with_plugin=False,
+        extra_orthanc={"DicomAet": "WORKSTATION",
+                       "DicomModalities": {"archive": [ORTHANC_AET, "127.0.0.1", stack.config.dicom_port]}},
+    )
+    with Stack(config, worker=False) as ws:
+        r = stack.http().put(f"{stack.config.orthanc_url}/modalities/workstation", timeout=10,
+                             json={"AET": "WORKSTATION", "Host": "127.0.0.1", "Port": config.dicom_port})
+        assert r.ok, r.text
+        yield ws
+
+
+def movescu(stack: Stack, destination: str, level: str, key: str) -> subprocess.CompletedProcess:
+    argv = ["movescu", "-S", "-aet", "MOVESCU", "-aec", "LOOKALIKE", "-aem", destination,
+            "-k", f"QueryRetrieveLevel={level}", "-k", key, "127.0.0.1", str(stack.config.query_port)]
+    return subprocess.run(argv, env=dcmtk_env(), capture_output=True, text=True, timeout=120)
+
+
+def _has(ws: Stack, uid: str) -> bool:
+    return bool(ws.http().post(f"{ws.config.orthanc_url}/tools/lookup", data=uid, timeout=10).json())
+
+
+class TestMove:
+    def test_move_delivers_the_result_study_to_the_workstation(self, stack: Stack, cases: dict, workstation: Stack) -> None:
+        uid = cases["ds"]["copy"].StudyInstanceUID
+        assert not _has(workstation, uid)
+        result = movescu(stack, "WORKSTATION", "STUDY", f"StudyInstanceUID={uid}")
+        assert result.returncode == 0, result.stderr
+        assert _has(workstation, uid)
+        sop = cases["ds"]["copy"].SOPInstanceUID
+        found = workstation.http().post(f"{workstation.config.orthanc_url}/tools/lookup", data=sop, timeout=10).json()
+        assert [x["Type"] for x in found] == ["Instance"]
+        entry = json.loads(Path(stack.config.settings().audit_log).read_text().splitlines()[-1])
+        assert (entry["action"], entry["who"], entry["results"]) == ("retrieve", "MOVESCU", [uid])
+        assert entry["details"]["destination"] == "WORKSTATION"
+
+    def test_move_of_the_report_filed_into_the_study_on_screen(self, stack: Stack, cases: dict, workstation: Stack) -> None:
+        http, url = stack.http(), stack.config.orthanc_url
+        query = _orthanc_study_id(stack, cases["ds"]["query"])
+        r = http.post(f"{url}/lookalike/studies/{query}/similar-report?limit=3", timeout=60)
+        assert r.status_code == 200, r.text
+        sop = http.get(f"{url}/instances/{r.json()['report']}", timeout=10).json()["MainDicomTags"]["SOPInstanceUID"]
+        result = movescu(stack, "WORKSTATION", "IMAGE", f"SOPInstanceUID={sop}")
+        assert result.returncode == 0, result.stderr
+        assert _has(workstation, sop)
+
+    def test_unknown_destination_is_refused(self, stack: Stack, cases: dict, workstation: Stack) -> None:
+        result = movescu(stack, "NOWHERE", "STUDY", f"StudyInstanceUID={cases['ds']['prior'].StudyInstanceUID}")
+        assert result.returncode != 0 and "Refused: MoveDestinationUnknown" in result.stderr, result.stderr
+        assert not _has(workstation, cases["ds"]["prior"].StudyInstanceUID)
+
+
+class TestIdentifier:
+    """The identifier's reading, which needs no network."""
+
+    def test_date_ranges(self) -> None:
+        assert parse_date_range("") is None and parse_date_range("*") is None
+        assert parse_date_range("20240105") == ("20240105", "20240105")
+        assert parse_date_range("20240105-") == ("20240105", "99999999")
+        assert parse_date_range("-20240105") == ("00000000", "20240105")
+        assert parse_date_range("20240101-20241231") == ("20240101", "20241231")
+        with pytest.raises(QueryRefused) as refused:
+            parse_date_range("2024")
+        assert refused.value.status == IDENTIFIER_DOES_NOT_MATCH
+
+    def test_patient_id_makes_the_scope_patient(self) -> None:
+        ds = pydicom.Dataset()
+        ds.QueryRetrieveLevel, ds.StudyInstanceUID, ds.PatientID, ds.ModalitiesInStudy = "STUDY", "1.2.3", "", ["US", "DX"]
+        request = FindRequest.from_identifier(ds)
+        assert request.scope == "archive" and request.modalities == {"US", "DX"} and request.narrowed
+        ds.PatientID = "P1"
+        assert FindRequest.from_identifier(ds).scope == "patient"
+        ds.QueryRetrieveLevel = "SERIES"
+        with pytest.raises(QueryRefused, match="STUDY"):
+            FindRequest.from_identifier(ds)
+
+    def test_calling_hosts(self) -> None:
+        allowed = {"WS1": ["10.0.0.5"], "WS2": ["*"]}
+        assert calling_allowed(allowed, "WS1", "10.0.0.5") and not calling_allowed(allowed, "WS1", "10.0.0.6")
+        assert calling_allowed(allowed, "WS2 ", "192.168.1.1") and not calling_allowed(allowed, "FINDSCU", "10.0.0.5")
