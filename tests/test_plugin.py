@@ -11,7 +11,6 @@ import pytest
 from lookalike.config import QUEUE, TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY
 from lookalike.orthanc_rest import OrthancNotFoundError
 from lookalike.plugin.events import ChangeHandler
-from lookalike.plugin.rest import parse_limit
 from lookalike.plugin.sender import TaskSender
 
 FAKE_ORTHANC = SimpleNamespace(
@@ -120,10 +119,3 @@ class TestTaskSender:
         assert sender.failed == 1 and "redis unreachable" in errors[0]
         sender.close()
 
-
-class TestParseLimit:
-    def test_default_and_bounds(self) -> None:
-        assert parse_limit(None) == 10 and parse_limit("3") == 3
-        for bad in ("0", "101", "x", "-1"):
-            with pytest.raises(ValueError):
-                parse_limit(bad)

@@ -54,6 +54,7 @@ def register(orthanc: Any) -> None:
     section = json.loads(orthanc.GetConfiguration()).get("Lookalike", {})
     settings = Settings.from_dict(section)
 
+    from lookalike.indexer.audit import AuditLog
     from lookalike.indexer.celery_app import make_app
     from lookalike.indexer.store import IndexStore
 
@@ -63,6 +64,7 @@ def register(orthanc: Any) -> None:
     sender = TaskSender(app.send_task, on_error=orthanc.LogError)
     api = InProcessOrthanc(orthanc)
     store = IndexStore(settings.index_dir, readonly=True)
+    audit = AuditLog(settings.audit_log)
     broker = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
 
     orthanc.RegisterOnChangeCallback(ChangeHandler(orthanc, api, sender.send, orthanc.LogError))
@@ -78,7 +80,8 @@ def register(orthanc: Any) -> None:
                     query = rest.parse_post_body(request.get("body", b""))
                 else:
                     query = rest.decode_query(request.get("get", {}))
-                status, body = handler(*request.get("groups", ()), query=query)
+                who = rest.http_user(request.get("headers", {}))
+                status, body = handler(*request.get("groups", ()), query=query, who=who)
             except ValueError as exc:
                 status, body = 400, {"error": str(exc)}
             except Exception:
@@ -88,16 +91,17 @@ def register(orthanc: Any) -> None:
 
         return callback
 
-    def similar(study_id: str, query: dict) -> rest.Response:
+    def similar(study_id: str, query: dict, who: str) -> rest.Response:
         return rest.similar(api, store, study_id, rest.parse_limit(query.get("limit")),
                             rest.parse_scope(query.get("scope")), disclose=settings.disclose_other_patients,
-                            pending=sender.pending())
+                            pending=sender.pending(), audit=audit, who=who)
 
-    def similar_report(study_id: str, query: dict) -> rest.Response:
+    def similar_report(study_id: str, query: dict, who: str) -> rest.Response:
         return rest.similar_report(api, store, study_id, rest.parse_limit(query.get("limit")),
-                                   rest.parse_scope(query.get("scope")), pending=sender.pending())
+                                   rest.parse_scope(query.get("scope")), pending=sender.pending(), audit=audit,
+                                   who=who)
 
-    def status(query: dict) -> rest.Response:
+    def status(query: dict, who: str) -> rest.Response:
         return rest.status(store, lambda: broker.llen(QUEUE), sender.pending())
 
     orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar", route(similar, ("GET",)))

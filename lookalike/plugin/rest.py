@@ -7,6 +7,8 @@ the site's settings disclose it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import io
 import json
@@ -17,6 +19,7 @@ from urllib.parse import unquote_plus
 import pydicom
 
 import lookalike
+from lookalike.indexer.audit import AuditLog
 from lookalike.indexer.lookup import SCOPES, SimilarStudy, StudyNotIndexedError, similar_studies
 from lookalike.indexer.store import IndexStore
 from lookalike.orthanc_rest import OrthancApi, OrthancNotFoundError, get_json, store_instance
@@ -30,6 +33,19 @@ DEFAULT_SCOPE = "archive"
 MAX_EVIDENCE = 20
 #: Namespace of the name-based UUIDs that make a report's UIDs from its answer.
 _REPORT_UID_NAMESPACE = uuid.UUID("8f0b6a3e-5c1d-4e77-9a51-6c1f0e2b7d44")
+
+
+def http_user(headers: Mapping[str, str]) -> str:
+    """The user name of a request's Basic credentials (Orthanc checked them before calling us), for the audit trail;
+    "anonymous" where Orthanc lets requests in without credentials."""
+    value = {k.lower(): v for k, v in headers.items()}.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "basic":
+        return "anonymous"
+    try:
+        return base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")[0] or "anonymous"
+    except (binascii.Error, UnicodeDecodeError):
+        return "anonymous"
 
 
 def decode_query(raw: Mapping[str, str]) -> dict[str, str]:
@@ -124,6 +140,21 @@ def _lookup(api: OrthancApi, store: IndexStore, study_id: str, limit: int, scope
         return None, None, _not_indexed(api, store, study_id, pending)
 
 
+def _audit(audit: AuditLog | None, who: str, action: str, study: dict, study_id: str, scope: str, limit: int,
+           matches: list[SimilarStudy]) -> Response | None:
+    """Append the lookup to the audit trail before it is answered; if that fails, the 503 to answer instead, so
+    that nothing is answered unrecorded."""
+    if audit is None:
+        return None
+    try:
+        audit.record(who=who, via="rest", action=action,
+                     study=study.get("MainDicomTags", {}).get("StudyInstanceUID", ""), orthanc_study_id=study_id,
+                     scope=scope, results=[m.study_instance_uid for m in matches], limit=limit)
+    except OSError as exc:
+        return 503, {"error": "audit trail unavailable; the lookup is not answered unrecorded", "reason": str(exc)}
+    return None
+
+
 def _answer_entries(api: OrthancApi, store: IndexStore, study_id: str, matches: list[SimilarStudy],
                     disclose: bool) -> list[dict[str, Any]]:
     """Each match as served: public fields, the Orthanc id of the query image it matched (for previews side by
@@ -144,15 +175,19 @@ def _answer_entries(api: OrthancApi, store: IndexStore, study_id: str, matches: 
 
 
 def similar(api: OrthancApi, store: IndexStore, study_id: str, limit: int, scope: str = DEFAULT_SCOPE, *,
-            disclose: bool = False, pending: int = 0) -> Response:
+            disclose: bool = False, pending: int = 0, audit: AuditLog | None = None, who: str = "") -> Response:
     """``GET /lookalike/studies/{id}/similar``: the most similar other studies, best first.
 
     The answer names the study it answers for (Orthanc id and StudyInstanceUID), its scope and limit, so that a
-    page can check it is showing the answer of the study on screen.
+    page can check it is showing the answer of the study on screen. With ``audit``, the lookup is recorded as
+    ``who``'s first.
     """
     study, matches, error = _lookup(api, store, study_id, limit, scope, pending)
     if error:
         return error
+    refused = _audit(audit, who, "lookup", study, study_id, scope, limit, matches)
+    if refused:
+        return refused
     return 200, {
         "study": study_id,
         "study_instance_uid": study.get("MainDicomTags", {}).get("StudyInstanceUID", ""),
@@ -193,7 +228,7 @@ def _filed_report(api: OrthancApi, study_id: str, sop_instance_uid: str) -> dict
 
 
 def similar_report(api: OrthancApi, store: IndexStore, study_id: str, limit: int, scope: str = DEFAULT_SCOPE, *,
-                   pending: int = 0) -> Response:
+                   pending: int = 0, audit: AuditLog | None = None, who: str = "") -> Response:
     """``POST /lookalike/studies/{id}/similar-report``: the same answer as a Comprehensive SR stored in the study.
 
     Asked again for the same study, limit and scope with nothing new (same models, same answer), it returns the
@@ -204,6 +239,9 @@ def similar_report(api: OrthancApi, store: IndexStore, study_id: str, limit: int
     study, matches, error = _lookup(api, store, study_id, limit, scope, pending)
     if error:
         return error
+    refused = _audit(audit, who, "report", study, study_id, scope, limit, matches)
+    if refused:
+        return refused
     rows = store.catalogue.rows_for_study(study_id, with_vectors=False)[:MAX_EVIDENCE]
     versions = sorted({r.model_version for r in rows})
     study_uid = study.get("MainDicomTags", {}).get("StudyInstanceUID", "")

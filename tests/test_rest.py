@@ -1,0 +1,275 @@
+"""The REST handlers (``similar``, ``similar_report``, ``status``) as the plain functions they are, called with a real
+Orthanc (over HTTP) and the index its worker writes; and the routes themselves through Orthanc, for what only the
+plugin's wiring does (query-string decoding, the POST body, the disclosure setting)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from lookalike.indexer.audit import AuditLog, read_entries
+from lookalike.indexer.store import IndexStore
+from lookalike.orthanc_rest import HttpOrthanc
+from lookalike.plugin import rest
+from lookalike.stack import Stack, storescu
+from tests.conftest import wait_for
+from tests.test_stack import _indexed_total, _noisy, _orthanc_study_id, _sample_pixels, _study
+
+pytestmark = pytest.mark.stack
+
+
+def store_lookup_corpus(stack: Stack, tmp: Path, prefix: str, first_image: int) -> dict:
+    """Four US studies: ``a`` (the query), ``b`` a noisy near copy of it from another patient, ``prior`` an earlier
+    study of ``a``'s patient, ``other`` a third patient's. The images are mirrored sample images, so that other
+    modules' near copies of the same samples do not compete with ``b``."""
+    us = [np.ascontiguousarray(np.fliplr(p)) for p in _sample_pixels("US", first_image + 3)[first_image:]]
+    patient_a, patient_b, patient_d = f"{prefix}A0001", f"{prefix}B0002", f"{prefix}D0004"
+    made = {
+        "a": _study(us[0], "US", patient_a, tmp, f"{prefix}a", "20250301"),
+        "b": _study(_noisy(us[0], 41), "US", patient_b, tmp, f"{prefix}b", "20240611"),
+        "prior": _study(us[1], "US", patient_a, tmp, f"{prefix}prior", "20230105"),
+        "other": _study(us[2], "US", patient_d, tmp, f"{prefix}other", "20241120"),
+    }
+    before = _indexed_total(stack)
+    result = storescu(stack.config, [path for path, _ in made.values()])
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: _indexed_total(stack) >= before + len(made), timeout=180, what="indexing of the corpus")
+    ds = {name: d for name, (_, d) in made.items()}
+    return {"ds": ds, "ids": {name: _orthanc_study_id(stack, d) for name, d in ds.items()}}
+
+
+@pytest.fixture(scope="module")
+def corpus(stack: Stack, tmp_path_factory) -> dict:
+    return store_lookup_corpus(stack, tmp_path_factory.mktemp("rest"), "PRST", 12)
+
+
+@pytest.fixture(scope="module")
+def api(stack: Stack) -> HttpOrthanc:
+    return HttpOrthanc(stack.config.orthanc_url, "admin", stack.config.admin_password)
+
+
+@pytest.fixture(scope="module")
+def store(stack: Stack):
+    with IndexStore(stack.config.settings().index_dir, readonly=True) as s:
+        yield s
+
+
+def identities(corpus: dict, *names: str) -> list[str]:
+    """PatientID, PatientName and AccessionNumber of the named studies, as they were stored."""
+    return [str(value) for name in names for value in (
+        corpus["ds"][name].PatientID, corpus["ds"][name].PatientName, corpus["ds"][name].AccessionNumber)]
+
+
+class TestSimilar:
+    def test_near_copy_first_without_the_other_patients_identity(self, api, store, corpus: dict) -> None:
+        status, body = rest.similar(api, store, corpus["ids"]["a"], limit=3)
+        assert status == 200
+        assert (body["study"], body["study_instance_uid"], body["scope"], body["limit"]) == (
+            corpus["ids"]["a"], corpus["ds"]["a"].StudyInstanceUID, "archive", 3)
+        first = body["similar"][0]
+        assert first["orthanc_study_id"] == corpus["ids"]["b"] and first["same_patient"] is False
+        assert len(body["similar"]) == 3
+        text = json.dumps(body)
+        for identity in identities(corpus, "b", "other"):
+            assert identity not in text
+        assert "patient_id" not in first and "patient_name" not in first
+
+    def test_each_answer_names_the_query_image_it_matched(self, api, store, corpus: dict) -> None:
+        _, body = rest.similar(api, store, corpus["ids"]["a"], limit=1)
+        best = body["similar"][0]["best_match"]
+        query_instance = json.loads(api.get_bytes(f"/instances/{best['query_orthanc_instance_id']}"))
+        assert query_instance["MainDicomTags"]["SOPInstanceUID"] == corpus["ds"]["a"].SOPInstanceUID
+        assert best["query_sop_instance_uid"] == corpus["ds"]["a"].SOPInstanceUID
+        match_instance = json.loads(api.get_bytes(f"/instances/{best['orthanc_instance_id']}"))
+        assert match_instance["MainDicomTags"]["SOPInstanceUID"] == corpus["ds"]["b"].SOPInstanceUID
+
+    def test_disclosure_names_the_other_patients(self, api, store, corpus: dict) -> None:
+        _, body = rest.similar(api, store, corpus["ids"]["a"], limit=1, disclose=True)
+        first = body["similar"][0]
+        assert (first["patient_id"], first["patient_name"], first["accession_number"]) == tuple(
+            identities(corpus, "b"))
+
+    def test_patient_scope_answers_the_same_patients_priors_only(self, api, store, corpus: dict) -> None:
+        status, body = rest.similar(api, store, corpus["ids"]["a"], limit=10, scope="patient")
+        assert status == 200 and body["scope"] == "patient"
+        assert [s["orthanc_study_id"] for s in body["similar"]] == [corpus["ids"]["prior"]]
+        assert body["similar"][0]["same_patient"] is True
+        _, archive = rest.similar(api, store, corpus["ids"]["a"], limit=100)
+        assert {corpus["ids"]["b"], corpus["ids"]["other"], corpus["ids"]["prior"]} <= {
+            s["orthanc_study_id"] for s in archive["similar"]}
+
+    def test_unknown_study_is_404(self, api, store) -> None:
+        assert rest.similar(api, store, "not-a-study", limit=3)[0] == 404
+
+
+class TestSimilarReport:
+    def _report(self, api: HttpOrthanc, answer: dict) -> pydicom.Dataset:
+        return pydicom.dcmread(io.BytesIO(api.get_bytes(f"/instances/{answer['report']}/file")))
+
+    def test_limit_is_honoured_and_the_series_is_dated(self, api, store, corpus: dict) -> None:
+        status, answer = rest.similar_report(api, store, corpus["ids"]["a"], limit=2)
+        assert status == 200 and answer["limit"] == 2 and answer["similar"] == 2
+        sr = self._report(api, answer)
+        assert sr.StudyInstanceUID == corpus["ds"]["a"].StudyInstanceUID
+        assert sr.SOPInstanceUID == answer["sop_instance_uid"]
+        cases = [item for item in sr.ContentSequence if item.ValueType == "CONTAINER"]
+        assert len(cases) == 2
+        assert sr.SeriesDate and sr.SeriesTime
+        assert (answer["series_date"], answer["series_time"]) == (sr.SeriesDate, sr.SeriesTime)
+        series = json.loads(api.get_bytes(f"/series/{answer['series']}"))
+        assert series["ParentStudy"] == corpus["ids"]["a"] and answer["report"] in series["Instances"]
+        data = api.get_bytes(f"/instances/{answer['report']}/file")
+        for identity in identities(corpus, "b", "other"):
+            assert identity.encode() not in data
+
+    def test_asking_again_returns_the_report_filed_before(self, api, store, corpus: dict) -> None:
+        study = corpus["ids"]["other"]
+        series_before = json.loads(api.get_bytes(f"/studies/{study}"))["Series"]
+        _, first = rest.similar_report(api, store, study, limit=3)
+        _, again = rest.similar_report(api, store, study, limit=3)
+        assert first["existing"] is False and again["existing"] is True
+        assert (again["report"], again["series"]) == (first["report"], first["series"])
+        _, other_limit = rest.similar_report(api, store, study, limit=2)
+        assert other_limit["existing"] is False and other_limit["report"] != first["report"]
+        _, other_scope = rest.similar_report(api, store, study, limit=3, scope="patient")
+        assert other_scope["existing"] is False and other_scope["similar"] == 0
+        series_after = json.loads(api.get_bytes(f"/studies/{study}"))["Series"]
+        assert len(series_after) == len(series_before) + 3
+
+    def test_unknown_study_is_404(self, api, store) -> None:
+        assert rest.similar_report(api, store, "not-a-study", limit=3)[0] == 404
+
+
+class TestAudit:
+    def test_lookups_and_reports_are_recorded_with_the_user(self, api, store, corpus: dict, tmp_path: Path) -> None:
+        path = tmp_path / "audit.jsonl"
+        with AuditLog(path) as audit:
+            _, answer = rest.similar(api, store, corpus["ids"]["a"], limit=2, scope="archive", audit=audit,
+                                     who="radiologist1")
+            rest.similar_report(api, store, corpus["ids"]["a"], limit=1, scope="patient", audit=audit, who="rad2")
+        lookup, report = list(read_entries(path))
+        assert (lookup["who"], lookup["via"], lookup["action"], lookup["scope"]) == (
+            "radiologist1", "rest", "lookup", "archive")
+        assert lookup["study"] == corpus["ds"]["a"].StudyInstanceUID
+        assert lookup["orthanc_study_id"] == corpus["ids"]["a"]
+        assert lookup["results"] == [s["study_instance_uid"] for s in answer["similar"]]
+        assert lookup["details"] == {"limit": 2}
+        assert (report["who"], report["action"], report["scope"]) == ("rad2", "report", "patient")
+        assert report["results"] == [corpus["ds"]["prior"].StudyInstanceUID]
+
+    def test_a_lookup_that_cannot_be_recorded_is_not_answered(self, api, store, corpus: dict,
+                                                              tmp_path: Path) -> None:
+        audit = AuditLog(tmp_path / "gone" / "audit.jsonl")
+        shutil.rmtree(tmp_path / "gone")
+        try:
+            status, body = rest.similar(api, store, corpus["ids"]["a"], limit=2, audit=audit, who="x")
+            assert status == 503 and "similar" not in body and "audit" in body["error"]
+            series = json.loads(api.get_bytes(f"/studies/{corpus['ids']['other']}"))["Series"]
+            status, _ = rest.similar_report(api, store, corpus["ids"]["other"], limit=4, audit=audit, who="x")
+            assert status == 503
+            assert json.loads(api.get_bytes(f"/studies/{corpus['ids']['other']}"))["Series"] == series
+        finally:
+            audit.close()
+
+    def test_the_user_comes_from_the_basic_credentials(self) -> None:
+        token = base64.b64encode(b"dr.smith:secret:with:colons").decode()
+        assert rest.http_user({"authorization": f"Basic {token}"}) == "dr.smith"
+        assert rest.http_user({"Authorization": f"basic {token}"}) == "dr.smith"
+        assert rest.http_user({}) == "anonymous"
+        assert rest.http_user({"authorization": "Bearer abc"}) == "anonymous"
+        assert rest.http_user({"authorization": "Basic !!!"}) == "anonymous"
+
+
+class TestStatus:
+    def test_counts_and_an_unreachable_broker(self, store, corpus: dict) -> None:
+        def broken() -> int:
+            raise ConnectionError("broker down")
+
+        status, body = rest.status(store, broken, pending=4)
+        assert status == 200
+        assert body["queue"] == {"broker": None, "plugin_pending": 4, "broker_error": "broker down"}
+        us = [c for c in body["indexed"] if c["modality"] == "US"]
+        assert us and us[0]["instances"] >= len(corpus["ids"])
+
+    def test_queue_length_is_reported(self, store) -> None:
+        _, body = rest.status(store, lambda: 7)
+        assert body["queue"]["broker"] == 7 and body["queue"]["broker_error"] is None
+
+
+class TestParameters:
+    def test_query_values_are_url_decoded(self) -> None:
+        assert rest.decode_query({"limit": "%35", "scope": "pa%74ient", "a+b": "c+d%2Be"}) == {
+            "limit": "5", "scope": "patient", "a b": "c d+e"}
+
+    @pytest.mark.parametrize("raw,expected", [(None, 10), ("", 10), ("3", 3), (3, 3), ("100", 100)])
+    def test_limit(self, raw, expected: int) -> None:
+        assert rest.parse_limit(raw) == expected
+
+    @pytest.mark.parametrize("raw", ["0", "101", "x", "-1", "2.5", 2.5, True, 0])
+    def test_bad_limits_are_refused(self, raw) -> None:
+        with pytest.raises(ValueError, match="limit"):
+            rest.parse_limit(raw)
+
+    def test_scope(self) -> None:
+        assert [rest.parse_scope(s) for s in (None, "", "archive", "patient")] == [
+            "archive", "archive", "archive", "patient"]
+        for bad in ("everyone", "Patient", 1):
+            with pytest.raises(ValueError, match="scope"):
+                rest.parse_scope(bad)
+
+    def test_post_body(self) -> None:
+        assert rest.parse_post_body(b"") == {}
+        assert rest.parse_post_body(b'{"limit": 3, "scope": "patient"}') == {"limit": 3, "scope": "patient"}
+        for bad, message in ((b"limit=3", "JSON object"), (b"[3]", "JSON object"), (b'{"limt": 3}', "limt")):
+            with pytest.raises(ValueError, match=message):
+                rest.parse_post_body(bad)
+
+
+class TestRoutes:
+    """Through Orthanc: what the plugin's wiring adds to the handlers."""
+
+    def test_an_encoded_limit_is_decoded(self, stack: Stack, corpus: dict) -> None:
+        url = f"{stack.config.orthanc_url}/lookalike/studies/{corpus['ids']['a']}/similar?limit=%32&scope=pati%65nt"
+        r = stack.http().get(url, timeout=30)
+        assert r.status_code == 200, r.text
+        assert (r.json()["limit"], r.json()["scope"]) == (2, "patient")
+
+    @pytest.mark.parametrize("query", ["limit=0", "limit=101", "limit=x", "limit=%2D1", "scope=all"])
+    def test_bad_parameters_are_400(self, stack: Stack, corpus: dict, query: str) -> None:
+        url = f"{stack.config.orthanc_url}/lookalike/studies/{corpus['ids']['a']}/similar?{query}"
+        r = stack.http().get(url, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]
+
+    def test_report_takes_its_limit_from_the_body(self, stack: Stack, corpus: dict) -> None:
+        url = f"{stack.config.orthanc_url}/lookalike/studies/{corpus['ids']['prior']}/similar-report"
+        r = stack.http().post(url, json={"limit": 1}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert (r.json()["limit"], r.json()["similar"]) == (1, 1)
+        for body in ({"limit": 0}, {"limit": "many"}, {"scope": "all"}, {"limt": 2}):
+            r = stack.http().post(url, json=body, timeout=60)
+            assert r.status_code == 400, body
+        assert stack.http().post(url, data="limit=2", timeout=60).status_code == 400
+
+    def test_route_lookups_are_in_the_audit_trail(self, stack: Stack, corpus: dict) -> None:
+        path = Path(stack.config.settings().audit_log)
+        seen = len(list(read_entries(path))) if path.exists() else 0
+        r = stack.http().get(f"{stack.config.orthanc_url}/lookalike/studies/{corpus['ids']['other']}/similar?limit=1",
+                             timeout=30)
+        assert r.status_code == 200
+        entries = list(read_entries(path))[seen:]
+        assert [(e["who"], e["via"], e["orthanc_study_id"], e["results"]) for e in entries] == [
+            ("admin", "rest", corpus["ids"]["other"], [r.json()["similar"][0]["study_instance_uid"]])]
+
+    def test_the_default_answer_names_no_other_patient(self, stack: Stack, corpus: dict) -> None:
+        r = stack.http().get(f"{stack.config.orthanc_url}/lookalike/studies/{corpus['ids']['a']}/similar?limit=100",
+                             timeout=30)
+        assert r.status_code == 200
+        for identity in identities(corpus, "b", "other"):
+            assert identity not in r.text
