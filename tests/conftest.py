@@ -42,19 +42,26 @@ def wait_for(probe, timeout: float = 60.0, interval: float = 0.25, what: str = "
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def write_image_set(root: Path, rows) -> Path:
-    """Write a data set as ``lookalike train|evaluate|embed`` read it: image files and ``manifest.csv``.
+def write_image_set(root: Path, rows, extra_columns: tuple[str, ...] = ()) -> Path:
+    """Write a data set as ``lookalike train|evaluate|embed|lesions`` read it: image files and ``manifest.csv``.
 
-    ``rows`` yields ``(relative path, PIL image, label, group, split)``; each image is saved under ``root``
-    in the format its suffix names. Returns ``root``.
+    ``rows`` yields ``(relative path, PIL image, label, group, split)``, or that and a dict giving each of
+    ``extra_columns`` a value: a string, or ``(relative path, PIL image)`` for a file to save (a lesion mask).
+    Each image is saved under ``root`` in the format its suffix names. Returns ``root``.
     """
     import csv
+
+    def save(name: str, image) -> str:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        image.save(root / name, quality=95) if name.endswith(".jpg") else image.save(root / name)
+        return name
 
     (root / "images").mkdir(parents=True, exist_ok=True)
     with open(root / "manifest.csv", "w", newline="") as fh:
         out = csv.writer(fh)
-        out.writerow(["path", "label", "group", "split"])
-        for name, image, label, group, split in rows:
-            image.save(root / name, quality=95) if name.endswith(".jpg") else image.save(root / name)
-            out.writerow([name, label, group, split])
+        out.writerow(["path", "label", "group", "split", *extra_columns])
+        for name, image, label, group, split, *extra in rows:
+            values = extra[0] if extra else {}
+            cells = [v if isinstance(v, str) else save(*v) for v in (values.get(c, "") for c in extra_columns)]
+            out.writerow([save(name, image), label, group, split, *cells])
     return root

@@ -141,6 +141,41 @@ def test_evaluate_report_figure_and_scored_sets(dataset: Path, tmp_path: Path) -
     assert w > 300 and h > 150 and w > h  # 3 rows of 6 images
 
 
+def test_per_device_table_has_one_row_per_scanner_of_the_queries(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    devices = ["Scanner A", "Scanner B", "Scanner C"]
+    rng = np.random.default_rng(1)
+
+    def rows():
+        seen = {"test": 0, "train": 0, "val": 0}
+        for i, (label, group, split, (w, h), _fmt) in enumerate(ROWS):
+            img = (_picture(label, w, h, rng) * 255).astype(np.uint8)
+            device = devices[seen[split] % 3]  # every scanner among the queries, one of them twice
+            seen[split] += 1
+            yield f"images/{i:02d}.png", Image.fromarray(img), label, group, split, {"device": device}
+
+    data = write_image_set(tmp_path / "set", rows(), extra_columns=("device",))
+    js = tmp_path / "r.json"
+    assert _run("evaluate", "--modality", "us", "--data", data, "--out-json", js) == 0
+    rep = json.loads(js.read_text())
+    manifest = read_manifest(data)
+    q = [i for i, r in enumerate(manifest) if r["split"] == "test"]
+    assert sorted(r["device"] for r in rep["per_device"]) == sorted({manifest[i]["device"] for i in q}) == devices
+    assert sum(r["n_queries"] for r in rep["per_device"]) == rep["n_queries"]
+    printed = capsys.readouterr().out
+    assert all(d in printed for d in devices)
+    # each row is the protocol's figure for that scanner's queries against the whole gallery
+    vec = tmp_path / "v.npy"
+    assert _run("embed", "--modality", "us", "--data", data, "--out", vec) == 0
+    e = np.load(vec)
+    g = [i for i, r in enumerate(manifest) if r["split"] != "test"]
+    col = lambda idx, key: [manifest[i][key] for i in idx]  # noqa: E731
+    for row in rep["per_device"]:
+        qd = [i for i in q if manifest[i]["device"] == row["device"]]
+        want = retrieval_metrics(e[qd], col(qd, "label"), col(qd, "group"), e[g], col(g, "label"), col(g, "group"))
+        assert row["n_queries"] == len(qd)
+        assert row["P@5"] == pytest.approx(want["P@5"]) and row["macro-P@5"] == pytest.approx(want["macro-P@5"])
+
+
 def test_evaluate_cross_domain_is_leave_one_out_without_normal(dataset: Path, tmp_path: Path) -> None:
     js = tmp_path / "cd.json"
     assert _run("evaluate", "--modality", "us", "--data", dataset, "--cross-domain", "--out-json", js) == 0
@@ -148,7 +183,7 @@ def test_evaluate_cross_domain_is_leave_one_out_without_normal(dataset: Path, tm
     n = sum(1 for r in ROWS if r[0] != "normal")
     assert rep["n_queries"] == rep["n_gallery"] == n
     assert rep["labels"] == ["benign", "malignant"]
-    assert "figure" not in rep
+    assert "figure" not in rep and "per_device" not in rep
 
 
 def test_evaluate_exit_codes(dataset: Path, tmp_path: Path) -> None:

@@ -1,0 +1,218 @@
+"""The lesion finder: its box rule, a tiny finder trained here on synthetic ellipses, and ``lookalike lesions``.
+
+No test trains for real or checks a figure: the finder below is the shipped architecture at 48 px trained for
+a few seeded epochs on bright ellipses drawn here, which it learns to find; the tests check what is done with
+what it finds (boxes in which pixels, which component, the CSV's rows and order).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lookalike import cli
+from lookalike.encoders.lesion import (
+    LesionBox,
+    box_iou,
+    component_box,
+    crop_with_margin,
+    load_finder,
+    prepare_views,
+    scale_box,
+)
+from lookalike.encoders.preprocessing import build_preprocess
+from tests.conftest import write_image_set
+
+
+def scan(rng: np.random.Generator, w: int, h: int, ellipse: tuple[float, float, float, float] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Speckle with a bright ellipse (cx, cy, rx, ry in pixels) or none: (uint8 image, bool mask)."""
+    img = np.clip(0.3 + 0.1 * rng.standard_normal((h, w)), 0, 1)
+    mask = np.zeros((h, w), bool)
+    if ellipse is not None:
+        cx, cy, rx, ry = ellipse
+        yy, xx = np.mgrid[0:h, 0:w]
+        mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+        img[mask] = np.clip(0.85 + 0.05 * rng.standard_normal(int(mask.sum())), 0, 1)
+    return (img * 255).astype(np.uint8), mask
+
+
+def true_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def random_ellipse(rng: np.random.Generator, w: int, h: int) -> tuple[float, float, float, float]:
+    rx, ry = rng.uniform(0.1, 0.2) * w, rng.uniform(0.1, 0.2) * h
+    return rng.uniform(rx + 2, w - rx - 2), rng.uniform(ry + 2, h - ry - 2), rx, ry
+
+
+@pytest.fixture(scope="module")
+def finder_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finder trained for a few seeded epochs on 64 synthetic scans (8 without a lesion), selected on 8 val."""
+    from lookalike.encoders.lesion_training import train_finder
+
+    rng = np.random.default_rng(0)
+
+    def rows():
+        for n in range(72):
+            split = "val" if n >= 64 else "train"
+            normal = split == "train" and n % 8 == 0
+            img, mask = scan(rng, 96, 80, None if normal else random_ellipse(rng, 96, 80))
+            extra = {} if normal else {"mask": (f"masks/{n:03d}.png", Image.fromarray((mask * 255).astype(np.uint8)))}
+            yield f"images/{n:03d}.png", Image.fromarray(img), "normal" if normal else "benign", f"g{n}", split, extra
+
+    root = write_image_set(tmp_path_factory.mktemp("lesion-set"), rows(), extra_columns=("mask",))
+    out = root / "lesion.pt"
+    meta = train_finder([root], out, epochs=30, seed=0, image_size=48, batch_size=8, lr=5e-3, threads=1,
+                        log=lambda s: None)
+    assert meta["history"][-1]["loss"] < meta["history"][0]["loss"]
+    return out
+
+
+def test_finder_finds_the_box_of_a_bright_ellipse(finder_file: Path) -> None:
+    finder = load_finder(finder_file)
+    rng = np.random.default_rng(42)
+    # another size and aspect than training: the box must come back in this image's own pixels
+    img, mask = scan(rng, 150, 110, (100.0, 40.0, 22.0, 15.0))
+    (box,) = finder.find([img / 255.0])
+    assert box is not None and 0.5 < box.confidence <= 1.0
+    assert box_iou((box.x0, box.y0, box.x1, box.y1), true_box(mask)) >= 0.5
+    assert 0 <= box.x0 < box.x1 <= 150 and 0 <= box.y0 < box.y1 <= 110
+    speckle_only, _ = scan(rng, 150, 110, None)
+    assert finder.find([speckle_only / 255.0]) == [None]
+
+
+def test_component_rule_keeps_the_most_probable_lesion_and_drops_specks() -> None:
+    prob = np.zeros((48, 48), np.float32)
+    prob[5:10, 5:10] = 0.95  # small, confident: mass 25 * 0.95
+    prob[20:40, 24:34] = 0.7  # large, less confident: mass 200 * 0.7 wins
+    box, conf, mask = component_box(prob, 0.5, 0.002)
+    assert box == (24, 20, 34, 40) and conf == pytest.approx(0.7) and mask.sum() == 200
+    speck = np.zeros((48, 48), np.float32)
+    speck[3, 3] = 0.9  # 1 pixel < 0.002 * 2304
+    assert component_box(speck, 0.5, 0.002) is None
+    assert component_box(np.zeros((48, 48), np.float32), 0.5, 0.002) is None
+
+
+def test_boxes_scale_outward_and_crops_keep_context() -> None:
+    assert scale_box((24, 20, 34, 40), 48, (96, 144)) == (72, 40, 102, 80)
+    assert scale_box((0, 0, 48, 48), 48, (50, 70)) == (0, 0, 70, 50)
+    image = np.arange(100 * 200, dtype=np.float32).reshape(100, 200) / 20000
+    crop = crop_with_margin(image, LesionBox(50, 40, 90, 60, 0.9), 0.5)  # 40 x 20 box, + 20 / 10 each side
+    np.testing.assert_array_equal(crop, image[30:70, 30:110])
+    edge = crop_with_margin(image, LesionBox(0, 0, 20, 20, 0.9), 0.5)  # clipped at the border
+    np.testing.assert_array_equal(edge, image[0:30, 0:30])
+    assert crop_with_margin(image, None, 0.5) is image
+
+
+def test_views_are_the_whole_image_and_the_lesion_crop(finder_file: Path) -> None:
+    finder = load_finder(finder_file)
+    rng = np.random.default_rng(3)
+    img, _ = scan(rng, 120, 100, (40.0, 60.0, 15.0, 12.0))
+    pre = build_preprocess(32)
+    x, (box,) = prepare_views([img / 255.0], pre, ("whole", "lesion"), finder, 0.5)
+    assert x.shape == (1, 2, 32, 32) and box is not None
+    np.testing.assert_allclose(x[0, 0].numpy(), pre(img / 255.0)[0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(x[0, 1].numpy(), pre(crop_with_margin(img / 255.0, box, 0.5))[0].numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="lesion finder"):
+        prepare_views([img / 255.0], pre, ("whole", "lesion"), None)
+
+
+def test_lesions_command_writes_file_pixel_boxes_in_manifest_order(finder_file: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    truths = []
+
+    def rows():
+        for n, ellipse in enumerate([(70.0, 50.0, 14.0, 10.0), None, (30.0, 60.0, 12.0, 12.0)]):
+            img, mask = scan(rng, 110, 90, ellipse)
+            # a black frame with burned-in text around the scan: the imaging region crop applies, and the box
+            # must still be in the file's own pixels
+            framed = np.zeros((140, 170), np.uint8)
+            framed[30:120, 40:150] = img
+            framed[8:12, 10:160] = 255
+            full = np.zeros((140, 170), bool)
+            full[30:120, 40:150] = mask
+            truths.append(true_box(full) if ellipse else None)
+            yield f"images/{n}.png", Image.fromarray(framed), "benign", f"g{n}", "test"
+
+    data = write_image_set(tmp_path / "set", rows())
+    out = tmp_path / "boxes.csv"
+    assert cli.main(["lesions", "--data", str(data), "--out", str(out), "--model", str(finder_file)]) == 0
+    with open(out, newline="") as fh:
+        got = list(csv.DictReader(fh))
+    assert [Path(r["path"]).name for r in got] == ["0.png", "1.png", "2.png"]
+    for r, truth in zip(got, truths):
+        if truth is None:
+            assert r["x0"] == r["confidence"] == ""
+        else:
+            box = tuple(int(r[c]) for c in ("x0", "y0", "x1", "y1"))
+            assert box_iou(box, truth) >= 0.5 and 0 < float(r["confidence"]) <= 1
+
+
+def test_lesions_command_scores_against_masks_and_names_bad_input(finder_file: Path, tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(11)
+
+    def rows():
+        for n in range(4):
+            img, mask = scan(rng, 96, 80, random_ellipse(rng, 96, 80))
+            yield (f"images/{n}.png", Image.fromarray(img), "benign", f"g{n}", "test",
+                   {"mask": (f"masks/{n}.png", Image.fromarray((mask * 255).astype(np.uint8)))})
+
+    data = write_image_set(tmp_path / "set", rows(), extra_columns=("mask",))
+    assert cli.main(["lesions", "--data", str(data), "--out", str(tmp_path / "b.csv"), "--model", str(finder_file),
+                     "--score"]) == 0
+    printed = capsys.readouterr().out
+    import json
+
+    report = json.loads(printed[printed.index("{") : printed.rindex("}") + 1])
+    assert report["n_masks"] == 4 and 0.5 <= report["dice"] <= 1.0 and 0.5 <= report["box_iou"] <= 1.0
+    assert cli.main(["lesions", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c.csv")]) == 1
+    assert "no manifest" in capsys.readouterr().err
+
+
+def test_worker_embed_and_lesions_agree_on_the_same_image(finder_file: Path, tmp_path: Path) -> None:
+    """Train/serve parity: the worker's decode-crop-embed, ``lookalike embed`` and ``lookalike lesions``."""
+    import pydicom
+
+    from lookalike.dicom_io.decode import decode_image
+    from lookalike.dicom_io.samples import wrap_image
+    from lookalike.encoders import load_encoder
+    from lookalike.encoders.training import train
+    from lookalike.indexer.pipeline import _instance_vector
+
+    us = tmp_path / "us.pt"
+    train("us", finder_file.parent, us, epochs=1, pretrain_epochs=0, diffusion_epochs=0, per_class=4, image_size=32,
+          threads=1, head_refit_epochs=0, lesion_finder=finder_file, log=lambda s: None)
+    rng = np.random.default_rng(5)
+    img, mask = scan(rng, 110, 90, (60.0, 40.0, 15.0, 11.0))
+    framed = np.zeros((140, 170), np.uint8)
+    framed[30:120, 40:150] = img
+    framed[8:12, 10:160] = 255  # burned-in text: the worker and load_image both crop it off
+    data = write_image_set(tmp_path / "one", [("images/scan.png", Image.fromarray(framed), "benign", "g0", "test")])
+
+    ds = wrap_image(
+        framed, "US", patient_id="P", patient_name="T^T", patient_birth_date="19700101", patient_sex="F",
+        study_instance_uid=pydicom.uid.generate_uid(), study_date="20250101", study_time="090000",
+        accession_number="A", study_description="parity",
+    )
+    served = decode_image(ds)
+    enc = load_encoder("us", us)
+    assert enc.views == ("whole", "lesion") and enc.finder is not None
+    worker_vector = _instance_vector(enc, served)
+    (worker_box,) = enc.embed_with_boxes([served.pixels]).boxes
+    assert worker_box is not None and served.region is not None
+    worker_box = worker_box.shifted(served.region[0], served.region[1])
+
+    assert cli.main(["embed", "--modality", "us", "--model", str(us), "--data", str(data), "--out", str(tmp_path / "v.npy")]) == 0
+    assert cli.main(["lesions", "--model", str(us), "--data", str(data), "--out", str(tmp_path / "b.csv")]) == 0
+    with open(tmp_path / "b.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert tuple(int(row[c]) for c in ("x0", "y0", "x1", "y1")) == (worker_box.x0, worker_box.y0, worker_box.x1, worker_box.y1)
+    np.testing.assert_allclose(np.load(tmp_path / "v.npy")[0], worker_vector, atol=1e-5)
+    full = np.zeros((140, 170), bool)
+    full[30:120, 40:150] = mask
+    assert box_iou((worker_box.x0, worker_box.y0, worker_box.x1, worker_box.y1), true_box(full)) >= 0.5
