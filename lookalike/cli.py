@@ -93,13 +93,27 @@ def cmd_run(args: argparse.Namespace) -> int:
               f" -k StudyInstanceUID=UID -k StudyDate -k StudyDescription 127.0.0.1 {config.query_port}")
         print("Ctrl-C stops Redis, Orthanc, the worker and the query endpoint.")
         while not stopping:
-            for name, proc in stack.procs.items():
-                if proc.poll() is not None:
-                    print(f"lookalike: {name} exited with status {proc.returncode}; see {config.logs}", file=sys.stderr)
-                    return 1
+            supervise(stack, lambda: stopping)
             time.sleep(0.5)
     print("lookalike: stopped")
     return 0
+
+
+def supervise(stack, stopping: Callable[[], bool]) -> None:
+    """Start again whatever process of the stack died; the others, Orthanc above all, keep running.
+
+    A PACS must keep accepting images when Lookalike's worker or Redis fails: each is restarted alone, and what
+    it missed meanwhile is caught up from Orthanc's change log by the worker.
+    """
+    for name in stack.crashed():
+        if stopping():
+            return
+        code = stack.procs[name].returncode
+        print(f"lookalike: {name} exited with status {code}; restarting it (see {stack.config.logs})", file=sys.stderr)
+        try:
+            stack.restart(name)
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"lookalike: {name} did not come back: {exc}; trying again", file=sys.stderr)
 
 
 def _passthrough(module: str) -> Callable[[list[str]], int]:

@@ -19,6 +19,7 @@ ENCODER_FOR_MODALITY: dict[str, str] = {"US": "us", "DX": "xr", "CR": "xr"}
 TASK_INDEX_INSTANCE = "lookalike.index_instance"
 TASK_RECONCILE_STUDY = "lookalike.reconcile_study"
 TASK_FORGET = "lookalike.forget"
+TASK_CATCH_UP = "lookalike.catch_up"
 
 #: The queue the plugin writes to and the worker reads.
 QUEUE = "lookalike"
@@ -43,6 +44,8 @@ class Settings:
     worker_nice: int = 10
     #: CPU threads torch may use in the worker; the rest of the machine stays with Orthanc.
     torch_threads: int = 1
+    #: Seconds between two reads of Orthanc's change log by the worker (catch-up after any outage); 0: never.
+    catch_up_interval: float = 30.0
     #: Lookup answers (REST, Explorer, DICOM query) name other patients (PatientID, name, accession number) only
     #: when a site's policy allows it; by default the reader of one patient's study learns nothing that identifies
     #: another.

@@ -7,6 +7,7 @@ so handlers and tasks are tested against a real Orthanc or a small fake alike.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any, Protocol
 
@@ -47,6 +48,17 @@ def instance_series(api: OrthancApi, instance_id: str) -> dict:
 
 def study_series(api: OrthancApi, study_id: str) -> list[dict]:
     return get_json(api, f"/studies/{study_id}/series")
+
+
+def orthanc_resource_id(*dicom_ids: str) -> str:
+    """Orthanc's id of a resource from its DICOM identifiers (a patient's: its PatientID alone).
+
+    Orthanc names resources by the SHA-1 of their identifiers joined by ``|``, written as five dash-separated
+    groups of eight hex digits; knowing it lets the worker act on a deletion after Orthanc has forgotten the
+    resource.
+    """
+    digest = hashlib.sha1("|".join(dicom_ids).encode()).hexdigest()
+    return "-".join(digest[i:i + 8] for i in range(0, 40, 8))
 
 
 def store_instance(api: OrthancApi, dicom: bytes) -> str:

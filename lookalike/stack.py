@@ -63,11 +63,15 @@ class StackConfig:
     service_password: str
     #: The DICOM query endpoint's port (``lookalike query-scp``); 0 in a stack.json older than the endpoint.
     query_port: int = 0
+    #: Redis's own password: the broker carries tasks that erase studies from the index (``forget``).
+    redis_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     stable_age: int = 2
     with_plugin: bool = True
     #: Encoder name -> checkpoint path, replacing the shipped weights (a hospital's own model).
     weights: dict[str, str] = field(default_factory=dict)
     extra_orthanc: dict = field(default_factory=dict)
+    #: Settings fields that differ from the defaults (e.g. a short ``catch_up_interval`` in tests).
+    extra_settings: dict = field(default_factory=dict)
 
     @classmethod
     def create(cls, state_dir: Path, **kw) -> "StackConfig":
@@ -116,13 +120,14 @@ class StackConfig:
             orthanc_url=self.orthanc_url,
             orthanc_user="lookalike",
             orthanc_password=self.service_password,
-            redis_url=f"redis://127.0.0.1:{self.redis_port}/0",
+            redis_url=f"redis://:{self.redis_password}@127.0.0.1:{self.redis_port}/0",
             index_dir=str(self.state_dir / "index"),
             weights=dict(self.weights),
             audit_log=str(self.logs / "audit.jsonl"),
             query_host="127.0.0.1",
             query_port=self.query_port,
             query_allowed={aet: ["127.0.0.1"] for aet in QUERY_CALLERS},
+            **self.extra_settings,
         )
 
     def orthanc_config(self) -> dict:
@@ -154,8 +159,10 @@ class StackConfig:
             plugins.insert(0, str(PLUGIN_DIR / "libOrthancPython.so"))
             cfg["PythonScript"] = str(PLUGIN_SCRIPT)
             cfg["PythonVerbose"] = False
+            # The plugin calls Orthanc in-process: the worker's Orthanc credentials stay out of its section.
+            section = {k: v for k, v in self.settings().to_dict().items() if k not in ("orthanc_user", "orthanc_password")}
             cfg["Lookalike"] = {
-                **self.settings().to_dict(),
+                **section,
                 "site_packages": sysconfig.get_paths()["purelib"],
                 "source_root": str(SOURCE_ROOT),
             }
@@ -170,12 +177,14 @@ class Stack:
         self.config = config
         self.with_worker = worker
         self.procs: dict[str, subprocess.Popen] = {}
+        self._argv: dict[str, list[str]] = {}
 
     # -- start -------------------------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> "Stack":
         cfg = self.config
         for sub in ("logs", "orthanc-storage", "index", "redis"):
-            (cfg.state_dir / sub).mkdir(parents=True, exist_ok=True)
+            (cfg.state_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            (cfg.state_dir / sub).chmod(0o700)
         settings_path = cfg.state_dir / "lookalike.json"
         settings_path.write_text(json.dumps(cfg.settings().to_dict(), indent=2))
         settings_path.chmod(0o600)
@@ -199,9 +208,27 @@ class Stack:
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.config.logs / f"{name}.out", "ab")
         # A session of its own: Ctrl-C in the terminal reaches `lookalike run`, which stops the children in order.
+        # umask 077: Orthanc's storage, the catalogue, Redis's files and the logs hold PHI, readable by owner only.
         self.procs[name] = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.config.state_dir, start_new_session=True
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.config.state_dir, start_new_session=True,
+            umask=0o077,
         )
+        self._argv[name] = argv
+
+    def restart(self, name: str, timeout: float = 60.0) -> None:
+        """Start one process again (it crashed, or a test stopped it); the others keep running."""
+        self._terminate(name, 20.0)
+        if name == "worker":
+            self.start_worker()
+        else:
+            self._spawn(name, self._argv[name])
+        self._wait({"redis": self._redis_ping, "worker": self._worker_ready,
+                    "orthanc": lambda: self.http().get(f"{self.config.orthanc_url}/system", timeout=2).ok}[name],
+                   time.monotonic() + timeout, name)
+
+    def crashed(self) -> list[str]:
+        """The processes that have exited on their own."""
+        return [name for name, proc in self.procs.items() if proc.poll() is not None]
 
     def _start_redis(self) -> None:
         cfg = self.config
@@ -211,6 +238,7 @@ class Stack:
                 shutil.which("redis-server") or "redis-server",
                 "--bind", "127.0.0.1", "--port", str(cfg.redis_port), "--dir", str(cfg.state_dir / "redis"),
                 "--appendonly", "yes", "--save", "", "--logfile", str(cfg.logs / "redis.log"),
+                "--requirepass", cfg.redis_password,
             ],
         )
 
@@ -231,6 +259,8 @@ class Stack:
 
     def start_worker(self) -> None:
         """One Celery worker, one process: the index has one writer, and the model is loaded once."""
+        log = self.config.logs / "worker.log"
+        self._worker_log_from = len(log.read_text(errors="replace").splitlines()) if log.exists() else 0
         self._spawn(
             "worker",
             [
@@ -242,6 +272,10 @@ class Stack:
 
     def stop_worker(self, timeout: float = 20.0) -> None:
         self._terminate("worker", timeout)
+
+    def stop_process(self, name: str, timeout: float = 20.0) -> None:
+        """Stop one process cleanly (``restart`` starts it again with the same command line)."""
+        self._terminate(name, timeout)
 
     # -- readiness ---------------------------------------------------------------------------------------
     def wait_ready(self, timeout: float) -> None:
@@ -267,13 +301,21 @@ class Stack:
         raise TimeoutError(f"{name} not ready; see {self.config.logs}")
 
     def _redis_ping(self) -> bool:
-        with socket.create_connection(("127.0.0.1", self.config.redis_port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+        import redis
+
+        try:
+            return bool(redis.Redis.from_url(self.config.settings().redis_url, socket_timeout=1,
+                                             socket_connect_timeout=1).ping())
+        except redis.RedisError:
+            return False
 
     def _worker_ready(self) -> bool:
+        """The current worker process has said "ready." in the log (a restarted one, after its own start)."""
         log = self.config.logs / "worker.log"
-        return log.exists() and "ready." in log.read_text(errors="replace")
+        proc = self.procs.get("worker")
+        if not log.exists() or proc is None:
+            return False
+        return any("ready." in line for line in log.read_text(errors="replace").splitlines()[self._worker_log_from:])
 
     def _query_scp_ready(self) -> bool:
         with socket.create_connection(("127.0.0.1", self.config.query_port), timeout=1):

@@ -340,6 +340,18 @@ class Catalogue:
             found.update((row.id, row) for row in self._select(where, chunk, with_vectors=with_vectors))
         return found
 
+    def live_studies_by_patient(self) -> dict[str, list[str]]:
+        """PatientID -> Orthanc study ids with a live row: what a patient-level deletion has to find."""
+        with self._read() as conn:
+            if conn is None:
+                return {}
+            found = conn.execute("SELECT DISTINCT patient_id, orthanc_study_id FROM instances"
+                                 " WHERE vector IS NOT NULL ORDER BY patient_id, orthanc_study_id").fetchall()
+        studies: dict[str, list[str]] = {}
+        for patient_id, study_id in found:
+            studies.setdefault(patient_id, []).append(study_id)
+        return studies
+
     def is_indexed(self, orthanc_instance_id: str, model_version: str | None = None) -> bool:
         """Whether the instance has a live vector (with ``model_version``, if given): lets the worker skip work."""
         sql = "SELECT 1 FROM instances WHERE orthanc_instance_id = ? AND vector IS NOT NULL"
@@ -385,6 +397,19 @@ class Catalogue:
                                  " ORDER BY encoder, model_version").fetchall()
         return [(enc, mv) for enc, mv in found]
 
+    def cursor(self, name: str) -> int:
+        """A named position kept with the index (e.g. the last Orthanc change read); 0 when never set."""
+        with self._read() as conn:
+            if conn is None:
+                return 0
+            found = conn.execute("SELECT value FROM meta WHERE key = ?", (f"cursor:{name}",)).fetchone()
+        return int(found[0]) if found else 0
+
+    def set_cursor(self, name: str, value: int) -> None:
+        """Move a named position; kept in the same database as the rows it describes, so both survive together."""
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"cursor:{name}", int(value)))
+
     def counts(self) -> list[tuple[str, str, str, int]]:
         """(modality, encoder, model_version, number of live instances), for status pages and metrics."""
         with self._read() as conn:
@@ -419,9 +444,18 @@ class Catalogue:
             cursor = conn.execute("DELETE FROM problems WHERE orthanc_instance_id = ?", (orthanc_instance_id,))
             return cursor.rowcount > 0
 
-    def problems(self, limit: int = 100, *, orthanc_study_id: str | None = None) -> list[Problem]:
-        """The most recent problems, newest first; only one study's with ``orthanc_study_id``."""
-        where, params = ("WHERE orthanc_study_id = ?", (orthanc_study_id,)) if orthanc_study_id else ("", ())
+    def problems(self, limit: int = 100, *, orthanc_study_id: str | None = None,
+                 codes: Iterable[str] | None = None) -> list[Problem]:
+        """The most recent problems, newest first; only one study's with ``orthanc_study_id``, only ``codes``."""
+        clauses, params = [], []
+        if orthanc_study_id:
+            clauses.append("orthanc_study_id = ?")
+            params.append(orthanc_study_id)
+        if codes is not None:
+            codes = list(codes)
+            clauses.append(f"code IN ({', '.join('?' * len(codes))})")
+            params.extend(codes)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         with self._read() as conn:
             if conn is None:
                 return []

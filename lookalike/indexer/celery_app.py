@@ -10,6 +10,9 @@ from celery import Celery
 
 from lookalike.config import QUEUE, Settings
 
+#: Seconds before Redis hands an unacknowledged task to another worker; tasks are idempotent, so early is safe.
+VISIBILITY_TIMEOUT = 300
+
 
 def make_app(settings: Settings | None = None) -> Celery:
     """A Celery app for ``settings`` (default: ``$LOOKALIKE_CONFIG``)."""
@@ -25,8 +28,9 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
-        # Redis redelivers an unacknowledged task after this long; longer than any single task runs.
-        broker_transport_options={"visibility_timeout": 3600},
+        # Redis redelivers an unacknowledged task after this long (a worker killed outright acknowledges nothing):
+        # well past the few seconds a task takes, short enough that a lost worker's task waits minutes, not hours.
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
         worker_hijack_root_logger=False,
     )
     app.conf.lookalike_settings = settings

@@ -19,7 +19,8 @@ from lookalike.dicom_io.errors import LookalikeDicomError, NotIndexableError
 from lookalike.dicom_io.instance import prepare_instance
 from lookalike.indexer.catalogue import InstanceRecord
 from lookalike.indexer.store import IndexStore
-from lookalike.orthanc_rest import OrthancApi, OrthancError, OrthancNotFoundError, get_json, instance_series
+from lookalike.orthanc_rest import (OrthancApi, OrthancError, OrthancNotFoundError, get_json, instance_series,
+                                    orthanc_resource_id)
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,15 @@ class InstanceIndexer:
         self.encoders = encoders
         self.max_pixels = max_pixels
 
-    def index(self, instance_id: str, series_id: str | None = None, study_id: str | None = None) -> Outcome:
-        """Index one instance; ``series_id`` and ``study_id`` (Orthanc ids) are looked up when not given."""
+    def index(self, instance_id: str, series_id: str | None = None, study_id: str | None = None, *,
+              missing_only: bool = False) -> Outcome:
+        """Index one instance; ``series_id`` and ``study_id`` (Orthanc ids) are looked up when not given.
+
+        ``missing_only`` (catch-up and retries) skips an instance that is indexed already; the fast path leaves it
+        off, so that an instance Orthanc overwrote is embedded again.
+        """
+        if missing_only and self.store.catalogue.is_indexed(instance_id):
+            return Outcome("indexed", instance_id, message="indexed already")
         try:
             data = self.api.get_bytes(f"/instances/{instance_id}/file")
             if series_id is None or study_id is None:
@@ -154,8 +162,17 @@ class InstanceIndexer:
         return outcomes
 
     def forget(self, level: str, resource_id: str) -> None:
-        """Drop a deleted study or instance from the index (tombstones; nothing else is touched)."""
-        if level == "study":
+        """Drop a deleted patient, study, series or instance from the index (tombstones; nothing else is touched).
+
+        Orthanc reports a deleted patient by its Orthanc id alone, after the patient is gone: the catalogue's
+        PatientIDs are hashed the way Orthanc names patients to find its studies.
+        """
+        if level == "patient":
+            for patient_id, studies in self.store.catalogue.live_studies_by_patient().items():
+                if orthanc_resource_id(patient_id) == resource_id:
+                    for study_id in studies:
+                        self.store.delete_study(study_id)
+        elif level == "study":
             self.store.delete_study(resource_id)
         elif level == "instance":
             self.store.delete_instance(resource_id)

@@ -10,11 +10,12 @@ import functools
 import logging
 import os
 
+from celery import Task, bootsteps
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
-from lookalike.config import TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY, Settings
+from lookalike.config import QUEUE, TASK_CATCH_UP, TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY, Settings
 from lookalike.indexer.celery_app import app
-from lookalike.orthanc_rest import OrthancAuthError, OrthancUnavailableError
+from lookalike.orthanc_rest import OrthancAuthError, OrthancError, OrthancUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,23 @@ def _record_final_failure(task, instance_id: str, exc: Exception) -> None:
     log.error("instance %s given up after %d tries: %s", instance_id, task.request.retries + 1, exc)
 
 
-@app.task(name=TASK_INDEX_INSTANCE, bind=True, **RETRY)
-def index_instance(self, instance_id: str, series_id: str | None = None, study_id: str | None = None) -> dict:
+class IndexingTask(Task):
+    """A task whose failure, whatever its cause, leaves a recorded problem on the instance: never silence."""
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        instance_id = args[0] if args else kwargs.get("instance_id", "")
+        log.error("instance %s: task %s failed: %s\n%s", instance_id, task_id, exc, einfo)
+        indexer().store.catalogue.record_problem(
+            orthanc_instance_id=instance_id, code="internal-error", message=f"{type(exc).__name__}: {exc}",
+            sop_instance_uid="", orthanc_study_id=kwargs.get("study_id") or (args[2] if len(args) > 2 else ""),
+        )
+
+
+@app.task(name=TASK_INDEX_INSTANCE, bind=True, base=IndexingTask, **RETRY)
+def index_instance(self, instance_id: str, series_id: str | None = None, study_id: str | None = None,
+                   missing_only: bool = False) -> dict:
     try:
-        outcome = indexer().index(instance_id, series_id, study_id)
+        outcome = indexer().index(instance_id, series_id, study_id, missing_only=missing_only)
     except OrthancAuthError as exc:
         _record_final_failure(self, instance_id, exc)
         return {"status": "failed", "code": "orthanc-auth"}
@@ -107,3 +121,63 @@ def forget(level: str, resource_id: str) -> None:
     indexer().forget(level, resource_id)
     log.info("%s %s removed from the index", level, resource_id)
 
+
+
+@functools.cache
+def follower():
+    """The worker process's reader of Orthanc's change log (it remembers where the previous pass stopped)."""
+    from lookalike.indexer.change_log import ChangeLogFollower
+
+    def send(name: str, args: list, kwargs: dict) -> None:
+        app.send_task(name, args=args, kwargs=kwargs, queue=QUEUE, retry=False)
+
+    return ChangeLogFollower(indexer().api, indexer().store.catalogue, send)
+
+
+@app.task(name=TASK_CATCH_UP)
+def catch_up() -> dict:
+    """One pass over Orthanc's change log; Orthanc or Redis down postpones it to the next pass."""
+    try:
+        report = follower().step()
+    except OrthancError as exc:
+        log.warning("catch-up from Orthanc's change log postponed: %s", exc)
+        return {"status": "postponed", "reason": str(exc)}
+    return {"status": "done", "cursor": report.cursor_after, "queued": len(report.queued),
+            "retried": len(report.retried)}
+
+
+class CatchUpTimer(bootsteps.StartStopStep):
+    """Queues a catch-up pass when the worker starts, then every ``catch_up_interval`` seconds.
+
+    It runs on the worker's own timer, in the consumer's thread: no thread of ours lives in the process that forks
+    the pool (a fork while another thread holds a lock hangs the child). The pass itself runs in the pool like
+    any task; one that waited longer than an interval in the queue expires unrun, so a backlog never piles up
+    passes.
+    """
+
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, parent, **kwargs) -> None:
+        super().__init__(parent, **kwargs)
+        self._refs: list = []
+
+    def start(self, parent) -> None:
+        interval = app.conf.lookalike_settings.catch_up_interval
+        if interval <= 0:
+            return
+        self._refs = [parent.timer.call_after(1.0, self._queue_pass, (interval,)),
+                      parent.timer.call_repeatedly(interval, self._queue_pass, (interval,))]
+
+    def stop(self, parent) -> None:
+        for ref in self._refs:
+            ref.cancel()
+
+    @staticmethod
+    def _queue_pass(interval: float) -> None:
+        try:
+            app.send_task(TASK_CATCH_UP, queue=QUEUE, expires=max(interval, 10.0), retry=False)
+        except Exception as exc:  # Redis down: the next tick tries again
+            log.warning("catch-up pass not queued: %s: %s", type(exc).__name__, exc)
+
+
+app.steps["worker"].add(CatchUpTimer)

@@ -1,0 +1,157 @@
+"""Faults on a running stack, as an operator meets them: real processes killed, stopped and restarted mid-ingest.
+
+After each fault, every instance Orthanc holds must be indexed exactly once within :data:`RECOVERY_BOUND`
+seconds of the stack being whole again, ``/lookalike/status`` must agree with Orthanc's count, and no problem may
+be left: whatever the plugin's in-memory events lost is caught up from Orthanc's change log by the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from lookalike.dicom_io.samples import wrap_image
+from lookalike.indexer.catalogue import CATALOGUE_FILE
+from lookalike.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env
+from tests.conftest import SAMPLES, require_programs, wait_for
+
+pytestmark = pytest.mark.stack
+
+#: Instances stored per fault: enough that the fault lands mid-ingest.
+N_INSTANCES = 120
+#: Seconds between two catch-up passes of the worker in these tests (30 by default).
+CATCH_UP_INTERVAL = 2.0
+#: The bound stated for recovery: one catch-up pass, the worker's back-off while Orthanc was away, embedding.
+RECOVERY_BOUND = 150.0
+
+
+@pytest.fixture
+def fault_stack(tmp_path: Path):
+    require_programs("Orthanc", "redis-server", "storescu")
+    config = StackConfig.create(tmp_path / "stack", extra_settings={"catch_up_interval": CATCH_UP_INTERVAL})
+    with Stack(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def instances(tmp_path_factory) -> list[Path]:
+    """``N_INSTANCES`` distinct US instances, five to a study, from the bundled sample images with noise."""
+    out = tmp_path_factory.mktemp("fault-instances")
+    base = [pydicom.dcmread(f).pixel_array for f in sorted(SAMPLES.glob("us_*.dcm"))[:8]]
+    rng = np.random.default_rng(7)
+    files = []
+    for study in range(N_INSTANCES // 5):
+        study_uid, series_uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+        for k in range(5):
+            pixels = base[(study + k) % len(base)].astype(np.int16) + rng.integers(-8, 9, base[0].shape[:2])
+            ds = wrap_image(
+                np.clip(pixels, 0, 255).astype(np.uint8), "US",
+                patient_id=f"PFAULT{study:04d}", patient_name=f"FAULT^{study}", patient_birth_date="19700101",
+                patient_sex="F", study_instance_uid=study_uid, study_date="20260101", study_time="090000",
+                accession_number=f"F{study:06d}", study_description="fault test", series_instance_uid=series_uid,
+                instance_number=k + 1,
+            )
+            path = out / f"f{study:03d}_{k}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+    return files
+
+
+def _storescu(stack: Stack, files: list[Path]) -> subprocess.Popen:
+    """storescu in the background, one association per file so that a stop mid-way refuses only the rest."""
+    argv = ["storescu", "--repeat", "1", "-aet", "STORESCU", "-aec", ORTHANC_AET, "127.0.0.1",
+            str(stack.config.dicom_port)]
+    script = " ; ".join(" ".join([*argv, str(f)]) for f in files)
+    return subprocess.Popen(["bash", "-c", script], env=dcmtk_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def _catalogue_rows(stack: Stack) -> list[tuple[str, int]]:
+    """(Orthanc instance id, live rows) per instance in the catalogue, read-only."""
+    path = stack.config.state_dir / "index" / CATALOGUE_FILE
+    if not path.exists():
+        return []
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as conn:
+        return conn.execute("SELECT orthanc_instance_id, COUNT(*) FROM instances WHERE vector IS NOT NULL"
+                            " GROUP BY orthanc_instance_id").fetchall()
+
+
+def _orthanc_instances(stack: Stack) -> set[str]:
+    return set(stack.http().get(f"{stack.config.orthanc_url}/instances", timeout=30).json())
+
+
+def _status(stack: Stack) -> dict:
+    return stack.http().get(f"{stack.config.orthanc_url}/lookalike/status", timeout=30).json()
+
+
+def _assert_everything_indexed_once(stack: Stack, at_least: int) -> None:
+    """Wait for the index to hold exactly what Orthanc holds, then check it holds each instance once."""
+    def caught_up() -> bool:
+        held = _orthanc_instances(stack)
+        return len(held) >= at_least and {i for i, _ in _catalogue_rows(stack)} == held
+
+    wait_for(caught_up, timeout=RECOVERY_BOUND, interval=1.0, what="every instance Orthanc holds to be indexed")
+    held = _orthanc_instances(stack)
+    rows = _catalogue_rows(stack)
+    assert sorted(i for i, _ in rows) == sorted(held)
+    assert all(n == 1 for _, n in rows), "an instance indexed twice"
+    status = _status(stack)
+    assert sum(c["instances"] for c in status["indexed"]) == len(held)
+    statistics = stack.http().get(f"{stack.config.orthanc_url}/statistics", timeout=30).json()
+    assert int(statistics["CountInstances"]) == len(held)
+    assert status["problems"] == []
+
+
+def _indexed(stack: Stack) -> int:
+    return len(_catalogue_rows(stack))
+
+
+class TestWorkerKilled:
+    def test_kill_9_mid_ingest_then_restart_indexes_everything_once(self, fault_stack: Stack,
+                                                                     instances: list[Path]) -> None:
+        sender = _storescu(fault_stack, instances)
+        wait_for(lambda: _indexed(fault_stack) >= 10, timeout=120, what="indexing to start")
+        worker = fault_stack.procs["worker"]
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        assert sender.wait(timeout=300) == 0, "Orthanc refused C-STOREs while the worker was dead"
+        assert fault_stack.procs["orthanc"].poll() is None
+        fault_stack.restart("worker")
+        _assert_everything_indexed_once(fault_stack, at_least=N_INSTANCES)
+
+
+class TestRedisStopped:
+    def test_redis_down_longer_than_every_retry_window(self, fault_stack: Stack, instances: list[Path]) -> None:
+        fault_stack.stop_process("redis")
+        # The plugin gives up on a task after about 2 s: everything stored now is lost to the fast path.
+        assert _storescu(fault_stack, instances[:100]).wait(timeout=300) == 0
+        time.sleep(10)
+        fault_stack.restart("redis")
+        if fault_stack.procs["worker"].poll() is not None:  # `lookalike run` restarts a worker that gave up
+            fault_stack.restart("worker")
+        _assert_everything_indexed_once(fault_stack, at_least=100)
+
+
+class TestOrthancStopped:
+    @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "clean-stop"])
+    def test_orthanc_stopped_mid_ingest_while_c_stores_arrive(self, fault_stack: Stack, instances: list[Path],
+                                                               how: signal.Signals) -> None:
+        sender = _storescu(fault_stack, instances)
+        wait_for(lambda: len(_orthanc_instances(fault_stack)) >= 30, timeout=120, what="ingest to start")
+        orthanc = fault_stack.procs["orthanc"]
+        (os.killpg if how == signal.SIGKILL else os.kill)(orthanc.pid, how)
+        orthanc.wait(timeout=60)
+        sender.wait(timeout=300)  # some C-STOREs were refused while Orthanc was down: the sender's business
+        fault_stack.restart("orthanc")
+        held = len(_orthanc_instances(fault_stack))
+        assert 0 < held <= N_INSTANCES
+        _assert_everything_indexed_once(fault_stack, at_least=held)
+        assert fault_stack.procs["worker"].poll() is None, "the worker died with Orthanc"
