@@ -1,0 +1,227 @@
+"""Orthanc Explorer's Lookalike panel in a real browser, clicked as a radiologist clicks.
+
+Debian's chromium, driven by playwright through ``executable_path`` (no browser download), against the real stack:
+Orthanc Explorer as Orthanc serves it, with the plugin's extension. What the page shows is read from the page
+(the study's own UID in Orthanc Explorer's study panel, the result rows); where a report went is checked in Orthanc.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import pydicom
+import pytest
+
+from lookalike.stack import Stack
+from tests.conftest import require_programs
+from tests.test_rest import identities, store_lookup_corpus
+
+pytestmark = pytest.mark.stack
+
+#: Flags that work headless on these machines (no GPU, no sandbox, nothing fetched in the background).
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def corpus(stack: Stack, tmp_path_factory) -> dict:
+    return store_lookup_corpus(stack, tmp_path_factory.mktemp("browser"), "PBRW", 15)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    require_programs("chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, stack: Stack):
+    context = browser.new_context(http_credentials={"username": "admin", "password": stack.config.admin_password},
+                                  viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+class Explorer:
+    """What a user does and sees on Orthanc Explorer's study page."""
+
+    def __init__(self, page, stack: Stack, corpus: dict) -> None:
+        self.page, self.stack, self.corpus = page, stack, corpus
+        self.url = f"{stack.config.orthanc_url}/app/explorer.html"
+
+    def open(self, name: str) -> None:
+        """Type the study's address, as from a bookmark or the address bar."""
+        self.page.goto(f"{self.url}#study?uuid={self.corpus['ids'][name]}")
+        self.wait_shown(name)
+
+    def wait_shown(self, name: str) -> None:
+        """Until Orthanc Explorer's study panel shows that study (its StudyInstanceUID)."""
+        uid = str(self.corpus["ds"][name].StudyInstanceUID)
+        self.page.wait_for_function("uid => $('#study-info').text().indexOf(uid) >= 0", arg=uid)
+
+    def shown_study_uid(self) -> str:
+        return self.page.evaluate("$('#study-info').text()")
+
+    def look_up(self) -> list[str]:
+        self.page.click("#lookalike-find")
+        self.page.wait_for_function("$('#lookalike-status').text().indexOf('most similar') >= 0 || "
+                                    "$('#lookalike-status').text().indexOf('No other') >= 0")
+        return self.rows()
+
+    def rows(self) -> list[str]:
+        """The Orthanc ids of the studies listed, in rank order."""
+        return self.page.eval_on_selector_all(".lookalike-result", "rows => rows.map(r => r.dataset.study)")
+
+    def choose_scope(self, label: str) -> None:
+        self.page.click(f"#lookalike-scopes label:has-text(\"{label}\")")
+
+    def file_report(self) -> dict:
+        """Click the SR button; the report's link as the page shows it."""
+        self.page.click("#lookalike-report")
+        link = self.page.wait_for_selector(".lookalike-report-link")
+        return {"href": link.get_attribute("href"), "status": self.page.inner_text("#lookalike-status")}
+
+    def lookalike_reports(self, name: str) -> list[pydicom.Dataset]:
+        """The Lookalike SR documents Orthanc holds in a study."""
+        http, url = self.stack.http(), self.stack.config.orthanc_url
+        reports = []
+        for instance in http.get(f"{url}/studies/{self.corpus['ids'][name]}/instances", timeout=10).json():
+            data = http.get(f"{url}/instances/{instance['ID']}/file", timeout=10).content
+            ds = pydicom.dcmread(io.BytesIO(data))
+            if ds.Modality == "SR" and ds.Manufacturer == "Lookalike":
+                reports.append(ds)
+        return reports
+
+
+@pytest.fixture
+def explorer(page, stack: Stack, corpus: dict) -> Explorer:
+    return Explorer(page, stack, corpus)
+
+
+def test_a_result_opens_the_study_it_names_and_back_returns(explorer: Explorer, corpus: dict) -> None:
+    explorer.open("a")
+    rows = explorer.look_up()
+    assert rows[0] == corpus["ids"]["b"] and corpus["ids"]["a"] not in rows
+    explorer.page.click(f".lookalike-result[data-study='{rows[0]}'] a.lookalike-open")
+    explorer.wait_shown("b")
+    assert str(corpus["ds"]["a"].StudyInstanceUID) not in explorer.shown_study_uid()
+    assert explorer.rows() == []  # study A's answers are not shown on study B's page
+    explorer.page.go_back()
+    explorer.wait_shown("a")
+    assert explorer.rows() == []
+    assert explorer.look_up()[0] == corpus["ids"]["b"]
+
+
+def test_the_report_lands_in_the_study_on_screen(explorer: Explorer, corpus: dict, stack: Stack) -> None:
+    assert explorer.lookalike_reports("prior") == [] and explorer.lookalike_reports("other") == []
+    explorer.open("prior")
+    first = explorer.look_up()[0]
+    explorer.page.click(f".lookalike-result[data-study='{first}'] a.lookalike-open")
+    explorer.page.go_back()
+    explorer.wait_shown("prior")
+    filed = explorer.file_report()
+    [report] = explorer.lookalike_reports("prior")
+    assert report.StudyInstanceUID == corpus["ds"]["prior"].StudyInstanceUID
+    assert report.PatientID == corpus["ds"]["prior"].PatientID
+    assert explorer.lookalike_reports("other") == [] and first != corpus["ids"]["prior"]
+    assert report.SeriesDate and report.SeriesTime
+    # The page says where the report went: a link to its series in this study.
+    series_id = filed["href"].split("uuid=")[1]
+    series = stack.http().get(f"{stack.config.orthanc_url}/series/{series_id}", timeout=10).json()
+    assert series["ParentStudy"] == corpus["ids"]["prior"]
+    assert series["MainDicomTags"]["SeriesInstanceUID"] == report.SeriesInstanceUID
+    explorer.page.click(".lookalike-report-link")
+    explorer.page.wait_for_function("id => $.mobile.activePage.attr('id') == 'series' && "
+                                    "location.hash.indexOf(id) >= 0", arg=series_id)
+    assert "Lookalike similar cases" in explorer.page.inner_text("#series")
+
+
+def test_after_following_a_result_the_report_goes_to_that_study(explorer: Explorer, corpus: dict,
+                                                               stack: Stack) -> None:
+    explorer.open("other")
+    rows = explorer.look_up()
+    target = next(name for name in ("a", "b", "prior") if corpus["ids"][name] == rows[0])
+    explorer.page.click(f".lookalike-result[data-study='{rows[0]}'] a.lookalike-open")
+    explorer.wait_shown(target)
+    filed = explorer.file_report()
+    series = stack.http().get(f"{stack.config.orthanc_url}/series/{filed['href'].split('uuid=')[1]}",
+                              timeout=10).json()
+    assert series["ParentStudy"] == corpus["ids"][target]
+    reports = explorer.lookalike_reports(target)
+    assert series["MainDicomTags"]["SeriesInstanceUID"] in {r.SeriesInstanceUID for r in reports}
+    assert {r.PatientID for r in reports} == {corpus["ds"][target].PatientID}
+    assert explorer.lookalike_reports("other") == []
+
+
+def test_filing_the_same_answer_again_points_to_the_report_filed_before(explorer: Explorer) -> None:
+    explorer.open("b")
+    before = len(explorer.lookalike_reports("b"))
+    explorer.look_up()
+    first = explorer.file_report()
+    explorer.page.evaluate("$('#lookalike-status').empty()")
+    again = explorer.file_report()
+    assert again["href"] == first["href"] and again["status"].startswith("Already filed on")
+    assert len(explorer.lookalike_reports("b")) == before + 1
+
+
+def test_a_late_answer_for_the_previous_study_is_not_shown(explorer: Explorer, corpus: dict) -> None:
+    held = []  # study A's lookup, held back by the network until the user is on another study
+    explorer.page.route(f"**/lookalike/studies/{corpus['ids']['a']}/similar*", lambda route: held.append(route))
+    explorer.open("a")
+    explorer.page.evaluate("window.lookupsDone = 0; $(document).ajaxComplete(function(e, xhr, settings) {"
+                           " if (settings.url.indexOf('/similar') >= 0) window.lookupsDone++; })")
+    explorer.page.click("#lookalike-find")
+    for _ in range(200):
+        if held:
+            break
+        explorer.page.wait_for_timeout(50)
+    assert len(held) == 1
+    explorer.page.goto(f"{explorer.url}#study?uuid={corpus['ids']['other']}")  # the address bar, same document
+    explorer.wait_shown("other")
+    held[0].continue_()
+    explorer.page.wait_for_function("window.lookupsDone == 1")  # A's answer has reached the page's code
+    assert explorer.rows() == []
+    assert "most similar" not in explorer.page.inner_text("#lookalike-status")
+    rows = explorer.look_up()
+    assert corpus["ids"]["other"] not in rows and rows
+
+
+def test_patient_scope_lists_this_patients_priors_only(explorer: Explorer, corpus: dict) -> None:
+    explorer.open("a")
+    explorer.choose_scope("This patient's priors")
+    assert explorer.look_up() == [corpus["ids"]["prior"]]
+    assert explorer.page.inner_text(".lookalike-patient") == "this patient"
+    explorer.choose_scope("All patients")
+    assert len(explorer.look_up()) >= 3
+
+
+def test_the_page_shows_images_side_by_side_and_no_other_patients_identity(explorer: Explorer, corpus: dict,
+                                                                             stack: Stack) -> None:
+    explorer.open("a")
+    explorer.look_up()
+    panel = explorer.page.inner_text("#lookalike-panel")
+    for identity in identities(corpus, "b", "other"):
+        assert identity not in panel
+    first = explorer.page.locator(".lookalike-result").first
+    assert first.locator(".lookalike-patient").inner_text() == "another patient"
+    assert first.locator(".lookalike-rank").inner_text() == "1"
+    assert float(first.locator(".lookalike-score").inner_text()) > 0.9
+    assert "US" in first.inner_text() and "2024-06-11" in first.inner_text()
+    sources = first.locator("img").evaluate_all("imgs => imgs.map(i => i.getAttribute('src'))")
+    instances = [src.split("/instances/")[1].split("/")[0] for src in sources]
+    http, url = stack.http(), stack.config.orthanc_url
+    sops = [http.get(f"{url}/instances/{i}", timeout=10).json()["MainDicomTags"]["SOPInstanceUID"] for i in instances]
+    assert sops == [corpus["ds"]["a"].SOPInstanceUID, corpus["ds"]["b"].SOPInstanceUID]
+    explorer.page.wait_for_function(
+        "() => $('.lookalike-result:first img').toArray().every(i => i.complete && i.naturalWidth > 0)")
