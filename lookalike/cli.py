@@ -72,6 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stack = Stack(config)
     print(f"lookalike: starting Redis :{config.redis_port}, Orthanc :{config.http_port} (DICOM :{config.dicom_port}), worker")
     print(f"lookalike: logs in {config.logs}")
+    print(f"lookalike: {config.dicom_access(args.stack_config)}")
     settings = config.settings()
     callers = ", ".join(f"{aet} from {' '.join(hosts)}" for aet, hosts in settings.query_allowed.items())
     print(f"lookalike: DICOM query endpoint {settings.query_aet} on :{config.query_port} (C-FIND similar studies,"

@@ -70,6 +70,8 @@ class StackConfig:
     #: Encoder name -> checkpoint path, replacing the shipped weights (a hospital's own model).
     weights: dict[str, str] = field(default_factory=dict)
     extra_orthanc: dict = field(default_factory=dict)
+    #: The site's own DICOM peers, beside KNOWN_MODALITIES: name -> [calling AE title, host, port].
+    modalities: dict[str, list] = field(default_factory=dict)
     #: Settings fields that differ from the defaults (e.g. a short ``catch_up_interval`` in tests).
     extra_settings: dict = field(default_factory=dict)
 
@@ -110,6 +112,18 @@ class StackConfig:
     def logs(self) -> Path:
         return self.state_dir / "logs"
 
+    def dicom_modalities(self) -> dict[str, list]:
+        """Orthanc's ``DicomModalities``: the only calling AE titles (and hosts) it lets store, query and echo."""
+        return {**{name: [aet, "127.0.0.1", 104] for name, aet in KNOWN_MODALITIES.items()}, **self.modalities}
+
+    def dicom_access(self, config_path: Path) -> str:
+        """Who may talk DICOM to Orthanc and how to add one, for ``make run`` to print: Orthanc refuses any other
+        calling AE title (``echoscu``'s default ECHOSCU too) and the caller sees no reason."""
+        allowed = ", ".join(f"{aet} from {host}" for aet, host, *_ in self.dicom_modalities().values())
+        return (f"Orthanc {ORTHANC_AET} on DICOM port :{self.dicom_port} accepts C-STORE, C-FIND and C-ECHO from {allowed}"
+                f" only (e.g. echoscu -aet STORESCU -aec {ORTHANC_AET} 127.0.0.1 {self.dicom_port}); to add a peer, put"
+                f' "modalities": {{"NAME": ["AE_TITLE", "host", port]}} in {config_path} and restart')
+
     @property
     def orthanc_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
@@ -144,7 +158,7 @@ class StackConfig:
             "DicomAlwaysAllowStore": False,
             "DicomAlwaysAllowEcho": False,
             "DicomCheckModalityHost": True,
-            "DicomModalities": {name: [aet, "127.0.0.1", 104] for name, aet in KNOWN_MODALITIES.items()},
+            "DicomModalities": self.dicom_modalities(),
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": True,
             "RegisteredUsers": {"admin": self.admin_password, "lookalike": self.service_password},
