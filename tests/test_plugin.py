@@ -119,3 +119,29 @@ class TestTaskSender:
         assert sender.failed == 1 and "redis unreachable" in errors[0]
         sender.close()
 
+
+    def test_a_broker_outage_drops_the_backlog_at_once_then_sending_resumes(self) -> None:
+        now = [0.0]
+        broker_up = [False]
+        sent: list[list] = []
+        errors: list[str] = []
+
+        def send_task(name, **kw):
+            if not broker_up[0]:
+                raise ConnectionError("redis unreachable")
+            sent.append(kw["args"])
+
+        sender = TaskSender(send_task, on_error=errors.append, pause_after_failure=5.0, clock=lambda: now[0])
+        for i in range(50):
+            sender.send(TASK_INDEX_INSTANCE, str(i))
+        sender.join()
+        assert sender.failed == 50 and len(errors) == 1, "one try and one report per outage, not per task"
+        broker_up[0] = True
+        sender.send(TASK_INDEX_INSTANCE, "during-pause")
+        sender.join()
+        assert sent == [] and sender.failed == 51
+        now[0] = 6.0
+        sender.send(TASK_INDEX_INSTANCE, "after")
+        sender.join()
+        assert sent == [["after"]]
+        sender.close()

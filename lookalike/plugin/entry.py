@@ -108,4 +108,6 @@ def register(orthanc: Any) -> None:
     orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar-report", route(similar_report, ("POST",)))
     orthanc.RegisterRestCallback("/lookalike/status", route(status, ("GET",)))
     orthanc.ExtendOrthancExplorer(resources.files("lookalike.plugin").joinpath("explorer.js").read_text())
-    orthanc.LogWarning(f"Lookalike {settings.index_dir}: plugin ready, queue {QUEUE} on {settings.redis_url}")
+    broker_at = redis.connection.parse_url(settings.redis_url)  # the URL holds Redis's password: not for the log
+    orthanc.LogWarning(f"Lookalike {settings.index_dir}: plugin ready, queue {QUEUE} on Redis at "
+                       f"{broker_at.get('host', broker_at.get('path', '?'))}:{broker_at.get('port', '')}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import traceback
 from typing import Any, Callable
 
@@ -24,11 +25,15 @@ class TaskSender:
         Called with a message and a traceback when a task could not be sent (Orthanc's log, in the plugin).
     """
 
-    def __init__(self, send_task: Callable[..., Any], on_error: Callable[[str], None] | None = None) -> None:
+    def __init__(self, send_task: Callable[..., Any], on_error: Callable[[str], None] | None = None,
+                 pause_after_failure: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._send_task = send_task
         self._on_error = on_error or log.error
         self._queue: queue.Queue[tuple[str, tuple] | None] = queue.Queue()
         self.failed = 0
+        self._pause = pause_after_failure
+        self._clock = clock
+        self._broker_down_until = 0.0
         self._thread = threading.Thread(target=self._run, name="lookalike-sender", daemon=True)
         self._thread.start()
 
@@ -54,6 +59,11 @@ class TaskSender:
                 if item is None:
                     return
                 name, args = item
+                if self._clock() < self._broker_down_until:
+                    # The broker failed a moment ago: drop at once rather than let the backlog grow in Orthanc's
+                    # memory. The worker's catch-up from Orthanc's change log queues these once Redis is back.
+                    self.failed += 1
+                    continue
                 try:
                     self._send_task(
                         name, args=list(args), queue=QUEUE,
@@ -61,6 +71,9 @@ class TaskSender:
                     )
                 except Exception:
                     self.failed += 1
-                    self._on_error(f"Lookalike: could not queue {name}{args}: {traceback.format_exc()}")
+                    self._broker_down_until = self._clock() + self._pause
+                    self._on_error(f"Lookalike: could not queue {name}{args} (left to the worker's catch-up from"
+                                   f" Orthanc's change log; tasks are dropped for {self._pause:.0f} s):"
+                                   f" {traceback.format_exc()}")
             finally:
                 self._queue.task_done()
