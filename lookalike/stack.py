@@ -236,7 +236,7 @@ class Stack:
             self.start_worker()
         else:
             self._spawn(name, self._argv[name])
-        self._wait({"redis": self._redis_ping, "worker": self._worker_ready,
+        self._wait({"redis": self._redis_ping, "worker": self._worker_ready, "query-scp": self._query_scp_ready,
                     "orthanc": lambda: self.http().get(f"{self.config.orthanc_url}/system", timeout=2).ok}[name],
                    time.monotonic() + timeout, name)
 
