@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import io
 import shutil
+from pathlib import Path
 
 import pydicom
 import pytest
 
-from lookalike.stack import Stack
+from lookalike.stack import Stack, StackConfig
 from tests.conftest import require_programs
 from tests.test_rest import identities, store_lookup_corpus
 
@@ -225,3 +226,25 @@ def test_the_page_shows_images_side_by_side_and_no_other_patients_identity(explo
     assert sops == [corpus["ds"]["a"].SOPInstanceUID, corpus["ds"]["b"].SOPInstanceUID]
     explorer.page.wait_for_function(
         "() => $('.lookalike-result:first img').toArray().every(i => i.complete && i.naturalWidth > 0)")
+
+
+def test_a_site_that_discloses_other_patients_sees_them(browser, tmp_path: Path) -> None:
+    """``disclose_other_patients`` in Orthanc's "Lookalike" section opens up the REST answer and the page."""
+    config = StackConfig.create(tmp_path / "stack", extra_settings={"disclose_other_patients": True})
+    with Stack(config) as disclosing:
+        corpus = store_lookup_corpus(disclosing, tmp_path, "PDSC", 15)
+        http, url = disclosing.http(), disclosing.config.orthanc_url
+        answer = http.get(f"{url}/lookalike/studies/{corpus['ids']['a']}/similar?limit=1", timeout=30).json()
+        first = answer["similar"][0]
+        assert first["orthanc_study_id"] == corpus["ids"]["b"]
+        assert [first["patient_id"], first["patient_name"], first["accession_number"]] == identities(corpus, "b")
+        context = browser.new_context(http_credentials={"username": "admin",
+                                                        "password": disclosing.config.admin_password})
+        try:
+            explorer = Explorer(context.new_page(), disclosing, corpus)
+            explorer.open("a")
+            explorer.look_up()
+            shown = explorer.page.locator(".lookalike-result").first.locator(".lookalike-patient").inner_text()
+            assert corpus["ds"]["b"].PatientID in shown and str(corpus["ds"]["b"].PatientName) in shown
+        finally:
+            context.close()
