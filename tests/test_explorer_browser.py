@@ -200,7 +200,9 @@ def test_a_late_answer_for_the_previous_study_is_not_shown(explorer: Explorer, c
 
 def test_patient_scope_lists_this_patients_priors_only(explorer: Explorer, corpus: dict) -> None:
     explorer.open("a")
+    assert len(explorer.look_up()) >= 3
     explorer.choose_scope("This patient's priors")
+    assert explorer.rows() == []  # the list shown is always the answer for the scope chosen
     assert explorer.look_up() == [corpus["ids"]["prior"]]
     assert explorer.page.inner_text(".lookalike-patient") == "this patient"
     explorer.choose_scope("All patients")

@@ -38,13 +38,18 @@
     return typeof currentUuid === 'undefined' || currentUuid == study;
   }
 
+  // Drop what the panel shows, and the answers still on their way.
+  function reset() {
+    generation++;
+    results.empty();
+    status.empty();
+  }
+
   function bind() {
     var study = pageStudy();
     if (study === shown) return;
     shown = study;
-    generation++;
-    results.empty();
-    status.empty();
+    reset();
   }
 
   function scope() { return $('input[name=' + scopeName + ']:checked').val() || 'archive'; }
@@ -133,7 +138,7 @@
     $.ajax({ url: '../lookalike/studies/' + study + '/similar-report', type: 'POST', dataType: 'json',
       contentType: 'application/json', data: JSON.stringify({ limit: LIMIT, scope: scope() }),
       success: function(r) {
-        if (mine !== generation) return;
+        if (mine !== generation || r.study !== shown) return;
         var when = formatDate(r.series_date) + ' ' + (r.series_time || '').substr(0, 2) + ':' +
           (r.series_time || '').substr(2, 2);
         var link = $('<a>').addClass('lookalike-report-link').attr({ href: 'explorer.html#series?uuid=' + r.series,
@@ -146,6 +151,8 @@
   $('#study').live('pagebeforecreate', function() {
     panel.insertAfter($('#list-series'));
   });
+  // The list on screen is always the answer for the scope chosen, so that the SR files what the list shows.
+  scopes.delegate('input', 'change', reset);
   $('#study').live('pagebeforeshow', bind);
   // Links between studies stay on the #study page: jQuery Mobile then shows no new page, and Orthanc Explorer
   // redraws the study from its own hashchange handler. Run after jQuery Mobile's handler has set pageData.
