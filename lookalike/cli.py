@@ -117,6 +117,60 @@ def supervise(stack, stopping: Callable[[], bool]) -> None:
             print(f"lookalike: {name} did not come back: {exc}; trying again", file=sys.stderr)
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lookalike.config import ENCODER_FOR_MODALITY, QUEUE
+    from lookalike.indexer.backfill import (Backfill, BackfillReport, Checkpoint, StudyFilter, local_studies,
+                                            move_from_remote, orthanc_study_id, remote_studies)
+    from lookalike.indexer.catalogue import CATALOGUE_FILE, Catalogue
+    from lookalike.indexer.celery_app import make_app
+    from lookalike.orthanc_rest import get_json
+
+    settings = _settings(args)
+    api = _api(settings)
+    which = StudyFilter(tuple(args.modality or ENCODER_FOR_MODALITY), args.date_from, args.date_to)
+    report = BackfillReport()
+    source = f"remote-{args.remote}" if args.remote else "local"
+    if args.remote:
+        uids = remote_studies(api, args.remote, which)
+        target = args.target_aet or get_json(api, "/system")["DicomAet"]
+
+        def studies():
+            for uid in uids:
+                study_id = orthanc_study_id(api, uid)
+                if study_id is None and args.dry_run:
+                    report.skipped["would be moved from the remote PACS (dry run)"] += 1
+                    continue
+                if study_id is None:
+                    move_from_remote(api, args.remote, uid, target)
+                    report.moved_studies += 1
+                    study_id = orthanc_study_id(api, uid)
+                if study_id is not None:
+                    yield study_id
+
+        ids, total = studies(), len(uids)
+    else:
+        ids = local_studies(api, which)
+        total = len(ids)
+    checkpoint = Checkpoint(args.checkpoint or Path(settings.index_dir) / "backfill" / f"{source}-{which.key()}.json")
+    catalogue = Catalogue(Path(settings.index_dir) / CATALOGUE_FILE, readonly=True)
+    app = make_app(settings)
+
+    def send(name: str, task_args: list, kwargs: dict) -> None:
+        app.send_task(name, args=task_args, kwargs=kwargs, queue=QUEUE)
+
+    backfill = Backfill(api, catalogue, send, checkpoint, batch=args.batch, rate=args.rate,
+                        settle_timeout=args.settle_timeout)
+    print(f"lookalike: backfill of {total} {source} studies ({', '.join(which.modalities)}"
+          f"{', dates ' + which.study_date if which.study_date else ''}); checkpoint {checkpoint.path}"
+          f"{'; dry run: nothing is queued' if args.dry_run else ''}", file=sys.stderr)
+    with tqdm(total=total, unit="study", desc="backfill", file=sys.stderr) as bar:
+        backfill.run(ids, dry_run=args.dry_run, progress=bar, report=report)
+    print(json.dumps(report.as_dict(), indent=2))
+    return 1 if report.waiting else 0
+
+
 def _passthrough(module: str) -> Callable[[list[str]], int]:
     """A sub-command that hands its arguments to the ``main`` of the module that owns the task."""
 
@@ -165,6 +219,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("query-scp", help="the DICOM query endpoint (C-FIND similar studies, C-MOVE, C-ECHO)")
     p.add_argument("--logfile", help="log here instead of to standard error")
     p.set_defaults(func=cmd_query_scp)
+
+    p = sub.add_parser("backfill", help="index an existing archive: this Orthanc's studies, or a remote PACS's")
+    p.add_argument("--remote", metavar="MODALITY", help="a remote PACS known to Orthanc (DicomModalities): C-FIND"
+                   " its studies, C-MOVE them into Orthanc, index them")
+    p.add_argument("--target-aet", help="AE title the remote PACS moves to (default: this Orthanc's)")
+    p.add_argument("--modality", action="append", choices=("US", "DX", "CR"), help="repeat for several (default: all)")
+    p.add_argument("--from", dest="date_from", default="", metavar="YYYYMMDD", help="first study date")
+    p.add_argument("--to", dest="date_to", default="", metavar="YYYYMMDD", help="last study date")
+    p.add_argument("--batch", type=int, default=32, help="instances queued before waiting for the worker")
+    p.add_argument("--rate", type=float, default=20.0, help="instances queued per second at most")
+    p.add_argument("--settle-timeout", type=float, default=600.0, help="seconds to wait for one batch")
+    p.add_argument("--checkpoint", type=Path, help="resume file (default: under the index folder, per filter)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be done; queue and move nothing")
+    p.set_defaults(func=cmd_backfill)
 
     for name, (help_text, _) in PASSTHROUGH.items():
         sub.add_parser(name, help=f"{help_text} (`lookalike {name} --help`)", add_help=False)
