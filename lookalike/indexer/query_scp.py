@@ -33,8 +33,10 @@ to the audit trail (:mod:`lookalike.indexer.audit`) before it is answered.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import queue
 import signal
 import socket
 import threading
@@ -344,15 +346,16 @@ def calling_allowed(allowed: dict[str, list[str]], aet: str, host: str) -> bool:
 class QueryEndpoint:
     """The SCP: one pynetdicom AE with its handlers, the index read-only, Orthanc over HTTP, the audit trail.
 
-    Each association runs in a thread of its own (pynetdicom's); the index store is thread-safe, and each thread
-    gets its own HTTP session with Orthanc.
+    Each association runs in a thread of its own (pynetdicom's, new for every association); the index store is
+    thread-safe, and a request borrows an HTTP session with Orthanc from a pool, so that its kept-alive connection
+    outlives the association.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = IndexStore(settings.index_dir, readonly=True)
         self.audit = AuditLog(settings.audit_log)
-        self._local = threading.local()
+        self._sessions: queue.SimpleQueue[HttpOrthanc] = queue.SimpleQueue()
         self.ae = AE(ae_title=settings.query_aet)
         for context in (Verification, StudyRootQueryRetrieveInformationModelFind,
                         PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelMove,
@@ -371,13 +374,18 @@ class QueryEndpoint:
         ]
         self.server = None
 
-    @property
-    def api(self) -> OrthancApi:
-        api = getattr(self._local, "api", None)
-        if api is None:
+    @contextlib.contextmanager
+    def _orthanc(self) -> Iterator[OrthancApi]:
+        """An HTTP session with Orthanc that no other thread uses meanwhile; back to the pool afterwards."""
+        try:
+            api = self._sessions.get_nowait()
+        except queue.Empty:
             s = self.settings
-            api = self._local.api = HttpOrthanc(s.orthanc_url, s.orthanc_user, s.orthanc_password)
-        return api
+            api = HttpOrthanc(s.orthanc_url, s.orthanc_user, s.orthanc_password)
+        try:
+            yield api
+        finally:
+            self._sessions.put(api)
 
     def start(self) -> None:
         """Listen on ``query_host:query_port`` in background threads."""
@@ -423,7 +431,8 @@ class QueryEndpoint:
         started = time.perf_counter()
         try:
             request = FindRequest.from_identifier(identifier)
-            result = find_similar(self.api, self.store, request, self.settings.query_max_results)
+            with self._orthanc() as api:
+                result = find_similar(api, self.store, request, self.settings.query_max_results)
         except QueryRefused as refused:
             log.info("C-FIND from %s at %s refused: %s", who, host, refused.comment)
             yield refused.status_dataset(), None
@@ -465,7 +474,8 @@ class QueryEndpoint:
         who, host = requestor.ae_title.strip(), requestor.address
         destination = (event.move_destination or "").strip()
         try:
-            address = self._move(who, host, destination, event.identifier)
+            with self._orthanc() as api:
+                address = self._move(api, who, host, destination, event.identifier)
         except QueryRefused as refused:
             log.info("C-MOVE from %s at %s to %s refused: %s", who, host, destination, refused.comment)
             if refused.status == MOVE_DESTINATION_UNKNOWN:
@@ -475,7 +485,7 @@ class QueryEndpoint:
         yield address
         yield 0
 
-    def _move(self, who: str, host: str, destination: str, identifier: Dataset) -> tuple[str, int]:
+    def _move(self, api: OrthancApi, who: str, host: str, destination: str, identifier: Dataset) -> tuple[str, int]:
         """Orthanc sends what ``identifier`` names to ``destination``; the destination's (host, port)."""
         level = _text(identifier, "QueryRetrieveLevel").upper()
         key = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}.get(level)
@@ -484,14 +494,14 @@ class QueryEndpoint:
         uids = [u for u in _text(identifier, key).split("\\") if u]
         if not uids:
             raise QueryRefused(IDENTIFIER_DOES_NOT_MATCH, f"{key} is required")
-        modalities = get_json(self.api, "/modalities?expand")
+        modalities = get_json(api, "/modalities?expand")
         name = next((n for n, m in modalities.items() if str(m.get("AET", "")).strip() == destination), None)
         if name is None:
             raise QueryRefused(MOVE_DESTINATION_UNKNOWN, f"{destination!r} is not one of Orthanc's modalities")
         resource_type = {"STUDY": "Study", "SERIES": "Series", "IMAGE": "Instance"}[level]
         ids = []
         for uid in uids:
-            found = lookup_uid(self.api, uid, resource_type)
+            found = lookup_uid(api, uid, resource_type)
             if found is None:
                 raise QueryRefused(UNKNOWN_STUDY, f"no {resource_type.lower()} {uid} in the archive")
             ids.append(found)
@@ -499,7 +509,7 @@ class QueryEndpoint:
                           results=uids, action="retrieve", destination=destination, level=level)
         body = json.dumps({"Resources": ids, "Synchronous": True}).encode()
         try:
-            sent = json.loads(self.api.post_bytes(f"/modalities/{name}/store", body))
+            sent = json.loads(api.post_bytes(f"/modalities/{name}/store", body))
         except OrthancError as exc:
             raise QueryRefused(ORTHANC_FAILED, f"Orthanc could not send to {destination}: {exc}") from None
         if sent.get("FailedInstancesCount"):
