@@ -117,6 +117,17 @@ def supervise(stack, stopping: Callable[[], bool]) -> None:
             print(f"lookalike: {name} did not come back: {exc}; trying again", file=sys.stderr)
 
 
+def cmd_configure(args: argparse.Namespace) -> int:
+    from lookalike.stack import StackConfig, write_configs
+
+    config = StackConfig.load_or_create(args.stack_config, args.state)
+    for path in write_configs(config):
+        print(path)
+    print(f"lookalike: Orthanc HTTP :{config.http_port}, DICOM :{config.dicom_port}, query endpoint"
+          f" :{config.query_port}, Redis :{config.redis_port}; admin password in {args.stack_config}", file=sys.stderr)
+    return 0
+
+
 def cmd_backfill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -219,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("query-scp", help="the DICOM query endpoint (C-FIND similar studies, C-MOVE, C-ECHO)")
     p.add_argument("--logfile", help="log here instead of to standard error")
     p.set_defaults(func=cmd_query_scp)
+
+    p = sub.add_parser("configure", help="write the configuration files the service units read; start nothing")
+    p.add_argument("--state", type=Path, default=DEFAULT_STATE, help="where data, logs and the files go")
+    p.add_argument("--stack-config", type=Path, default=DEFAULT_STACK_CONFIG, help="ports and generated credentials")
+    p.set_defaults(func=cmd_configure)
 
     p = sub.add_parser("backfill", help="index an existing archive: this Orthanc's studies, or a remote PACS's")
     p.add_argument("--remote", metavar="MODALITY", help="a remote PACS known to Orthanc (DicomModalities): C-FIND"

@@ -184,6 +184,31 @@ class StackConfig:
         return cfg
 
 
+def redis_conf(cfg: StackConfig) -> str:
+    """Redis's configuration: loopback only, a password, an append-only file so queued tasks survive a restart."""
+    return "\n".join([
+        "bind 127.0.0.1", f"port {cfg.redis_port}", f"dir {cfg.state_dir / 'redis'}", "appendonly yes", 'save ""',
+        f"logfile {cfg.logs / 'redis.log'}", f"requirepass {cfg.redis_password}", "",
+    ])
+
+
+def write_configs(cfg: StackConfig) -> tuple[Path, Path, Path]:
+    """Write the folders and the three configuration files of a stack (owner-only): Lookalike's settings,
+    Orthanc's configuration and Redis's. ``lookalike run`` starts from them; the service units in
+    ``deploy/systemd`` read the same files, written by ``lookalike configure``."""
+    for sub in ("logs", "orthanc-storage", "index", "redis"):
+        (cfg.state_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        (cfg.state_dir / sub).chmod(0o700)
+    paths = (cfg.state_dir / "lookalike.json", cfg.state_dir / "orthanc.json", cfg.state_dir / "redis.conf")
+    texts = (json.dumps(cfg.settings().to_dict(), indent=2), json.dumps(cfg.orthanc_config(), indent=2),
+             redis_conf(cfg))
+    for path, text in zip(paths, texts):
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(text)
+    return paths
+
+
 class Stack:
     """The running processes of one :class:`StackConfig`; a context manager that stops all it started."""
 
@@ -196,15 +221,7 @@ class Stack:
     # -- start -------------------------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> "Stack":
         cfg = self.config
-        for sub in ("logs", "orthanc-storage", "index", "redis"):
-            (cfg.state_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-            (cfg.state_dir / sub).chmod(0o700)
-        settings_path = cfg.state_dir / "lookalike.json"
-        settings_path.write_text(json.dumps(cfg.settings().to_dict(), indent=2))
-        settings_path.chmod(0o600)
-        orthanc_json = cfg.state_dir / "orthanc.json"
-        orthanc_json.write_text(json.dumps(cfg.orthanc_config(), indent=2))
-        orthanc_json.chmod(0o600)
+        settings_path, orthanc_json, self._redis_conf = write_configs(cfg)
         self.env = {**dcmtk_env(), "LOOKALIKE_CONFIG": str(settings_path)}
         try:
             self._start_redis()
@@ -245,16 +262,8 @@ class Stack:
         return [name for name, proc in self.procs.items() if proc.poll() is not None]
 
     def _start_redis(self) -> None:
-        cfg = self.config
-        self._spawn(
-            "redis",
-            [
-                shutil.which("redis-server") or "redis-server",
-                "--bind", "127.0.0.1", "--port", str(cfg.redis_port), "--dir", str(cfg.state_dir / "redis"),
-                "--appendonly", "yes", "--save", "", "--logfile", str(cfg.logs / "redis.log"),
-                "--requirepass", cfg.redis_password,
-            ],
-        )
+        # The password lives in the 0600 file, not on the command line that every local user can read with ps.
+        self._spawn("redis", [shutil.which("redis-server") or "redis-server", str(self._redis_conf)])
 
     def _start_orthanc(self, config_path: Path) -> None:
         orthanc = shutil.which("Orthanc") or "/usr/sbin/Orthanc"

@@ -72,3 +72,15 @@ class TestCredentials:
         assert logs, "Orthanc wrote no log"
         for secret in (stack.config.redis_password, stack.config.service_password, stack.config.admin_password):
             assert secret not in logs
+
+    def test_no_password_on_any_command_line(self, stack: Stack) -> None:
+        """Every local user can read every process's command line (ps): no secret may be there."""
+        lines = []
+        for proc in Path("/proc").iterdir():
+            try:
+                lines.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+        assert any(str(stack.config.state_dir) in line for line in lines), "the stack's processes were not found"
+        for secret in (stack.config.redis_password, stack.config.service_password, stack.config.admin_password):
+            assert not [line for line in lines if secret in line]
