@@ -3,9 +3,12 @@ Orthanc, Redis and Celery worker behind it, and a second real Orthanc playing th
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pydicom
@@ -19,11 +22,12 @@ from lookalike.indexer.query_scp import (
     RANK,
     SIMILARITY,
     FindRequest,
+    QueryEndpoint,
     QueryRefused,
     calling_allowed,
     parse_date_range,
 )
-from lookalike.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env, storescu
+from lookalike.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env, free_port, storescu
 from tests.conftest import wait_for
 from tests.test_stack import _indexed_total, _noisy, _orthanc_study_id, _sample_pixels, _study
 
@@ -40,14 +44,15 @@ def _private(ds: pydicom.Dataset, offset: int) -> str:
     return value.decode().strip("\x00 ") if isinstance(value, bytes) else str(value)
 
 
-def findscu(stack: Stack, out: Path, *keys: str, aet: str = "FINDSCU", model: str = "-S", log: str = "-v") -> tuple[subprocess.CompletedProcess, list[pydicom.Dataset]]:
+def findscu(stack: Stack, out: Path, *keys: str, aet: str = "FINDSCU", model: str = "-S", log: str = "-v",
+            port: int | None = None) -> tuple[subprocess.CompletedProcess, list[pydicom.Dataset]]:
     """A C-FIND as a workstation sends it; the responses as DCMTK extracted them (rsp0001.dcm, ...).
 
     ``log="-d"`` prints the DIMSE command of each response, with its Status and ErrorComment.
     """
     out.mkdir(parents=True, exist_ok=True)
     argv = ["findscu", log, model, "-aet", aet, "-aec", "LOOKALIKE", "-X", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
-            *[arg for key in keys for arg in ("-k", key)], "127.0.0.1", str(stack.config.query_port)]
+            *[arg for key in keys for arg in ("-k", key)], "127.0.0.1", str(port or stack.config.query_port)]
     result = subprocess.run(argv, env=dcmtk_env(), capture_output=True, text=True, timeout=60)
     assert "Bad override key" not in result.stderr, result.stderr  # findscu exits 0 even then
     return result, [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
@@ -170,22 +175,58 @@ class TestFind:
         assert audit.stat().st_mode & 0o077 == 0
 
 
+class TestEcho:
+    def test_echo(self, stack: Stack) -> None:
+        argv = ["echoscu", "-aet", "FINDSCU", "-aec", "LOOKALIKE", "127.0.0.1", str(stack.config.query_port)]
+        assert subprocess.run(argv, env=dcmtk_env(), capture_output=True, timeout=30).returncode == 0
+
+
 class TestAssociation:
     def test_unknown_calling_ae_is_refused_and_the_reason_logged(self, stack: Stack, cases: dict, tmp_path: Path) -> None:
         result, answers = findscu(stack, tmp_path, f"StudyInstanceUID={cases['ds']['query'].StudyInstanceUID}",
                                   aet="INTRUDER")
         assert result.returncode != 0 and answers == []
-        assert "Association Rejected" in result.stderr + result.stdout
+        assert "Calling AE Title Not Recognized" in result.stderr + result.stdout
         log = (stack.config.logs / "query-scp.log").read_text()
         assert "association from INTRUDER at 127.0.0.1 rejected: calling AE title 'INTRUDER' is not in query_allowed" in log
 
-    def test_echo(self, stack: Stack) -> None:
-        argv = ["echoscu", "-aet", "FINDSCU", "-aec", "LOOKALIKE", "127.0.0.1", str(stack.config.query_port)]
-        assert subprocess.run(argv, env=dcmtk_env(), capture_output=True, timeout=30).returncode == 0
+    def test_known_ae_from_another_host_is_refused(self, stack: Stack, tmp_path: Path, caplog) -> None:
+        with _endpoint(stack, tmp_path, query_allowed={"FINDSCU": ["10.1.2.3"]}) as port:
+            argv = ["echoscu", "-aet", "FINDSCU", "-aec", "LOOKALIKE", "127.0.0.1", str(port)]
+            result = subprocess.run(argv, env=dcmtk_env(), capture_output=True, text=True, timeout=30)
+        assert result.returncode != 0 and "Calling AE Title Not Recognized" in result.stderr
+        assert "association from FINDSCU at 127.0.0.1 rejected: 'FINDSCU' may call from 10.1.2.3 only" in caplog.text
 
     def test_wrong_called_ae_title_is_refused(self, stack: Stack) -> None:
         argv = ["echoscu", "-aet", "FINDSCU", "-aec", "NOTLOOKALIKE", "127.0.0.1", str(stack.config.query_port)]
         assert subprocess.run(argv, env=dcmtk_env(), capture_output=True, timeout=30).returncode != 0
+
+
+class TestSettings:
+    """An endpoint of its own in this process, on the same Orthanc and index, with other settings."""
+
+    def test_a_site_that_discloses_other_patients_gets_their_identity(self, stack: Stack, cases: dict, tmp_path: Path) -> None:
+        uid = cases["ds"]["query"].StudyInstanceUID
+        with _endpoint(stack, tmp_path, disclose_other_patients=True, query_score_in_description=False,
+                       query_max_results=2) as port:
+            result, answers = findscu(stack, tmp_path, f"StudyInstanceUID={uid}", "PatientID", "PatientName",
+                                      "StudyDescription", port=port)
+        assert result.returncode == 0, result.stderr
+        assert len(answers) == 2 and answers[0].StudyInstanceUID == cases["ds"]["copy"].StudyInstanceUID
+        assert answers[0].PatientID == OTHER_PATIENT and answers[0].PatientName == f"TEST^{OTHER_PATIENT}"
+        assert answers[0].StudyDescription == "test US"  # as stored: no rank and score in front
+
+
+@contextlib.contextmanager
+def _endpoint(stack: Stack, tmp_path: Path, **overrides: object) -> Iterator[int]:
+    settings = dataclasses.replace(stack.config.settings(), query_port=free_port(),
+                                   audit_log=str(tmp_path / "audit.jsonl"), **overrides)
+    endpoint = QueryEndpoint(settings)
+    endpoint.start()
+    try:
+        yield settings.query_port
+    finally:
+        endpoint.stop()
 
 
 @pytest.fixture(scope="module")
