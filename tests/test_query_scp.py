@@ -145,8 +145,10 @@ class TestFind:
         dates = [a.StudyDate for a in in_2024]
         assert all("20240101" <= d <= "20241231" for d in dates), dates
         found = {a.StudyInstanceUID for a in in_2024}
-        assert cases["ds"]["copy"].StudyInstanceUID in found and cases["ds"]["mixed_us"].StudyInstanceUID in found
-        assert cases["ds"]["prior"].StudyInstanceUID not in found
+        assert cases["ds"]["copy"].StudyInstanceUID in found and cases["ds"]["prior"].StudyInstanceUID not in found
+        _, on_the_day = findscu(stack, tmp_path / "day", f"StudyInstanceUID={uid}", "StudyDate=20240920")
+        assert cases["ds"]["mixed_us"].StudyInstanceUID in {a.StudyInstanceUID for a in on_the_day}
+        assert {a.StudyDate for a in on_the_day} == {"20240920"}
 
         _, with_dx = findscu(stack, tmp_path / "dx", f"StudyInstanceUID={uid}", "ModalitiesInStudy=DX\\CR",
                                "NumberOfStudyRelatedInstances")
