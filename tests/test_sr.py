@@ -397,27 +397,30 @@ def test_dsrdump_parses_the_report(evidence, tmp_path, n_matches):
     assert "error" not in result.stderr.lower(), result.stderr
 
 
+def dciodvfy(path: Path, iod: str) -> tuple[list[str], list[str]]:
+    """dicom3tools' verdict on a file: its Error and Warning lines, after checking that it recognised ``iod``
+    (dciodvfy names the IOD it checked against on its first line) and so really checked the file."""
+    result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
+    lines = (result.stdout + result.stderr).splitlines()
+    assert lines and iod in lines[0], "\n".join(lines)
+    return ([line for line in lines if line.startswith("Error")],
+            [line for line in lines if line.startswith("Warning")])
+
+
+def sr_warnings_unexpected(warnings: list[str]) -> list[str]:
+    """Known, accepted warning: the private coding scheme designator (declared in the Coding Scheme Identification
+    Sequence, which dciodvfy does not consult). Any other warning is unexpected."""
+    return [line for line in warnings if f"<{CODING_SCHEME_DESIGNATOR}>" not in line]
+
+
 @pytest.mark.parametrize("n_matches", [0, 3])
 def test_dciodvfy_reports_no_errors(evidence, tmp_path, n_matches):
-    dciodvfy = require_tool("dciodvfy")
     path = save(build(evidence, make_matches(n_matches, evidence[0].SOPInstanceUID)), tmp_path)
 
-    result = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
-    output = result.stdout + result.stderr
-    lines = output.splitlines()
+    errors, warnings = dciodvfy(path, "ComprehensiveSR")
 
-    assert "ComprehensiveSR" in lines[0], output  # recognised the IOD, so it really checked it
-    errors = [line for line in lines if line.startswith("Error")]
-    assert errors == [], output
-    # Known, accepted warning: the private coding scheme designator (declared in the
-    # Coding Scheme Identification Sequence, which dciodvfy does not consult).
-    unexpected = [
-        line
-        for line in lines
-        if line.startswith("Warning")
-        and f"<{CODING_SCHEME_DESIGNATOR}>" not in line
-    ]
-    assert unexpected == [], output
+    assert errors == []
+    assert sr_warnings_unexpected(warnings) == []
 
 
 # --- Input validation -------------------------------------------------------------------------

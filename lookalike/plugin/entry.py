@@ -101,11 +101,18 @@ def register(orthanc: Any) -> None:
                                    rest.parse_scope(query.get("scope")), pending=sender.pending(), audit=audit,
                                    who=who)
 
+    def similar_kos(study_id: str, query: dict, who: str) -> rest.Response:
+        if query.get("scope", "patient") != "patient":
+            raise ValueError("a Key Object Selection lists the same patient's priors only: scope is patient")
+        return rest.similar_kos(api, store, study_id, rest.parse_limit(query.get("limit")), pending=sender.pending(),
+                                audit=audit, who=who)
+
     def status(query: dict, who: str) -> rest.Response:
         return rest.status(store, lambda: broker.llen(QUEUE), sender.pending())
 
     orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar", route(similar, ("GET",)))
     orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar-report", route(similar_report, ("POST",)))
+    orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar-kos", route(similar_kos, ("POST",)))
     orthanc.RegisterRestCallback("/lookalike/status", route(status, ("GET",)))
     orthanc.ExtendOrthancExplorer(resources.files("lookalike.plugin").joinpath("explorer.js").read_text())
     broker_at = redis.connection.parse_url(settings.redis_url)  # the URL holds Redis's password: not for the log

@@ -202,16 +202,25 @@ def _report_uids(study_instance_uid: str, evidence_uids: list[str], model_versio
                  scope: str, matches: list[SimilarStudy]) -> tuple[str, str]:
     """Series and SOP Instance UIDs that follow from the answer alone: the same question with nothing new gives
     the same UIDs, so a report filed before is found instead of filed twice."""
+    digest = _answer_digest(study_instance_uid, evidence_uids, model_versions, limit, scope, matches)
+    return _derived_uid(digest, "series"), _derived_uid(digest, "instance")
+
+
+def _answer_digest(study_instance_uid: str, evidence_uids: list[str], model_versions: list[str], limit: int,
+                   scope: str, matches: list[SimilarStudy]) -> str:
+    """SHA-256 of what a document filed from an answer depends on: the same question with nothing new, the same."""
     answer = {
         "algorithm_version": lookalike.__version__, "model_versions": model_versions, "study": study_instance_uid,
         "evidence": evidence_uids, "limit": limit, "scope": scope,
         "matches": [[m.rank, m.study_instance_uid, m.best_match.sop_instance_uid,
                      m.best_match.query_sop_instance_uid, f"{m.score:.6f}"] for m in matches],
     }
-    digest = hashlib.sha256(json.dumps(answer, sort_keys=True).encode()).hexdigest()
-    # Name-based UUIDs (PS3.5 B.2: "2.25." and the UUID as an integer).
-    return (f"2.25.{uuid.uuid5(_REPORT_UID_NAMESPACE, digest + '/series').int}",
-            f"2.25.{uuid.uuid5(_REPORT_UID_NAMESPACE, digest + '/instance').int}")
+    return hashlib.sha256(json.dumps(answer, sort_keys=True).encode()).hexdigest()
+
+
+def _derived_uid(digest: str, name: str) -> str:
+    """A name-based UUID (PS3.5 B.2: "2.25." and the UUID as an integer) of the answer's digest and a name."""
+    return f"2.25.{uuid.uuid5(_REPORT_UID_NAMESPACE, f'{digest}/{name}').int}"
 
 
 def _filed_report(api: OrthancApi, study_id: str, sop_instance_uid: str) -> dict | None:
@@ -249,11 +258,7 @@ def similar_report(api: OrthancApi, store: IndexStore, study_id: str, limit: int
                                        matches)
     filed = _filed_report(api, study_id, sop_uid)
     if filed is None:
-        evidence = [
-            pydicom.dcmread(io.BytesIO(api.get_bytes(f"/instances/{r.orthanc_instance_id}/file")),
-                            stop_before_pixels=True)
-            for r in rows
-        ]
+        evidence = _headers(api, [r.orthanc_instance_id for r in rows])
         cases = [SimilarCase.from_answer(m.as_public_dict(disclose_identity=False)) for m in matches]
         sr = build_similarity_report(evidence, cases, algorithm_version=lookalike.__version__,
                                      model_version=", ".join(versions), series_instance_uid=series_uid,
@@ -280,6 +285,80 @@ def similar_report(api: OrthancApi, store: IndexStore, study_id: str, limit: int
         "similar": len(matches),
         "limit": limit,
         "scope": scope,
+        "existing": existing,
+    }
+
+
+def _headers(api: OrthancApi, orthanc_instance_ids: list[str]) -> list[pydicom.Dataset]:
+    """The stored instances' headers, as a document's evidence (no pixel data)."""
+    return [pydicom.dcmread(io.BytesIO(api.get_bytes(f"/instances/{i}/file")), stop_before_pixels=True)
+            for i in orthanc_instance_ids]
+
+
+def similar_kos(api: OrthancApi, store: IndexStore, study_id: str, limit: int, *, pending: int = 0,
+                audit: AuditLog | None = None, who: str = "") -> Response:
+    """``POST /lookalike/studies/{id}/similar-kos``: the same patient's most similar priors as a Key Object Selection.
+
+    The scope is the patient's own studies by construction. The document goes into the study on screen and, as
+    PS3.3 C.17.6.2.1 requires of a KOS that references several studies, an identical copy into each prior study
+    it references (see :mod:`lookalike.dicom_io.kos`). Asked again with nothing new, it returns the documents
+    filed before (``"existing": true``) and files only a copy that went missing.
+    """
+    from lookalike.dicom_io.kos import build_prior_selection
+    from lookalike.dicom_io.sr import SimilarCase
+
+    scope = "patient"
+    study, matches, error = _lookup(api, store, study_id, limit, scope, pending)
+    if error:
+        return error
+    refused = _audit(audit, who, "kos", study, study_id, scope, limit, matches)
+    if refused:
+        return refused
+    if any(not m.same_patient for m in matches):  # the lookup's own rule; a KOS must never show another patient
+        raise RuntimeError(f"a patient-scope lookup of study {study_id} answered another patient's study")
+    answer: dict[str, Any] = {"study": study_id, "similar": len(matches), "limit": limit, "scope": scope}
+    if not matches:
+        return 200, {**answer, "report": None, "documents": [], "existing": False}
+    rows = store.catalogue.rows_for_study(study_id, with_vectors=False)[:MAX_EVIDENCE]
+    study_uid = study.get("MainDicomTags", {}).get("StudyInstanceUID", "")
+    digest = _answer_digest(study_uid, sorted(r.sop_instance_uid for r in rows),
+                            sorted({r.model_version for r in rows}), limit, scope, matches)
+    # One document per study it is filed in: the study on screen, then each prior.
+    filed_in = {study_uid: study_id, **{m.study_instance_uid: m.orthanc_study_id for m in matches}}
+    uids = {uid: (_derived_uid(digest, f"kos/{uid}/series"), _derived_uid(digest, f"kos/{uid}/instance"))
+            for uid in filed_in}
+    filed = {uid: _filed_report(api, filed_in[uid], uids[uid][1]) for uid in filed_in}
+    existing = all(f is not None for f in filed.values())
+    if not existing:
+        documents = build_prior_selection(
+            _headers(api, [r.orthanc_instance_id for r in rows]),
+            [SimilarCase.from_answer(m.as_public_dict(disclose_identity=False)) for m in matches],
+            _headers(api, [m.best_match.orthanc_instance_id for m in matches]),
+            algorithm_version=lookalike.__version__, document_uids=uids)
+        for document in documents:
+            uid = str(document.StudyInstanceUID)
+            if filed[uid] is None:
+                buf = io.BytesIO()
+                document.save_as(buf, enforce_file_format=True)
+                store_instance(api, buf.getvalue())
+                filed[uid] = _filed_report(api, filed_in[uid], uids[uid][1])
+                if filed[uid] is None:
+                    raise RuntimeError(f"the KOS {uids[uid][1]} was stored but Orthanc does not list it in study "
+                                       f"{filed_in[uid]}")
+    here = filed[study_uid]
+    series_tags = here["series"].get("MainDicomTags", {})
+    return 200, {
+        **answer,
+        "report": here["instance"]["ID"],
+        "series": here["series"]["ID"],
+        "sop_instance_uid": uids[study_uid][1],
+        "series_instance_uid": uids[study_uid][0],
+        "series_description": series_tags.get("SeriesDescription", ""),
+        "series_date": series_tags.get("SeriesDate", ""),
+        "series_time": series_tags.get("SeriesTime", ""),
+        # Where each document went: this study's first, then the identical copies in the priors.
+        "documents": [{"study": filed_in[uid], "study_instance_uid": uid, "report": filed[uid]["instance"]["ID"],
+                       "series": filed[uid]["series"]["ID"], "sop_instance_uid": uids[uid][1]} for uid in filed_in],
         "existing": existing,
     }
 
