@@ -182,6 +182,33 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     return 1 if report.waiting else 0
 
 
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lookalike.config import QUEUE
+    from lookalike.encoders import load_encoder
+    from lookalike.indexer.celery_app import make_app
+    from lookalike.indexer.reindex import reindex
+    from lookalike.indexer.store import IndexStore
+
+    settings = _settings(args)
+    weights = str(Path(args.model).resolve())
+    model_version = load_encoder(args.encoder, weights).model_version
+    app = make_app(settings)
+
+    def send(name: str, task_args: list, kwargs: dict) -> None:
+        app.send_task(name, args=task_args, kwargs=kwargs, queue=QUEUE)
+
+    print(f"lookalike: re-indexing {args.encoder} with {model_version} ({weights}); lookups keep the current model"
+          " until every instance has its new vector", file=sys.stderr)
+    with IndexStore(settings.index_dir) as store:
+        report = reindex(_api(settings), store, send, args.encoder, model_version, weights,
+                         default_weights=settings.weights.get(args.encoder, ""), batch=args.batch, rate=args.rate,
+                         progress=lambda n: tqdm(total=n, unit="instance", desc="reindex", file=sys.stderr))
+    print(json.dumps(report.as_dict(), indent=2))
+    return 0 if report.switched else 1
+
+
 def _passthrough(module: str) -> Callable[[list[str]], int]:
     """A sub-command that hands its arguments to the ``main`` of the module that owns the task."""
 
@@ -230,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("query-scp", help="the DICOM query endpoint (C-FIND similar studies, C-MOVE, C-ECHO)")
     p.add_argument("--logfile", help="log here instead of to standard error")
     p.set_defaults(func=cmd_query_scp)
+
+    p = sub.add_parser("reindex", help="embed everything again with a new checkpoint, then switch lookups to it")
+    p.add_argument("--encoder", required=True, choices=("us", "xr"))
+    p.add_argument("--model", required=True, help="the new checkpoint (lookalike train --out)")
+    p.add_argument("--batch", type=int, default=32, help="instances queued before waiting for the worker")
+    p.add_argument("--rate", type=float, default=20.0, help="instances queued per second at most")
+    p.set_defaults(func=cmd_reindex)
 
     p = sub.add_parser("configure", help="write the configuration files the service units read; start nothing")
     p.add_argument("--state", type=Path, default=DEFAULT_STATE, help="where data, logs and the files go")

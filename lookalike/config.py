@@ -20,6 +20,7 @@ TASK_INDEX_INSTANCE = "lookalike.index_instance"
 TASK_RECONCILE_STUDY = "lookalike.reconcile_study"
 TASK_FORGET = "lookalike.forget"
 TASK_CATCH_UP = "lookalike.catch_up"
+TASK_REINDEX_INSTANCE = "lookalike.reindex_instance"
 
 #: The queue the plugin writes to and the worker reads.
 QUEUE = "lookalike"

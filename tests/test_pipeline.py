@@ -81,7 +81,7 @@ def _us(seed: int) -> pydicom.Dataset:
 def setup(tmp_path):
     api, encoder = FakeOrthanc(), FakeEncoder()
     store = IndexStore(tmp_path)
-    yield InstanceIndexer(api, store, lambda name: encoder, max_pixels=10_000_000), api, store, encoder
+    yield InstanceIndexer(api, store, lambda name, weights=None: encoder, max_pixels=10_000_000), api, store, encoder
     store.close()
 
 
@@ -181,7 +181,7 @@ class TestIndexTask:
             def __init__(self) -> None:
                 self.store = store
 
-            def index(self, *args):
+            def index(self, *args, **options):
                 raise error
 
         monkeypatch.setattr(tasks, "indexer", lambda: Failing())

@@ -130,7 +130,7 @@ class Checkpoint:
 
 
 class Backfill:
-    """Queues a list of studies' instances in batches and waits for the worker to settle them.
+    """Queues instances in batches and waits for the worker to settle them.
 
     Parameters
     ----------
@@ -141,7 +141,7 @@ class Backfill:
     send
         Queues a task: ``send(name, args, kwargs)``.
     checkpoint
-        Where settled studies are remembered.
+        Where settled studies are remembered (None: nothing is remembered).
     batch
         Instances queued before waiting for them to settle.
     rate
@@ -149,57 +149,80 @@ class Backfill:
     settle_timeout
         Seconds to wait for one batch; instances still unsettled then are reported as waiting, their study is
         not checkpointed, and the walk goes on.
+    task, task_kwargs
+        The task queued per instance, called with ``(instance, series, study)`` and these keyword arguments:
+        by default the worker's ``missing_only`` indexing task.
+    model_version
+        An instance counts as done once it has a vector of this model (default: of any model).
     """
 
     def __init__(self, api: OrthancApi, catalogue: Catalogue, send: Callable[[str, list, dict], None],
-                 checkpoint: Checkpoint, *, batch: int = 32, rate: float = 20.0, settle_timeout: float = 600.0,
+                 checkpoint: Checkpoint | None, *, batch: int = 32, rate: float = 20.0, settle_timeout: float = 600.0,
+                 task: str = TASK_INDEX_INSTANCE, task_kwargs: dict | None = None, model_version: str | None = None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         if batch < 1 or rate <= 0:
             raise ValueError("batch must be at least 1 and rate positive")
         self.api, self.catalogue, self.send, self.checkpoint = api, catalogue, send, checkpoint
         self.batch, self.rate, self.settle_timeout = batch, rate, settle_timeout
+        self.task, self.task_kwargs = task, task_kwargs if task_kwargs is not None else {"missing_only": True}
+        self.model_version = model_version
         self.clock, self.sleep = clock, sleep
+        self._outstanding: dict[str, str] = {}  # instance id -> study id
+        self._unsettled: Counter = Counter()  # study id -> instances queued and not settled
         self._walked: set[str] = set()  # studies whose every instance has been looked at (and queued if needed)
+        self._last_sent = -1e9
 
     def run(self, study_ids: Iterable[str], *, dry_run: bool = False, progress: Progress | None = None,
             report: BackfillReport | None = None) -> BackfillReport:
+        """Walk studies: queue what each lacks, checkpoint each once it is settled."""
         report = report or BackfillReport()
-        outstanding: dict[str, str] = {}  # instance id -> study id
-        unsettled: Counter = Counter()  # study id -> instances queued and not settled
-        self._walked.clear()
-        last_sent = -1e9
         for study_id in study_ids:
             report.studies += 1
-            if study_id in self.checkpoint.done:
+            if self.checkpoint is not None and study_id in self.checkpoint.done:
                 report.studies_resumed += 1
                 self._tick(progress, report)
                 continue
             for instance_id, series_id, modality in self._instances(study_id):
                 if modality not in ENCODER_FOR_MODALITY:
                     report.skipped[f"not an image modality ({modality or 'none'})"] += 1
-                elif self.catalogue.is_indexed(instance_id):
-                    report.skipped["indexed already"] += 1
-                elif (problem := self.catalogue.problem_for(instance_id)) is not None:
-                    report.failed[problem.code] += 1
-                elif dry_run:
-                    report.skipped["would be queued (dry run)"] += 1
                 else:
-                    wait = last_sent + 1.0 / self.rate - self.clock()
-                    if wait > 0:
-                        self.sleep(wait)
-                    self.send(TASK_INDEX_INSTANCE, [instance_id, series_id, study_id], {"missing_only": True})
-                    last_sent = self.clock()
-                    report.queued += 1
-                    outstanding[instance_id] = study_id
-                    unsettled[study_id] += 1
-                    if len(outstanding) >= self.batch:
-                        self._settle(outstanding, unsettled, report)
+                    self._consider(instance_id, series_id, study_id, dry_run, report)
             self._walked.add(study_id)
-            if not dry_run and unsettled[study_id] == 0:
-                self.checkpoint.add(study_id)
+            if not dry_run and self._unsettled[study_id] == 0:
+                self._done(study_id)
             self._tick(progress, report)
-        self._settle(outstanding, unsettled, report)
+        self._settle(report)
         return report
+
+    def run_instances(self, items: Iterable[tuple[str, str, str]], *, progress: Progress | None = None,
+                      report: BackfillReport | None = None) -> BackfillReport:
+        """Queue what each (instance, series, study) lacks, then wait until every one is settled."""
+        report = report or BackfillReport()
+        for instance_id, series_id, study_id in items:
+            self._consider(instance_id, series_id, study_id, False, report)
+            self._tick(progress, report)
+        self._settle(report)
+        return report
+
+    def _consider(self, instance_id: str, series_id: str, study_id: str, dry_run: bool,
+                  report: BackfillReport) -> None:
+        if self.catalogue.is_indexed(instance_id, self.model_version):
+            report.skipped["indexed already"] += 1
+        elif (problem := self.catalogue.problem_for(instance_id)) is not None:
+            report.failed[problem.code] += 1
+        elif dry_run:
+            report.skipped["would be queued (dry run)"] += 1
+        else:
+            wait = self._last_sent + 1.0 / self.rate - self.clock()
+            if wait > 0:
+                self.sleep(wait)
+            self.send(self.task, [instance_id, series_id, study_id], dict(self.task_kwargs))
+            self._last_sent = self.clock()
+            report.queued += 1
+            self._outstanding[instance_id] = study_id
+            self._unsettled[study_id] += 1
+            if len(self._outstanding) >= self.batch:
+                self._settle(report)
 
     def _instances(self, study_id: str) -> list[tuple[str, str, str]]:
         """(instance id, series id, modality) of every instance of a study; none if it was deleted meanwhile."""
@@ -210,12 +233,17 @@ class Backfill:
         return [(instance_id, series["ID"], series.get("MainDicomTags", {}).get("Modality", ""))
                 for series in series_list for instance_id in series.get("Instances", [])]
 
-    def _settle(self, outstanding: dict[str, str], unsettled: Counter, report: BackfillReport) -> None:
+    def _done(self, study_id: str) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.add(study_id)
+
+    def _settle(self, report: BackfillReport) -> None:
         """Wait until every outstanding instance is indexed or has a problem; checkpoint the studies completed."""
         deadline = self.clock() + self.settle_timeout
+        outstanding, unsettled = self._outstanding, self._unsettled
         while outstanding:
             for instance_id in list(outstanding):
-                if self.catalogue.is_indexed(instance_id):
+                if self.catalogue.is_indexed(instance_id, self.model_version):
                     report.indexed += 1
                 elif (problem := self.catalogue.problem_for(instance_id)) is not None:
                     report.failed[problem.code] += 1
@@ -224,7 +252,7 @@ class Backfill:
                 study_id = outstanding.pop(instance_id)
                 unsettled[study_id] -= 1
                 if unsettled[study_id] == 0 and study_id in self._walked:
-                    self.checkpoint.add(study_id)
+                    self._done(study_id)
             if outstanding and self.clock() >= deadline:
                 report.waiting += len(outstanding)
                 outstanding.clear()

@@ -59,6 +59,11 @@ CREATE TABLE IF NOT EXISTS problems (
     at                  TEXT NOT NULL,
     attempts            INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS active_models (
+    encoder       TEXT PRIMARY KEY,
+    model_version TEXT NOT NULL,
+    weights       TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -307,7 +312,7 @@ class Catalogue:
         go too, as there is nothing left to fix. Returns the rows as they were before deletion (without
         vectors), so that the caller knows which FAISS indexes to update.
         """
-        allowed = {"orthanc_instance_id", "orthanc_series_id", "orthanc_study_id"}
+        allowed = {"orthanc_instance_id", "orthanc_series_id", "orthanc_study_id", "model_version"}
         if len(which) != 1 or not set(which) <= allowed:
             raise ValueError(f"give exactly one of {sorted(allowed)}")
         [(column, value)] = which.items()
@@ -317,7 +322,9 @@ class Catalogue:
             for values in found:
                 conn.execute("UPDATE instances SET vector = NULL, seq = ? WHERE id = ?",
                              (self._next_seq(conn), values[0]))
-            if column == "orthanc_series_id":  # problems know no series: drop those of the instances found
+            if column == "model_version":  # a retired model: the instances themselves are still there
+                pass
+            elif column == "orthanc_series_id":  # problems know no series: drop those of the instances found
                 conn.executemany("DELETE FROM problems WHERE orthanc_instance_id = ?",
                                  [(self._row(values, None).orthanc_instance_id,) for values in found])
             else:
@@ -396,6 +403,45 @@ class Catalogue:
             found = conn.execute("SELECT DISTINCT encoder, model_version FROM instances"
                                  " ORDER BY encoder, model_version").fetchall()
         return [(enc, mv) for enc, mv in found]
+
+    # -- models -----------------------------------------------------------------------------------------------
+
+    def active_model(self, encoder: str) -> tuple[str, str] | None:
+        """(model version, checkpoint path; "" for the shipped weights) that lookups and new instances use."""
+        with self._read() as conn:
+            if conn is None:
+                return None
+            found = conn.execute("SELECT model_version, weights FROM active_models WHERE encoder = ?",
+                                 (encoder,)).fetchone()
+        return (found[0], found[1]) if found else None
+
+    def set_active_model(self, encoder: str, model_version: str, weights: str) -> None:
+        """Switch lookups and indexing of ``encoder`` to another model, in one transaction."""
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO active_models (encoder, model_version, weights) VALUES (?, ?, ?)",
+                         (encoder, model_version, weights))
+
+    def live_versions(self, encoder: str) -> dict[str, int]:
+        """Model version -> live instances, for one encoder."""
+        with self._read() as conn:
+            if conn is None:
+                return {}
+            found = conn.execute("SELECT model_version, COUNT(*) FROM instances WHERE encoder = ? AND vector IS NOT"
+                                 " NULL GROUP BY model_version ORDER BY model_version", (encoder,)).fetchall()
+        return {version: int(n) for version, n in found}
+
+    def lacking(self, encoder: str, model_version: str) -> list[tuple[str, str, str]]:
+        """(instance, series, study) Orthanc ids live under another model of ``encoder`` but not ``model_version``."""
+        with self._read() as conn:
+            if conn is None:
+                return []
+            found = conn.execute(
+                "SELECT DISTINCT orthanc_instance_id, orthanc_series_id, orthanc_study_id FROM instances AS old"
+                " WHERE encoder = ? AND model_version != ? AND vector IS NOT NULL AND NOT EXISTS (SELECT 1 FROM"
+                " instances AS new WHERE new.orthanc_instance_id = old.orthanc_instance_id AND new.model_version = ?"
+                " AND new.vector IS NOT NULL) ORDER BY orthanc_study_id, orthanc_instance_id",
+                (encoder, model_version, model_version)).fetchall()
+        return [tuple(row) for row in found]
 
     def cursor(self, name: str) -> int:
         """A named position kept with the index (e.g. the last Orthanc change read); 0 when never set."""

@@ -109,7 +109,8 @@ def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10,
         raise ValueError(f"limit must be at least 1, got {limit}")
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
-    query_rows = store.catalogue.rows_for_study(orthanc_study_id, with_vectors=True, live_only=True)
+    query_rows = _active_rows(store, store.catalogue.rows_for_study(orthanc_study_id, with_vectors=True,
+                                                                    live_only=True))
     if not query_rows:
         raise StudyNotIndexedError(orthanc_study_id)
     patient_id = query_rows[0].patient_id  # an Orthanc study belongs to one patient
@@ -186,6 +187,13 @@ def _best_pairs(store: IndexStore, encoder: str, model_version: str, rows: list[
         if sum(pair.score > bound for pair in best.values()) >= limit:
             return best
         k *= 4
+
+
+def _active_rows(store: IndexStore, rows: list[CatalogueRow]) -> list[CatalogueRow]:
+    """The rows of each encoder's active model: while ``lookalike reindex`` builds a new model's vectors beside
+    them, lookups keep to the old model until the switch."""
+    active = {encoder: store.catalogue.active_model(encoder) for encoder in {row.encoder for row in rows}}
+    return [row for row in rows if active[row.encoder] is None or row.model_version == active[row.encoder][0]]
 
 
 class _Pair(NamedTuple):

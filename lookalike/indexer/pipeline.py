@@ -74,25 +74,33 @@ class InstanceIndexer:
     store
         The writable index.
     encoders
-        ``load_encoder``: an encoder by name ("us", "xr"); called lazily, so torch loads only when needed.
+        ``load_encoder``: an encoder by name ("us", "xr") and checkpoint path (None: the settings' choice); called
+        lazily, so torch loads only when needed.
     max_pixels
         Instances claiming more pixels than this are refused before any decoding.
     """
 
-    def __init__(self, api: OrthancApi, store: IndexStore, encoders: Callable[[str], Encoder], max_pixels: int) -> None:
+    def __init__(self, api: OrthancApi, store: IndexStore, encoders: Callable[[str, str | None], Encoder],
+                 max_pixels: int) -> None:
         self.api = api
         self.store = store
         self.encoders = encoders
         self.max_pixels = max_pixels
 
     def index(self, instance_id: str, series_id: str | None = None, study_id: str | None = None, *,
-              missing_only: bool = False) -> Outcome:
+              missing_only: bool = False, model: tuple[str, str] | None = None) -> Outcome:
         """Index one instance; ``series_id`` and ``study_id`` (Orthanc ids) are looked up when not given.
 
         ``missing_only`` (catch-up and retries) skips an instance that is indexed already; the fast path leaves it
-        off, so that an instance Orthanc overwrote is embedded again.
+        off, so that an instance Orthanc overwrote is embedded again. ``model`` (encoder name, checkpoint path) is
+        a re-index: the instance is embedded by that checkpoint, beside its vector of the active model; with
+        ``missing_only`` it is skipped if that checkpoint's vector is there already.
         """
-        if missing_only and self.store.catalogue.is_indexed(instance_id):
+        if model is not None:
+            reindexer = self.encoders(*model)
+            if missing_only and self.store.catalogue.is_indexed(instance_id, reindexer.model_version):
+                return Outcome("indexed", instance_id, message="indexed already", model_version=reindexer.model_version)
+        elif missing_only and self.store.catalogue.is_indexed(instance_id):
             return Outcome("indexed", instance_id, message="indexed already")
         try:
             data = self.api.get_bytes(f"/instances/{instance_id}/file")
@@ -116,7 +124,14 @@ class InstanceIndexer:
             return Outcome(status, instance_id, exc.code, str(exc))
 
         ds = prepared.dataset
-        encoder = self.encoders(prepared.encoder)
+        if model is not None:
+            if model[0] != prepared.encoder:
+                return Outcome("skipped", instance_id, message=f"a {prepared.encoder} instance, not {model[0]}")
+            encoder = reindexer
+        else:
+            # The model lookups use (a re-index switches it); the settings' checkpoint until one is set.
+            active = self.store.catalogue.active_model(prepared.encoder)
+            encoder = self.encoders(prepared.encoder, active[1] if active else None)
         vector = _instance_vector(encoder, prepared.image)
         record = InstanceRecord(
             sop_instance_uid=_text(ds, "SOPInstanceUID"),

@@ -338,6 +338,17 @@ class IndexStore:
         """Forget every instance of a study Orthanc deleted; returns how many catalogue rows were tombstoned."""
         return self._delete(orthanc_study_id=orthanc_study_id)
 
+    def retire_model(self, encoder: str, model_version: str) -> int:
+        """Drop every vector of a model that is no longer active, and its FAISS files; returns rows tombstoned."""
+        key = _check_key(encoder, model_version)
+        with self._writing():
+            count = self._delete(model_version=model_version)
+            self._loaded.pop(key, None)
+            path = self.index_path(*key)
+            for file in (path, self._sidecar_path(path)):
+                file.unlink(missing_ok=True)
+            return count
+
     def _delete(self, **which: str) -> int:
         with self._writing():
             rows = self.catalogue.mark_deleted(**which)

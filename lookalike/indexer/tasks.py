@@ -13,7 +13,8 @@ import os
 from celery import Task, bootsteps
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
-from lookalike.config import QUEUE, TASK_CATCH_UP, TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY, Settings
+from lookalike.config import (QUEUE, TASK_CATCH_UP, TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY,
+                              TASK_REINDEX_INSTANCE, Settings)
 from lookalike.indexer.celery_app import app
 from lookalike.orthanc_rest import OrthancAuthError, OrthancError, OrthancUnavailableError
 
@@ -37,11 +38,11 @@ def indexer():
     api = HttpOrthanc(settings.orthanc_url, settings.orthanc_user, settings.orthanc_password)
     store = IndexStore(settings.index_dir, snapshot_every=SNAPSHOT_EVERY)
 
-    def encoder(name: str):
+    def encoder(name: str, weights: str | None = None):
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-        return load_encoder(name, weights=settings.weights.get(name))
+        return load_encoder(name, weights=weights or settings.weights.get(name))
 
     return InstanceIndexer(api, store, encoder, settings.max_pixels)
 
@@ -92,21 +93,32 @@ class IndexingTask(Task):
         )
 
 
-@app.task(name=TASK_INDEX_INSTANCE, bind=True, base=IndexingTask, **RETRY)
-def index_instance(self, instance_id: str, series_id: str | None = None, study_id: str | None = None,
-                   missing_only: bool = False) -> dict:
+def _index(task, instance_id: str, series_id: str | None, study_id: str | None, **options) -> dict:
+    """Run the indexer for one instance: Orthanc unreachable is retried by Celery, then recorded like bad input."""
     try:
-        outcome = indexer().index(instance_id, series_id, study_id, missing_only=missing_only)
+        outcome = indexer().index(instance_id, series_id, study_id, **options)
     except OrthancAuthError as exc:
-        _record_final_failure(self, instance_id, exc)
+        _record_final_failure(task, instance_id, exc)
         return {"status": "failed", "code": "orthanc-auth"}
     except OrthancUnavailableError as exc:
-        if self.request.retries >= self.max_retries:
-            _record_final_failure(self, instance_id, exc)
+        if task.request.retries >= task.max_retries:
+            _record_final_failure(task, instance_id, exc)
             return {"status": "failed", "code": "orthanc-unavailable"}
         raise
     log.info("instance %s %s %s", instance_id, outcome.status, outcome.code or outcome.model_version)
     return outcome.__dict__
+
+
+@app.task(name=TASK_INDEX_INSTANCE, bind=True, base=IndexingTask, **RETRY)
+def index_instance(self, instance_id: str, series_id: str | None = None, study_id: str | None = None,
+                   missing_only: bool = False) -> dict:
+    return _index(self, instance_id, series_id, study_id, missing_only=missing_only)
+
+
+@app.task(name=TASK_REINDEX_INSTANCE, bind=True, base=IndexingTask, **RETRY)
+def reindex_instance(self, instance_id: str, series_id: str, study_id: str, encoder: str, weights: str) -> dict:
+    """Embed an indexed instance again with another checkpoint (``lookalike reindex``), beside its current vector."""
+    return _index(self, instance_id, series_id, study_id, missing_only=True, model=(encoder, weights))
 
 
 @app.task(name=TASK_RECONCILE_STUDY, bind=True, **RETRY)
