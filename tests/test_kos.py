@@ -23,6 +23,7 @@ from lookalike.orthanc_rest import HttpOrthanc
 from lookalike.plugin import rest
 from lookalike.stack import Stack, storescu
 from tests.conftest import wait_for
+from tests.test_explorer_browser import Explorer, browser, page  # noqa: F401 (fixtures)
 from tests.test_sr import REPO_ROOT, dciodvfy, require_tool, sr_warnings_unexpected, us_instance
 from tests.test_stack import _indexed_total, _noisy, _orthanc_study_id, _sample_pixels, _study
 
@@ -301,3 +302,31 @@ class TestFiledFromStoredInstances:
         for body in ({"scope": "archive"}, {"limit": 0}, {"limt": 1}):
             assert stack.http().post(url, json=body, timeout=60).status_code == 400, body
         assert stack.http().get(url, timeout=60).status_code == 405
+
+
+@pytest.mark.stack
+class TestExplorerButton:
+    """The key images button of the Explorer panel, clicked as a user does (see tests/test_explorer_browser.py)."""
+
+    def test_files_the_priors_into_the_study_on_screen(self, page, stack: Stack, corpus: dict) -> None:
+        explorer = Explorer(page, stack, corpus)
+        explorer.open("prior_far")
+
+        page.click("#lookalike-kos")
+        link = page.wait_for_selector(".lookalike-report-link")
+
+        said = page.inner_text("#lookalike-status")
+        assert "of 2 similar studies filed into" in said or said.startswith("Already filed on"), said
+        assert "a copy in each of the 2 priors" in said
+        series = stack.http().get(f"{stack.config.orthanc_url}/{link.get_attribute('href').split('#')[1]}"
+                                  .replace("series?uuid=", "series/"), timeout=10).json()
+        assert series["ParentStudy"] == corpus["ids"]["prior_far"] and series["MainDicomTags"]["Modality"] == "KO"
+
+    def test_a_patient_without_priors_is_told_so(self, page, stack: Stack, corpus: dict) -> None:
+        explorer = Explorer(page, stack, corpus)
+        explorer.open("b")
+
+        page.click("#lookalike-kos")
+        page.wait_for_function("$('#lookalike-status').text().indexOf('No other indexed study of this patient') >= 0")
+
+        assert page.query_selector(".lookalike-report-link") is None

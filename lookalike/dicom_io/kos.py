@@ -35,7 +35,7 @@ from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
 from highdicom.sr import CodedConcept, DeviceObserverIdentifyingAttributes, ObserverContext
 from highdicom.sr.utils import collect_evidence
 from pydicom import Dataset
-from pydicom.uid import KeyObjectSelectionDocumentStorage
+from pydicom.uid import ExplicitVRLittleEndian, KeyObjectSelectionDocumentStorage
 
 from lookalike.dicom_io.sr import (
     DEVICE_OBSERVER_UID,
@@ -150,8 +150,9 @@ def build_prior_selection(
         ),
         description=_description(query, priors, algorithm_name, algorithm_version),
     )
-    evidence_items = [*collect_evidence(selected, content[0], study_instance_uid=query_study_uid)]
-    current_evidence = evidence_items[0] + evidence_items[1]
+    # highdicom splits the evidence into this study's and other studies'; a KOS lists both in one sequence.
+    same_study, other_studies = collect_evidence(selected, content[0], study_instance_uid=query_study_uid)
+    current_evidence = same_study + other_studies
 
     study_headers = {query_study_uid: query, **{uid: headers[0] for uid, headers in prior_headers.items()}}
     uids = {study: (document_uids or {}).get(study) or (highdicom.UID(), highdicom.UID()) for study in study_headers}
@@ -168,7 +169,7 @@ def build_prior_selection(
             instance_number=instance_number,
             modality="KO",
             manufacturer=MANUFACTURER,
-            transfer_syntax_uid=highdicom.UID("1.2.840.10008.1.2.1"),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
             patient_id=header.PatientID,
             patient_name=header.PatientName,
             patient_birth_date=header.PatientBirthDate,
@@ -207,20 +208,25 @@ def _patient_key(ds: Dataset) -> tuple[str, str]:
 
 def _description(query: Dataset, priors: Sequence[SimilarCase], algorithm_name: str, version: str) -> str:
     """Key Object Description: what was selected and why, the same text in every study it is filed in."""
-    query_date = _format_date(_parse_study_date(str(query.get("StudyDate", "") or ""), 0))
+    query_date = _format_date(str(query.get("StudyDate", "") or ""))
     lines = [f"The {len(priors)} prior stud{'y' if len(priors) == 1 else 'ies'} of this patient most similar to the "
              f"study of {query_date or 'unknown date'}, selected by {algorithm_name} {version}: the current study's "
              "matched image first, then each prior's best-matching image. Score: cosine similarity of the "
              "best-matching image pair."]
     for prior in priors:
-        date = _format_date(_parse_study_date(prior.study_date, prior.rank))
+        date = _format_date(prior.study_date)
         lines.append(f"#{prior.rank}: study of {date or 'unknown date'}, {prior.modality or 'modality unknown'}, "
                      f"score {float(prior.score):.4f}")
     return "\n".join(lines)
 
 
-def _format_date(value: datetime.date | None) -> str:
-    return value.isoformat() if value else ""
+def _format_date(value: str) -> str:
+    """A DA as YYYY-MM-DD for the reader; a value that is no date is shown as it is rather than refused."""
+    try:
+        parsed = _parse_study_date(value, 0)
+    except ValueError:
+        return value.strip()
+    return parsed.isoformat() if parsed else ""
 
 
 def _reference(study_uid: str, series_uid: str, sop_uid: str) -> Dataset:

@@ -24,9 +24,11 @@
     id: 'lookalike-find' }).text('Similar studies (Lookalike)');
   var report = $('<a>').attr({ 'data-role': 'button', href: '#', 'data-icon': 'plus', 'data-inline': 'true',
     id: 'lookalike-report' }).text('Similar studies as SR (Lookalike)');
+  var kos = $('<a>').attr({ 'data-role': 'button', href: '#', 'data-icon': 'star', 'data-inline': 'true',
+    id: 'lookalike-kos' }).text("This patient's similar priors as key images (Lookalike)");
   var status = $('<p>').attr('id', 'lookalike-status');
   var results = $('<div>').attr('id', 'lookalike-results');
-  panel.append($('<h3>').text('Similar studies (Lookalike)'), scopes, find, report, status, results);
+  panel.append($('<h3>').text('Similar studies (Lookalike)'), scopes, find, report, kos, status, results);
 
   function pageStudy() {
     var d = $.mobile.pageData;
@@ -130,22 +132,37 @@
       }, error: failure(mine) });
   });
 
-  report.click(function(e) {
-    e.preventDefault();
+  // Files a document (SR or KOS) into the study on screen and says where it went.
+  function file(route, body, what) {
     var study = actionableStudy(), mine = generation;
     if (!study) return;
-    say('Filing the report…');
-    $.ajax({ url: '../lookalike/studies/' + study + '/similar-report', type: 'POST', dataType: 'json',
-      contentType: 'application/json', data: JSON.stringify({ limit: LIMIT, scope: scope() }),
+    say('Filing the ' + what + '…');
+    $.ajax({ url: '../lookalike/studies/' + study + '/' + route, type: 'POST', dataType: 'json',
+      contentType: 'application/json', data: JSON.stringify(body),
       success: function(r) {
         if (mine !== generation || r.study !== shown) return;
+        if (!r.report) { say("No other indexed study of this patient: no key images to select."); return; }
         var when = formatDate(r.series_date) + ' ' + (r.series_time || '').substr(0, 2) + ':' +
           (r.series_time || '').substr(2, 2);
         var link = $('<a>').addClass('lookalike-report-link').attr({ href: 'explorer.html#series?uuid=' + r.series,
           'data-ajax': 'false' }).text('series "' + r.series_description + '" of this study');
-        say((r.existing ? 'Already filed on ' + when + ' (nothing new since): ' : 'Report of ' + r.similar +
-          ' similar studies filed into ') , link);
+        var copies = r.documents && r.documents.length > 1 ?
+          ' (and a copy in each of the ' + (r.documents.length - 1) + ' priors)' : '';
+        say((r.existing ? 'Already filed on ' + when + ' (nothing new since): ' : what.charAt(0).toUpperCase() +
+          what.substr(1) + ' of ' + r.similar + ' similar studies filed into '), link);
+        status.append(copies);
       }, error: failure(mine) });
+  }
+
+  report.click(function(e) {
+    e.preventDefault();
+    file('similar-report', { limit: LIMIT, scope: scope() }, 'report');
+  });
+
+  // The patient's own priors only, whatever the scope chosen for the list.
+  kos.click(function(e) {
+    e.preventDefault();
+    file('similar-kos', { limit: LIMIT }, 'key image selection');
   });
 
   $('#study').live('pagebeforecreate', function() {
