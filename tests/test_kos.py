@@ -18,6 +18,7 @@ from pydicom.uid import KeyObjectSelectionDocumentStorage, generate_uid
 
 from lookalike.dicom_io.kos import DOCUMENT_TITLE, KOS_SERIES_DESCRIPTION, build_prior_selection
 from lookalike.dicom_io.sr import SimilarCase
+from lookalike.indexer.audit import AuditLog, read_entries
 from lookalike.indexer.store import IndexStore
 from lookalike.orthanc_rest import HttpOrthanc
 from lookalike.plugin import rest
@@ -274,6 +275,16 @@ class TestFiledFromStoredInstances:
 
         assert first["existing"] is False and again["existing"] is True
         assert again["documents"] == first["documents"] and len(first["documents"]) == 2
+
+    def test_the_lookup_is_in_the_audit_trail(self, api, store, corpus: dict, tmp_path) -> None:
+        audit = AuditLog(tmp_path / "audit.jsonl")
+
+        _, answer = rest.similar_kos(api, store, corpus["ids"]["a"], limit=1, audit=audit, who="reader")
+
+        [entry] = read_entries(tmp_path / "audit.jsonl")
+        assert (entry["who"], entry["via"], entry["action"], entry["scope"]) == ("reader", "rest", "kos", "patient")
+        assert entry["study"] == corpus["ds"]["a"].StudyInstanceUID
+        assert entry["results"] == [corpus["ds"]["prior_near"].StudyInstanceUID] and answer["similar"] == 1
 
     def test_a_patient_without_priors_gets_no_document(self, api, store, corpus: dict) -> None:
         series_before = json.loads(api.get_bytes(f"/studies/{corpus['ids']['b']}"))["Series"]
