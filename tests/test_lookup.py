@@ -173,3 +173,34 @@ def test_the_public_answer_leaves_the_patient_identity_out_unless_disclosed(stor
     assert hidden["best_match"]["orthanc_instance_id"] == "inst-1-1"
     shown = first.as_public_dict(disclose_identity=True)
     assert shown["patient_id"] == "P-1" and {k: v for k, v in shown.items() if k != "patient_id"} == hidden
+
+
+def test_lesion_boxes_round_trip_through_the_catalogue_to_the_best_pair(tmp_path: Path) -> None:
+    """The lookup names the two images of the best pair and the lesion box of each, for a side-by-side view."""
+    from dataclasses import replace
+
+    with IndexStore(tmp_path / "index") as s:
+        s.add(replace(record("1", "9"), lesion_box=(10, 20, 50, 60, 0.8)), Q2)
+        s.add(replace(record("2", "9")), Q1)  # no lesion found: the whole image
+        s.add(replace(record("1", "1"), lesion_box=(100, 40, 180, 90, 0.65)), M1)
+        s.add(record("2", "1"), M2)
+        [best] = similar_studies(s, "study-9", limit=1)
+        assert best.best_match.orthanc_instance_id == "inst-1-1"
+        assert best.best_match.query_orthanc_instance_id == "inst-9-1"
+        assert best.best_match.lesion_box == (100, 40, 180, 90, 0.65)
+        assert best.best_match.query_lesion_box == (10, 20, 50, 60, 0.8)
+        public = best.as_public_dict(disclose_identity=False)["best_match"]
+        assert list(public["lesion_box"]) == [100, 40, 180, 90, 0.65]
+        # Re-indexing an instance replaces its box with the new one, or with none.
+        s.add(record("1", "1"), M1)
+        [again] = similar_studies(s, "study-9", limit=1)
+        assert again.best_match.lesion_box is None
+
+
+def test_an_invalid_lesion_box_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    with IndexStore(tmp_path / "index") as s:
+        with pytest.raises(ValueError, match="lesion box"):
+            s.add(replace(record("1", "1"), lesion_box=(50, 10, 40, 30, 0.5)), Q1)
+        assert s.catalogue.counts() == []

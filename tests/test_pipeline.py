@@ -10,6 +10,8 @@ import pydicom
 import pytest
 
 from lookalike.dicom_io.samples import wrap_image
+from lookalike.encoders.base import Embedding
+from lookalike.encoders.lesion import LesionBox
 from lookalike.indexer.pipeline import InstanceIndexer
 from lookalike.indexer.store import IndexStore
 from lookalike.orthanc_rest import OrthancNotFoundError, OrthancUnavailableError
@@ -23,11 +25,17 @@ class FakeEncoder:
         self.calls = 0
         self.batches: list[list[np.ndarray]] = []
 
-    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+    def embed_with_boxes(self, images: list[np.ndarray]) -> Embedding:
+        """Vectors from simple statistics; a "lesion" is the box of the pixels brighter than 0.99."""
         self.calls += 1
         self.batches.append(images)
         v = np.array([[img.mean(), img.std(), 1.0] for img in images], np.float32)
-        return v / np.linalg.norm(v, axis=1, keepdims=True)
+        boxes = []
+        for img in images:
+            ys, xs = np.nonzero(img > 0.99)
+            boxes.append(LesionBox(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1, 0.9)
+                         if xs.size else None)
+        return Embedding(v / np.linalg.norm(v, axis=1, keepdims=True), boxes)
 
 
 class FakeOrthanc:
@@ -96,6 +104,33 @@ class TestInstanceIndexer:
         assert row.sop_instance_uid == ds.SOPInstanceUID and row.study_instance_uid == ds.StudyInstanceUID
         assert row.patient_id == "P1" and row.modality == "US" and row.orthanc_series_id == "se-i1"
 
+    def test_lesion_box_is_stored_in_the_instances_own_pixels(self, setup) -> None:
+        """The box the encoder saw in the cropped frame is kept in stored pixels: crop offset undone."""
+        indexer, api, store, _ = setup
+        pixels = np.full((300, 400), 60, np.uint8)
+        pixels[150:190, 200:260] = 255  # the "lesion", inside the declared imaging region
+        ds = wrap_image(pixels, "US", patient_id="PBOX", patient_name="T^T", patient_birth_date="19700101",
+                        patient_sex="F", study_instance_uid=pydicom.uid.generate_uid(), study_date="20250101",
+                        study_time="090000", accession_number="A1", study_description="test")
+        region = pydicom.Dataset()
+        region.RegionSpatialFormat, region.RegionDataType, region.RegionFlags = 1, 1, 0
+        region.RegionLocationMinX0, region.RegionLocationMinY0 = 100, 50
+        region.RegionLocationMaxX1, region.RegionLocationMaxY1 = 349, 279
+        ds.SequenceOfUltrasoundRegions = [region]
+        api.add("ibox", _dicom(ds))
+        assert indexer.index("ibox").status == "indexed"
+        [row] = store.catalogue.rows_for_study("st-ibox")
+        assert row.lesion_box == (200, 150, 260, 190, 0.9)
+
+        plain_ds = wrap_image(np.full((64, 80), 90, np.uint8), "US", patient_id="PPLAIN", patient_name="T^T",
+                              patient_birth_date="19700101", patient_sex="F",
+                              study_instance_uid=pydicom.uid.generate_uid(), study_date="20250101",
+                              study_time="090000", accession_number="A2", study_description="test")
+        api.add("iplain", _dicom(plain_ds))  # nothing bright: the whole image, no box
+        indexer.index("iplain")
+        [plain] = store.catalogue.rows_for_study("st-iplain")
+        assert plain.lesion_box is None
+
     def test_cine_frames_are_embedded_together_and_averaged(self, setup) -> None:
         indexer, api, store, encoder = setup
         rng = np.random.default_rng(7)
@@ -108,7 +143,7 @@ class TestInstanceIndexer:
         assert indexer.index("cine").status == "indexed"
         [batch] = encoder.batches
         assert len(batch) == 5  # frames 0, 2, 4, 6, 8 in one call
-        embedded = FakeEncoder().embed(batch)
+        embedded = FakeEncoder().embed_with_boxes(batch).vectors
         expected = embedded.mean(axis=0) / np.linalg.norm(embedded.mean(axis=0))
         [row] = store.catalogue.rows_for_study("st-cine")
         scores, ids = store.search("us", "us-test-1", expected[None, :], k=1)
@@ -116,7 +151,7 @@ class TestInstanceIndexer:
         from lookalike.dicom_io import decode_image, read_dataset
         from lookalike.indexer.pipeline import _instance_vector
 
-        vector = _instance_vector(FakeEncoder(), decode_image(read_dataset(_dicom(ds))))
+        vector, _ = _instance_vector(FakeEncoder(), decode_image(read_dataset(_dicom(ds))))
         np.testing.assert_allclose(vector, expected, atol=1e-6)
         assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-6
         assert not np.allclose(vector, embedded[2], atol=1e-3)  # not just the middle frame

@@ -11,6 +11,7 @@ WAL mode (readers never block the writer) with a busy timeout, and readers may o
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from dataclasses import dataclass, fields
@@ -24,7 +25,7 @@ import numpy as np
 #: File name of the catalogue inside the index folder.
 CATALOGUE_FILE = "catalogue.sqlite"
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -45,6 +46,7 @@ CREATE TABLE IF NOT EXISTS instances (
     dim                 INTEGER NOT NULL,
     indexed_at          TEXT NOT NULL,
     seq                 INTEGER NOT NULL,
+    lesion_box          TEXT,
     UNIQUE (sop_instance_uid, model_version)
 );
 CREATE INDEX IF NOT EXISTS instances_by_study ON instances (orthanc_study_id);
@@ -96,12 +98,15 @@ class InstanceRecord:
     #: "us" or "xr": which encoder made the vector (see ``config.ENCODER_FOR_MODALITY``).
     encoder: str
     model_version: str
+    #: The lesion the vector was made from, ``(x0, y0, x1, y1, confidence)`` in the stored pixels of the full frame
+    #: (``x1``, ``y1`` exclusive), so that a viewer can draw it on the image Orthanc serves; None: the whole image.
+    lesion_box: tuple[int, int, int, int, float] | None = None
 
 
 _RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(InstanceRecord))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CatalogueRow(InstanceRecord):
     """One catalogue row: the record plus its FAISS id and bookkeeping.
 
@@ -160,6 +165,25 @@ def _vector_from(blob: bytes | None, dim: int) -> np.ndarray | None:
     if array.size != dim:
         raise ValueError(f"catalogue vector holds {array.size} values, row says dim={dim}")
     return array.astype(np.float32)  # a writable, native-endian copy
+
+
+_BOX_FIELD = _RECORD_FIELDS.index("lesion_box")
+
+
+def _box_text(box: tuple | None) -> str | None:
+    if box is None:
+        return None
+    x0, y0, x1, y1, confidence = box
+    if not (0 <= x0 < x1 and 0 <= y0 < y1):
+        raise ValueError(f"a lesion box needs 0 <= x0 < x1 and 0 <= y0 < y1, got {box}")
+    return json.dumps([int(x0), int(y0), int(x1), int(y1), round(float(confidence), 4)])
+
+
+def _box_from(text: str | None) -> tuple[int, int, int, int, float] | None:
+    if text is None:
+        return None
+    x0, y0, x1, y1, confidence = json.loads(text)
+    return int(x0), int(y0), int(x1), int(y1), float(confidence)
 
 
 _ROW_COLUMN_NAMES = ("id", *_RECORD_FIELDS, "dim", "indexed_at", "seq", "vector IS NOT NULL AS live")
@@ -224,6 +248,9 @@ class Catalogue:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(instances)")}
+            if "lesion_box" not in columns:  # a catalogue of schema 1: the boxes came in schema 2
+                conn.execute("ALTER TABLE instances ADD COLUMN lesion_box TEXT")
             conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             conn.execute("COMMIT")
         conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
@@ -259,6 +286,7 @@ class Catalogue:
     def _row(values: tuple, vector: np.ndarray | None) -> CatalogueRow:
         id_, *rest = values
         record_values = rest[: len(_RECORD_FIELDS)]
+        record_values[_BOX_FIELD] = _box_from(record_values[_BOX_FIELD])
         dim, indexed_at, seq, live = rest[len(_RECORD_FIELDS):]
         return CatalogueRow(*record_values, id=int(id_), vector=vector, dim=int(dim), indexed_at=indexed_at,
                             seq=int(seq), live=bool(live))
@@ -284,6 +312,7 @@ class Catalogue:
         """
         blob, dim = _vector_bytes(vector)
         values = {name: getattr(record, name) for name in _RECORD_FIELDS}
+        values["lesion_box"] = _box_text(record.lesion_box)
         with self._write() as conn:
             seq = self._next_seq(conn)
             now = utc_now()

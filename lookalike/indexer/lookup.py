@@ -23,6 +23,12 @@ class MatchedInstance:
     #: The query study's instance it matched.
     query_sop_instance_uid: str
     score: float
+    #: Orthanc id of the query study's instance, so that a viewer can show the two images side by side.
+    query_orthanc_instance_id: str = ""
+    #: The lesion each vector was made from, ``(x0, y0, x1, y1, confidence)`` in that image's stored pixels;
+    #: None when the whole image was used (an X-ray, or no lesion found).
+    lesion_box: tuple[int, int, int, int, float] | None = None
+    query_lesion_box: tuple[int, int, int, int, float] | None = None
 
 
 #: Where a lookup searches: every patient's studies ("archive"), or the query patient's other studies ("patient",
@@ -151,6 +157,9 @@ def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10,
                 orthanc_instance_id=hit.orthanc_instance_id,
                 query_sop_instance_uid=query_row.sop_instance_uid,
                 score=score,
+                query_orthanc_instance_id=query_row.orthanc_instance_id,
+                lesion_box=hit.lesion_box,
+                query_lesion_box=query_row.lesion_box,
             ),
             same_patient=bool(patient_id) and hit.patient_id == patient_id,
         )

@@ -15,6 +15,7 @@ import numpy as np
 
 from lookalike.config import ENCODER_FOR_MODALITY
 from lookalike.dicom_io.decode import DecodedImage
+from lookalike.encoders.base import Embedding
 from lookalike.dicom_io.errors import LookalikeDicomError, NotIndexableError
 from lookalike.dicom_io.instance import prepare_instance
 from lookalike.indexer.catalogue import InstanceRecord
@@ -29,7 +30,7 @@ class Encoder(Protocol):
     name: str
     model_version: str
 
-    def embed(self, images: list[np.ndarray]) -> np.ndarray: ...
+    def embed_with_boxes(self, images: list[np.ndarray]) -> Embedding: ...
 
 
 @dataclass(frozen=True)
@@ -47,21 +48,37 @@ def _text(ds, keyword: str) -> str:
     return str(ds.get(keyword, "") or "")
 
 
-def _instance_vector(encoder: Encoder, image: DecodedImage) -> np.ndarray:
-    """One unit vector for an instance: the L2-normalised mean of its frames' embeddings.
+def _instance_vector(encoder: Encoder, image: DecodedImage) -> tuple[np.ndarray, tuple | None]:
+    """One unit vector for an instance, the L2-normalised mean of its frames' embeddings, and its lesion box.
 
     Embeddings are unit vectors compared by inner product, and the mean of unit vectors, normalised, is the
     direction whose summed cosine similarity to every sampled frame is highest: the instance is found by a
     query that looks like any part of its sweep, not only like one arbitrary frame. A single-frame image
     gives its own embedding back.
+
+    The box is the one the encoder used in the middle frame (the frame a viewer shows first), moved from the
+    decoded frame's pixels to the stored pixels of the full frame (undoing the imaging-region crop and any
+    block reduction), or None when the vector came from the whole image.
     """
     frames = list(image.frames) or [image.pixels]
-    vectors = np.asarray(encoder.embed(frames), dtype=np.float32)
+    embedding = encoder.embed_with_boxes(frames)
+    vectors = np.asarray(embedding.vectors, dtype=np.float32)
+    box = _stored_pixel_box(embedding.boxes[len(frames) // 2] if embedding.boxes else None, image)
     mean = vectors.mean(axis=0)
     norm = float(np.linalg.norm(mean))
     if not np.isfinite(norm) or norm == 0.0:
-        return vectors[len(vectors) // 2]  # opposite frames cancelled out: fall back to the middle one
-    return mean / np.float32(norm)
+        return vectors[len(vectors) // 2], box  # opposite frames cancelled out: fall back to the middle one
+    return mean / np.float32(norm), box
+
+
+def _stored_pixel_box(box, image: DecodedImage) -> tuple[int, int, int, int, float] | None:
+    """A :class:`~lookalike.encoders.lesion.LesionBox` of a decoded frame in the instance's stored pixels."""
+    if box is None:
+        return None
+    factor = image.downsampling  # frames are reduced first, then cropped on whole reduced pixels
+    dx, dy = (image.region[0] // factor, image.region[1] // factor) if image.region else (0, 0)
+    return ((dx + box.x0) * factor, (dy + box.y0) * factor, (dx + box.x1) * factor, (dy + box.y1) * factor,
+            float(box.confidence))
 
 
 class InstanceIndexer:
@@ -132,7 +149,7 @@ class InstanceIndexer:
             # The model lookups use (a re-index switches it); the settings' checkpoint until one is set.
             active = self.store.catalogue.active_model(prepared.encoder)
             encoder = self.encoders(prepared.encoder, active[1] if active else None)
-        vector = _instance_vector(encoder, prepared.image)
+        vector, lesion_box = _instance_vector(encoder, prepared.image)
         record = InstanceRecord(
             sop_instance_uid=_text(ds, "SOPInstanceUID"),
             sop_class_uid=_text(ds, "SOPClassUID"),
@@ -146,6 +163,7 @@ class InstanceIndexer:
             orthanc_study_id=study_id,
             encoder=encoder.name,
             model_version=encoder.model_version,
+            lesion_box=lesion_box,
         )
         self.store.add(record, vector)
         return Outcome("indexed", instance_id, model_version=encoder.model_version)

@@ -155,17 +155,12 @@ def _audit(audit: AuditLog | None, who: str, action: str, study: dict, study_id:
     return None
 
 
-def _answer_entries(api: OrthancApi, store: IndexStore, study_id: str, matches: list[SimilarStudy],
-                    disclose: bool) -> list[dict[str, Any]]:
-    """Each match as served: public fields, the Orthanc id of the query image it matched (for previews side by
-    side), and, only where disclosed, the other patient's name and accession number from Orthanc."""
-    query_instances = {row.sop_instance_uid: row.orthanc_instance_id for row in store.catalogue.rows_for_study(
-        study_id, with_vectors=False)}
+def _answer_entries(api: OrthancApi, matches: list[SimilarStudy], disclose: bool) -> list[dict[str, Any]]:
+    """Each match as served: public fields (with the two images of its best pair and their lesion boxes, for
+    previews side by side), and, only where disclosed, the other patient's name and accession number."""
     entries = []
     for match in matches:
         entry = match.as_public_dict(disclose_identity=disclose)
-        entry["best_match"]["query_orthanc_instance_id"] = query_instances.get(
-            match.best_match.query_sop_instance_uid, "")
         if disclose:
             other = get_json(api, f"/studies/{match.orthanc_study_id}")
             entry["patient_name"] = other.get("PatientMainDicomTags", {}).get("PatientName", "")
@@ -194,7 +189,7 @@ def similar(api: OrthancApi, store: IndexStore, study_id: str, limit: int, scope
         "scope": scope,
         "limit": limit,
         "aggregation": "a study scores the cosine similarity of its best-matching image pair with the query study",
-        "similar": _answer_entries(api, store, study_id, matches, disclose),
+        "similar": _answer_entries(api, matches, disclose),
     }
 
 
