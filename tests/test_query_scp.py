@@ -280,6 +280,12 @@ class TestMove:
         assert result.returncode == 0, result.stderr
         assert _has(workstation, sop)
 
+    def test_unknown_study_fails_with_the_reason_logged(self, stack: Stack, workstation: Stack) -> None:
+        result = movescu(stack, "WORKSTATION", "STUDY", "StudyInstanceUID=1.2.3.4.5.6.7.8.9")
+        assert result.returncode != 0, result.stderr
+        log = (stack.config.logs / "query-scp.log").read_text()
+        assert "C-MOVE from MOVESCU at 127.0.0.1 to WORKSTATION refused: no study 1.2.3.4.5.6.7.8.9 in the archive" in log
+
     def test_unknown_destination_is_refused(self, stack: Stack, cases: dict, workstation: Stack) -> None:
         result = movescu(stack, "NOWHERE", "STUDY", f"StudyInstanceUID={cases['ds']['prior'].StudyInstanceUID}")
         assert result.returncode != 0 and "Refused: MoveDestinationUnknown" in result.stderr, result.stderr

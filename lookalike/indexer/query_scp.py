@@ -19,7 +19,8 @@ C-FIND (Study Root or Patient Root, QueryRetrieveLevel STUDY)
 C-MOVE (STUDY, SERIES or IMAGE level: a result study, or the SR filed into the study on screen)
     Orthanc sends the resources (``POST /modalities/{name}/store``) to the destination, which must be one of
     Orthanc's DICOM modalities. The final response is Success with zero sub-operations of this SCP's own: the
-    sub-operations are Orthanc's, and failures come back as a failure status with an ErrorComment.
+    sub-operations are Orthanc's. An unknown destination answers 0xA801; any other failure (an unknown UID, Orthanc
+    unable to send) a failure status of pynetdicom's (0xC5xx), the reason in this endpoint's log.
 C-ECHO
     Success.
 
