@@ -3,9 +3,10 @@
 Not part of ``make test``: it fetches OHIF's prebuilt bundle from the npm registry (``npm pack @ohif/app``, about
 50 MB packed) into ``var/ohif`` once. It starts the stack as ``lookalike run`` does (Orthanc's DICOMweb metadata set
 to "Full", which OHIF needs), stores three one-image US studies, files the SR of the first through the plugin's
-``similar-report`` route, serves OHIF from a standard-library HTTP server that also proxies ``/dicom-web`` and
-``/wado`` to Orthanc (same origin: no CORS), opens the SR in headless Chromium (Debian's, driven by playwright),
-prints which of the SR's labels and values the page shows, and saves a screenshot.
+``similar-report`` route and its key images through ``similar-kos``, serves OHIF from a standard-library HTTP
+server that also proxies ``/dicom-web`` and ``/wado`` to Orthanc (same origin: no CORS), opens the SR in headless
+Chromium (Debian's, driven by playwright), prints which of the SR's labels and values the page shows and whether
+the study panel lists the KOS series, and saves screenshots of both views.
 
     .venv/bin/python bench/ohif_sr_check.py [--screenshot var/ohif_sr.png]
 """
@@ -30,6 +31,7 @@ import pydicom
 import requests
 
 from lookalike.dicom_io.samples import wrap_image
+from lookalike.dicom_io.kos import KOS_SERIES_DESCRIPTION
 from lookalike.dicom_io.sr import CODES
 from lookalike.stack import Stack, StackConfig, free_port, storescu
 
@@ -125,11 +127,14 @@ def serve_ohif(dist: Path, orthanc_url: str, user: str, password: str) -> tuple[
 
 
 def store_studies(stack: Stack, tmp: Path) -> list[pydicom.Dataset]:
-    """Three one-image US studies of three patients, from the bundled samples; stored and indexed."""
+    """Three one-image US studies from the bundled samples, the third a prior of the first's patient; stored and
+    indexed."""
     files = sorted(SAMPLES.glob("us_*.dcm"))[:3]
     made = []
     for i, f in enumerate(files):
-        ds = wrap_image(pydicom.dcmread(f).pixel_array, "US", patient_id=f"OHIF{i:04d}", patient_name=f"OHIF^{i}",
+        patient = i % 2
+        ds = wrap_image(pydicom.dcmread(f).pixel_array, "US", patient_id=f"OHIF{patient:04d}",
+                        patient_name=f"OHIF^{patient}",
                         patient_birth_date="19700101", patient_sex="F",
                         study_instance_uid=pydicom.uid.generate_uid(), study_date=f"2025010{i + 1}",
                         study_time="090000", accession_number=f"OHIF{i:04d}", study_description="OHIF SR check")
@@ -171,6 +176,9 @@ def main() -> None:
             sr = pydicom.dcmread(io.BytesIO(http.get(f"{url}/instances/{report['report']}/file").content))
             print(f"SR {report['sop_instance_uid']} filed in study {studies[0].StudyInstanceUID}: "
                   f"{report['similar']} similar cases")
+            r = http.post(f"{url}/lookalike/studies/{query}/similar-kos", json={}, timeout=120)
+            r.raise_for_status()
+            print(f"KOS filed in the same study and {len(r.json()['documents']) - 1} prior(s)")
 
             server, origin = serve_ohif(dist, url, "admin", config.admin_password)
             viewer = (f"{origin}/viewer?StudyInstanceUIDs={studies[0].StudyInstanceUID}"
@@ -191,6 +199,15 @@ def main() -> None:
                 text = page.inner_text("body")
                 args.screenshot.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(args.screenshot), full_page=True)
+                # The whole study: does the study panel list the KOS series beside the images and the SR?
+                page.goto(viewer.partition("&SeriesInstanceUIDs")[0], wait_until="domcontentloaded")
+                try:
+                    page.get_by_text(KOS_SERIES_DESCRIPTION).first.wait_for(timeout=args.wait * 1000)
+                except Exception:
+                    pass
+                page.wait_for_timeout(2000)
+                study_text = page.inner_text("body")
+                page.screenshot(path=str(args.screenshot.with_name(args.screenshot.stem + "_study.png")))
                 browser.close()
             server.shutdown()
 
@@ -201,6 +218,9 @@ def main() -> None:
           "'label: value'")
     for name, value in missing:
         print(f"  missing: {name} = {value}")
+    listed = KOS_SERIES_DESCRIPTION in study_text
+    print(f"the KOS series '{KOS_SERIES_DESCRIPTION}' is {'' if listed else 'not '}listed in OHIF's study panel "
+          "when the whole study is opened")
     if errors:
         print(f"page errors: {errors[:3]}")
     args.screenshot.with_suffix(".txt").write_text(text)
