@@ -108,6 +108,8 @@ def _assert_everything_indexed_once(stack: Stack, at_least: int) -> None:
     statistics = stack.http().get(f"{stack.config.orthanc_url}/statistics", timeout=30).json()
     assert int(statistics["CountInstances"]) == len(held)
     assert status["problems"] == []
+    # The catch-up has handled every change Orthanc logged: nothing is left behind for a later pass.
+    wait_for(lambda: _status(stack)["catch_up"]["behind"] == 0, timeout=30, interval=1.0, what="the catch-up")
 
 
 def _indexed(stack: Stack) -> int:

@@ -108,7 +108,7 @@ def register(orthanc: Any) -> None:
                                 audit=audit, who=who)
 
     def status(query: dict, who: str) -> rest.Response:
-        return rest.status(store, lambda: broker.llen(QUEUE), sender.pending())
+        return rest.status(store, lambda: broker.llen(QUEUE), sender.pending(), api)
 
     orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar", route(similar, ("GET",)))
     orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar-report", route(similar_report, ("POST",)))

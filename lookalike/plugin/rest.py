@@ -20,6 +20,7 @@ import pydicom
 
 import lookalike
 from lookalike.indexer.audit import AuditLog
+from lookalike.indexer.change_log import CURSOR
 from lookalike.indexer.lookup import SCOPES, SimilarStudy, StudyNotIndexedError, similar_studies
 from lookalike.indexer.store import IndexStore
 from lookalike.orthanc_rest import OrthancApi, OrthancNotFoundError, get_json, store_instance
@@ -358,9 +359,18 @@ def similar_kos(api: OrthancApi, store: IndexStore, study_id: str, limit: int, *
     }
 
 
-def status(store: IndexStore, queue_length: Callable[[], int | None], pending: int = 0) -> Response:
-    """``GET /lookalike/status``: what is indexed, what waits, what went wrong lately."""
+def status(store: IndexStore, queue_length: Callable[[], int | None], pending: int = 0,
+           api: OrthancApi | None = None) -> Response:
+    """``GET /lookalike/status``: what is indexed, what waits, what went wrong lately, how far the catch-up is.
+
+    ``catch_up`` compares Orthanc's newest change with the last one the worker's catch-up has handled: a gap that
+    does not close says the worker is not running or cannot keep up.
+    """
     store.refresh()
+    catch_up: dict[str, Any] = {"cursor": store.catalogue.cursor(CURSOR)}
+    if api is not None:
+        catch_up["orthanc_last_change"] = int(get_json(api, "/changes?last")["Last"])
+        catch_up["behind"] = max(0, catch_up["orthanc_last_change"] - catch_up["cursor"])
     counts = [
         {"modality": modality, "encoder": encoder, "model_version": version, "instances": n}
         for modality, encoder, version, n in store.catalogue.counts()
@@ -376,6 +386,7 @@ def status(store: IndexStore, queue_length: Callable[[], int | None], pending: i
         "version": lookalike.__version__,
         "indexed": counts,
         "queue": {"broker": queued, "plugin_pending": pending, "broker_error": broker_error},
+        "catch_up": catch_up,
         "problems": [
             {"instance": p.orthanc_instance_id, "study": p.orthanc_study_id, "sop_instance_uid": p.sop_instance_uid,
              "code": p.code, "message": p.message, "at": p.at, "attempts": p.attempts}
