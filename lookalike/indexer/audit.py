@@ -10,8 +10,8 @@ and what came back, is what a privacy officer must be able to trace. Every entry
 ``study`` and ``orthanc_study_id``
     The StudyInstanceUID and Orthanc id of the study looked up.
 ``action``
-    "lookup" (which studies resemble this one), "report" (the answer filed as an SR) or "retrieve" (a study sent
-    to a workstation).
+    "lookup" (which studies resemble this one), "report" (the answer filed as an SR), "kos" (the priors filed as
+    a Key Object Selection) or "retrieve" (a study sent to a workstation).
 ``scope``
     "archive" (any patient's studies) or "patient" (the same patient's priors only).
 ``results``
