@@ -217,6 +217,7 @@ class Stack:
         self.with_worker = worker
         self.procs: dict[str, subprocess.Popen] = {}
         self._argv: dict[str, list[str]] = {}
+        self._worker_log_from: dict[str, int] = {}
 
     # -- start -------------------------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> "Stack":
@@ -249,13 +250,14 @@ class Stack:
     def restart(self, name: str, timeout: float = 60.0) -> None:
         """Start one process again (it crashed, or a test stopped it); the others keep running."""
         self._terminate(name, 20.0)
-        if name == "worker":
-            self.start_worker()
+        if name in self._worker_log_from:
+            self.start_worker(name)
+            ready = lambda: self.worker_ready(name)  # noqa: E731
         else:
             self._spawn(name, self._argv[name])
-        self._wait({"redis": self._redis_ping, "worker": self._worker_ready, "query-scp": self._query_scp_ready,
-                    "orthanc": lambda: self.http().get(f"{self.config.orthanc_url}/system", timeout=2).ok}[name],
-                   time.monotonic() + timeout, name)
+            ready = {"redis": self._redis_ping, "query-scp": self._query_scp_ready,
+                     "orthanc": lambda: self.http().get(f"{self.config.orthanc_url}/system", timeout=2).ok}[name]
+        self._wait(ready, time.monotonic() + timeout, name)
 
     def crashed(self) -> list[str]:
         """The processes that have exited on their own."""
@@ -280,18 +282,29 @@ class Stack:
              "--logfile", str(self.config.logs / "query-scp.log")],
         )
 
-    def start_worker(self) -> None:
-        """One Celery worker, one process: the index has one writer, and the model is loaded once."""
-        log = self.config.logs / "worker.log"
-        self._worker_log_from = len(log.read_text(errors="replace").splitlines()) if log.exists() else 0
+    def start_worker(self, name: str = "worker") -> None:
+        """A Celery worker of one process (the model loaded once); more than one share the index's write lock.
+
+        ``name`` names the process, its log (``<name>.log``) and its Celery node, so that a site can run several.
+        """
+        log = self.config.logs / f"{name}.log"
+        self._worker_log_from[name] = len(log.read_text(errors="replace").splitlines()) if log.exists() else 0
         self._spawn(
-            "worker",
+            name,
             [
                 sys.executable, "-m", "celery", "-A", "lookalike.indexer.celery_app", "worker",
-                "-Q", QUEUE, "--concurrency", "1", "--loglevel", "INFO", "-n", f"lookalike-{self.config.redis_port}@%h",
-                "--logfile", str(self.config.logs / "worker.log"),
+                "-Q", QUEUE, "--concurrency", "1", "--loglevel", "INFO",
+                "-n", f"lookalike-{name}-{self.config.redis_port}@%h", "--logfile", str(log),
             ],
         )
+
+    def worker_ready(self, name: str = "worker") -> bool:
+        """The worker process ``name`` has said "ready." in its log (a restarted one, after its own start)."""
+        log = self.config.logs / f"{name}.log"
+        if not log.exists() or name not in self.procs:
+            return False
+        lines = log.read_text(errors="replace").splitlines()[self._worker_log_from.get(name, 0):]
+        return any("ready." in line for line in lines)
 
     def stop_worker(self, timeout: float = 20.0) -> None:
         self._terminate("worker", timeout)
@@ -306,7 +319,7 @@ class Stack:
         self._wait(lambda: self._redis_ping(), deadline, "redis")
         self._wait(lambda: self.http().get(f"{self.config.orthanc_url}/system", timeout=2).ok, deadline, "orthanc")
         if "worker" in self.procs:
-            self._wait(self._worker_ready, deadline, "worker")
+            self._wait(self.worker_ready, deadline, "worker")
         if "query-scp" in self.procs:
             self._wait(self._query_scp_ready, deadline, "query-scp")
 
@@ -331,14 +344,6 @@ class Stack:
                                              socket_connect_timeout=1).ping())
         except redis.RedisError:
             return False
-
-    def _worker_ready(self) -> bool:
-        """The current worker process has said "ready." in the log (a restarted one, after its own start)."""
-        log = self.config.logs / "worker.log"
-        proc = self.procs.get("worker")
-        if not log.exists() or proc is None:
-            return False
-        return any("ready." in line for line in log.read_text(errors="replace").splitlines()[self._worker_log_from:])
 
     def _query_scp_ready(self) -> bool:
         with socket.create_connection(("127.0.0.1", self.config.query_port), timeout=1):
@@ -369,8 +374,8 @@ class Stack:
         proc.wait()
 
     def stop(self) -> None:
-        """The query endpoint, the worker (it finishes its task), then Orthanc, then Redis."""
-        for name in ("query-scp", "worker", "orthanc", "redis"):
+        """The query endpoint, the workers (each finishes its task), then Orthanc, then Redis."""
+        for name in ("query-scp", *sorted(self._worker_log_from), "orthanc", "redis"):
             self._terminate(name, 20.0)
 
     def __enter__(self) -> "Stack":
