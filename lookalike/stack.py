@@ -35,9 +35,14 @@ QUERY_CALLERS = ("FINDSCU", "MOVESCU")
 
 
 def free_port(preferred: int = 0) -> int:
-    """A TCP port on loopback that nothing listens on right now: ``preferred`` if it is free."""
+    """A TCP port on loopback that nothing listens on right now: ``preferred`` if it is free.
+
+    Probed as the servers bind (SO_REUSEADDR), so a port of ours that only has connections closing (TIME_WAIT)
+    after a restart still counts as free and keeps its number.
+    """
     for port in (preferred, 0) if preferred else (0,):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
@@ -74,6 +79,8 @@ class StackConfig:
     modalities: dict[str, list] = field(default_factory=dict)
     #: Settings fields that differ from the defaults (e.g. a short ``catch_up_interval`` in tests).
     extra_settings: dict = field(default_factory=dict)
+    #: Ports changed at start because another program held them (not saved: the caller saves the config).
+    moved_ports: list[str] = field(default_factory=list)
 
     @classmethod
     def create(cls, state_dir: Path, **kw) -> "StackConfig":
@@ -102,11 +109,27 @@ class StackConfig:
             # The usual ports of Orthanc, Redis and a DICOM query SCP where they are free: viewers find them.
             cfg = cls.create(state_dir, http_port=free_port(8042), dicom_port=free_port(4242),
                              redis_port=free_port(6379), query_port=free_port(11112))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {**cfg.__dict__, "state_dir": str(cfg.state_dir)}
-        path.write_text(json.dumps(data, indent=2))
-        path.chmod(0o600)
+        cfg.save(path)
         return cfg
+
+    def save(self, path: Path) -> None:
+        """Keep the ports and credentials (owner-only), so that a restart finds the same stack."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        data = {k: v for k, v in self.__dict__.items() if k != "moved_ports"}
+        path.write_text(json.dumps({**data, "state_dir": str(self.state_dir)}, indent=2))
+
+    def move_taken_ports(self) -> list[str]:
+        """Replace each port that another program holds by a free one; the names of those moved."""
+        moved = []
+        for name in ("http_port", "dicom_port", "redis_port", "query_port"):
+            port = getattr(self, name)
+            if port and free_port(port) != port:
+                setattr(self, name, free_port())
+                moved.append(name)
+        self.moved_ports.extend(moved)
+        return moved
 
     @property
     def logs(self) -> Path:
@@ -220,7 +243,23 @@ class Stack:
         self._worker_log_from: dict[str, int] = {}
 
     # -- start -------------------------------------------------------------------------------------------
-    def start(self, timeout: float = 60.0) -> "Stack":
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> "Stack":
+        """Start every process and wait until each answers.
+
+        A port is only known to be ours once our process has bound it: a port another program holds (now, or
+        taken between this check and our process's bind) is replaced by a free one and the start tried again.
+        ``config.moved_ports`` then names what changed, for the caller to save.
+        """
+        self.config.move_taken_ports()
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout)
+            except RuntimeError:
+                if attempt == attempts or not self.config.move_taken_ports():
+                    raise
+        return self
+
+    def _start_once(self, timeout: float) -> "Stack":
         cfg = self.config
         settings_path, orthanc_json, self._redis_conf = write_configs(cfg)
         self.env = {**dcmtk_env(), "LOOKALIKE_CONFIG": str(settings_path)}

@@ -164,3 +164,32 @@ class TestOrthancStopped:
         assert 0 < held <= N_INSTANCES
         _assert_everything_indexed_once(fault_stack, at_least=held)
         assert fault_stack.procs["worker"].poll() is None, "the worker died with Orthanc"
+
+
+class TestPortsTaken:
+    def test_ports_another_program_holds_are_replaced_at_start(self, tmp_path: Path) -> None:
+        import socket
+
+        from lookalike.stack import free_port
+
+        config = StackConfig.create(tmp_path / "stack")
+        squatters = []
+        for port in (config.http_port, config.redis_port):
+            s = socket.socket()
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            squatters.append(s)
+        taken = (config.http_port, config.redis_port)
+        try:
+            with Stack(config) as stack:
+                assert set(config.moved_ports) == {"http_port", "redis_port"}
+                assert (config.http_port, config.redis_port) != taken
+                assert stack.http().get(f"{config.orthanc_url}/system", timeout=10).ok
+                saved = tmp_path / "stack.json"
+                config.save(saved)
+                reloaded = StackConfig.load_or_create(saved, tmp_path / "stack")
+                assert (reloaded.http_port, reloaded.redis_port) == (config.http_port, config.redis_port)
+                assert free_port(config.dicom_port) != config.dicom_port  # ours now: Orthanc holds it
+        finally:
+            for s in squatters:
+                s.close()
