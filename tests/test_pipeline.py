@@ -189,6 +189,24 @@ class TestInstanceIndexer:
             indexer.index("i1")
         assert store.catalogue.problems() == []
 
+    def test_forget_each_level_removes_only_what_was_deleted(self, setup) -> None:
+        """Orthanc reports a deleted patient by its Orthanc id alone (the hash of its PatientID), after it is gone."""
+        from lookalike.orthanc_rest import orthanc_resource_id
+
+        indexer, api, store, _ = setup
+        for i in (21, 22, 23, 24):
+            api.add(f"f{i}", _dicom(_us(i)))  # patients P21..P24, one study each
+            indexer.index(f"f{i}")
+        live = lambda: sorted(row.patient_id for study in ("st-f21", "st-f22", "st-f23", "st-f24")  # noqa: E731
+                              for row in store.catalogue.rows_for_study(study))
+        indexer.forget("patient", orthanc_resource_id("P21"))
+        assert live() == ["P22", "P23", "P24"]
+        indexer.forget("study", "st-f22")
+        indexer.forget("series", "se-f23")
+        indexer.forget("instance", "f24")
+        assert live() == []
+        indexer.forget("patient", orthanc_resource_id("P-UNKNOWN"))  # nothing of it: nothing happens
+
     def test_instance_deleted_meanwhile_is_gone_not_failed(self, setup) -> None:
         indexer, _, store, _ = setup
         assert indexer.index("nowhere").status == "gone"

@@ -15,7 +15,7 @@ import requests
 
 from lookalike.dicom_io.samples import wrap_image
 from lookalike.indexer.store import IndexStore
-from lookalike.orthanc_rest import HttpOrthanc, OrthancAuthError
+from lookalike.orthanc_rest import HttpOrthanc, OrthancAuthError, orthanc_resource_id
 from lookalike.stack import ORTHANC_AET, Stack, dcmtk_env, storescu
 from tests.conftest import SAMPLES, wait_for
 
@@ -311,6 +311,7 @@ class TestDeletion:
         assert study_id in {s["orthanc_study_id"] for s in hits}
 
         patient_id = http.get(f"{url}/studies/{study_id}", timeout=10).json()["ParentPatient"]
+        assert orthanc_resource_id(str(ds.PatientID)) == patient_id  # how the worker finds a deleted patient
         assert http.delete(f"{url}/patients/{patient_id}", timeout=10).ok
         wait_for(lambda: _indexed_total(stack) == total, timeout=60, what="the deletion to reach the index")
         hits = http.get(f"{url}/lookalike/studies/{query}/similar?limit=100", timeout=10).json()["similar"]
