@@ -493,8 +493,10 @@ def _similar_case_container(
     rank_item.MeasuredValueSequence[0].NumericValue = DS(str(rank))
     items: list[highdicom.sr.ContentItem] = [
         rank_item,
+        # Four decimals, as every other place shows a score: a viewer prints the value as written.
         highdicom.sr.NumContentItem(
-            name=CODES.COSINE_SIMILARITY, value=float(match.score), unit=CODES.UNIT_ONE, relationship_type=contains
+            name=CODES.COSINE_SIMILARITY, value=round(float(match.score), 4), unit=CODES.UNIT_ONE,
+            relationship_type=contains,
         ),
         highdicom.sr.UIDRefContentItem(
             name=CODES.STUDY_INSTANCE_UID, value=str(match.study_instance_uid), relationship_type=contains
