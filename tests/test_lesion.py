@@ -202,10 +202,12 @@ def test_worker_embed_and_lesions_agree_on_the_same_image(finder_file: Path, tmp
     served = decode_image(ds)
     enc = load_encoder("us", us)
     assert enc.views == ("whole", "lesion") and enc.finder is not None
-    worker_vector = _instance_vector(enc, served)
+    worker_vector, stored_box = _instance_vector(enc, served)
     (worker_box,) = enc.embed_with_boxes([served.pixels]).boxes
     assert worker_box is not None and served.region is not None
     worker_box = worker_box.shifted(served.region[0], served.region[1])
+    # What the catalogue keeps: the same box in the instance's stored pixels.
+    assert stored_box == (worker_box.x0, worker_box.y0, worker_box.x1, worker_box.y1, worker_box.confidence)
 
     assert cli.main(["embed", "--modality", "us", "--model", str(us), "--data", str(data), "--out", str(tmp_path / "v.npy")]) == 0
     assert cli.main(["lesions", "--model", str(us), "--data", str(data), "--out", str(tmp_path / "b.csv")]) == 0

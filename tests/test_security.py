@@ -6,6 +6,7 @@ import json
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 
@@ -47,7 +48,9 @@ class TestFilesHoldingPhi:
         from tests.test_stack import _sample_pixels, _study
         from lookalike.stack import storescu
 
-        path, _ = _study(_sample_pixels("US", 1)[0], "US", "PPERMS0001", tmp_path, "perms")
+        # Turned upside down: no near copy of an image the shared stack's lookup tests rank.
+        pixels = np.ascontiguousarray(np.rot90(_sample_pixels("US", 9)[8], 2))
+        path, _ = _study(pixels, "US", "PPERMS0001", tmp_path, "perms")
         before = _indexed_total(stack)
         assert storescu(stack.config, [path]).returncode == 0
         wait_for(lambda: _indexed_total(stack) > before, timeout=90, what="indexing")
