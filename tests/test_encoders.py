@@ -181,15 +181,16 @@ def test_us_feature_subset_skips_refinement(tmp_path: Path) -> None:
 
     ckpt = torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True)
     shipped = load_encoder("us")
-    assert shipped.net.feat_dim == 320 and shipped.net.blocks == ("h", "z", "m", "zr")
+    views = len(shipped.views)  # 320 fused features per view (whole image, lesion crop)
+    assert shipped.net.feat_dim == 320 * views and shipped.net.blocks == ("h", "z", "m", "zr")
     g = torch.Generator().manual_seed(0)
     state = dict(ckpt["state_dict"])
-    state["head.0.weight"], state["head.0.bias"] = torch.ones(192), torch.zeros(192)
-    state["head.1.weight"] = torch.randn(256, 192, generator=g) * 0.05
+    state["head.0.weight"], state["head.0.bias"] = torch.ones(192 * views), torch.zeros(192 * views)
+    state["head.1.weight"] = torch.randn(256, 192 * views, generator=g) * 0.05
     path = tmp_path / "vae_only.pt"
     torch.save({**ckpt, "arch": {**ckpt["arch"], "features": ["h", "z"], "tag": "vae-1"}, "state_dict": state}, path)
     enc = load_encoder("us", weights=path)
-    assert enc.net.feat_dim == 192 and enc.model_version.startswith("us-vae-1-")
+    assert enc.net.feat_dim == 192 * views and enc.model_version.startswith("us-vae-1-")
     calls: list[int] = []
     enc.net.unet.register_forward_hook(lambda *_: calls.append(1))
     vecs = enc.embed(_images())
