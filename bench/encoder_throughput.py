@@ -2,9 +2,9 @@
 
 What is timed is ``Encoder.embed`` on images already decoded to 2-D float32 in [0, 1] (what the worker hands
 it after DICOM decoding), at the data sets' sizes and at a typical clinical frame size: MONAI preprocessing + network, the ultrasound DDIM refinement included. File and
-DICOM decoding are not part of it. For ``us`` the network time at batch 32 is also split into its stages
-(VAE encoder, refinement, head), which is what the diffusion refinement costs. Goal: >= 20 US images/s at
-batch 32.
+DICOM decoding are not part of it; for ``us`` the lesion finder and both views (whole image, lesion crop)
+are. For ``us`` the time at batch 32 is also split into its stages (lesion finder, crops and preprocessing,
+VAE encoder over every view, refinement, head). Goal: >= 20 US images/s at batch 32, lesion finder included.
 
     .venv/bin/python bench/encoder_throughput.py [--threads 1] [--images 96] [--repeats 3]
 """
@@ -53,6 +53,16 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+class _Fixed:
+    """A stand-in finder that returns boxes already found, to time the crops apart from the finder."""
+
+    def __init__(self, boxes: list[Any]) -> None:
+        self.boxes = boxes
+
+    def find(self, images: list[np.ndarray]) -> list[Any]:
+        return self.boxes[: len(images)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1, help="torch threads (the worker uses 1)")
@@ -85,14 +95,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{enc.model_version:24s} {32:5d} {1000 * t / 32:9.2f} {32 / t:9.1f}  the same, upsampled to {rows}x{cols} px")
         enc.batch_size = 64
         if name == "us":
+            from lookalike.encoders.lesion import prepare_views
+
             net = enc.net
-            x = torch.stack([enc._preprocess(im) for im in images[:32]])
+            batch = images[:32]
+            x, _ = prepare_views(batch, enc._preprocess, enc.views, enc.finder, enc.lesion_margin)
+            flat = x.reshape(-1, 1, *x.shape[2:])  # every view goes through the trunk
             with torch.no_grad():
-                h, z = net.encode(x)
+                h, z = net.encode(flat)
                 feats = net.features(x)
-                stages["preprocess"] = best_of(lambda: [enc._preprocess(im) for im in images[:32]], a.repeats)
-                stages["VAE encoder"] = best_of(lambda: net.encode(x), a.repeats)
-                stages["DDIM refinement"] = best_of(lambda: net.refine(z), a.repeats)
+                if enc.finder is not None:
+                    stages["lesion finder"] = best_of(lambda: enc.finder.find(batch), a.repeats)
+                    boxes = enc.finder.find(batch)
+                    stages["views (crop, preprocess)"] = best_of(
+                        lambda: prepare_views(batch, enc._preprocess, enc.views, None if "lesion" not in enc.views
+                                              else _Fixed(boxes), enc.lesion_margin), a.repeats)
+                else:
+                    stages["preprocess"] = best_of(lambda: [enc._preprocess(im) for im in batch], a.repeats)
+                stages[f"VAE encoder x{len(enc.views)} views"] = best_of(lambda: net.encode(flat), a.repeats)
+                if set(net.blocks) & {"m", "zr"}:
+                    stages["DDIM refinement"] = best_of(lambda: net.refine(z), a.repeats)
                 stages["head"] = best_of(lambda: net.head(feats), a.repeats)
     total = sum(stages.values())
     print("\nus at batch 32, per image, by stage:")
