@@ -1,6 +1,11 @@
-"""Train the shipped encoders from a dataset folder holding ``manifest.csv`` (path,label,group,split).
+"""Train the shipped encoders from dataset folders holding ``manifest.csv`` (path,label,group,split).
 
-Ultrasound (``us``), three stages on a CPU budget:
+Several folders train together (their ``train`` rows train, their ``val`` rows select). With a lesion finder
+(``lesion_finder``, from ``lookalike train-lesions``) the ultrasound encoder takes two views of every image,
+the whole image and the crop around the lesion the finder finds, made by the function serving uses
+(:func:`lookalike.encoders.lesion.prepare_views`); the finder is stored in the checkpoint.
+
+Ultrasound (``us``), four stages on a CPU budget:
 
 A. AutoencoderKL self-supervised on train+val images (L1 reconstruction + small KL; labels unused).
 B. DiffusionModelUNet trained to predict noise on the (frozen) VAE latents, timesteps in [0, 300).
