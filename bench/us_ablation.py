@@ -1,22 +1,23 @@
-"""Does the latent-diffusion refinement earn its cost? Ablation of the ``us`` encoder's fused features on BUSI.
+"""Which parts of the ``us`` encoder earn their cost? Lesion crop vs whole image, refinement on vs off.
 
-The shipped trunk (VAE encoder + latent UNet) is frozen. Its 320 fused features (see
-``lookalike/encoders/ultrasound.py``) are split into blocks:
+The shipped trunk (VAE encoder + latent UNet, shared by both views) and its lesion finder are frozen. The
+fused features (see ``lookalike/encoders/ultrasound.py``) are, per view (whole image, lesion crop), 320
+values in blocks:
 
 - VAE: mean- and max-pooled encoder map ``h`` (128) + 4x4-pooled latent ``z`` (64) — no refinement needed;
-- refinement: UNet middle-block features ``m`` (64) + 4x4-pooled refined latent ``z_r`` (64);
-- ``z`` alone vs ``z_r`` alone (64 each): the same latent before and after the 2 DDIM steps.
+- refinement: UNet middle-block features ``m`` (64) + 4x4-pooled refined latent ``z_r`` (64).
 
-For each subset a fresh projection head of the shipped shape (LayerNorm, Linear 256, GELU, Linear 128) is
-trained with the shipped recipe (batch-hard triplet + cross-entropy, class-balanced batches 3 x 16, AdamW
-1e-3, MONAI augmentation through cached augmented copies), selected on val P@5, then scored under
-``shared/eval/PROTOCOL.md``: busi test vs train+val and breast_lesions_usg leave-one-out. Several seeds;
-mean and spread printed. Also printed: the shipped head and each subset's z-scored features with no head.
+For each subset (one view or both; all blocks, or the VAE or refinement blocks only) a fresh projection head
+of the shipped shape is trained with the shipped recipe (``training.fit_head``: batch-hard triplet +
+cross-entropy, class-balanced batches, cached augmented copies with the training augmentation), selected on
+the val rows of busi + bus_bra, then scored under ``shared/eval/PROTOCOL.md``: busi and bus_bra test vs their
+train+val, breast_lesions_usg leave-one-out. Several seeds; mean and spread printed, and each subset's
+z-scored features with no head.
 
-Caveat: the VAE encoder was fine-tuned end to end with the fused head, so this measures what the refinement
-adds on top of that trunk, not a VAE trained without diffusion from the start.
+Caveat: the trunk was trained end to end through the fused two-view head, so this measures what each part
+adds on top of that trunk, not models trained without it from the start.
 
-    .venv/bin/python bench/us_ablation.py [--copies 8] [--epochs 60] [--seeds 3] [--threads 1]
+    .venv/bin/python bench/us_ablation.py [--copies 4] [--epochs 40] [--seeds 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -30,34 +31,50 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-BUSI = ROOT.parent / "shared" / "data" / "busi"
-CROSS = ROOT.parent / "shared" / "data" / "breast_lesions_usg"
+DATA = ROOT.parent / "shared" / "data"
+ARCHIVES = ("busi", "bus_bra")
+CROSS = "breast_lesions_usg"
 
-#: Column ranges of the fused feature vector (order of ``UltrasoundNet.features``).
+#: Column ranges of one view's fused features (order of ``UltrasoundNet.view_features``).
 BLOCKS = {"h": (0, 128), "z": (128, 192), "m": (192, 256), "zr": (256, 320)}
-SUBSETS = {
-    "VAE (h, z)": ("h", "z"),
-    "refinement (m, z_r)": ("m", "zr"),
-    "fused (shipped layout)": ("h", "z", "m", "zr"),
-    "z alone": ("z",),
-    "z_r alone": ("zr",),
-}
+WIDTH = 320
 
 
-def columns(blocks: tuple[str, ...]) -> np.ndarray:
-    return np.concatenate([np.arange(*BLOCKS[b]) for b in blocks])
+def subsets(views: tuple[str, ...]) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Named (views, blocks) subsets of a checkpoint with these views."""
+    every = ("h", "z", "m", "zr")
+    out = {f"{v} only, all blocks": ((v,), every) for v in views}
+    if len(views) > 1:
+        out["both views, all blocks (shipped layout)"] = (views, every)
+        out["both views, VAE blocks (no refinement)"] = (views, ("h", "z"))
+        out["both views, refinement blocks"] = (views, ("m", "zr"))
+    else:
+        out[f"{views[0]}, VAE blocks (no refinement)"] = (views, ("h", "z"))
+    return out
+
+
+def columns(all_views: tuple[str, ...], views: tuple[str, ...], blocks: tuple[str, ...]) -> np.ndarray:
+    return np.concatenate([
+        np.arange(*BLOCKS[b]) + WIDTH * all_views.index(v) for v in views for b in blocks
+    ])
 
 
 def score(emb: dict[str, np.ndarray], sets: dict[str, Any]) -> dict[str, float]:
-    """Protocol figures of embeddings for busi test (vs train+val) and cross-domain leave-one-out."""
+    """Protocol figures: each archive's test vs its train+val, cross-domain leave-one-out, val vs train."""
     from lookalike.encoders.metrics import retrieval_metrics
 
-    s = sets
-    gal = np.concatenate([emb["train"], emb["val"]])
-    m = retrieval_metrics(emb["test"], s["test"][0], s["test"][1], gal, s["trval"][0], s["trval"][1])
-    c = retrieval_metrics(emb["cross"], *s["cross"], emb["cross"], *s["cross"], exclude_self=True)
-    v = retrieval_metrics(emb["val"], s["val"][0], s["val"][1], emb["train"], s["train"][0], s["train"][1])
-    return {"val P@5": v["P@5"], "busi P@5": m["P@5"], "busi macro-P@5": m["macro-P@5"], "cross P@5": c["P@5"], "cross macro-P@5": c["macro-P@5"]}
+    out = {}
+    v = retrieval_metrics(emb["val"], *sets["val"], emb["train"], *sets["train"])
+    out["val P@5"] = v["P@5"]
+    for name in ARCHIVES:
+        q, g = sets[f"{name}:test"], sets[f"{name}:trval"]
+        gal = emb["all"][g[2]]
+        m = retrieval_metrics(emb["all"][q[2]], q[0], q[1], gal, g[0], g[1])
+        out[f"{name} P@5"] = m["P@5"]
+        out[f"{name} macro"] = m["macro-P@5"]
+    c = retrieval_metrics(emb["cross"], *sets["cross"], emb["cross"], *sets["cross"], exclude_self=True)
+    out["cross P@5"] = c["P@5"]
+    return out
 
 
 def train_head(
@@ -85,13 +102,14 @@ def train_head(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Ablation of the us encoder's VAE and refinement features on BUSI.")
-    p.add_argument("--copies", type=int, default=8, help="augmented copies of each training image")
-    p.add_argument("--epochs", type=int, default=60)
+    p = argparse.ArgumentParser(description="Ablation of the us encoder: lesion crop vs whole image, refinement on vs off.")
+    p.add_argument("--model", type=Path, default=None, help="us checkpoint (default: the shipped one)")
+    p.add_argument("--copies", type=int, default=4, help="augmented copies of each training image")
+    p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-vae-head", type=Path, default=None,
-                   help="write a us checkpoint: shipped trunk, VAE blocks only (no refinement), seed-0 head")
+                   help="write a us checkpoint: the trunk, VAE blocks only (no refinement), seed-0 head")
     a = p.parse_args(argv)
 
     import torch
@@ -100,73 +118,89 @@ def main(argv: list[str] | None = None) -> int:
     from lookalike.encoders.base import WEIGHTS_DIR
     from lookalike.encoders.evaluate import CROSS_DOMAIN_LABELS
     from lookalike.encoders.preprocessing import build_augment, read_manifest
-    from lookalike.encoders.training import frozen_features, preprocess_all
+    from lookalike.encoders.training import frozen_features, plain_tensors, preprocess_all
 
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    enc = load_encoder("us")
-    net, size = enc.net, enc.image_size
-    rows = read_manifest(BUSI)
-    cross = [r for r in read_manifest(CROSS) if r["label"] in CROSS_DOMAIN_LABELS]
-    split = {s: [r for r in rows if r["split"] == s] for s in ("train", "val", "test")}
+    model = a.model or WEIGHTS_DIR / "us.pt"
+    enc = load_encoder("us", model)
+    net, size, views = enc.net, enc.image_size, enc.views
+    ckpt = torch.load(model, map_location="cpu", weights_only=True)
+    hyper = ckpt["meta"].get("hyper", {})
+    rows = [{**r, "set": name} for name in ARCHIVES for r in read_manifest(DATA / name)]
+    cross = [r for r in read_manifest(DATA / CROSS) if r["label"] in CROSS_DOMAIN_LABELS]
     classes = sorted({r["label"] for r in rows})
-    sets = {s: ([r["label"] for r in rs], [r["group"] for r in rs]) for s, rs in split.items()}
-    sets["trval"] = (sets["train"][0] + sets["val"][0], sets["train"][1] + sets["val"][1])
-    sets["cross"] = ([r["label"] for r in cross], [r["group"] for r in cross])
-    x = {s: preprocess_all([r["path"] for r in rs], size, "us") for s, rs in split.items()}
-    x["cross"] = preprocess_all([r["path"] for r in cross], size, "us")
+    lab = lambda rs: ([r["label"] for r in rs], [r["group"] for r in rs])  # noqa: E731
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "val"]
+    sets: dict[str, Any] = {"train": lab(train), "val": lab(val), "cross": lab(cross)}
+    for name in ARCHIVES:
+        test = [i for i, r in enumerate(rows) if r["set"] == name and r["split"] == "test"]
+        trval = [i for i, r in enumerate(rows) if r["set"] == name and r["split"] != "test"]
+        sets[f"{name}:test"] = (*lab([rows[i] for i in test]), test)
+        sets[f"{name}:trval"] = (*lab([rows[i] for i in trval]), trval)
+
+    def prep(rs: list[dict[str, str]]) -> Any:
+        return preprocess_all([r["path"] for r in rs], size, "us", views, enc.finder, enc.lesion_margin)
+
+    x = {"all": prep(rows), "cross": prep(cross)}
     device = torch.device("cpu")
     feats = {k: frozen_features(net, v, device) for k, v in x.items()}
-    shipped_ckpt = torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True)
-    hyper = shipped_ckpt["meta"].get("hyper", {})
-    aug = build_augment(size, field_of_view=bool(hyper.get("field_of_view_augment")))  # as the weights were trained
+    at = {s: [i for i, r in enumerate(rows) if r["split"] == s] for s in ("train", "val")}
+    x["train"] = x["all"][at["train"]]
+    feats.update({s: feats["all"][idx] for s, idx in at.items()})
+    aug = build_augment(size, field_of_view=bool(hyper.get("field_of_view_augment")),
+                        scanner=bool(hyper.get("scanner_augment")))  # as the weights were trained
     aug.set_random_state(seed=0)
-    aug_train = np.stack(
-        [feats["train"]]
-        + [frozen_features(net, torch.stack([aug(im) for im in x["train"]]), device) for _ in range(a.copies)]
-    )
-    y = {s: np.array([classes.index(lab) for lab in sets[s][0]]) for s in ("train", "val")}
-    print(f"features of {sum(len(v) for v in x.values())} images + {a.copies} augmented copies of {len(y['train'])} "
+    augmented = plain_tensors(lambda: [
+        frozen_features(net, torch.stack([aug(im) for im in x["train"]]), device) for _ in range(a.copies)
+    ])()
+    aug_train = np.stack([feats["train"], *augmented])
+    y = {s: np.array([classes.index(label) for label in sets[s][0]]) for s in ("train", "val")}
+    print(f"features of {len(rows) + len(cross)} images ({views}) + {a.copies} augmented copies of {len(train)} "
           f"in {time.time() - t0:.0f} s ({a.threads} thread(s))")
 
-    # cost of what each subset needs, batch 32, per image
-    xb = x["test"][:32]
+    # cost of what each subset needs, batch 32, per image (both views: 64 trunk passes)
+    xb = x["cross"][:32]
+    flat = xb.reshape(-1, 1, size, size)
     with torch.no_grad():
-        _, z = net.encode(xb)
-        reps = 5
+        _, z = net.encode(flat)
+        reps = 3
         t1 = time.perf_counter()
         for _ in range(reps):
-            net.encode(xb)
-        t_vae = (time.perf_counter() - t1) / reps / 32
+            net.encode(flat)
+        t_vae = (time.perf_counter() - t1) / reps / 32 / len(views)
         t1 = time.perf_counter()
         for _ in range(reps):
             net.refine(z)
-        t_ref = (time.perf_counter() - t1) / reps / 32
-    print(f"network cost per image at batch 32: VAE encoder {1000 * t_vae:.2f} ms, DDIM refinement {1000 * t_ref:.2f} ms\n")
+        t_ref = (time.perf_counter() - t1) / reps / 32 / len(views)
+    print(f"network cost per image and view at batch 32: VAE encoder {1000 * t_vae:.2f} ms, "
+          f"DDIM refinement {1000 * t_ref:.2f} ms\n")
 
     with torch.no_grad():
         shipped = score({k: _norm(net.head(torch.from_numpy(v)).numpy()) for k, v in feats.items()}, sets)
-    keys = ["val P@5", "busi P@5", "busi macro-P@5", "cross P@5", "cross macro-P@5"]
-    head_line = f"{'features':24s} {'dim':>4s} {'ms/img':>6s} | " + " | ".join(f"{k:>15s}" for k in keys)
-    print(head_line + " | no-head busi P@5 | no-head cross P@5")
-    print("-" * len(head_line) + "-" * 40)
-    print(f"{'shipped head (fused)':24s} {320:4d} {1000 * (t_vae + t_ref):6.2f} | " + " | ".join(f"{shipped[k]:15.3f}" for k in keys))
-    for name, blocks in SUBSETS.items():
-        cols = columns(blocks)
+    keys = list(shipped)
+    head_line = f"{'features':42s} {'dim':>4s} {'ms/img':>6s} | " + " | ".join(f"{k:>14s}" for k in keys)
+    print(head_line + " | no-head cross P@5")
+    print("-" * len(head_line) + "-" * 20)
+    print(f"{'checkpoint head (not centred)':42s} {feats['train'].shape[1]:4d} "
+          f"{1000 * len(views) * (t_vae + t_ref):6.2f} | " + " | ".join(f"{shipped[k]:14.3f}" for k in keys))
+    for name, (vs, blocks) in subsets(views).items():
+        cols = columns(views, vs, blocks)
         sub = {k: v[:, cols] for k, v in feats.items()}
         trained = [train_head(sub, aug_train[:, :, cols], y, sets, a.epochs, seed) for seed in range(a.seeds)]
         runs = [r for r, _ in trained]
-        if a.save_vae_head and blocks == ("h", "z"):
+        if a.save_vae_head and vs == views and blocks == ("h", "z"):
             command = " ".join(["bench/us_ablation.py", *sys.argv[1:]])
-            save_checkpoint(a.save_vae_head, shipped_ckpt, blocks, trained[0][1], runs[0], command)
+            save_checkpoint(a.save_vae_head, ckpt, blocks, trained[0][1], runs[0], command)
         mean = {k: np.mean([r[k] for r in runs]) for k in keys}
         sd = {k: np.std([r[k] for r in runs]) for k in keys}
         mu, sdv = sub["train"].mean(0), sub["train"].std(0) + 1e-6
         nohead = score({k: _norm((v - mu) / sdv) for k, v in sub.items()}, sets)
-        cost = t_vae + (t_ref if set(blocks) & {"m", "zr"} else 0.0)
-        print(f"{name:24s} {len(cols):4d} {1000 * cost:6.2f} | "
-              + " | ".join(f"{mean[k]:8.3f} ±{sd[k]:.3f}" for k in keys)
-              + f" | {nohead['busi P@5']:16.3f} | {nohead['cross P@5']:17.3f}")
+        cost = len(vs) * (t_vae + (t_ref if set(blocks) & {"m", "zr"} else 0.0))
+        print(f"{name:42s} {len(cols):4d} {1000 * cost:6.2f} | "
+              + " | ".join(f"{mean[k]:7.3f} ±{sd[k]:.3f}" for k in keys)
+              + f" | {nohead['cross P@5']:17.3f}", flush=True)
     print(f"\n{a.seeds} seeds per row (mean ± sd), {a.epochs} epochs, {a.copies} augmented copies; total {time.time() - t0:.0f} s")
     return 0
 
