@@ -69,10 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lookalike.demo import sample_labels, show_example, store_samples
 
     config = StackConfig.load_or_create(args.stack_config, args.state)
-    if config.move_taken_ports():  # held by another program since they were saved
-        print(f"lookalike: {', '.join(config.moved_ports)} taken by another program; new ones saved in"
-              f" {args.stack_config}")
-        config.save(args.stack_config)
+    config.move_taken_ports()  # held by another program since they were saved: moved before anything is printed
     stack = Stack(config)
     print(f"lookalike: starting Redis :{config.redis_port}, Orthanc :{config.http_port} (DICOM :{config.dicom_port}), worker")
     print(f"lookalike: logs in {config.logs}")
@@ -89,12 +86,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    moved_before = len(config.moved_ports)
     with stack:
-        if len(config.moved_ports) > moved_before:  # taken between the check and the bind
+        if config.moved_ports:
             config.save(args.stack_config)
-            print(f"lookalike: ports taken while starting; now Orthanc :{config.http_port} (DICOM"
-                  f" :{config.dicom_port}), Redis :{config.redis_port}, query endpoint :{config.query_port}")
+            print(f"lookalike: {', '.join(config.moved_ports)} held by another program; now Orthanc"
+                  f" :{config.http_port} (DICOM :{config.dicom_port}), Redis :{config.redis_port}, query endpoint"
+                  f" :{config.query_port}, saved in {args.stack_config}")
         if not args.no_samples:
             store_samples(stack, sorted(SAMPLES.glob("*.dcm")))
             show_example(stack, sample_labels(SAMPLES / "index.csv"))

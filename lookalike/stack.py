@@ -240,7 +240,7 @@ class Stack:
         self.with_worker = worker
         self.procs: dict[str, subprocess.Popen] = {}
         self._argv: dict[str, list[str]] = {}
-        self._worker_log_from: dict[str, int] = {}
+        self._workers: dict[str, int] = {}  # worker name -> first line of its log written by the current process
 
     # -- start -------------------------------------------------------------------------------------------
     def start(self, timeout: float = 60.0, attempts: int = 3) -> "Stack":
@@ -289,7 +289,7 @@ class Stack:
     def restart(self, name: str, timeout: float = 60.0) -> None:
         """Start one process again (it crashed, or a test stopped it); the others keep running."""
         self._terminate(name, 20.0)
-        if name in self._worker_log_from:
+        if name in self._workers:
             self.start_worker(name)
             ready = lambda: self.worker_ready(name)  # noqa: E731
         else:
@@ -327,7 +327,7 @@ class Stack:
         ``name`` names the process, its log (``<name>.log``) and its Celery node, so that a site can run several.
         """
         log = self.config.logs / f"{name}.log"
-        self._worker_log_from[name] = len(log.read_text(errors="replace").splitlines()) if log.exists() else 0
+        self._workers[name] = len(log.read_text(errors="replace").splitlines()) if log.exists() else 0
         self._spawn(
             name,
             [
@@ -342,7 +342,7 @@ class Stack:
         log = self.config.logs / f"{name}.log"
         if not log.exists() or name not in self.procs:
             return False
-        lines = log.read_text(errors="replace").splitlines()[self._worker_log_from.get(name, 0):]
+        lines = log.read_text(errors="replace").splitlines()[self._workers.get(name, 0):]
         return any("ready." in line for line in lines)
 
     def stop_worker(self, timeout: float = 20.0) -> None:
@@ -414,7 +414,7 @@ class Stack:
 
     def stop(self) -> None:
         """The query endpoint, the workers (each finishes its task), then Orthanc, then Redis."""
-        for name in ("query-scp", *sorted(self._worker_log_from), "orthanc", "redis"):
+        for name in ("query-scp", *sorted(self._workers), "orthanc", "redis"):
             self._terminate(name, 20.0)
 
     def __enter__(self) -> "Stack":

@@ -65,3 +65,17 @@ def write_image_set(root: Path, rows, extra_columns: tuple[str, ...] = ()) -> Pa
             cells = [v if isinstance(v, str) else save(*v) for v in (values.get(c, "") for c in extra_columns)]
             out.writerow([save(name, image), label, group, split, *cells])
     return root
+
+
+def live_rows(stack) -> list[tuple[str, str, str, str]]:
+    """(Orthanc study id, Orthanc instance id, encoder, model version) of every live catalogue row, read-only."""
+    import sqlite3
+
+    from lookalike.indexer.catalogue import CATALOGUE_FILE
+
+    path = stack.config.state_dir / "index" / CATALOGUE_FILE
+    if not path.exists():
+        return []
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as conn:
+        return conn.execute("SELECT orthanc_study_id, orthanc_instance_id, encoder, model_version FROM instances"
+                            " WHERE vector IS NOT NULL").fetchall()

@@ -4,6 +4,7 @@ Orthanc playing a remote PACS that the archive C-FINDs and C-MOVEs from."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 import signal
 import sqlite3
 import subprocess
@@ -19,7 +20,7 @@ from lookalike.config import QUEUE
 from lookalike.dicom_io.samples import wrap_image
 from lookalike.indexer.catalogue import CATALOGUE_FILE
 from lookalike.stack import ORTHANC_AET, Stack, StackConfig, storescu
-from tests.conftest import SAMPLES, require_programs, wait_for
+from tests.conftest import SAMPLES, live_rows, require_programs, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -83,13 +84,9 @@ def _backfill(settings: Path, *args: str, timeout: float = 600) -> dict:
 
 
 def _catalogue(stack: Stack) -> list[tuple[str, str, int]]:
-    """(Orthanc study id, instance id, rows) for every live instance in the catalogue."""
-    path = stack.config.state_dir / "index" / CATALOGUE_FILE
-    if not path.exists():
-        return []
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as conn:
-        return conn.execute("SELECT orthanc_study_id, orthanc_instance_id, COUNT(*) FROM instances"
-                            " WHERE vector IS NOT NULL GROUP BY orthanc_instance_id").fetchall()
+    """(Orthanc study id, instance id, live rows) for every instance in the catalogue."""
+    counts = Counter((study, instance) for study, instance, _, _ in live_rows(stack))
+    return [(study, instance, n) for (study, instance), n in counts.items()]
 
 
 def _broker(stack: Stack) -> redis.Redis:

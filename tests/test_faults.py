@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +19,8 @@ import pydicom
 import pytest
 
 from lookalike.dicom_io.samples import wrap_image
-from lookalike.indexer.catalogue import CATALOGUE_FILE
 from lookalike.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env
-from tests.conftest import SAMPLES, require_programs, wait_for
+from tests.conftest import SAMPLES, live_rows, require_programs, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -75,13 +74,8 @@ def _storescu(stack: Stack, files: list[Path]) -> subprocess.Popen:
 
 
 def _catalogue_rows(stack: Stack) -> list[tuple[str, int]]:
-    """(Orthanc instance id, live rows) per instance in the catalogue, read-only."""
-    path = stack.config.state_dir / "index" / CATALOGUE_FILE
-    if not path.exists():
-        return []
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as conn:
-        return conn.execute("SELECT orthanc_instance_id, COUNT(*) FROM instances WHERE vector IS NOT NULL"
-                            " GROUP BY orthanc_instance_id").fetchall()
+    """(Orthanc instance id, live rows) per instance in the catalogue."""
+    return sorted(Counter(instance for _, instance, _, _ in live_rows(stack)).items())
 
 
 def _orthanc_instances(stack: Stack) -> set[str]:

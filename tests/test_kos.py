@@ -22,11 +22,10 @@ from lookalike.indexer.audit import AuditLog, read_entries
 from lookalike.indexer.store import IndexStore
 from lookalike.orthanc_rest import HttpOrthanc
 from lookalike.plugin import rest
-from lookalike.stack import Stack, storescu
-from tests.conftest import wait_for
+from lookalike.stack import Stack
 from tests.test_explorer_browser import Explorer, browser, page  # noqa: F401 (fixtures)
 from tests.test_sr import REPO_ROOT, dciodvfy, require_tool, sr_warnings_unexpected, us_instance
-from tests.test_stack import _indexed_total, _noisy, _orthanc_study_id, _sample_pixels, _study
+from tests.test_stack import _noisy, _sample_pixels, _study, store_studies
 
 PATIENT = "QUERY-PATIENT-42"
 
@@ -220,12 +219,7 @@ def corpus(stack: Stack, tmp_path_factory) -> dict:
         "prior_far": _study(us[1], "US", "PKOSA0001", tmp, "prior_far", "20230105"),
         "b": _study(_noisy(us[0], 52), "US", "PKOSB0002", tmp, "b", "20240611"),
     }
-    before = _indexed_total(stack)
-    result = storescu(stack.config, [path for path, _ in made.values()])
-    assert result.returncode == 0, result.stderr
-    wait_for(lambda: _indexed_total(stack) >= before + len(made), timeout=180, what="indexing of the KOS corpus")
-    ds = {name: d for name, (_, d) in made.items()}
-    return {"ds": ds, "ids": {name: _orthanc_study_id(stack, d) for name, d in ds.items()}}
+    return store_studies(stack, made, "the KOS corpus")
 
 
 @pytest.fixture(scope="module")

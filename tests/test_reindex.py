@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +11,8 @@ import pytest
 import torch
 
 from lookalike.encoders.base import WEIGHTS_DIR
-from lookalike.indexer.catalogue import CATALOGUE_FILE
 from lookalike.stack import Stack, StackConfig, storescu
-from tests.conftest import SAMPLES, require_programs, wait_for
+from tests.conftest import SAMPLES, live_rows, require_programs, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -28,9 +26,7 @@ def running(tmp_path: Path):
 
 def _rows(stack: Stack) -> list[tuple[str, str, str]]:
     """(encoder, model version, Orthanc instance id) of every live row."""
-    with sqlite3.connect(f"file:{stack.config.state_dir / 'index' / CATALOGUE_FILE}?mode=ro", uri=True) as conn:
-        return conn.execute("SELECT encoder, model_version, orthanc_instance_id FROM instances"
-                            " WHERE vector IS NOT NULL").fetchall()
+    return [(encoder, version, instance) for _, instance, encoder, version in live_rows(stack)]
 
 
 def _new_checkpoint(path: Path) -> Path:

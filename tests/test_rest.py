@@ -18,9 +18,8 @@ from lookalike.indexer.audit import AuditLog, read_entries
 from lookalike.indexer.store import IndexStore
 from lookalike.orthanc_rest import HttpOrthanc
 from lookalike.plugin import rest
-from lookalike.stack import Stack, storescu
-from tests.conftest import wait_for
-from tests.test_stack import _indexed_total, _noisy, _orthanc_study_id, _sample_pixels, _study
+from lookalike.stack import Stack
+from tests.test_stack import _noisy, _sample_pixels, _study, store_studies
 
 pytestmark = pytest.mark.stack
 
@@ -37,12 +36,7 @@ def store_lookup_corpus(stack: Stack, tmp: Path, prefix: str, first_image: int) 
         "prior": _study(us[1], "US", patient_a, tmp, f"{prefix}prior", "20230105"),
         "other": _study(us[2], "US", patient_d, tmp, f"{prefix}other", "20241120"),
     }
-    before = _indexed_total(stack)
-    result = storescu(stack.config, [path for path, _ in made.values()])
-    assert result.returncode == 0, result.stderr
-    wait_for(lambda: _indexed_total(stack) >= before + len(made), timeout=180, what="indexing of the corpus")
-    ds = {name: d for name, (_, d) in made.items()}
-    return {"ds": ds, "ids": {name: _orthanc_study_id(stack, d) for name, d in ds.items()}}
+    return store_studies(stack, made, "the corpus")
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,17 @@ def _indexed_total(stack: Stack) -> int:
     return sum(c["instances"] for c in _status(stack)["indexed"])
 
 
+def store_studies(stack: Stack, made: dict[str, tuple[Path, pydicom.Dataset]], what: str) -> dict:
+    """Send ``made`` (name -> (file, dataset)) with storescu and wait until all are indexed: their datasets and
+    Orthanc study ids by name."""
+    before = _indexed_total(stack)
+    result = storescu(stack.config, [path for path, _ in made.values()])
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: _indexed_total(stack) >= before + len(made), timeout=180, what=f"indexing of {what}")
+    ds = {name: d for name, (_, d) in made.items()}
+    return {"ds": ds, "ids": {name: _orthanc_study_id(stack, d) for name, d in ds.items()}}
+
+
 @pytest.fixture(scope="module")
 def corpus(stack: Stack, tmp_path_factory) -> dict:
     """A US and a DX query study, a near-copy of each in another patient's study, and unrelated studies."""
@@ -81,11 +92,8 @@ def corpus(stack: Stack, tmp_path_factory) -> dict:
     for i in range(1, 4):
         files[f"us_other{i}"], ds[f"us_other{i}"] = _study(us[i], "US", f"POUS{i:04d}", tmp, f"us_other{i}")
         files[f"dx_other{i}"], ds[f"dx_other{i}"] = _study(dx[i], "DX", f"PODX{i:04d}", tmp, f"dx_other{i}")
-    before = _indexed_total(stack)
-    result = storescu(stack.config, list(files.values()))
-    assert result.returncode == 0, result.stderr
-    wait_for(lambda: _indexed_total(stack) >= before + len(files), timeout=180, what="indexing of the corpus")
-    return {"files": files, "ds": ds, "ids": {k: _orthanc_study_id(stack, d) for k, d in ds.items()}}
+    stored = store_studies(stack, {name: (files[name], ds[name]) for name in files}, "the corpus")
+    return {"files": files, **stored}
 
 
 class TestAuthentication:

@@ -23,7 +23,7 @@ import numpy as np
 
 from lookalike.encoders.lesion import component_box, default_arch, dice, load_mask
 from lookalike.encoders.preprocessing import build_preprocess, load_image_with_region, read_manifest
-from lookalike.encoders.training import plain_tensors, seed_everything
+from lookalike.encoders.training import plain_tensors, start_run
 
 
 def load_pairs(rows: Sequence[dict[str, str]], size: int) -> tuple[Any, Any]:
@@ -127,11 +127,7 @@ def train_finder(
     from lookalike.encoders.lesion import build_net
 
     t_begin = time.time()
-    seed_everything(seed)
-    if threads:
-        torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = device.type == "cuda"
+    device, amp = start_run(seed, threads)
     rng = np.random.default_rng(seed)
     rows = [r for d in data for r in read_manifest(d)]
     train_rows = [r for r in rows if r.get("split") == "train"]

@@ -50,6 +50,20 @@ def seed_everything(seed: int) -> None:
     set_determinism(seed=seed)
 
 
+def start_run(seed: int, threads: int | None):
+    """What every training recipe does first: seed everything, cap CPU threads, pick the device.
+
+    Returns ``(device, amp)``: CUDA with mixed precision when there is a GPU, else the CPU in float32.
+    """
+    import torch
+
+    seed_everything(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, device.type == "cuda"
+
+
 def plain_tensors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run ``fn`` with MONAI's metadata tracking off: augmenting plain tensors is about three times faster."""
     import functools
@@ -375,11 +389,7 @@ def train(
     if modality not in ("us", "xr"):
         raise ValueError(f"unknown modality {modality!r}")
     t_begin = time.time()
-    seed_everything(seed)
-    if threads:
-        torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = device.type == "cuda"
+    device, amp = start_run(seed, threads)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     rng = np.random.default_rng(seed)
 

@@ -127,33 +127,30 @@ def _not_indexed(api: OrthancApi, store: IndexStore, study_id: str, pending: int
     return 409, body
 
 
-def _lookup(api: OrthancApi, store: IndexStore, study_id: str, limit: int, scope: str,
-            pending: int) -> tuple[dict | None, list[SimilarStudy] | None, Response | None]:
-    """The query study's Orthanc record and its answer, or the error response."""
+def _lookup(api: OrthancApi, store: IndexStore, study_id: str, limit: int, scope: str, pending: int,
+            audit: AuditLog | None, who: str, action: str
+            ) -> tuple[dict | None, list[SimilarStudy] | None, Response | None]:
+    """The query study's Orthanc record and its answer, recorded in the audit trail as ``who``'s ``action``; or
+    the error response (404, 409, and 503 when the audit trail cannot be written: nothing is answered unrecorded).
+    """
     try:
         study = get_json(api, f"/studies/{study_id}")
     except OrthancNotFoundError:
         return None, None, (404, {"error": "unknown study", "study": study_id})
     store.refresh()
     try:
-        return study, similar_studies(store, study_id, limit, scope), None
+        matches = similar_studies(store, study_id, limit, scope)
     except StudyNotIndexedError:
         return None, None, _not_indexed(api, store, study_id, pending)
-
-
-def _audit(audit: AuditLog | None, who: str, action: str, study: dict, study_id: str, scope: str, limit: int,
-           matches: list[SimilarStudy]) -> Response | None:
-    """Append the lookup to the audit trail before it is answered; if that fails, the 503 to answer instead, so
-    that nothing is answered unrecorded."""
-    if audit is None:
-        return None
-    try:
-        audit.record(who=who, via="rest", action=action,
-                     study=study.get("MainDicomTags", {}).get("StudyInstanceUID", ""), orthanc_study_id=study_id,
-                     scope=scope, results=[m.study_instance_uid for m in matches], limit=limit)
-    except OSError as exc:
-        return 503, {"error": "audit trail unavailable; the lookup is not answered unrecorded", "reason": str(exc)}
-    return None
+    if audit is not None:
+        try:
+            audit.record(who=who, via="rest", action=action,
+                         study=study.get("MainDicomTags", {}).get("StudyInstanceUID", ""), orthanc_study_id=study_id,
+                         scope=scope, results=[m.study_instance_uid for m in matches], limit=limit)
+        except OSError as exc:
+            return None, None, (503, {"error": "audit trail unavailable; the lookup is not answered unrecorded",
+                                      "reason": str(exc)})
+    return study, matches, None
 
 
 def _answer_entries(api: OrthancApi, matches: list[SimilarStudy], disclose: bool) -> list[dict[str, Any]]:
@@ -178,12 +175,9 @@ def similar(api: OrthancApi, store: IndexStore, study_id: str, limit: int, scope
     page can check it is showing the answer of the study on screen. With ``audit``, the lookup is recorded as
     ``who``'s first.
     """
-    study, matches, error = _lookup(api, store, study_id, limit, scope, pending)
+    study, matches, error = _lookup(api, store, study_id, limit, scope, pending, audit, who, "lookup")
     if error:
         return error
-    refused = _audit(audit, who, "lookup", study, study_id, scope, limit, matches)
-    if refused:
-        return refused
     return 200, {
         "study": study_id,
         "study_instance_uid": study.get("MainDicomTags", {}).get("StudyInstanceUID", ""),
@@ -241,12 +235,9 @@ def similar_report(api: OrthancApi, store: IndexStore, study_id: str, limit: int
     """
     from lookalike.dicom_io.sr import SimilarCase, build_similarity_report
 
-    study, matches, error = _lookup(api, store, study_id, limit, scope, pending)
+    study, matches, error = _lookup(api, store, study_id, limit, scope, pending, audit, who, "report")
     if error:
         return error
-    refused = _audit(audit, who, "report", study, study_id, scope, limit, matches)
-    if refused:
-        return refused
     rows = store.catalogue.rows_for_study(study_id, with_vectors=False)[:MAX_EVIDENCE]
     versions = sorted({r.model_version for r in rows})
     study_uid = study.get("MainDicomTags", {}).get("StudyInstanceUID", "")
@@ -304,12 +295,9 @@ def similar_kos(api: OrthancApi, store: IndexStore, study_id: str, limit: int, *
     from lookalike.dicom_io.sr import SimilarCase
 
     scope = "patient"
-    study, matches, error = _lookup(api, store, study_id, limit, scope, pending)
+    study, matches, error = _lookup(api, store, study_id, limit, scope, pending, audit, who, "kos")
     if error:
         return error
-    refused = _audit(audit, who, "kos", study, study_id, scope, limit, matches)
-    if refused:
-        return refused
     if any(not m.same_patient for m in matches):  # the lookup's own rule; a KOS must never show another patient
         raise RuntimeError(f"a patient-scope lookup of study {study_id} answered another patient's study")
     answer: dict[str, Any] = {"study": study_id, "similar": len(matches), "limit": limit, "scope": scope}
