@@ -464,3 +464,24 @@ def test_snapshots_are_saved_in_batches_and_readers_miss_nothing_meanwhile(tmp_p
     import json
 
     assert json.loads(snapshot.with_name(snapshot.name + ".json").read_text())["seq"] == fresh.catalogue.max_seq()
+
+
+def test_add_many_writes_a_batch_like_one_add_at_a_time(tmp_path: Path) -> None:
+    vectors = random_vectors(12, 8, seed=5)
+    records = [record(str(i), str(i % 3)) for i in range(12)]
+    with IndexStore(tmp_path / "one") as one, IndexStore(tmp_path / "batch") as batch:
+        single_ids = [one.add(r, v) for r, v in zip(records, vectors)]
+        assert batch.add_many(records[:5], vectors[:5]) + batch.add_many(records[5:], vectors[5:]) == single_ids
+        queries = random_vectors(3, 8, seed=6)
+        for want, got in zip(one.search("us", "v1", queries, 6), batch.search("us", "v1", queries, 6)):
+            np.testing.assert_array_equal(want, got)
+        # A batch holding one unusable vector writes nothing at all.
+        bad = random_vectors(2, 8, seed=7)
+        bad[1] = np.nan
+        with pytest.raises(ValueError):
+            batch.add_many([record("20"), record("21")], bad)
+        assert not batch.catalogue.is_indexed("inst-20") and batch.size("us", "v1") == 12
+        # The same instance twice in one batch: one row, the last vector.
+        twice = batch.add_many([record("30"), record("30")], np.eye(8, dtype=np.float32)[:2])
+        assert twice[0] == twice[1] and batch.size("us", "v1") == 13
+        assert batch.search("us", "v1", np.eye(8)[1], 1)[1].tolist() == [[twice[0]]]

@@ -304,34 +304,40 @@ class Catalogue:
     # -- instances --------------------------------------------------------------------------------------------
 
     def upsert(self, record: InstanceRecord, vector: np.ndarray) -> int:
-        """Store ``record`` with ``vector`` and return its id (the FAISS id).
+        """Store ``record`` with ``vector`` and return its id (the FAISS id); see :meth:`upsert_many`."""
+        return self.upsert_many([record], [vector])[0]
+
+    def upsert_many(self, records: list[InstanceRecord], vectors: Iterable[np.ndarray]) -> list[int]:
+        """Store each record with its vector, in one transaction, and return their ids (the FAISS ids).
 
         Indexing the same SOP instance again with the same model updates the row in place: same id, new ``seq``,
         so that the index keeps one entry for it. It also revives a tombstone, and clears any problem recorded for
-        the instance, since it has now been indexed.
+        the instance, since it has now been indexed. One transaction (one fsync) for a batch is what lets a worker
+        that embeds in batches write at the rate it embeds.
         """
-        blob, dim = _vector_bytes(vector)
-        values = {name: getattr(record, name) for name in _RECORD_FIELDS}
-        values["lesion_box"] = _box_text(record.lesion_box)
+        blobs = [_vector_bytes(vector) for vector in vectors]
+        if len(blobs) != len(records):
+            raise ValueError(f"{len(records)} records for {len(blobs)} vectors")
+        columns = (*_RECORD_FIELDS, "vector", "dim", "indexed_at", "seq")
+        insert = f"INSERT INTO instances ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        update = f"UPDATE instances SET {', '.join(f'{name} = ?' for name in columns)} WHERE id = ?"
+        ids: list[int] = []
         with self._write() as conn:
-            seq = self._next_seq(conn)
             now = utc_now()
-            found = conn.execute("SELECT id FROM instances WHERE sop_instance_uid = ? AND model_version = ?",
-                                 (record.sop_instance_uid, record.model_version)).fetchone()
-            if found is None:
-                columns = (*_RECORD_FIELDS, "vector", "dim", "indexed_at", "seq")
-                cursor = conn.execute(
-                    f"INSERT INTO instances ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                    (*values.values(), blob, dim, now, seq))
-                row_id = int(cursor.lastrowid)
-            else:
-                row_id = int(found[0])
-                assignments = ", ".join(f"{name} = ?" for name in (*_RECORD_FIELDS, "vector", "dim", "indexed_at",
-                                                                     "seq"))
-                conn.execute(f"UPDATE instances SET {assignments} WHERE id = ?",
-                             (*values.values(), blob, dim, now, seq, row_id))
-            conn.execute("DELETE FROM problems WHERE orthanc_instance_id = ?", (record.orthanc_instance_id,))
-        return row_id
+            for record, (blob, dim) in zip(records, blobs):
+                values = {name: getattr(record, name) for name in _RECORD_FIELDS}
+                values["lesion_box"] = _box_text(record.lesion_box)
+                seq = self._next_seq(conn)
+                found = conn.execute("SELECT id FROM instances WHERE sop_instance_uid = ? AND model_version = ?",
+                                     (record.sop_instance_uid, record.model_version)).fetchone()
+                if found is None:
+                    row_id = int(conn.execute(insert, (*values.values(), blob, dim, now, seq)).lastrowid)
+                else:
+                    row_id = int(found[0])
+                    conn.execute(update, (*values.values(), blob, dim, now, seq, row_id))
+                conn.execute("DELETE FROM problems WHERE orthanc_instance_id = ?", (record.orthanc_instance_id,))
+                ids.append(row_id)
+        return ids
 
     def mark_deleted(self, **which: str) -> list[CatalogueRow]:
         """Tombstone the live rows of one instance, series or study (Orthanc deleted them).

@@ -306,25 +306,37 @@ class IndexStore:
     # -- writing ----------------------------------------------------------------------------------------------
 
     def add(self, record: InstanceRecord, vector: np.ndarray) -> int:
-        """Index one instance and return its catalogue id; indexing it again replaces its vector.
-
-        The vector is checked and normalised before anything is written, then committed to the catalogue (the
-        truth) and applied to the in-memory index, which is then saved (see :meth:`flush`).
-        """
-        key = _check_key(record.encoder, record.model_version)
+        """Index one instance and return its catalogue id; indexing it again replaces its vector."""
         units = normalise(vector)
         if units.shape[0] != 1:
             raise ValueError(f"add takes one vector, got {units.shape[0]}")
-        unit = units[0]
+        return self.add_many([record], units)[0]
+
+    def add_many(self, records: list[InstanceRecord], vectors: np.ndarray) -> list[int]:
+        """Index a batch of instances (one vector per record, in order) and return their catalogue ids.
+
+        Every vector is checked and normalised before anything is written; then the whole batch is committed to
+        the catalogue (the truth) in one transaction and applied to the in-memory indexes in one update. Indexing
+        an instance again replaces its vector (same id).
+        """
+        units = normalise(vectors)
+        if units.shape[0] != len(records):
+            raise ValueError(f"{len(records)} records for {units.shape[0]} vectors")
+        if not records:
+            return []
+        keys = sorted({_check_key(r.encoder, r.model_version) for r in records})
         with self._writing():
-            state = self._refresh_key(key)
-            if state.index is not None and state.index.dim != unit.shape[0]:
-                raise ValueError(f"vector has dimension {unit.shape[0]}, index {key[0]}-{key[1]} has "
-                                 f"{state.index.dim}")
-            row_id = self.catalogue.upsert(record, unit)
-            self._replay(key, state)
-            self._changed(1)
-            return row_id
+            for key in keys:
+                state = self._refresh_key(key)
+                dims = {units.shape[1]}
+                if state.index is not None and state.index.dim not in dims:
+                    raise ValueError(f"vectors have dimension {units.shape[1]}, index {key[0]}-{key[1]} has "
+                                     f"{state.index.dim}")
+            ids = self.catalogue.upsert_many(records, units)
+            for key in keys:
+                self._replay(key, self._loaded[key])
+            self._changed(len(records))
+            return ids
 
     def delete_instance(self, orthanc_instance_id: str) -> int:
         """Forget one instance Orthanc deleted; returns how many catalogue rows were tombstoned."""
