@@ -41,6 +41,7 @@ from lookalike.dicom_io.errors import (
     MissingPixelDataError,
     UnsupportedTransferSyntaxError,
 )
+from lookalike.imaging_region import find_imaging_region
 
 __all__ = [
     "DecodedImage",
@@ -492,84 +493,6 @@ def _declared_region(ds: pydicom.Dataset, rows: int, columns: int) -> tuple[int,
     x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
     x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
     if x1 - x0 < 2 or y1 - y0 < 2:
-        return None
-    return x0, y0, x1, y1
-
-
-#: Blocks of a frame darker than this (on the [0, 1] scale) count as background when looking for the image.
-_DARK = 0.02
-#: Erosion steps (one block each) that remove text, calipers and rulers before the largest area is chosen.
-_ERODE = 2
-
-
-def _erode(mask: np.ndarray) -> np.ndarray:
-    """Binary erosion by a 3 x 3 square (outside the frame counts as background)."""
-    padded = np.pad(mask, 1, constant_values=False)
-    out = mask.copy()
-    h, w = mask.shape
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            out &= padded[dy : dy + h, dx : dx + w]
-    return out
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray | None:
-    """The largest 4-connected component of `mask` (a small block grid) as a mask, or None when empty.
-
-    Labels propagate as the minimum cell index of each component with pointer jumping, in numpy, which is
-    fast on the <= 128 x 128 grids used here.
-    """
-    if not mask.any():
-        return None
-    h, w = mask.shape
-    none = h * w
-    labels = np.where(mask, np.arange(none).reshape(h, w), none)
-    while True:
-        new = labels.copy()
-        np.minimum(new[1:], labels[:-1], out=new[1:])
-        np.minimum(new[:-1], labels[1:], out=new[:-1])
-        np.minimum(new[:, 1:], labels[:, :-1], out=new[:, 1:])
-        np.minimum(new[:, :-1], labels[:, 1:], out=new[:, :-1])
-        new[~mask] = none
-        flat = new.ravel()
-        inside = flat < none
-        flat[inside] = flat[flat[inside]]  # pointer jumping: adopt the label of one's label
-        if np.array_equal(new, labels):
-            break
-        labels = new
-    counts = np.bincount(labels[mask])
-    return labels == int(np.argmax(counts))
-
-
-def find_imaging_region(gray: np.ndarray) -> tuple[int, int, int, int] | None:
-    """Find the imaging area of an ultrasound frame without a declared region: (x0, y0, x1, y1) or None.
-
-    Public because training and evaluation read PNG images through it too: the encoder must see ultrasound
-    cropped the same way in training as in serving.
-
-    The frame is averaged in blocks (at most 128 of them on the long side), non-dark blocks are eroded twice
-    (removing structures under five blocks thick: text lines, calipers, rulers, thin annotations), and the
-    bounding box of the largest connected remainder, grown back by the erosion, is the region. None when
-    nothing is found or the box is most of the frame anyway (a full-frame image, or noise).
-    """
-    h, w = gray.shape
-    block = max(2, -(-max(h, w) // 128))
-    bh, bw = h // block, w // block
-    if bh < 4 * _ERODE or bw < 4 * _ERODE:
-        return None
-    means = gray[: bh * block, : bw * block].reshape(bh, block, bw, block).mean(axis=(1, 3))
-    mask = means > _DARK
-    for _ in range(_ERODE):
-        mask = _erode(mask)
-    largest = _largest_component(mask)
-    if largest is None:
-        return None
-    ys, xs = np.nonzero(largest)
-    x0 = max(0, (int(xs.min()) - _ERODE) * block)
-    y0 = max(0, (int(ys.min()) - _ERODE) * block)
-    x1 = min(w, (int(xs.max()) + 1 + _ERODE) * block)
-    y1 = min(h, (int(ys.max()) + 1 + _ERODE) * block)
-    if (x1 - x0) * (y1 - y0) >= 0.9 * h * w:
         return None
     return x0, y0, x1, y1
 

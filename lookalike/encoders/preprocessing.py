@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from lookalike.imaging_region import find_imaging_region
+
 #: Square input side per encoder, chosen for CPU cost (see ``shared/notes/ml.md`` beside the checkout).
 IMAGE_SIZE: dict[str, int] = {"us": 64, "xr": 96}
 
@@ -25,7 +27,8 @@ def load_image(path: str | Path, modality: str | None = None) -> np.ndarray:
         Image file readable by PIL.
     modality : {"us", "xr"}, optional
         For ``"us"`` the image is cropped to its imaging region exactly as ``decode_image`` crops an ultrasound
-        instance without a declared region (burned-in text and rulers outside the scan area are cut off).
+        instance without a declared region (:func:`lookalike.imaging_region.find_imaging_region`: burned-in
+        text and rulers outside the scan area are cut off).
 
     Returns
     -------
@@ -44,8 +47,6 @@ def load_image_with_region(
     (``lookalike lesions``) and crops a mask the same way as its image (lesion finder training).
     """
     from PIL import Image
-
-    from lookalike.dicom_io.decode import find_imaging_region
 
     with Image.open(path) as im:
         if im.mode in ("I", "I;16", "I;16B", "F"):
