@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Installs what is missing, and nothing else: Debian's packages for Orthanc (Python and DICOMweb plugins), DCMTK,
-# Redis, dicom3tools and chromium (which the browser tests drive); then the virtual environment .venv, made from
+# Installs what is missing, and nothing else: Debian's packages for Orthanc (Python, DICOMweb and PostgreSQL index
+# plugins), PostgreSQL (a stack with orthanc_index "postgresql" runs its own cluster), DCMTK, Redis, dicom3tools and
+# chromium (which the browser tests drive); then the virtual environment .venv, made from
 # Debian's Python 3.11 (the interpreter Orthanc's Python plugin embeds, so the plugin imports the same packages),
 # torch from this machine's CPU wheel first, then the project under constraints.txt. Quick when everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb dcmtk redis-server dicom3tools python3.11-venv chromium)
+APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb orthanc-postgresql postgresql dcmtk redis-server dicom3tools
+              python3.11-venv chromium)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
