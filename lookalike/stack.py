@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -32,6 +33,12 @@ ORTHANC_AET = "ORTHANC"
 KNOWN_MODALITIES = {"STORESCU": "STORESCU", "FINDSCU": "FINDSCU"}
 #: Calling AE titles the DICOM query endpoint answers (DCMTK's findscu and movescu defaults, on loopback).
 QUERY_CALLERS = ("FINDSCU", "MOVESCU")
+#: Orthanc's PostgreSQL index plugin (Debian ``orthanc-postgresql``), used when ``orthanc_index`` is "postgresql".
+POSTGRES_PLUGIN = PLUGIN_DIR / "libOrthancPostgreSQLIndex.so"
+#: Name of Orthanc's database and of the role it logs in as, in the stack's own PostgreSQL cluster.
+ORTHANC_DB = "orthanc"
+#: PostgreSQL refuses to run as root: a stack started by root runs its cluster as this user (Debian's).
+POSTGRES_SYSTEM_USER = "postgres"
 
 
 def free_port(preferred: int = 0) -> int:
@@ -79,6 +86,13 @@ class StackConfig:
     modalities: dict[str, list] = field(default_factory=dict)
     #: Settings fields that differ from the defaults (e.g. a short ``catch_up_interval`` in tests).
     extra_settings: dict = field(default_factory=dict)
+    #: Orthanc's index: "sqlite" (Orthanc's own file beside its storage) or "postgresql": a PostgreSQL cluster of the
+    #: stack's own (``<state>/postgres``, loopback, password) through Orthanc's PostgreSQL index plugin, for an
+    #: archive that outgrows SQLite. The DICOM files stay on disk either way.
+    orthanc_index: str = "sqlite"
+    #: That cluster's port (0: none chosen yet) and the password of Orthanc's role in it.
+    postgres_port: int = 0
+    postgres_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     #: Ports changed at start because another program held them (not saved: the caller saves the config).
     moved_ports: list[str] = field(default_factory=list)
 
@@ -91,6 +105,7 @@ class StackConfig:
             dicom_port=kw.pop("dicom_port", None) or free_port(),
             redis_port=kw.pop("redis_port", None) or free_port(),
             query_port=kw.pop("query_port", None) or free_port(),
+            postgres_port=kw.pop("postgres_port", None) or (free_port() if kw.get("orthanc_index") == "postgresql" else 0),
             admin_password=secrets.token_urlsafe(12),
             service_password=secrets.token_urlsafe(18),
             **kw,
@@ -102,9 +117,12 @@ class StackConfig:
             data = json.loads(path.read_text())
             data["state_dir"] = Path(data["state_dir"])
             cfg = cls(**data)
-            if cfg.query_port:
+            if cfg.query_port and (cfg.postgres_port or cfg.orthanc_index != "postgresql"):
                 return cfg
-            cfg.query_port = free_port(11112)  # kept from now on, so that workstations keep finding it
+            # Kept from now on, so that workstations keep finding the query endpoint.
+            cfg.query_port = cfg.query_port or free_port(11112)
+            if cfg.orthanc_index == "postgresql" and not cfg.postgres_port:  # just switched to PostgreSQL
+                cfg.postgres_port = free_port(5432)
         else:
             # The usual ports of Orthanc, Redis and a DICOM query SCP where they are free: viewers find them.
             cfg = cls.create(state_dir, http_port=free_port(8042), dicom_port=free_port(4242),
@@ -123,7 +141,7 @@ class StackConfig:
     def move_taken_ports(self) -> list[str]:
         """Replace each port that another program holds by a free one; the names of those moved."""
         moved = []
-        for name in ("http_port", "dicom_port", "redis_port", "query_port"):
+        for name in ("http_port", "dicom_port", "redis_port", "query_port", "postgres_port"):
             port = getattr(self, name)
             if port and free_port(port) != port:
                 setattr(self, name, free_port())
@@ -134,6 +152,11 @@ class StackConfig:
     @property
     def logs(self) -> Path:
         return self.state_dir / "logs"
+
+    @property
+    def postgres_dir(self) -> Path:
+        """The PostgreSQL cluster's data folder (owned by the user the cluster runs as)."""
+        return self.state_dir / "postgres" / "data"
 
     def dicom_modalities(self) -> dict[str, list]:
         """Orthanc's ``DicomModalities``: the only calling AE titles (and hosts) it lets store, query and echo."""
@@ -192,6 +215,17 @@ class StackConfig:
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "Plugins": plugins,
         }
+        if self.orthanc_index == "postgresql":
+            plugins.append(str(POSTGRES_PLUGIN))
+            # Only the index moves to PostgreSQL (EnableStorage false: the DICOM files stay in StorageDirectory).
+            # Several connections let Orthanc answer several workers' reads at once (plugin 4.0, Orthanc >= 1.9.2).
+            cfg["PostgreSQL"] = {
+                "EnableIndex": True, "EnableStorage": False, "Host": "127.0.0.1", "Port": self.postgres_port,
+                "Database": ORTHANC_DB, "Username": ORTHANC_DB, "Password": self.postgres_password,
+                "Lock": True, "EnableSsl": False, "IndexConnectionsCount": 4,
+            }
+        elif self.orthanc_index != "sqlite":
+            raise ValueError(f"orthanc_index {self.orthanc_index!r}: 'sqlite' or 'postgresql'")
         if self.with_plugin:
             plugins.insert(0, str(PLUGIN_DIR / "libOrthancPython.so"))
             cfg["PythonScript"] = str(PLUGIN_SCRIPT)
@@ -215,10 +249,97 @@ def redis_conf(cfg: StackConfig) -> str:
     ])
 
 
+def postgres_program(name: str) -> str:
+    """A PostgreSQL server program (``initdb``, ``postgres``, ``pg_isready``) of the newest version installed."""
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
+                   key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    if not found:
+        raise FileNotFoundError(f"no PostgreSQL {name} under /usr/lib/postgresql: run `make install`")
+    return str(found[-1])
+
+
+def _postgres_account() -> pwd.struct_passwd:
+    """Who runs the stack's PostgreSQL cluster: the caller, or Debian's ``postgres`` user when the caller is root."""
+    return pwd.getpwnam(POSTGRES_SYSTEM_USER) if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+
+
+def as_postgres_account(argv: list[str]) -> list[str]:
+    """``argv`` run as :func:`_postgres_account`: ``setpriv`` drops root and execs, so the process we hold (and
+    signal) is PostgreSQL itself."""
+    if os.geteuid() != 0:
+        return argv
+    account = _postgres_account()
+    return ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups", "--", *argv]
+
+
+def _let_postgres_reach(state_dir: Path, account: pwd.struct_passwd) -> None:
+    """Root's stack: the cluster's user must pass through the state folder (o+x: it lists and reads nothing there,
+    every file being owner-only) and every folder above it; say which folder stops it."""
+    state_dir.chmod(state_dir.stat().st_mode & 0o777 | 0o001)
+    groups = set(os.getgrouplist(account.pw_name, account.pw_gid))
+    for folder in state_dir.resolve().parents:
+        st = folder.stat()
+        if not (st.st_mode & 0o001 or (st.st_uid == account.pw_uid and st.st_mode & 0o100)
+                or (st.st_gid in groups and st.st_mode & 0o010)):
+            raise RuntimeError(f"PostgreSQL runs as user {account.pw_name}, which cannot pass through {folder} to"
+                               f" {state_dir}: choose a state folder it can reach, or give {folder} o+x")
+
+
+def init_postgres(cfg: StackConfig) -> None:
+    """The stack's PostgreSQL cluster: created once (Orthanc's role and database), its settings written every time.
+
+    The cluster listens on 127.0.0.1 only, at ``postgres_port``, with no Unix socket, and lets in Orthanc's role
+    alone, to its database, with its password (SCRAM): no client logs in as the superuser. Orthanc's role gets
+    its password through the standard input of PostgreSQL's single-user mode, never a command line.
+    """
+    account = _postgres_account()
+    root = cfg.postgres_dir.parent
+    if os.geteuid() == 0:
+        _let_postgres_reach(cfg.state_dir, account)
+    root.mkdir(mode=0o700, exist_ok=True)
+    os.chown(root, account.pw_uid, account.pw_gid)
+    root.chmod(0o700)
+    if not (cfg.postgres_dir / "PG_VERSION").exists():
+        # Built aside, then renamed: a failed creation leaves no half-made cluster that a restart would take as done.
+        fresh = root / "init"
+        shutil.rmtree(fresh, ignore_errors=True)
+        _run_as_postgres([postgres_program("initdb"), "-D", str(fresh), "-U", "postgres", "--auth-local=peer",
+                          "--auth-host=reject", "-E", "UTF8", "--locale=C"], root)
+        _write_postgres_conf(cfg, fresh, account)
+        with open(fresh / "postgresql.conf", "a") as fh:
+            fh.write("include 'lookalike.conf'\n")
+        # Who may log in: Orthanc's role, to its database, from loopback, with its password; no one else.
+        (fresh / "pg_hba.conf").write_text(f"host {ORTHANC_DB} {ORTHANC_DB} 127.0.0.1/32 scram-sha-256\n")
+        password = cfg.postgres_password.replace("'", "''")
+        sql = (f"CREATE ROLE {ORTHANC_DB} LOGIN PASSWORD '{password}';\n"
+               f"CREATE DATABASE {ORTHANC_DB} OWNER {ORTHANC_DB};\n")
+        _run_as_postgres([postgres_program("postgres"), "--single", "-D", str(fresh), "postgres"], root, sql)
+        fresh.rename(cfg.postgres_dir)
+    _write_postgres_conf(cfg, cfg.postgres_dir, account)
+
+
+def _run_as_postgres(argv: list[str], cwd: Path, stdin: str = "") -> None:
+    done = subprocess.run(as_postgres_account(argv), cwd=cwd, input=stdin, capture_output=True, text=True,
+                          umask=0o077, timeout=120)
+    if done.returncode != 0 or "ERROR:" in done.stderr:
+        raise RuntimeError(f"{Path(argv[0]).name} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+
+
+def _write_postgres_conf(cfg: StackConfig, data: Path, account: pwd.struct_passwd) -> None:
+    conf = data / "lookalike.conf"
+    conf.write_text("\n".join([
+        "# Written by Lookalike at every start (its stack.json holds the port).", "listen_addresses = '127.0.0.1'",
+        f"port = {cfg.postgres_port}", "unix_socket_directories = ''", "password_encryption = 'scram-sha-256'", "",
+    ]))
+    os.chown(conf, account.pw_uid, account.pw_gid)
+    conf.chmod(0o600)
+
+
 def write_configs(cfg: StackConfig) -> tuple[Path, Path, Path]:
     """Write the folders and the three configuration files of a stack (owner-only): Lookalike's settings,
-    Orthanc's configuration and Redis's. ``lookalike run`` starts from them; the service units in
-    ``deploy/systemd`` read the same files, written by ``lookalike configure``."""
+    Orthanc's configuration and Redis's; with ``orthanc_index`` "postgresql", the PostgreSQL cluster too.
+    ``lookalike run`` starts from them; the service units in ``deploy/systemd`` read the same files, written by
+    ``lookalike configure``."""
     for sub in ("logs", "orthanc-storage", "index", "redis"):
         (cfg.state_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
         (cfg.state_dir / sub).chmod(0o700)
@@ -229,6 +350,8 @@ def write_configs(cfg: StackConfig) -> tuple[Path, Path, Path]:
         path.touch(mode=0o600)
         path.chmod(0o600)
         path.write_text(text)
+    if cfg.orthanc_index == "postgresql":
+        init_postgres(cfg)
     return paths
 
 
@@ -265,6 +388,10 @@ class Stack:
         self.env = {**dcmtk_env(), "LOOKALIKE_CONFIG": str(settings_path)}
         try:
             self._start_redis()
+            if cfg.orthanc_index == "postgresql":
+                # Orthanc's index must answer before Orthanc starts (else its plugin waits 5 s between attempts).
+                self._start_postgres()
+                self._wait(self._postgres_ready, time.monotonic() + timeout, "postgres")
             self._start_orthanc(orthanc_json)
             if cfg.with_plugin:
                 self._start_query_scp(settings_path)
@@ -294,7 +421,7 @@ class Stack:
             ready = lambda: self.worker_ready(name)  # noqa: E731
         else:
             self._spawn(name, self._argv[name])
-            ready = {"redis": self._redis_ping, "query-scp": self._query_scp_ready,
+            ready = {"redis": self._redis_ping, "query-scp": self._query_scp_ready, "postgres": self._postgres_ready,
                      "orthanc": lambda: self.http().get(f"{self.config.orthanc_url}/system", timeout=2).ok}[name]
         self._wait(ready, time.monotonic() + timeout, name)
 
@@ -305,6 +432,10 @@ class Stack:
     def _start_redis(self) -> None:
         # The password lives in the 0600 file, not on the command line that every local user can read with ps.
         self._spawn("redis", [shutil.which("redis-server") or "redis-server", str(self._redis_conf)])
+
+    def _start_postgres(self) -> None:
+        """The stack's PostgreSQL cluster (made by ``write_configs``), as its own user; settings in its data folder."""
+        self._spawn("postgres", as_postgres_account([postgres_program("postgres"), "-D", str(self.config.postgres_dir)]))
 
     def _start_orthanc(self, config_path: Path) -> None:
         orthanc = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -356,6 +487,8 @@ class Stack:
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         self._wait(lambda: self._redis_ping(), deadline, "redis")
+        if "postgres" in self.procs:
+            self._wait(self._postgres_ready, deadline, "postgres")
         self._wait(lambda: self.http().get(f"{self.config.orthanc_url}/system", timeout=2).ok, deadline, "orthanc")
         if "worker" in self.procs:
             self._wait(self.worker_ready, deadline, "worker")
@@ -384,6 +517,12 @@ class Stack:
         except redis.RedisError:
             return False
 
+    def _postgres_ready(self) -> bool:
+        """PostgreSQL accepts connections (``pg_isready``: it asks for no password)."""
+        probe = [postgres_program("pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.config.postgres_port),
+                 "-U", ORTHANC_DB, "-d", ORTHANC_DB]
+        return subprocess.run(probe, timeout=10).returncode == 0
+
     def _query_scp_ready(self) -> bool:
         with socket.create_connection(("127.0.0.1", self.config.query_port), timeout=1):
             return True
@@ -401,7 +540,8 @@ class Stack:
         if proc is None or proc.poll() is not None:
             return
         # SIGTERM to the leader alone: Celery's main process then stops its pool child itself (warm shutdown).
-        proc.terminate()
+        # PostgreSQL gets SIGINT, its fast shutdown (SIGTERM would wait for every client to leave).
+        proc.send_signal(signal.SIGINT if name == "postgres" else signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -413,8 +553,8 @@ class Stack:
         proc.wait()
 
     def stop(self) -> None:
-        """The query endpoint, the workers (each finishes its task), then Orthanc, then Redis."""
-        for name in ("query-scp", *sorted(self._workers), "orthanc", "redis"):
+        """The query endpoint, the workers (each finishes its task), then Orthanc, its PostgreSQL, then Redis."""
+        for name in ("query-scp", *sorted(self._workers), "orthanc", "postgres", "redis"):
             self._terminate(name, 20.0)
 
     def __enter__(self) -> "Stack":
