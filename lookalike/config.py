@@ -25,6 +25,14 @@ TASK_REINDEX_INSTANCE = "lookalike.reindex_instance"
 #: The queue the plugin writes to and the worker reads.
 QUEUE = "lookalike"
 
+#: Embedding split from the index (``Settings.remote_embedding``): the index host's worker sends each instance to
+#: ``EMBED_QUEUE`` (workers on any host, GPUs, no index folder), which send each batch's vectors to ``WRITE_QUEUE``
+#: (the one writer, beside the index). See :mod:`lookalike.indexer.tasks`.
+EMBED_QUEUE = "lookalike.embed"
+WRITE_QUEUE = "lookalike.write"
+TASK_EMBED = "lookalike.embed"
+TASK_WRITE = "lookalike.write"
+
 
 @dataclass
 class Settings:
@@ -47,6 +55,15 @@ class Settings:
     torch_threads: int = 1
     #: Seconds between two reads of Orthanc's change log by the worker (catch-up after any outage); 0: never.
     catch_up_interval: float = 30.0
+    #: The worker embeds up to this many instances in one forward per encoder, waiting at most this many seconds
+    #: for a batch to fill (only while a pool process is free: a busy one lets the next batch grow).
+    batch_size: int = 32
+    batch_wait: float = 0.05
+    #: Where the encoders run: "cpu", "cuda", "cuda:N", or "auto" (the N-th pool process of a worker takes GPU N, so
+    #: ``--concurrency`` equal to the GPU count puts one process on each; the CPU where there is none).
+    device: str = "cpu"
+    #: The index host's worker only plans and writes; workers consuming ``lookalike.embed`` (any host) embed.
+    remote_embedding: bool = False
     #: Lookup answers (REST, Explorer, DICOM query) name other patients (PatientID, name, accession number) only
     #: when a site's policy allows it; by default the reader of one patient's study learns nothing that identifies
     #: another.

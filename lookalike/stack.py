@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from lookalike.config import QUEUE, Settings
+from lookalike.config import EMBED_QUEUE, QUEUE, WRITE_QUEUE, Settings
 
 PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
 #: The script Orthanc's Python plugin loads; it only puts the project on ``sys.path`` and registers callbacks.
@@ -452,10 +452,12 @@ class Stack:
              "--logfile", str(self.config.logs / "query-scp.log")],
         )
 
-    def start_worker(self, name: str = "worker") -> None:
-        """A Celery worker of one process (the model loaded once); more than one share the index's write lock.
+    def start_worker(self, name: str = "worker", queues: tuple[str, ...] = (QUEUE, EMBED_QUEUE, WRITE_QUEUE)) -> None:
+        """A Celery worker of one pool process (the model loaded once); more than one share the index's write lock.
 
         ``name`` names the process, its log (``<name>.log``) and its Celery node, so that a site can run several.
+        By default it does every stage (see :mod:`lookalike.indexer.tasks`); with ``remote_embedding`` in the
+        settings, ``(QUEUE, WRITE_QUEUE)`` makes the index's writer and ``(EMBED_QUEUE,)`` an embedding worker.
         """
         log = self.config.logs / f"{name}.log"
         self._workers[name] = len(log.read_text(errors="replace").splitlines()) if log.exists() else 0
@@ -463,7 +465,7 @@ class Stack:
             name,
             [
                 sys.executable, "-m", "celery", "-A", "lookalike.indexer.celery_app", "worker",
-                "-Q", QUEUE, "--concurrency", "1", "--loglevel", "INFO",
+                "-Q", ",".join(queues), "--concurrency", "1", "--loglevel", "INFO",
                 "-n", f"lookalike-{name}-{self.config.redis_port}@%h", "--logfile", str(log),
             ],
         )

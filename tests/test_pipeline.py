@@ -223,49 +223,54 @@ class TestInstanceIndexer:
 
 
 class TestIndexTask:
-    """The Celery task around the indexer: what a failure of Orthanc itself leaves behind."""
+    """The Celery task around the indexer: what a failure of Orthanc itself leaves behind.
+
+    The task's batch runs here as the pool process runs it; what it would queue again is kept by ``send``.
+    """
 
     def _patch(self, monkeypatch, tmp_path, error: Exception):
         from lookalike.indexer import tasks
 
-        store = IndexStore(tmp_path)
-
-        class Failing:
-            def __init__(self) -> None:
-                self.store = store
-
-            def index(self, *args, **options):
+        class Failing(FakeOrthanc):
+            def get_bytes(self, path: str) -> bytes:
                 raise error
 
-        monkeypatch.setattr(tasks, "indexer", lambda: Failing())
-        return tasks, store
+        store = IndexStore(tmp_path)
+        indexer = InstanceIndexer(Failing(), store, lambda name, weights=None: FakeEncoder(), max_pixels=10_000_000)
+        sent = []
+        monkeypatch.setattr(tasks, "indexer", lambda: indexer)
+        monkeypatch.setattr(tasks, "embedder", lambda: indexer.embedder)
+        monkeypatch.setattr(tasks, "send", lambda name, args, kwargs=None, **options: sent.append((name, args, kwargs, options)))
+        return tasks, store, sent
 
     def test_refused_credentials_are_recorded_at_once_without_retry(self, monkeypatch, tmp_path) -> None:
         from lookalike.orthanc_rest import OrthancAuthError
 
-        tasks, store = self._patch(monkeypatch, tmp_path, OrthancAuthError("Orthanc refused the credentials of user 'lookalike'"))
-        assert tasks.index_instance.run("i1") == {"status": "failed", "code": "orthanc-auth"}
+        tasks, store, sent = self._patch(monkeypatch, tmp_path, OrthancAuthError("Orthanc refused the credentials of user 'lookalike'"))
+        tasks.index_instance.run("i1")
         problem = store.catalogue.problem_for("i1")
         assert problem.code == "orthanc-auth" and "credentials" in problem.message
+        assert sent == []
         store.close()
 
-    def test_orthanc_unreachable_is_retried_not_recorded(self, monkeypatch, tmp_path) -> None:
-        tasks, store = self._patch(monkeypatch, tmp_path, OrthancUnavailableError("connection refused"))
-        with pytest.raises(OrthancUnavailableError):
-            tasks.index_instance.run("i1")
+    def test_orthanc_unreachable_is_sent_again_later_not_recorded(self, monkeypatch, tmp_path) -> None:
+        from lookalike.config import QUEUE, TASK_INDEX_INSTANCE
+        from lookalike.indexer.batching import Item
+
+        tasks, store, sent = self._patch(monkeypatch, tmp_path, OrthancUnavailableError("connection refused"))
+        tasks.index_instance.run_batch([Item("t1", ("i1", "se", "st"), {"missing_only": True}, retries=2)])
+        [(name, args, kwargs, options)] = sent
+        assert (name, args, kwargs) == (TASK_INDEX_INSTANCE, ["i1", "se", "st"], {"missing_only": True})
+        assert options["queue"] == QUEUE and options["retries"] == 3 and 0 <= options["countdown"] <= tasks.RETRY_BACKOFF_MAX
         assert store.catalogue.problem_for("i1") is None
         store.close()
 
     def test_orthanc_unreachable_is_given_up_after_the_retry_budget(self, monkeypatch, tmp_path) -> None:
-        """Celery retries with back-off (eager here: no waiting), then the last try records the problem."""
-        calls = []
-        tasks, store = self._patch(monkeypatch, tmp_path, OrthancUnavailableError("connection refused"))
-        failing = tasks.indexer()
-        monkeypatch.setattr(tasks, "indexer", lambda: calls.append(1) or failing)
-        assert tasks.index_instance.retry_backoff and tasks.index_instance.max_retries == 6
-        result = tasks.index_instance.apply(args=("i1",)).get()
-        assert result == {"status": "failed", "code": "orthanc-unavailable"}
-        assert len(calls) == 1 + 6 + 1  # first try, six retries, and the store lookup that records the failure
+        from lookalike.indexer.batching import Item
+
+        tasks, store, sent = self._patch(monkeypatch, tmp_path, OrthancUnavailableError("connection refused"))
+        tasks.index_instance.run_batch([Item("t1", ("i1",), {}, retries=tasks.MAX_RETRIES)])
+        assert sent == []
         problem = store.catalogue.problem_for("i1")
         assert problem.code == "orthanc-unavailable" and "connection refused" in problem.message
         store.close()

@@ -16,7 +16,7 @@ ENCODER_NAMES: tuple[str, ...] = ("us", "xr")
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
-_CACHE: dict[tuple[str, str], tuple[tuple[int, int], "Encoder"]] = {}
+_CACHE: dict[tuple[str, str, str], tuple[tuple[int, int], "Encoder"]] = {}
 _LOCK = threading.Lock()
 
 
@@ -72,6 +72,11 @@ class Encoder:
         evaluation crop the lesion by one code path; required for the ``"lesion"`` view.
     lesion_margin : float
         Context around the lesion box, as a fraction of its size on each side.
+    device : str
+        Where the networks run (``"cpu"``, ``"cuda"``, ``"cuda:N"``); the caller has moved them there
+        (:func:`load_encoder`). Preprocessing stays on the CPU; on a GPU the forward runs under
+        ``torch.autocast`` in float16 (the vectors are compared by cosine, which half precision keeps to about
+        1e-3), on the CPU in float32, bit for bit what training evaluated.
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class Encoder:
         views: Sequence[str] = ("whole",),
         finder: Any = None,
         lesion_margin: float = 0.5,
+        device: str = "cpu",
     ) -> None:
         from lookalike.encoders.preprocessing import build_preprocess
 
@@ -99,11 +105,12 @@ class Encoder:
         self.views = tuple(views)
         self.finder = finder
         self.lesion_margin = float(lesion_margin)
+        self.device = device
         self._preprocess = build_preprocess(self.image_size)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"Encoder(name={self.name!r}, dim={self.dim}, model_version={self.model_version!r})"
+        return f"Encoder(name={self.name!r}, dim={self.dim}, model_version={self.model_version!r}, device={self.device!r})"
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Embed grayscale images: :meth:`embed_with_boxes` without the boxes.
@@ -134,13 +141,16 @@ class Encoder:
         if len(images) == 0:
             return Embedding(np.zeros((0, self.dim), dtype=np.float32), [])
         out, boxes = [], []
-        with self._lock, torch.no_grad():
+        gpu = self.device.startswith("cuda")
+        with self._lock, torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=gpu):
             self.net.eval()
             for i in range(0, len(images), self.batch_size):
                 batch, found = prepare_views(
                     images[i : i + self.batch_size], self._preprocess, self.views, self.finder, self.lesion_margin
                 )
-                vectors = F.normalize(self.net(batch).float(), dim=1).numpy()
+                if gpu:
+                    batch = batch.pin_memory().to(self.device, non_blocking=True)
+                vectors = F.normalize(self.net(batch).float(), dim=1).cpu().numpy()
                 out.append(vectors if self.center is None else centre_vectors(vectors, self.center))
                 boxes += found
         return Embedding(np.ascontiguousarray(np.concatenate(out), dtype=np.float32), boxes)
@@ -165,8 +175,52 @@ def build_net(arch: dict[str, Any]) -> Any:
     raise ValueError(f"unknown encoder architecture {arch.get('name')!r}")
 
 
-def load_encoder(name: str, weights: str | Path | None = None) -> Encoder:
-    """Load an encoder, cached per (name, path) in this process and reloaded if the file changes.
+def resolve_device(setting: str, process_index: int = 0) -> str:
+    """The torch device a ``device`` setting names: ``cpu``, ``cuda``, ``cuda:N``, or ``auto``.
+
+    ``auto`` is one GPU per worker process: the ``process_index``-th process of a pool takes GPU
+    ``process_index % count`` (a worker started with ``--concurrency`` equal to the host's GPU count uses each
+    once), or the CPU where torch sees no GPU. Asking torch how many GPUs there are initialises CUDA in this
+    process: the worker calls this only in its pool processes, after the fork (see ``lookalike.indexer.tasks``).
+
+    Raises
+    ------
+    ValueError
+        A setting of none of these forms, or a GPU this machine does not have.
+    """
+    import torch
+
+    if setting == "cpu":
+        return "cpu"
+    if setting == "auto":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return f"cuda:{process_index % count}" if count else "cpu"
+    head, _, index = setting.partition(":")
+    if head != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, not {setting!r}")
+    if not torch.cuda.is_available() or int(index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {setting!r}: torch sees {torch.cuda.device_count()} GPU(s) here")
+    return setting
+
+
+def _on_device(net: Any, device: str) -> Any:
+    """``net`` on ``device``, taking CPU tensors and giving float32 CPU tensors back: for the lesion finder, whose
+    code builds its batches on the CPU (one finder serves training, evaluation and the worker)."""
+    import torch
+
+    class OnDevice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = net.to(device)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x.to(device, non_blocking=True)).float().cpu()
+
+    return OnDevice().eval()
+
+
+def load_encoder(name: str, weights: str | Path | None = None, device: str = "cpu") -> Encoder:
+    """Load an encoder, cached per (name, path, device) in this process and reloaded if the file changes.
 
     Parameters
     ----------
@@ -175,6 +229,8 @@ def load_encoder(name: str, weights: str | Path | None = None) -> Encoder:
     weights : str or Path, optional
         Checkpoint written by :func:`lookalike.encoders.training.train`; default the shipped
         ``weights/<name>.pt``.
+    device : str
+        A torch device (:func:`resolve_device` turns a setting into one); the networks are moved there.
 
     Returns
     -------
@@ -193,7 +249,7 @@ def load_encoder(name: str, weights: str | Path | None = None) -> Encoder:
     path = path.expanduser().resolve()
     st = path.stat()
     stamp = (st.st_mtime_ns, st.st_size)
-    key = (name, str(path))
+    key = (name, str(path), device)
     with _LOCK:
         hit = _CACHE.get(key)
         if hit is not None and hit[0] == stamp:
@@ -208,6 +264,8 @@ def load_encoder(name: str, weights: str | Path | None = None) -> Encoder:
             from lookalike.encoders.lesion import finder_from_checkpoint
 
             finder = finder_from_checkpoint(ckpt)
+            if device != "cpu":
+                finder.net = _on_device(finder.net, device)
         if arch.get("name") != name:
             raise ValueError(f"{path} holds a {arch.get('name')!r} encoder, not {name!r}")
         net = build_net(arch)
@@ -217,8 +275,9 @@ def load_encoder(name: str, weights: str | Path | None = None) -> Encoder:
         if bad or unexpected:
             raise ValueError(f"{path}: state_dict does not match its arch (missing {bad[:5]}, unexpected {unexpected[:5]})")
         enc = Encoder(
-            name, net, arch["image_size"], arch["dim"], f"{name}-{arch['tag']}-{sha[:8]}", center=arch.get("center"),
-            views=arch.get("views", ("whole",)), finder=finder, lesion_margin=arch.get("lesion_margin", 0.5),
+            name, net.to(device), arch["image_size"], arch["dim"], f"{name}-{arch['tag']}-{sha[:8]}",
+            center=arch.get("center"), views=arch.get("views", ("whole",)), finder=finder,
+            lesion_margin=arch.get("lesion_margin", 0.5), device=device,
         )
         _CACHE[key] = (stamp, enc)
         return enc

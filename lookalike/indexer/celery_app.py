@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from lookalike.config import QUEUE, Settings
+from lookalike.config import EMBED_QUEUE, QUEUE, TASK_EMBED, TASK_WRITE, WRITE_QUEUE, Settings
 
 #: Seconds before Redis hands an unacknowledged task to another worker; tasks are idempotent, so early is safe.
 VISIBILITY_TIMEOUT = 300
@@ -23,7 +23,10 @@ def make_app(settings: Settings | None = None) -> Celery:
         # A task is acknowledged only once it has finished: a worker killed mid-task leaves it queued.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
+        # Indexing tasks run in batches (lookalike.indexer.batching): the worker holds two batches' messages, one
+        # running and one filling; they stay unacknowledged, so a lost worker's are handed out again.
+        worker_prefetch_multiplier=2 * max(1, settings.batch_size),
+        task_routes={TASK_EMBED: {"queue": EMBED_QUEUE}, TASK_WRITE: {"queue": WRITE_QUEUE}},
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],

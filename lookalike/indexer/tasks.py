@@ -1,7 +1,36 @@
-"""Celery tasks of the worker: thin wrappers of :class:`~lookalike.indexer.pipeline.InstanceIndexer`.
+"""Celery tasks of the worker: thin wrappers of :mod:`lookalike.indexer.pipeline`, run on batches of messages.
 
-Transient failures (Orthanc unreachable or failing) are retried with exponential back-off, a bounded number of
-times; after the last try the instance is recorded as a problem. Bad input is recorded at once and acknowledged.
+Where each stage runs
+---------------------
+One host (the default; ``lookalike run`` starts this): one worker process does it all. Each batch of
+``index_instance`` messages (up to ``batch_size``, or ``batch_wait`` seconds, see
+:mod:`lookalike.indexer.batching`) is planned against the catalogue, fetched from Orthanc, decoded, embedded in one
+forward per encoder and written with one :meth:`~lookalike.indexer.store.IndexStore.add_many`::
+
+    celery -A lookalike.indexer.celery_app worker -Q lookalike,lookalike.embed,lookalike.write --concurrency 1
+
+Several hosts sharing one Redis (``"remote_embedding": true`` in every worker's settings):
+
+- The writer, on the index host: the one process that opens the catalogue and the FAISS files. It takes the
+  queue the plugin, the catch-up and ``lookalike backfill``/``reindex`` send to, plans each batch (skips what is
+  indexed, names the checkpoint each encoder uses) and sends one ``lookalike.embed`` message per instance; it
+  applies each ``lookalike.write`` message (one embedded batch) with one ``add_many``; it runs the catch-up,
+  reconcile and forget tasks::
+
+      celery -A lookalike.indexer.celery_app worker -Q lookalike,lookalike.write --concurrency 1 -n writer@%h
+
+- Embedding workers, on any host that reaches Orthanc and Redis (no index folder, the checkpoints at the paths
+  the settings name): they fetch, decode and embed a batch, then send its vectors and problems to
+  ``lookalike.write`` as one message. One pool process per GPU, with ``"device": "auto"``::
+
+      celery -A lookalike.indexer.celery_app worker -Q lookalike.embed --concurrency $(nvidia-smi -L | wc -l) \\
+          -n embed@%h
+
+The model loads in the pool process, on first use, after the fork: the main process never imports torch, so CUDA
+is never initialised before the fork (a CUDA context does not survive one).
+
+Orthanc unreachable is sent again with exponential back-off, ``MAX_RETRIES`` times, then recorded as a problem
+(which the catch-up retries later); bad input is recorded on its instance at once.
 """
 
 from __future__ import annotations
@@ -9,123 +38,303 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from dataclasses import asdict, replace
 
 from celery import Task, bootsteps
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
+from celery.utils.time import get_exponential_backoff_interval
 
-from lookalike.config import (QUEUE, TASK_CATCH_UP, TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY,
-                              TASK_REINDEX_INSTANCE, Settings)
+from lookalike.config import (EMBED_QUEUE, QUEUE, TASK_CATCH_UP, TASK_EMBED, TASK_FORGET, TASK_INDEX_INSTANCE,
+                              TASK_RECONCILE_STUDY, TASK_REINDEX_INSTANCE, TASK_WRITE, WRITE_QUEUE, Settings)
+from lookalike.indexer.batching import BatchTask, Item
 from lookalike.indexer.celery_app import app
-from lookalike.orthanc_rest import OrthancAuthError, OrthancError, OrthancUnavailableError
+from lookalike.orthanc_rest import OrthancError
 
 log = logging.getLogger(__name__)
 
 #: FAISS snapshots are saved every this many changes and when the worker stops; the catalogue at every change.
 SNAPSHOT_EVERY = 200
 
-RETRY = dict(autoretry_for=(OrthancUnavailableError,), retry_backoff=1, retry_backoff_max=60, retry_jitter=True, max_retries=6)
+#: Tries of an instance while Orthanc is unreachable, after the first, spaced 2, 4, 8... s (at most 60 s, jittered).
+MAX_RETRIES = 6
+RETRY_BACKOFF_MAX = 60
+
+#: The worker's main process (set when it starts): no model may load there (see :func:`load_model`).
+_MAIN_PID: int | None = None
+
+
+def settings() -> Settings:
+    return app.conf.lookalike_settings
+
+
+def load_model(name: str, weights: str | None = None):
+    """An encoder in this worker process, on the device the settings name (loaded once per process).
+
+    Refused in the worker's main process: a model, or CUDA, loaded there before the pool forks would be copied
+    into every pool process (and a CUDA context does not survive a fork).
+    """
+    if os.getpid() == _MAIN_PID:
+        raise RuntimeError("the worker's main process must not load a model: only its pool processes embed")
+    from lookalike.encoders import load_encoder
+
+    device = _device()
+    encoder = load_encoder(name, weights=weights or settings().weights.get(name), device=device)
+    if (encoder.model_version, device) not in _announced:
+        _announced.add((encoder.model_version, device))
+        log.info("encoder %s on %s in process %d", encoder.model_version, device, os.getpid())
+    return encoder
+
+
+_announced: set[tuple[str, str]] = set()
+
+
+@functools.cache
+def _device() -> str:
+    """This pool process's torch device (see ``Settings.device``); torch's threads set once."""
+    import billiard.process
+    import torch
+
+    from lookalike.encoders.base import resolve_device
+
+    torch.set_num_threads(settings().torch_threads)
+    return resolve_device(settings().device, getattr(billiard.process.current_process(), "index", None) or 0)
+
+
+@functools.cache
+def embedder():
+    """The worker process's embedding stage: Orthanc and the models, no index (what an embedding host has)."""
+    from lookalike.indexer.pipeline import Embedder
+    from lookalike.orthanc_rest import HttpOrthanc
+
+    s = settings()
+    return Embedder(HttpOrthanc(s.orthanc_url, s.orthanc_user, s.orthanc_password), load_model, s.max_pixels)
 
 
 @functools.cache
 def indexer():
-    """The worker process's one indexer: its encoders load on first use and stay loaded."""
-    from lookalike.encoders import load_encoder
+    """The worker process's indexer (the index host's side): opens the catalogue and the FAISS files."""
     from lookalike.indexer.pipeline import InstanceIndexer
     from lookalike.indexer.store import IndexStore
-    from lookalike.orthanc_rest import HttpOrthanc
 
-    settings: Settings = app.conf.lookalike_settings
-    api = HttpOrthanc(settings.orthanc_url, settings.orthanc_user, settings.orthanc_password)
-    store = IndexStore(settings.index_dir, snapshot_every=SNAPSHOT_EVERY)
+    s = settings()
+    stage = embedder()
+    return InstanceIndexer(stage.api, IndexStore(s.index_dir, snapshot_every=SNAPSHOT_EVERY), load_model,
+                           s.max_pixels)
 
-    def encoder(name: str, weights: str | None = None):
-        import torch
 
-        torch.set_num_threads(settings.torch_threads)
-        return load_encoder(name, weights=weights or settings.weights.get(name))
-
-    return InstanceIndexer(api, store, encoder, settings.max_pixels)
+def _holds_index() -> bool:
+    """Whether this worker is the index host's: it consumes the queues whose tasks write the index."""
+    consumed = set(app.amqp.queues.consume_from or app.amqp.queues)
+    return bool(consumed & {QUEUE, WRITE_QUEUE})
 
 
 @worker_init.connect
-def _yield_cpu(**_) -> None:
+def _yield_cpu(sender=None, **_) -> None:
     """Indexing is background work: the worker (and the pool it forks) yields the CPU to Orthanc's ingest.
 
     Linux's SCHED_IDLE runs it only on CPU time nothing else wants, and any wakeup of Orthanc preempts it at once
     (a niceness alone still lets it finish its time slice while a C-STORE waits); elsewhere, niceness.
     """
-    settings: Settings = app.conf.lookalike_settings
-    if settings.worker_idle_priority and hasattr(os, "SCHED_IDLE"):
+    global _MAIN_PID
+    if "prefork" in str(getattr(sender, "pool_cls", "prefork")).lower():
+        _MAIN_PID = os.getpid()  # a pool that forks: no model in this process (see load_model)
+    if settings().worker_idle_priority and hasattr(os, "SCHED_IDLE"):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     else:
-        os.nice(settings.worker_nice)
+        os.nice(settings().worker_nice)
 
 
 @worker_process_init.connect
 def _open_index(**_) -> None:
-    """Create the catalogue when the worker starts, so that readers find it before the first task."""
-    indexer()
+    """Create the catalogue when the index host's worker starts, so that readers find it before the first task."""
+    if _holds_index():
+        indexer()
 
 
 @worker_process_shutdown.connect
 def _save_index(**_) -> None:
     """Save the FAISS snapshots on the way out, so that the next start replays little."""
-    indexer().store.close()
+    if indexer.cache_info().currsize:
+        indexer().store.close()
 
 
-def _record_final_failure(task, instance_id: str, exc: Exception) -> None:
-    code = "orthanc-auth" if isinstance(exc, OrthancAuthError) else "orthanc-unavailable"
-    indexer().store.catalogue.record_problem(
-        orthanc_instance_id=instance_id, sop_instance_uid="", orthanc_study_id="", code=code, message=str(exc)
-    )
-    log.error("instance %s given up after %d tries: %s", instance_id, task.request.retries + 1, exc)
+def send(name: str, args: list, kwargs: dict | None = None, **options) -> None:
+    """Queue a task by name (the broker's retries on: a batch is acknowledged only after this returns)."""
+    app.send_task(name, args=args, kwargs=kwargs or {}, **options)
 
 
-class IndexingTask(Task):
-    """A task whose failure, whatever its cause, leaves a recorded problem on the instance: never silence."""
-
-    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
-        instance_id = args[0] if args else kwargs.get("instance_id", "")
-        log.error("instance %s: task %s failed: %s\n%s", instance_id, task_id, exc, einfo)
-        indexer().store.catalogue.record_problem(
-            orthanc_instance_id=instance_id, code="internal-error", message=f"{type(exc).__name__}: {exc}",
-            sop_instance_uid="", orthanc_study_id=kwargs.get("study_id") or (args[2] if len(args) > 2 else ""),
-        )
+def _retry_later(task: Task, item: Item, queue: str) -> None:
+    countdown = get_exponential_backoff_interval(1, item.retries + 1, RETRY_BACKOFF_MAX, True)
+    send(task.name, list(item.args), item.kwargs, queue=queue, countdown=countdown, retries=item.retries + 1)
 
 
-def _index(task, instance_id: str, series_id: str | None, study_id: str | None, **options) -> dict:
-    """Run the indexer for one instance: Orthanc unreachable is retried by Celery, then recorded like bad input."""
+def _settle(task: Task, items: list[Item], results: list, queue: str) -> list:
+    """Send again, later, each instance Orthanc did not answer for, within its budget; past it, a problem."""
+    from lookalike.indexer.pipeline import Outcome
+
+    kept = []
+    for item, result in zip(items, results):
+        if result.outcome.status != "retry":
+            kept.append(result)
+        elif item.retries < MAX_RETRIES:
+            _retry_later(task, item, queue)
+        else:
+            log.error("instance %s given up after %d tries: %s", item.args and item.args[0], item.retries + 1,
+                      result.outcome.message)
+            kept.append(replace(result, outcome=Outcome("failed", result.job.instance_id, "orthanc-unavailable",
+                                                        result.outcome.message), study_id=result.job.study_id or ""))
+    return kept
+
+
+def _given_up(instance_id: str, study_id: str | None):
+    """The problem of an instance whose batches killed the pool process again and again."""
+    from lookalike.indexer.pipeline import Job, Outcome, Result
+
+    return Result(Job(instance_id, None, study_id), Outcome("failed", instance_id, "internal-error",
+                  "the worker process died on this instance, each time it tried"), study_id=study_id or "")
+
+
+def _write(results: list) -> None:
+    """Write a batch's results; should the batch fail as a whole, each alone, so that one bad record is recorded
+    on its own instance and the others are written."""
+    if not results:
+        return
     try:
-        outcome = indexer().index(instance_id, series_id, study_id, **options)
-    except OrthancAuthError as exc:
-        _record_final_failure(task, instance_id, exc)
-        return {"status": "failed", "code": "orthanc-auth"}
-    except OrthancUnavailableError as exc:
-        if task.request.retries >= task.max_retries:
-            _record_final_failure(task, instance_id, exc)
-            return {"status": "failed", "code": "orthanc-unavailable"}
-        raise
-    log.info("instance %s %s %s", instance_id, outcome.status, outcome.code or outcome.model_version)
-    return outcome.__dict__
+        outcomes = indexer().apply(results)
+    except Exception:
+        log.exception("writing a batch of %d failed: writing each alone", len(results))
+        outcomes = []
+        for result in results:
+            try:
+                outcomes += indexer().apply([result])
+            except Exception as exc:
+                log.exception("instance %s: writing failed", result.job.instance_id)
+                indexer().store.catalogue.record_problem(
+                    orthanc_instance_id=result.job.instance_id, code="internal-error",
+                    message=f"{type(exc).__name__}: {exc}", sop_instance_uid="", orthanc_study_id=result.job.study_id or "")
+    for outcome in outcomes:
+        log.info("instance %s %s %s", outcome.orthanc_instance_id, outcome.status,
+                 outcome.code or outcome.model_version or outcome.message)
 
 
-@app.task(name=TASK_INDEX_INSTANCE, bind=True, base=IndexingTask, **RETRY)
-def index_instance(self, instance_id: str, series_id: str | None = None, study_id: str | None = None,
-                   missing_only: bool = False) -> dict:
-    return _index(self, instance_id, series_id, study_id, missing_only=missing_only)
+def _index(task: Task, items: list[Item], requests: list) -> None:
+    """Plan a batch; embed it here, or send each job to the embedding workers (``remote_embedding``)."""
+    from lookalike.indexer.pipeline import Job
+
+    gone = [_given_up(r.instance_id, r.study_id) for item, r in zip(items, requests) if item.given_up]
+    live = [(item, request) for item, request in zip(items, requests) if not item.given_up]
+    planned = indexer().plan([request for _, request in live])
+    jobs = [(item, job) for (item, _), job in zip(live, planned) if isinstance(job, Job)]
+    if settings().remote_embedding:
+        for _, job in jobs:
+            send(TASK_EMBED, [asdict(job)], queue=EMBED_QUEUE)
+        _write(gone)
+        return
+    results = embedder().run([job for _, job in jobs])
+    _write(gone + _settle(task, [item for item, _ in jobs], results, task.home_queue))
 
 
-@app.task(name=TASK_REINDEX_INSTANCE, bind=True, base=IndexingTask, **RETRY)
-def reindex_instance(self, instance_id: str, series_id: str, study_id: str, encoder: str, weights: str) -> dict:
-    """Embed an indexed instance again with another checkpoint (``lookalike reindex``), beside its current vector."""
-    return _index(self, instance_id, series_id, study_id, missing_only=True, model=(encoder, weights))
+class _Batched(BatchTask):
+    """A batch task sized by the settings."""
+
+    abstract = True
+    home_queue = QUEUE
+
+    @property
+    def batch_size(self) -> int:  # type: ignore[override]
+        return settings().batch_size
+
+    @property
+    def batch_wait(self) -> float:  # type: ignore[override]
+        return settings().batch_wait
 
 
-@app.task(name=TASK_RECONCILE_STUDY, bind=True, **RETRY)
-def reconcile_study(self, study_id: str) -> int:
-    outcomes = indexer().reconcile_study(study_id)
-    log.info("study %s reconciled: %d instance(s) caught up", study_id, len(outcomes))
-    return len(outcomes)
+class IndexBatch(_Batched):
+    """``index_instance`` and ``reindex_instance``: their messages taken in batches (see :func:`_index`)."""
+
+    abstract = True
+
+    def request_of(self, item: Item):
+        raise NotImplementedError
+
+    def run_batch(self, items: list[Item]) -> None:
+        _index(self, items, [self.request_of(item) for item in items])
+
+
+class _IndexInstance(IndexBatch):
+    def request_of(self, item: Item):
+        """``(instance_id, series_id=None, study_id=None, missing_only=False)``, by position or name."""
+        from lookalike.indexer.pipeline import Request
+
+        return Request(*item.args, **item.kwargs)
+
+
+class _ReindexInstance(IndexBatch):
+    def request_of(self, item: Item):
+        """``(instance_id, series_id, study_id, encoder, weights)``: embedded again by another checkpoint
+        (``lookalike reindex``), beside its current vector; not written if that checkpoint's vector is there."""
+        from lookalike.indexer.pipeline import Request
+
+        names = ("instance_id", "series_id", "study_id", "encoder", "weights")
+        a = {**dict(zip(names, item.args)), **item.kwargs}
+        return Request(a["instance_id"], a["series_id"], a["study_id"], missing_only=True,
+                       model=(a["encoder"], a["weights"]))
+
+
+class _Embed(_Batched):
+    """``embed``, on embedding hosts: a batch of jobs embedded, its results sent to the writer as one message."""
+
+    home_queue = EMBED_QUEUE
+
+    def run_batch(self, items: list[Item]) -> None:
+        from lookalike.indexer.pipeline import Job
+
+        jobs = [Job.from_dict(item.args[0]) for item in items]
+        gone = [_given_up(job.instance_id, job.study_id) for item, job in zip(items, jobs) if item.given_up]
+        live = [item for item in items if not item.given_up]
+        results = embedder().run([job for item, job in zip(items, jobs) if not item.given_up])
+        results = gone + _settle(self, live, results, EMBED_QUEUE)
+        if results:
+            send(TASK_WRITE, [[result.to_dict() for result in results]], queue=WRITE_QUEUE)
+
+
+def _one(task: BatchTask, args: tuple, kwargs: dict) -> None:
+    """A direct call (``apply``, tests): a batch of one."""
+    task.run_batch([Item(task.request.id or "", args, kwargs, task.request.retries or 0)])
+
+
+@app.task(name=TASK_INDEX_INSTANCE, base=_IndexInstance, bind=True)
+def index_instance(self, *args, **kwargs) -> None:
+    _one(self, args, kwargs)
+
+
+@app.task(name=TASK_REINDEX_INSTANCE, base=_ReindexInstance, bind=True)
+def reindex_instance(self, *args, **kwargs) -> None:
+    _one(self, args, kwargs)
+
+
+@app.task(name=TASK_EMBED, base=_Embed, bind=True)
+def embed(self, *args, **kwargs) -> None:
+    _one(self, args, kwargs)
+
+
+@app.task(name=TASK_WRITE)
+def write(results: list[dict]) -> None:
+    """On the index host: one embedded batch (``Result.to_dict`` each) written with one ``add_many``."""
+    from lookalike.indexer.pipeline import Result
+
+    _write([Result.from_dict(r) for r in results])
+
+
+@app.task(name=TASK_RECONCILE_STUDY)
+def reconcile_study(study_id: str) -> int:
+    """Index what a study holds and the index lacks (its instances' events were lost), as one batch."""
+    requests = indexer().reconcile_study(study_id)
+    if requests:
+        items = [Item("", (r.instance_id, r.series_id, r.study_id), {"missing_only": True}, 0) for r in requests]
+        _index(index_instance, items, requests)
+    log.info("study %s reconciled: %d instance(s) caught up", study_id, len(requests))
+    return len(requests)
 
 
 @app.task(name=TASK_FORGET)
@@ -134,16 +343,15 @@ def forget(level: str, resource_id: str) -> None:
     log.info("%s %s removed from the index", level, resource_id)
 
 
-
 @functools.cache
 def follower():
     """The worker process's reader of Orthanc's change log (it remembers where the previous pass stopped)."""
     from lookalike.indexer.change_log import ChangeLogFollower
 
-    def send(name: str, args: list, kwargs: dict) -> None:
+    def queue(name: str, args: list, kwargs: dict) -> None:
         app.send_task(name, args=args, kwargs=kwargs, queue=QUEUE, retry=False)
 
-    return ChangeLogFollower(indexer().api, indexer().store.catalogue, send)
+    return ChangeLogFollower(indexer().api, indexer().store.catalogue, queue)
 
 
 @app.task(name=TASK_CATCH_UP)
@@ -159,7 +367,7 @@ def catch_up() -> dict:
 
 
 class CatchUpTimer(bootsteps.StartStopStep):
-    """Queues a catch-up pass when the worker starts, then every ``catch_up_interval`` seconds.
+    """Queues a catch-up pass when the index host's worker starts, then every ``catch_up_interval`` seconds.
 
     It runs on the worker's own timer, in the consumer's thread: no thread of ours lives in the process that forks
     the pool (a fork while another thread holds a lock hangs the child). The pass itself runs in the pool like
@@ -174,8 +382,8 @@ class CatchUpTimer(bootsteps.StartStopStep):
         self._refs: list = []
 
     def start(self, parent) -> None:
-        interval = app.conf.lookalike_settings.catch_up_interval
-        if interval <= 0:
+        interval = settings().catch_up_interval
+        if interval <= 0 or not _holds_index():
             return
         self._refs = [parent.timer.call_after(1.0, self._queue_pass, (interval,)),
                       parent.timer.call_repeatedly(interval, self._queue_pass, (interval,))]

@@ -1,0 +1,177 @@
+"""Celery tasks that run on batches of their messages: an embedding model wants 32 images per forward, not one.
+
+:class:`BatchTask` replaces Celery's execution strategy (which hands the pool one message per call) for its task:
+the worker's main process, where messages arrive, holds the task's requests in a buffer and hands the pool a batch
+as one call of :meth:`BatchTask.run_batch`, once the buffer holds ``batch_size`` requests, or once its oldest has
+waited ``batch_wait`` seconds and a pool process is free (while every process is busy, the next batch goes on
+filling). The worker's prefetch must let a batch fill: ``worker_prefetch_multiplier`` of two batches.
+
+Acknowledgement keeps the guarantees of the project's other tasks (``task_acks_late``,
+``task_reject_on_worker_lost``):
+
+- a batch's messages are acknowledged when its call has returned, that is once each request's outcome is written
+  (or sent on to the next queue, or sent again for a later retry);
+- a pool process that dies mid-batch (killed, out of memory) has its batch's messages rejected and requeued at
+  once; a message back after such a loss runs in a batch of its own, so that an instance that kills the process
+  takes no batch-mate with it again, and after ``max_losses`` losses it is handed to ``run_batch`` as given up
+  (recorded as a problem, not run again);
+- a worker killed outright acknowledges nothing: Redis hands its messages out again after the visibility timeout,
+  and before that the catch-up queues whatever Orthanc holds and the index lacks.
+
+The library made for this, celery-batches, is not used: it requires Celery below 5.7, and it acknowledges a batch
+only from the pool's success callback (a lost pool process leaves its messages unacknowledged until the
+visibility timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from billiard.exceptions import WorkerLostError
+from celery import Task
+from celery.utils.imports import symbol_by_name
+from celery.worker.request import create_request_cls
+from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
+from kombu.asynchronous.timer import to_timestamp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One request of a batch as the pool process receives it: the message's arguments and its retry count."""
+
+    id: str
+    args: tuple
+    kwargs: dict
+    retries: int
+    #: Its batches killed the pool process ``max_losses`` times: record it as a problem, do not run it.
+    given_up: bool = False
+
+
+def run_batch(task_name: str, items: list[Item]) -> None:
+    """What the pool process runs: the named task's :meth:`BatchTask.run_batch` (a module function: picklable)."""
+    from celery import current_app
+
+    current_app.tasks[task_name].run_batch(items)
+
+
+class BatchTask(Task):
+    """A task whose messages the worker runs in batches (see the module's docstring).
+
+    Subclasses implement :meth:`run_batch`; the task's own function serves direct calls (``apply``, tests).
+    """
+
+    abstract = True
+    typing = False
+    #: Requests per batch, and seconds the oldest waits for a batch to fill.
+    batch_size = 32
+    batch_wait = 0.05
+    #: Pool processes lost with a request before it is given up.
+    max_losses = 3
+
+    def run_batch(self, items: list[Item]) -> None:
+        """Handle every item (never raise for one item's fault: its batch-mates would be run again)."""
+        raise NotImplementedError
+
+    def Strategy(self, task: "BatchTask", app: Any, consumer: Any, **_: Any) -> "_Batcher":  # noqa: N802 (Celery's name)
+        return _Batcher(task, app, consumer)
+
+
+class _Batcher:
+    """The message handler of one consumer for one :class:`BatchTask`: buffers requests, hands batches to the pool.
+
+    Everything here runs in the worker's event loop (messages, timer, pool callbacks): no lock is needed.
+    """
+
+    def __init__(self, task: BatchTask, app: Any, consumer: Any) -> None:
+        self.task, self.app, self.consumer = task, app, consumer
+        self.pool = consumer.pool
+        self.timer = consumer.timer
+        self.Request = create_request_cls(symbol_by_name(task.Request), task, consumer.pool, consumer.hostname,
+                                          consumer.event_dispatcher, app=app)
+        self.revoked = consumer.controller.state.revoked
+        self.buffer: list[Any] = []
+        self.first_at: float | None = None
+        self.busy = 0
+        self.tref = None
+        self.losses: dict[str, int] = {}
+
+    def __call__(self, message: Any, body: Any, ack: Any, reject: Any, callbacks: Any = None, **_: Any) -> None:
+        if body is None and "args" not in message.payload:
+            body, headers, decoded, utc = message.body, message.headers, False, self.app.uses_utc_timezone()
+        elif "args" in message.payload:
+            body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
+        else:
+            body, headers, decoded, utc = proto1_to_proto2(message, body)
+        req = self.Request(message, on_ack=ack, on_reject=reject, app=self.app, hostname=self.consumer.hostname,
+                           eventer=self.consumer.event_dispatcher, task=self.task,
+                           connection_errors=self.consumer.connection_errors, body=body, headers=headers,
+                           decoded=decoded, utc=utc)
+        if (req.expires or req.id in self.revoked) and req.revoked():
+            return
+        if req.eta:  # a retry sent with a countdown: it joins a batch when due
+            self.timer.call_at(to_timestamp(req.eta), self.add, (req,), priority=6)
+            return
+        self.add(req)
+
+    def add(self, req: Any) -> None:
+        if req.id in self.losses:  # back after its batch's process died: alone, so that it takes nobody with it
+            self.dispatch([req])
+            return
+        self.buffer.append(req)
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+        self.maybe_flush()
+
+    def maybe_flush(self) -> None:
+        """Hand the pool every full batch, and the rest once it has waited long enough and a process is free."""
+        size = max(1, int(self.task.batch_size))
+        while len(self.buffer) >= size:
+            batch, self.buffer = self.buffer[:size], self.buffer[size:]
+            self.dispatch(batch)
+        if not self.buffer:
+            self.first_at = None
+            return
+        self.first_at = self.first_at or time.monotonic()
+        waited = time.monotonic() - self.first_at
+        if waited >= self.task.batch_wait and self.busy < max(1, self.pool.limit or 1):
+            batch, self.buffer, self.first_at = self.buffer, [], None
+            self.dispatch(batch)
+        elif self.tref is None:
+            self.tref = self.timer.call_after(max(self.task.batch_wait - waited, 0.001), self._tick, priority=6)
+
+    def _tick(self) -> None:
+        self.tref = None
+        self.maybe_flush()
+
+    def dispatch(self, batch: list[Any]) -> None:
+        items = [Item(r.id, tuple(r.args), dict(r.kwargs), int(r.request_dict.get("retries") or 0),
+                      given_up=self.losses.get(r.id, 0) >= self.task.max_losses) for r in batch]
+        self.busy += 1
+
+        def done(_: Any) -> None:
+            self.busy -= 1
+            for r in batch:
+                self.losses.pop(r.id, None)
+                r.acknowledge()
+            self.maybe_flush()
+
+        def failed(exc_info: Any) -> None:
+            self.busy -= 1
+            lost = isinstance(getattr(exc_info, "exception", None), WorkerLostError)
+            log.error("%s: a batch of %d %s: requeued, each alone", self.task.name, len(batch),
+                      "lost with its pool process" if lost else f"failed ({exc_info})")
+            for r in batch:
+                self.losses[r.id] = self.losses.get(r.id, 0) + 1
+                r.reject(requeue=True)
+            self.maybe_flush()
+
+        try:
+            self.pool.apply_async(run_batch, args=(self.task.name, items), callback=done, error_callback=failed)
+        except Exception:  # the pool is closing (warm shutdown): the broker gets the messages back
+            self.busy -= 1
+            log.warning("%s: a batch of %d not started: the pool is closing", self.task.name, len(batch))
