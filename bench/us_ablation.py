@@ -8,7 +8,7 @@ values in blocks:
 - refinement: UNet middle-block features ``m`` (64) + 4x4-pooled refined latent ``z_r`` (64).
 
 For each subset (one view or both; all blocks, or the VAE or refinement blocks only) a fresh projection head
-of the shipped shape is trained with the shipped recipe (``training.fit_head``: batch-hard triplet +
+of the shipped shape is trained with the shipped recipe (``training_us.fit_head``: batch-hard triplet +
 cross-entropy, class-balanced batches, cached augmented copies with the training augmentation), selected on
 the val rows of busi + bus_bra, then scored under ``shared/eval/PROTOCOL.md``: busi and bus_bra test vs their
 train+val, breast_lesions_usg leave-one-out. Several seeds; mean and spread printed, and each subset's
@@ -85,14 +85,14 @@ def train_head(
     epochs: int,
     seed: int,
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fresh head on fixed features with training's stage D (:func:`lookalike.encoders.training.fit_head`).
+    """Fresh head on fixed features with training's stage D (:func:`lookalike.encoders.training_us.fit_head`).
 
     Returns the protocol figures of the head with the best val P@5 and its ``state_dict``.
     """
     import torch
     import torch.nn.functional as F
 
-    from lookalike.encoders.training import fit_head
+    from lookalike.encoders.training_us import fit_head
 
     _, head = fit_head(aug_train, y["train"], feats["val"], y["val"], sets["val"][1], feats["train"], sets["train"][1],
                        hidden=256, dim=128, epochs=epochs, seed=seed)
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     from lookalike.encoders.base import WEIGHTS_DIR
     from lookalike.encoders.evaluate import CROSS_DOMAIN_LABELS
     from lookalike.encoders.preprocessing import build_augment, read_manifest
-    from lookalike.encoders.training import frozen_features, plain_tensors, preprocess_all
+    from lookalike.encoders.training import plain_tensors, preprocess_all
+    from lookalike.encoders.training_us import frozen_features
 
     torch.set_num_threads(a.threads)
     t0 = time.time()

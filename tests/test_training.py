@@ -1,5 +1,8 @@
 """``lookalike train`` smoke runs on a few synthetic images: the loss goes down and the checkpoint serves.
 
+``train`` picks the encoder's recipe (``training_us.train_us``, ``training_xr.train_xr``); both are driven here
+through it, as ``lookalike train`` does.
+
 No test trains for real or checks a figure: the images are drawn here (a dark lesion, with or without an
 acoustic shadow, on speckle), the networks are the shipped architectures at 32 px, and each run is seeded,
 so that the same losses come out on every machine.
@@ -16,7 +19,10 @@ from PIL import Image
 
 from lookalike import cli
 from lookalike.encoders import load_encoder
-from lookalike.encoders.training import balanced_batches, fit_head, train
+from lookalike.encoders.base import centre_vectors
+from lookalike.encoders.preprocessing import build_preprocess
+from lookalike.encoders.training import balanced_batches, train
+from lookalike.encoders.training_us import fit_head
 from tests.conftest import write_image_set
 
 PER_CLASS = {"train": 10, "val": 4}
@@ -159,3 +165,55 @@ def test_xr_init_with_zero_epochs_only_adds_the_centre(dataset: Path, tmp_path: 
     a, b = torch.load(base, weights_only=True), torch.load(out, weights_only=True)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert "center" not in a["arch"] and len(b["arch"]["center"]) == 128 and b["arch"]["image_size"] == 32
+
+
+def test_flip_averaging_is_stored_in_the_checkpoint_and_makes_embeddings_mirror_invariant(
+    dataset: Path, tmp_path: Path
+) -> None:
+    base = tmp_path / "xr.pt"
+    train("xr", dataset, base, epochs=1, per_class=4, image_size=32, threads=1, log=lambda s: None)
+    out = tmp_path / "xr_tta.pt"
+    lines: list[str] = []
+    train("xr", dataset, out, epochs=0, threads=1, init=base, center=True, tta_flip=True, log=lines.append)
+    a, b = torch.load(base, weights_only=True), torch.load(out, weights_only=True)
+    assert b["arch"]["tta_flip"] and not a["arch"]["tta_flip"] and b["meta"]["hyper"]["tta_flip"]
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert any("centred" in s for s in lines)
+    rng = np.random.default_rng(4)
+    images = [_picture(label, rng) for label in ("benign", "malignant") * 3]
+    mirrored = [np.ascontiguousarray(im[:, ::-1]) for im in images]
+    plain, flipped = load_encoder("xr", base), load_encoder("xr", out)
+    np.testing.assert_allclose(flipped.embed(images), flipped.embed(mirrored), atol=1e-5)
+    assert np.abs(plain.embed(images) - plain.embed(mirrored)).max() > 1e-3, "without it a mirror image differs"
+    # the averaged direction is that of the mean of the two unit embeddings, then centred
+    net, pre = plain.net.eval(), build_preprocess(32)
+    with torch.no_grad():
+        x = torch.stack([pre(im) for im in images])
+        unit = torch.nn.functional.normalize(net(x), dim=1) + torch.nn.functional.normalize(net(x.flip(-1)), dim=1)
+    want = centre_vectors(torch.nn.functional.normalize(unit, dim=1).numpy(), np.asarray(b["arch"]["center"]))
+    np.testing.assert_allclose(flipped.embed(images), want, atol=1e-5)
+
+
+def test_train_dispatches_by_modality_and_refuses_another_recipes_options(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown modality"):
+        train("ct", dataset, tmp_path / "ct.pt", epochs=1)
+    with pytest.raises(TypeError):
+        train("xr", dataset, tmp_path / "xr.pt", epochs=1, pretrain_epochs=1)
+    with pytest.raises(TypeError):
+        train("us", dataset, tmp_path / "us.pt", epochs=1, tta_flip=True)
+    refused = (("xr", ["--lesion-finder", "f.pt"]), ("xr", ["--head-refit-epochs", "0"]), ("us", ["--tta-flip"]))
+    for modality, flag in refused:
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["train", "--modality", modality, "--data", str(dataset), "--out", str(tmp_path / "x.pt"), *flag])
+        assert stop.value.code == 2
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_console_command_passes_zero_valued_options_to_the_recipe(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "us0.pt"
+    assert cli.main(["train", "--modality", "us", "--data", str(dataset), "--out", str(out), "--epochs", "0",
+                     "--pretrain-epochs", "0", "--diffusion-epochs", "0", "--head-refit-epochs", "0",
+                     "--image-size", "32", "--per-class", "4", "--threads", "1"]) == 0
+    meta = torch.load(out, weights_only=True)["meta"]
+    assert meta["hyper"]["pretrain_epochs"] == 0 and meta["hyper"]["head_refit_epochs"] == 0
+    assert "head_refit" not in meta["figures"] and "vae_l1_last" not in meta["figures"]

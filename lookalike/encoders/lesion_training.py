@@ -12,8 +12,6 @@ intensity steps (:func:`lookalike.encoders.augment.scanner_intensity_steps`) on 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from lookalike.encoders.lesion import component_box, default_arch, dice, load_mask
-from lookalike.encoders.preprocessing import build_preprocess, load_image_with_region, read_manifest
-from lookalike.encoders.training import plain_tensors, start_run
+from lookalike.encoders.preprocessing import build_preprocess, load_image_with_region
+from lookalike.encoders.training import plain_tensors, run_command, save_checkpoint, split_rows, start_run
 
 
 def load_pairs(rows: Sequence[dict[str, str]], size: int) -> tuple[Any, Any]:
@@ -129,11 +127,8 @@ def train_finder(
     t_begin = time.time()
     device, amp = start_run(seed, threads)
     rng = np.random.default_rng(seed)
-    rows = [r for d in data for r in read_manifest(d)]
-    train_rows = [r for r in rows if r.get("split") == "train"]
-    val_rows = [r for r in rows if r.get("split") == "val" and r.get("mask")]
-    if max_train and len(train_rows) > max_train:
-        train_rows = [train_rows[i] for i in sorted(rng.choice(len(train_rows), max_train, replace=False))]
+    _, _, train_rows, val_rows = split_rows(data, max_train, rng)
+    val_rows = [r for r in val_rows if r.get("mask")]
     if not train_rows or not val_rows:
         raise ValueError(f"need train rows and val rows with masks ({len(train_rows)}, {len(val_rows)})")
     arch = default_arch(image_size)
@@ -181,15 +176,11 @@ def train_finder(
         "hyper": {"epochs": epochs, "image_size": image_size, "batch_size": batch_size, "lr": lr, "max_train": max_train},
         "seed": seed,
         "train_seconds": round(time.time() - t_begin, 1),
-        "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": run_command(command),
         "torch": torch.__version__,
         "device": device.type,
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"arch": arch, "state_dict": best_state, "meta": json.loads(json.dumps(meta))}, tmp)
-    tmp.replace(out)
+    save_checkpoint(out, arch, best_state, meta)
     log(f"[lesion] saved {out} (best val Dice {best:.3f}, {meta['train_seconds']} s)")
     return meta
 
