@@ -16,6 +16,7 @@ from lookalike.dicom_io import ImageTooLargeError, decode_image, read_dataset
 from lookalike.dicom_io import decode as decode_module
 from lookalike.dicom_io.decode import MAX_FRAMES, TARGET_SIDE, _frames_to_use
 from lookalike.dicom_io.samples import wrap_image
+from lookalike.imaging_region import find_imaging_region
 
 
 def _path(name: str) -> str:
@@ -78,6 +79,29 @@ def test_no_region_found_in_a_full_frame_image() -> None:
 def test_x_ray_is_not_cropped() -> None:
     image = decode_image(_wrap(_scan_with_annotations(), "DX"))
     assert image.region is None and image.pixels.shape == (400, 500)
+
+
+def test_the_larger_of_two_scan_areas_is_the_region_and_a_dark_frame_has_none() -> None:
+    rng = np.random.default_rng(2)
+    screen = np.zeros((300, 600), np.float32)
+    screen[40:260, 20:260] = rng.uniform(0.2, 0.8, (220, 240))  # the larger area
+    screen[100:200, 400:560] = rng.uniform(0.2, 0.8, (100, 160))  # a smaller one (a thumbnail, a second view)
+    x0, y0, x1, y1 = find_imaging_region(screen)
+    assert 10 <= x0 <= 20 and 30 <= y0 <= 40 and 260 <= x1 <= 270 and 260 <= y1 <= 270, (x0, y0, x1, y1)
+    assert find_imaging_region(np.zeros((300, 600), np.float32)) is None
+    assert find_imaging_region(np.full((12, 600), 0.5, np.float32)) is None  # too few blocks to search
+
+
+def test_training_reads_a_png_cropped_as_decoding_crops_the_instance(tmp_path) -> None:
+    from PIL import Image
+
+    from lookalike.encoders.preprocessing import load_image_with_region
+
+    screen = _scan_with_annotations(3)
+    Image.fromarray(screen).save(tmp_path / "scan.png")
+    pixels, box = load_image_with_region(tmp_path / "scan.png", "us")
+    assert box == decode_image(_wrap(screen, "US")).region
+    assert pixels.shape == (box[3] - box[1], box[2] - box[0])
 
 
 def test_declared_2d_region_wins_and_other_regions_are_ignored() -> None:
