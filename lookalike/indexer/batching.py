@@ -138,9 +138,11 @@ class _Batcher:
             return
         self.first_at = self.first_at or time.monotonic()
         waited = time.monotonic() - self.first_at
-        if waited >= self.task.batch_wait and self.busy < max(1, self.pool.limit or 1):
-            batch, self.buffer, self.first_at = self.buffer, [], None
-            self.dispatch(batch)
+        if waited >= self.task.batch_wait:
+            if self.busy < max(1, self.pool.limit or 1):
+                batch, self.buffer, self.first_at = self.buffer, [], None
+                self.dispatch(batch)
+            # else: the batch running calls this again when it returns; meanwhile this one grows
         elif self.tref is None:
             self.tref = self.timer.call_after(max(self.task.batch_wait - waited, 0.001), self._tick, priority=6)
 
@@ -162,9 +164,12 @@ class _Batcher:
 
         def failed(exc_info: Any) -> None:
             self.busy -= 1
-            lost = isinstance(getattr(exc_info, "exception", None), WorkerLostError)
-            log.error("%s: a batch of %d %s: requeued, each alone", self.task.name, len(batch),
-                      "lost with its pool process" if lost else f"failed ({exc_info})")
+            kind = getattr(exc_info, "type", None)
+            if isinstance(kind, type) and issubclass(kind, WorkerLostError):
+                log.error("%s: a batch of %d lost with its pool process: requeued, each alone", self.task.name,
+                          len(batch))
+            else:
+                log.error("%s: a batch of %d failed: requeued, each alone\n%s", self.task.name, len(batch), exc_info)
             for r in batch:
                 self.losses[r.id] = self.losses.get(r.id, 0) + 1
                 r.reject(requeue=True)

@@ -230,6 +230,7 @@ def _index(task: Task, items: list[Item], requests: list) -> None:
             send(TASK_EMBED, [asdict(job)], queue=EMBED_QUEUE)
         _write(gone)
         return
+    log.info("embedding a batch of %d instance(s)", len(jobs))
     results = embedder().run([job for _, job in jobs])
     _write(gone + _settle(task, [item for item, _ in jobs], results, task.home_queue))
 
@@ -292,6 +293,7 @@ class _Embed(_Batched):
         jobs = [Job.from_dict(item.args[0]) for item in items]
         gone = [_given_up(job.instance_id, job.study_id) for item, job in zip(items, jobs) if item.given_up]
         live = [item for item in items if not item.given_up]
+        log.info("embedding a batch of %d instance(s)", len(live))
         results = embedder().run([job for item, job in zip(items, jobs) if not item.given_up])
         results = gone + _settle(self, live, results, EMBED_QUEUE)
         if results:
