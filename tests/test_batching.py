@@ -255,3 +255,33 @@ class TestRealWorker:
                 expected, _ = _instance_vector(encoder, decode_image(read_dataset(path.read_bytes())))
                 np.testing.assert_allclose(by_sop[pydicom.dcmread(path).SOPInstanceUID], expected, rtol=0, atol=1e-5)
             catalogue.close()
+
+    def test_split_embedding_worker_and_writer(self, tmp_path: Path) -> None:
+        """``remote_embedding``: the writer (the plugin's queue and lookalike.write) plans and writes, never loading
+        torch; the embedding worker (lookalike.embed) embeds, never opening the index. Every instance indexed once."""
+        from lookalike.config import EMBED_QUEUE, QUEUE, WRITE_QUEUE
+        from lookalike.indexer.catalogue import CATALOGUE_FILE
+        from lookalike.stack import Stack, StackConfig, storescu
+
+        require_programs("Orthanc", "redis-server", "storescu")
+        config = StackConfig.create(tmp_path / "stack", extra_settings={"catch_up_interval": 0,
+                                                                        "remote_embedding": True})
+        files = _instances(tmp_path, 20, "S")
+        with Stack(config, worker=False) as stack:
+            stack.start_worker("writer", queues=(QUEUE, WRITE_QUEUE))
+            stack.start_worker("embedder", queues=(EMBED_QUEUE,))
+            for name in ("writer", "embedder"):
+                wait_for(lambda: stack.worker_ready(name), timeout=60, what=name)
+            assert storescu(config, files).returncode == 0
+            wait_for(lambda: len(live_rows(stack)) >= len(files), timeout=300, interval=0.5, what="every instance")
+            rows = live_rows(stack)
+            assert len(rows) == len({instance for _, instance, _, _ in rows}) == len(files)
+            [writer] = _children(stack.procs["writer"].pid)
+            [embedder] = _children(stack.procs["embedder"].pid)
+            assert _maps_torch(embedder) and not _maps_torch(writer)
+            opened = lambda pid: {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()  # noqa: E731
+                                  if fd.is_symlink()}
+            catalogue = str(config.state_dir / "index" / CATALOGUE_FILE)
+            assert catalogue in opened(writer) and not any(str(config.state_dir / "index") in f for f in opened(embedder))
+            embed_log = (config.logs / "embedder.log").read_text()
+            assert "embedding a batch of" in embed_log and "embedding a batch" not in (config.logs / "writer.log").read_text()
