@@ -93,6 +93,9 @@ class StackConfig:
     #: That cluster's port (0: none chosen yet) and the password of Orthanc's role in it.
     postgres_port: int = 0
     postgres_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    #: Addresses Redis listens on: loopback, and the index host's address on its workers' network when embedding
+    #: workers run on other hosts (deploy/SCALE_OUT.md). Every client must give Redis's password.
+    redis_bind: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     #: Ports changed at start because another program held them (not saved: the caller saves the config).
     moved_ports: list[str] = field(default_factory=list)
 
@@ -105,7 +108,8 @@ class StackConfig:
             dicom_port=kw.pop("dicom_port", None) or free_port(),
             redis_port=kw.pop("redis_port", None) or free_port(),
             query_port=kw.pop("query_port", None) or free_port(),
-            postgres_port=kw.pop("postgres_port", None) or (free_port() if kw.get("orthanc_index") == "postgresql" else 0),
+            postgres_port=kw.pop("postgres_port", None)
+            or (free_port() if kw.get("orthanc_index") == "postgresql" else 0),
             admin_password=secrets.token_urlsafe(12),
             service_password=secrets.token_urlsafe(18),
             **kw,
@@ -242,9 +246,11 @@ class StackConfig:
 
 
 def redis_conf(cfg: StackConfig) -> str:
-    """Redis's configuration: loopback only, a password, an append-only file so queued tasks survive a restart."""
+    """Redis's configuration: loopback (and ``redis_bind``), a password, an append-only file so queued tasks survive
+    a restart."""
     return "\n".join([
-        "bind 127.0.0.1", f"port {cfg.redis_port}", f"dir {cfg.state_dir / 'redis'}", "appendonly yes", 'save ""',
+        f"bind {' '.join(cfg.redis_bind)}", f"port {cfg.redis_port}", f"dir {cfg.state_dir / 'redis'}",
+        "appendonly yes", 'save ""',
         f"logfile {cfg.logs / 'redis.log'}", f"requirepass {cfg.redis_password}", "",
     ])
 
@@ -435,7 +441,8 @@ class Stack:
 
     def _start_postgres(self) -> None:
         """The stack's PostgreSQL cluster (made by ``write_configs``), as its own user; settings in its data folder."""
-        self._spawn("postgres", as_postgres_account([postgres_program("postgres"), "-D", str(self.config.postgres_dir)]))
+        argv = [postgres_program("postgres"), "-D", str(self.config.postgres_dir)]
+        self._spawn("postgres", as_postgres_account(argv))
 
     def _start_orthanc(self, config_path: Path) -> None:
         orthanc = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
