@@ -35,19 +35,20 @@ def _service(unit: Path) -> configparser.SectionProxy:
     return parser["Service"]
 
 
-def _command(unit: Path, state: Path) -> tuple[list[str], dict[str, str]]:
-    """The unit's ExecStart and Environment with this machine's paths: state folder, venv, Orthanc."""
+def _command(unit: Path, state: Path, instance: str = "1") -> tuple[list[str], dict[str, str]]:
+    """The unit's ExecStart and Environment with this machine's paths: state folder, venv, Orthanc; a template
+    unit as ``instance``."""
     service = _service(unit)
 
     def local(text: str) -> str:
-        text = text.replace("/var/lib/lookalike", str(state)).replace("%i", "1").replace("%%", "%")
+        text = text.replace("/var/lib/lookalike", str(state)).replace("%i", instance).replace("%%", "%")
         return text.replace("/opt/lookalike/.venv/bin/python", sys.executable).replace(
             "/usr/sbin/Orthanc", shutil.which("Orthanc") or "/usr/sbin/Orthanc")
 
     env = dict(os.environ)
     for line in service.get("Environment", "").splitlines():
-        if line.strip():
-            key, value = local(line.strip()).split("=", 1)
+        for assignment in shlex.split(local(line)):  # systemd: several KEY=VALUE on one line
+            key, value = assignment.split("=", 1)
             env[key] = value
     return shlex.split(local(service["ExecStart"])), env
 
