@@ -1,17 +1,16 @@
-"""One FAISS index per (encoder, model_version): exact cosine search over catalogue ids.
+"""An exact in-memory FAISS index keyed by catalogue id, and the checks every stored vector passes.
 
-An exact flat index is used on purpose: a hospital archive holds at most a few million US/X-ray instances per
-encoder, which a flat inner-product scan handles in milliseconds, and exact results need no tuning or training.
-Vectors are L2-normalised so that inner product is cosine similarity; ``IndexIDMap2`` keys them by catalogue id so
-that an instance can be replaced or removed without rebuilding.
+:class:`VectorIndex` is the *tail* of a segmented index (:mod:`lookalike.indexer.segments`): the vectors changed
+since the last save, a few hundred at most in a writer. Vectors are L2-normalised so that inner product is cosine
+similarity; ``IndexIDMap2`` keys them by catalogue id so that an instance can be replaced or removed in place.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import faiss
 import numpy as np
@@ -105,12 +104,6 @@ class VectorIndex:
             raise ValueError(f"dimension must be positive, got {dim}")
         self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(int(dim)))
 
-    @classmethod
-    def _wrap(cls, index: faiss.Index) -> "VectorIndex":
-        self = cls.__new__(cls)
-        self._index = index
-        return self
-
     @property
     def dim(self) -> int:
         return int(self._index.d)
@@ -121,6 +114,14 @@ class VectorIndex:
     def ids(self) -> np.ndarray:
         """The ids held, in storage order."""
         return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+
+    def vectors(self) -> np.ndarray:
+        """The (unit) vectors held, in storage order (as :meth:`ids`); a copy."""
+        inner = faiss.downcast_index(self._index.index)
+        n, d = len(self), self.dim
+        if n == 0:
+            return np.empty((0, d), dtype=np.float32)
+        return faiss.rev_swig_ptr(inner.get_xb(), n * d).reshape(n, d).copy()
 
     def add_or_replace(self, ids: np.ndarray | list[int], vectors: np.ndarray) -> None:
         """Add ``vectors`` under ``ids``; an id already present is replaced, so each id has one entry.
@@ -158,33 +159,3 @@ class VectorIndex:
             return np.empty((unit.shape[0], 0), dtype=np.float32), np.empty((unit.shape[0], 0), dtype=np.int64)
         scores, ids = self._index.search(unit, k)
         return scores, ids.astype(np.int64, copy=False)
-
-    def save(self, path: str | Path) -> None:
-        """Write the index to ``path`` atomically (see :func:`atomic_write`)."""
-        atomic_write(path, lambda temp: faiss.write_index(self._index, temp))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "VectorIndex":
-        """Read an index written by :meth:`save`.
-
-        Raises
-        ------
-        FileNotFoundError
-            No file at ``path``.
-        ValueError
-            The file is not a readable ``IndexIDMap2`` over a flat inner-product index (truncated, corrupt, or
-            something else); the caller rebuilds from the catalogue.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(path)
-        try:
-            index = faiss.read_index(str(path))
-        except RuntimeError as error:
-            raise ValueError(f"cannot read FAISS index {path}: {error}") from error
-        if not isinstance(index, faiss.IndexIDMap2):
-            raise ValueError(f"{path} holds a {type(index).__name__}, expected IndexIDMap2")
-        inner = faiss.downcast_index(index.index)
-        if not isinstance(inner, faiss.IndexFlatIP):
-            raise ValueError(f"{path} wraps a {type(inner).__name__}, expected IndexFlatIP")
-        return cls._wrap(index)
