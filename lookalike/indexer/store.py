@@ -521,7 +521,7 @@ class IndexStore:
         if self.readonly:
             raise PermissionError(f"index store {self.index_dir} is open read-only")
         with self._flock(COMPACT_LOCK_FILE, blocking) as held:
-            if not held:
+            if not held or self._closing:
                 return 0
             if encoder is None and model_version is None:
                 keys = self.catalogue.index_keys()
@@ -556,9 +556,9 @@ class IndexStore:
                   if ids.size else None)
         del vectors
         with self._writing():
-            state = self._refresh_key(key)
-            current = {p.segment.name: p for p in state.index.parts} if state.index is not None else {}
-            if self._closing or state.snapshot_bad or not set(planned) <= set(current):
+            state = None if self._closing else self._refresh_key(key)
+            current = {p.segment.name: p for p in state.index.parts} if state and state.index is not None else {}
+            if state is None or state.snapshot_bad or not set(planned) <= set(current):
                 if merged is not None:  # closing, or replaced meanwhile (a rebuild): this merge is moot
                     for suffix in (".faiss", ".ids.npy"):
                         (folder / f"{merged.name}{suffix}").unlink(missing_ok=True)
