@@ -230,6 +230,41 @@ def test_the_page_shows_images_side_by_side_and_no_other_patients_identity(explo
         "() => $('.lookalike-result:first img').toArray().every(i => i.complete && i.naturalWidth > 0)")
 
 
+def test_the_lesions_each_match_was_made_from_are_outlined_on_both_images(explorer: Explorer, corpus: dict,
+                                                                          stack: Stack) -> None:
+    """Where the lesion finder found a lesion, its box is drawn over that image at the place it covers in the
+    stored pixels (read from Orthanc's Rows and Columns, not from the page); an image without one has no outline."""
+    explorer.open("a")
+    explorer.look_up()
+    http, url = stack.http(), stack.config.orthanc_url
+    answer = http.get(f"{url}/lookalike/studies/{corpus['ids']['a']}/similar", params={"limit": 10},
+                      timeout=30).json()
+    expected = {}
+    for s in answer["similar"]:
+        match = s["best_match"]
+        expected[(s["orthanc_study_id"], 0)] = (match["query_orthanc_instance_id"], match["query_lesion_box"])
+        expected[(s["orthanc_study_id"], 1)] = (match["orthanc_instance_id"], match["lesion_box"])
+    assert any(box for _, box in expected.values()), "the corpus should hold a lesion the finder finds"
+    explorer.page.wait_for_function(
+        "() => $('.lookalike-result img').toArray().every(i => i.complete && i.naturalWidth > 0)")
+    drawn = explorer.page.eval_on_selector_all(".lookalike-result", """rows => rows.flatMap(r =>
+        Array.from(r.querySelectorAll('.lookalike-image')).map((f, i) => {
+          const img = f.querySelector('img').getBoundingClientRect(), o = f.querySelector('.lookalike-lesion');
+          const box = o && o.getBoundingClientRect();
+          return [r.dataset.study, i, [img.width, img.height],
+                  box && [box.left - img.left, box.top - img.top, box.right - img.left, box.bottom - img.top]];
+        }))""")
+    assert len(drawn) == len(expected)
+    for study, column, (width, height), outline in drawn:
+        instance, box = expected[(study, column)]
+        if box is None:
+            assert outline is None
+            continue
+        tags = http.get(f"{url}/instances/{instance}/simplified-tags", timeout=10).json()
+        sx, sy = width / int(tags["Columns"]), height / int(tags["Rows"])
+        assert outline == pytest.approx([box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy], abs=1.5)
+
+
 def test_a_site_that_discloses_other_patients_sees_them(browser, tmp_path: Path) -> None:
     """``disclose_other_patients`` in Orthanc's "Lookalike" section opens up the REST answer and the page."""
     config = StackConfig.create(tmp_path / "stack", extra_settings={"disclose_other_patients": True})

@@ -78,10 +78,25 @@
     return shown;
   }
 
-  function preview(instance, alt) {
+  // An instance's preview, with the lesion its vector was made from outlined. The box is in the image's stored
+  // pixels, the grid Orthanc's preview is drawn on, so it scales with the picture as shown.
+  function preview(instance, alt, box) {
     if (!instance) return $('<span>').text('(no image)');
-    return $('<img>').attr({ src: '../instances/' + instance + '/preview', alt: alt, height: 128 })
-      .css({ 'max-width': '192px', 'object-fit': 'contain', background: '#000' });
+    var frame = $('<span>').addClass('lookalike-image').css({ position: 'relative', display: 'inline-block' });
+    var img = $('<img>').attr({ src: '../instances/' + instance + '/preview', alt: alt })
+      .css({ 'max-width': '192px', 'max-height': '128px', background: '#000', display: 'block' });
+    frame.append(img);
+    if (!box) return frame;
+    var outline = $('<span>').addClass('lookalike-lesion').attr('title', 'lesion the match was made from (confidence ' +
+      box[4].toFixed(2) + ')').css({ position: 'absolute', border: '2px solid #ffd400', 'box-sizing': 'border-box',
+      'pointer-events': 'none', display: 'none' });
+    frame.append(outline);
+    img.bind('load', function() {
+      var sx = this.clientWidth / this.naturalWidth, sy = this.clientHeight / this.naturalHeight;
+      outline.css({ left: box[0] * sx, top: box[1] * sy, width: (box[2] - box[0]) * sx,
+        height: (box[3] - box[1]) * sy, display: 'block' });
+    });
+    return frame;
   }
 
   function formatDate(d) {
@@ -95,7 +110,9 @@
       return;
     }
     say(answer.similar.length + ' most similar ' + (answer.scope == 'patient' ? "of this patient's studies" :
-      'studies of all patients') + '; the score is the cosine similarity of the best-matching image pair.');
+      'studies of all patients') + '; the score is the cosine similarity of the best-matching image pair' +
+      (answer.similar.some(function(s) { return s.best_match.lesion_box; }) ?
+        ', outlined in yellow: the lesion each image was matched on.' : '.'));
     var disclosed = answer.similar.some(function(s) { return 'patient_id' in s; });
     var head = $('<tr>').append($('<th>').text('#'), $('<th>').text('This study'), $('<th>').text('Similar study'),
       $('<th>').text('Score'), $('<th>').text('Date'), $('<th>').text('Modality'), $('<th>').text('Patient'),
@@ -108,8 +125,10 @@
         'data-ajax': 'false', title: s.modality + ' study ' + s.study_instance_uid }).text('Open study');
       table.append($('<tr>').addClass('lookalike-result').attr('data-study', s.orthanc_study_id).append(
         $('<td>').addClass('lookalike-rank').text(s.rank),
-        $('<td>').append(preview(s.best_match.query_orthanc_instance_id, 'matched image of this study')),
-        $('<td>').append(preview(s.best_match.orthanc_instance_id, 'best-matching image of study #' + s.rank)),
+        $('<td>').append(preview(s.best_match.query_orthanc_instance_id, 'matched image of this study',
+          s.best_match.query_lesion_box)),
+        $('<td>').append(preview(s.best_match.orthanc_instance_id, 'best-matching image of study #' + s.rank,
+          s.best_match.lesion_box)),
         $('<td>').addClass('lookalike-score').text(s.score.toFixed(4)),
         $('<td>').text(formatDate(s.study_date)),
         $('<td>').text(s.modality),
