@@ -6,7 +6,10 @@ DICOM decoding are not part of it; for ``us`` the lesion finder and both views (
 are. For ``us`` the time at batch 32 is also split into its stages (lesion finder, crops and preprocessing,
 VAE encoder over every view, refinement, head). Goal: >= 20 US images/s at batch 32, lesion finder included.
 
-    .venv/bin/python bench/encoder_throughput.py [--threads 1] [--images 96] [--repeats 3]
+    .venv/bin/python bench/encoder_throughput.py [--threads 1] [--images 96] [--repeats 3] [--device cpu]
+
+``--device`` is the worker's setting (``cpu``, ``cuda``, ``cuda:N``, ``auto``); on a GPU the forward runs under
+autocast (float16) as in the worker, and the per-stage split (CPU only) is left out.
 """
 
 from __future__ import annotations
@@ -68,18 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (the worker uses 1)")
     p.add_argument("--images", type=int, default=96, help="images per timed pass (a multiple of 32)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (the worker's setting)")
     a = p.parse_args(argv)
 
     import torch
 
     from lookalike.encoders import load_encoder
+    from lookalike.encoders.base import resolve_device
 
     torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {a.images} images per pass, median of {a.repeats}")
+    device = resolve_device(a.device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {device}, {a.images} images per "
+          f"pass, median of {a.repeats}")
     print(f"{'encoder':24s} {'batch':>5s} {'ms/image':>9s} {'images/s':>9s}  images")
     stages: dict[str, float] = {}
     for name in ("us", "xr"):
-        enc = load_encoder(name)
+        enc = load_encoder(name, device=device)
         images, what = sample_images(name, a.images)
         for batch in (1, 32):
             enc.batch_size = batch
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         t = best_of(lambda: enc.embed(big), a.repeats)
         print(f"{enc.model_version:24s} {32:5d} {1000 * t / 32:9.2f} {32 / t:9.1f}  the same, upsampled to {rows}x{cols} px")
         enc.batch_size = 64
-        if name == "us":
+        if name == "us" and device == "cpu":
             from lookalike.encoders.lesion import prepare_views
 
             net = enc.net
@@ -117,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                     stages["DDIM refinement"] = best_of(lambda: net.refine(z), a.repeats)
                 stages["head"] = best_of(lambda: net.head(feats), a.repeats)
     total = sum(stages.values())
+    if not stages:
+        return 0
     print("\nus at batch 32, per image, by stage:")
     for stage, t in stages.items():
         print(f"  {stage:16s} {1000 * t / 32:7.2f} ms  {100 * t / total:5.1f} %")
