@@ -112,7 +112,8 @@ def _batch(folder: Path) -> list[Path]:
     samples = sorted(SAMPLES.glob("us_*.dcm"))[-(STUDIES // 2):] + sorted(SAMPLES.glob("xr_*.dcm"))[-(STUDIES // 2):]
     files = []
     for s, sample in enumerate(samples):
-        image, modality = pydicom.dcmread(sample).pixel_array, pydicom.dcmread(sample).Modality
+        source = pydicom.dcmread(sample)
+        image, modality = source.pixel_array, source.Modality
         study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
         for i in range(PER_STUDY):
             variant = np.rot90(np.fliplr(image), k=i)
