@@ -309,6 +309,7 @@ def init_postgres(cfg: StackConfig) -> None:
         # Built aside, then renamed: a failed creation leaves no half-made cluster that a restart would take as done.
         fresh = root / "init"
         shutil.rmtree(fresh, ignore_errors=True)
+        # initdb wants some authentication for the superuser; pg_hba.conf is replaced below all the same.
         _run_as_postgres([postgres_program("initdb"), "-D", str(fresh), "-U", "postgres", "--auth-local=peer",
                           "--auth-host=reject", "-E", "UTF8", "--locale=C"], root)
         _write_postgres_conf(cfg, fresh, account)
@@ -325,6 +326,8 @@ def init_postgres(cfg: StackConfig) -> None:
 
 
 def _run_as_postgres(argv: list[str], cwd: Path, stdin: str = "") -> None:
+    """Run a PostgreSQL program to its end as the cluster's user; its error output in the exception if it fails
+    (single-user mode reports a failed statement with ERROR and still exits 0)."""
     done = subprocess.run(as_postgres_account(argv), cwd=cwd, input=stdin, capture_output=True, text=True,
                           umask=0o077, timeout=120)
     if done.returncode != 0 or "ERROR:" in done.stderr:
