@@ -77,7 +77,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = config.settings()
     callers = ", ".join(f"{aet} from {' '.join(hosts)}" for aet, hosts in settings.query_allowed.items())
     print(f"lookalike: DICOM query endpoint {settings.query_aet} on :{config.query_port} (C-FIND similar studies,"
-          f" C-MOVE, C-ECHO) answers {callers}; audit trail {settings.audit_log}")
+          f" C-MOVE, C-ECHO) answers {callers}, and the REST routes' lookups on {settings.lookup_socket};"
+          f" audit trail {settings.audit_log}")
     stopping = False
 
     def stop(*_: object) -> None:

@@ -83,6 +83,14 @@ class Settings:
     query_timeout: float = 30.0
     #: Rank and similarity also at the head of StudyDescription, the column every workstation's study list shows.
     query_score_in_description: bool = True
+    #: The query endpoint's process also answers the REST routes' lookups (Orthanc's process never loads the
+    #: index): over this Unix socket, created owner-only (0600), each request carrying ``lookup_secret``, a
+    #: generated secret that lives only in the owner-only settings files (never on a command line).
+    lookup_socket: str = "var/lookup.sock"
+    lookup_secret: str = ""
+    #: Seconds a REST route waits for the query service before answering 503: Orthanc's HTTP thread is not held
+    #: longer than this when the service is down, starting or stuck.
+    lookup_timeout: float = 5.0
 
     @classmethod
     def from_dict(cls, data: dict) -> "Settings":

@@ -77,6 +77,8 @@ class StackConfig:
     query_port: int = 0
     #: Redis's own password: the broker carries tasks that erase studies from the index (``forget``).
     redis_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    #: The secret the plugin shows the query service with each lookup (``Settings.lookup_secret``).
+    lookup_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     stable_age: int = 2
     with_plugin: bool = True
     #: Encoder name -> checkpoint path, replacing the shipped weights (a hospital's own model).
@@ -121,6 +123,8 @@ class StackConfig:
             data = json.loads(path.read_text())
             data["state_dir"] = Path(data["state_dir"])
             cfg = cls(**data)
+            if "lookup_secret" not in data:  # a stack.json older than the lookup service: keep the new secret
+                cfg.save(path)
             if cfg.query_port and (cfg.postgres_port or cfg.orthanc_index != "postgresql"):
                 return cfg
             # Kept from now on, so that workstations keep finding the query endpoint.
@@ -191,6 +195,8 @@ class StackConfig:
             query_host="127.0.0.1",
             query_port=self.query_port,
             query_allowed={aet: ["127.0.0.1"] for aet in QUERY_CALLERS},
+            lookup_socket=str(self.state_dir / "lookup.sock"),
+            lookup_secret=self.lookup_secret,
             **self.extra_settings,
         )
 
@@ -455,7 +461,8 @@ class Stack:
         )
 
     def _start_query_scp(self, settings_path: Path) -> None:
-        """The DICOM query endpoint, a process of its own beside Orthanc (see ``lookalike.indexer.query_scp``)."""
+        """The DICOM query endpoint, a process of its own beside Orthanc that also answers the REST routes' lookups
+        (see ``lookalike.indexer.query_scp``); its secret is read from the settings file, never the command line."""
         self._spawn(
             "query-scp",
             [sys.executable, "-m", "lookalike.cli", "--config", str(settings_path), "query-scp",
@@ -536,8 +543,18 @@ class Stack:
         return subprocess.run(probe, timeout=10).returncode == 0
 
     def _query_scp_ready(self) -> bool:
+        """The query endpoint answers on its DICOM port and on its lookup socket (it listens once its index is
+        loaded)."""
+        from lookalike.indexer.lookup_service import LookupClient, LookupUnavailable
+
         with socket.create_connection(("127.0.0.1", self.config.query_port), timeout=1):
-            return True
+            pass
+        settings = self.config.settings()
+        try:
+            LookupClient(settings.lookup_socket, settings.lookup_secret, 2.0).ping()
+        except LookupUnavailable:
+            return False
+        return True
 
     def http(self, user: str = "admin") -> requests.Session:
         """An HTTP session on Orthanc with the named user's credentials."""

@@ -19,6 +19,7 @@ from pydicom.uid import KeyObjectSelectionDocumentStorage, generate_uid
 from lookalike.dicom_io.kos import DOCUMENT_TITLE, KOS_SERIES_DESCRIPTION, build_prior_selection
 from lookalike.dicom_io.sr import SimilarCase
 from lookalike.indexer.audit import AuditLog, read_entries
+from lookalike.indexer.lookup_service import LocalLookups
 from lookalike.indexer.store import IndexStore
 from lookalike.orthanc_rest import HttpOrthanc
 from lookalike.plugin import rest
@@ -230,7 +231,7 @@ def api(stack: Stack) -> HttpOrthanc:
 @pytest.fixture(scope="module")
 def store(stack: Stack):
     with IndexStore(stack.config.settings().index_dir, readonly=True) as s:
-        yield s
+        yield LocalLookups(s)
 
 
 def stored(api: HttpOrthanc, instance: str, tmp_path: Path, name: str) -> Path:
@@ -273,7 +274,7 @@ class TestFiledFromStoredInstances:
     def test_the_lookup_is_in_the_audit_trail(self, api, store, corpus: dict, tmp_path) -> None:
         audit = AuditLog(tmp_path / "audit.jsonl")
 
-        _, answer = rest.similar_kos(api, store, corpus["ids"]["a"], limit=1, audit=audit, who="reader")
+        _, answer = rest.similar_kos(api, LocalLookups(store.store, audit), corpus["ids"]["a"], limit=1, who="reader")
 
         [entry] = read_entries(tmp_path / "audit.jsonl")
         assert (entry["who"], entry["via"], entry["action"], entry["scope"]) == ("reader", "rest", "kos", "patient")

@@ -145,3 +145,39 @@ class TestTaskSender:
         sender.join()
         assert sent == [["after"]]
         sender.close()
+
+
+REGISTER_WITHOUT_ORTHANC = """
+import json, sys
+from types import SimpleNamespace
+
+calls = []
+section = {"index_dir": sys.argv[1], "redis_url": "redis://127.0.0.1:1/0", "lookup_socket": sys.argv[1] + "/s"}
+orthanc = SimpleNamespace(
+    GetConfiguration=lambda: json.dumps({"Lookalike": section}),
+    RegisterOnChangeCallback=lambda *a: calls.append("change"),
+    RegisterRestCallback=lambda uri, cb: calls.append(uri),
+    ExtendOrthancExplorer=lambda js: calls.append("explorer"),
+    LogWarning=print, LogError=print, LogInfo=print,
+    ChangeType=SimpleNamespace(NEW_INSTANCE=3, STABLE_STUDY=9, DELETED=1),
+    ResourceType=SimpleNamespace(PATIENT=0, STUDY=1, SERIES=2, INSTANCE=3),
+)
+from lookalike.plugin.entry import register
+register(orthanc)
+print(json.dumps({"routes": calls, "loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("faiss", "torch"))
+                  + sorted(m for m in sys.modules if m in ("lookalike.indexer.store", "lookalike.indexer.vector_index"))}))
+"""
+
+
+def test_the_plugin_registers_without_loading_faiss_or_the_index(tmp_path) -> None:
+    """What ``register`` imports in Orthanc's process: the routes, but neither FAISS, torch nor the index store
+    (lookups are the query service's; the stack test checks Orthanc's own memory map)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", REGISTER_WITHOUT_ORTHANC, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "/lookalike/studies/([^/]+)/similar" in result["routes"] and "/lookalike/status" in result["routes"]
+    assert result["loaded"] == []

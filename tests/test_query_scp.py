@@ -222,7 +222,8 @@ class TestSettings:
 @contextlib.contextmanager
 def _endpoint(stack: Stack, tmp_path: Path, **overrides: object) -> Iterator[int]:
     settings = dataclasses.replace(stack.config.settings(), query_port=free_port(),
-                                   audit_log=str(tmp_path / "audit.jsonl"), **overrides)
+                                   audit_log=str(tmp_path / "audit.jsonl"),
+                                   lookup_socket=str(tmp_path / "lookup.sock"), **overrides)
     endpoint = QueryEndpoint(settings)
     endpoint.start()
     try:

@@ -1,6 +1,7 @@
 """The REST handlers (``similar``, ``similar_report``, ``status``) as the plain functions they are, called with a real
-Orthanc (over HTTP) and the index its worker writes; and the routes themselves through Orthanc, for what only the
-plugin's wiring does (query-string decoding, the POST body, the disclosure setting)."""
+Orthanc (over HTTP) and lookups made in this process on the index its worker writes; and the routes themselves
+through Orthanc, where the query service answers the lookups, for what only the plugin's wiring does (query-string
+decoding, the POST body, the disclosure setting, the audit trail written by the query service)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pydicom
 import pytest
 
 from lookalike.indexer.audit import AuditLog, read_entries
+from lookalike.indexer.lookup_service import LocalLookups
 from lookalike.indexer.store import IndexStore
 from lookalike.orthanc_rest import HttpOrthanc
 from lookalike.plugin import rest
@@ -50,9 +52,15 @@ def api(stack: Stack) -> HttpOrthanc:
 
 
 @pytest.fixture(scope="module")
-def store(stack: Stack):
+def index(stack: Stack):
     with IndexStore(stack.config.settings().index_dir, readonly=True) as s:
         yield s
+
+
+@pytest.fixture(scope="module")
+def lookups(index: IndexStore) -> LocalLookups:
+    """Lookups in this process, recording nothing: the answers alone."""
+    return LocalLookups(index)
 
 
 def identities(corpus: dict, *names: str) -> list[str]:
@@ -62,8 +70,8 @@ def identities(corpus: dict, *names: str) -> list[str]:
 
 
 class TestSimilar:
-    def test_near_copy_first_without_the_other_patients_identity(self, api, store, corpus: dict) -> None:
-        status, body = rest.similar(api, store, corpus["ids"]["a"], limit=3)
+    def test_near_copy_first_without_the_other_patients_identity(self, api, lookups, corpus: dict) -> None:
+        status, body = rest.similar(api, lookups, corpus["ids"]["a"], limit=3)
         assert status == 200
         assert (body["study"], body["study_instance_uid"], body["scope"], body["limit"]) == (
             corpus["ids"]["a"], corpus["ds"]["a"].StudyInstanceUID, "archive", 3)
@@ -75,8 +83,8 @@ class TestSimilar:
             assert identity not in text
         assert "patient_id" not in first and "patient_name" not in first
 
-    def test_each_answer_names_the_query_image_it_matched(self, api, store, corpus: dict) -> None:
-        _, body = rest.similar(api, store, corpus["ids"]["a"], limit=1)
+    def test_each_answer_names_the_query_image_it_matched(self, api, lookups, corpus: dict) -> None:
+        _, body = rest.similar(api, lookups, corpus["ids"]["a"], limit=1)
         best = body["similar"][0]["best_match"]
         query_instance = json.loads(api.get_bytes(f"/instances/{best['query_orthanc_instance_id']}"))
         assert query_instance["MainDicomTags"]["SOPInstanceUID"] == corpus["ds"]["a"].SOPInstanceUID
@@ -84,31 +92,31 @@ class TestSimilar:
         match_instance = json.loads(api.get_bytes(f"/instances/{best['orthanc_instance_id']}"))
         assert match_instance["MainDicomTags"]["SOPInstanceUID"] == corpus["ds"]["b"].SOPInstanceUID
 
-    def test_disclosure_names_the_other_patients(self, api, store, corpus: dict) -> None:
-        _, body = rest.similar(api, store, corpus["ids"]["a"], limit=1, disclose=True)
+    def test_disclosure_names_the_other_patients(self, api, lookups, corpus: dict) -> None:
+        _, body = rest.similar(api, lookups, corpus["ids"]["a"], limit=1, disclose=True)
         first = body["similar"][0]
         assert (first["patient_id"], first["patient_name"], first["accession_number"]) == tuple(
             identities(corpus, "b"))
 
-    def test_patient_scope_answers_the_same_patients_priors_only(self, api, store, corpus: dict) -> None:
-        status, body = rest.similar(api, store, corpus["ids"]["a"], limit=10, scope="patient")
+    def test_patient_scope_answers_the_same_patients_priors_only(self, api, lookups, corpus: dict) -> None:
+        status, body = rest.similar(api, lookups, corpus["ids"]["a"], limit=10, scope="patient")
         assert status == 200 and body["scope"] == "patient"
         assert [s["orthanc_study_id"] for s in body["similar"]] == [corpus["ids"]["prior"]]
         assert body["similar"][0]["same_patient"] is True
-        _, archive = rest.similar(api, store, corpus["ids"]["a"], limit=100)
+        _, archive = rest.similar(api, lookups, corpus["ids"]["a"], limit=100)
         assert {corpus["ids"]["b"], corpus["ids"]["other"], corpus["ids"]["prior"]} <= {
             s["orthanc_study_id"] for s in archive["similar"]}
 
-    def test_unknown_study_is_404(self, api, store) -> None:
-        assert rest.similar(api, store, "not-a-study", limit=3)[0] == 404
+    def test_unknown_study_is_404(self, api, lookups) -> None:
+        assert rest.similar(api, lookups, "not-a-study", limit=3)[0] == 404
 
 
 class TestSimilarReport:
     def _report(self, api: HttpOrthanc, answer: dict) -> pydicom.Dataset:
         return pydicom.dcmread(io.BytesIO(api.get_bytes(f"/instances/{answer['report']}/file")))
 
-    def test_limit_is_honoured_and_the_series_is_dated(self, api, store, corpus: dict) -> None:
-        status, answer = rest.similar_report(api, store, corpus["ids"]["a"], limit=2)
+    def test_limit_is_honoured_and_the_series_is_dated(self, api, lookups, corpus: dict) -> None:
+        status, answer = rest.similar_report(api, lookups, corpus["ids"]["a"], limit=2)
         assert status == 200 and answer["limit"] == 2 and answer["similar"] == 2
         sr = self._report(api, answer)
         assert sr.StudyInstanceUID == corpus["ds"]["a"].StudyInstanceUID
@@ -123,31 +131,31 @@ class TestSimilarReport:
         for identity in identities(corpus, "b", "other"):
             assert identity.encode() not in data
 
-    def test_asking_again_returns_the_report_filed_before(self, api, store, corpus: dict) -> None:
+    def test_asking_again_returns_the_report_filed_before(self, api, lookups, corpus: dict) -> None:
         study = corpus["ids"]["other"]
         series_before = json.loads(api.get_bytes(f"/studies/{study}"))["Series"]
-        _, first = rest.similar_report(api, store, study, limit=3)
-        _, again = rest.similar_report(api, store, study, limit=3)
+        _, first = rest.similar_report(api, lookups, study, limit=3)
+        _, again = rest.similar_report(api, lookups, study, limit=3)
         assert first["existing"] is False and again["existing"] is True
         assert (again["report"], again["series"]) == (first["report"], first["series"])
-        _, other_limit = rest.similar_report(api, store, study, limit=2)
+        _, other_limit = rest.similar_report(api, lookups, study, limit=2)
         assert other_limit["existing"] is False and other_limit["report"] != first["report"]
-        _, other_scope = rest.similar_report(api, store, study, limit=3, scope="patient")
+        _, other_scope = rest.similar_report(api, lookups, study, limit=3, scope="patient")
         assert other_scope["existing"] is False and other_scope["similar"] == 0
         series_after = json.loads(api.get_bytes(f"/studies/{study}"))["Series"]
         assert len(series_after) == len(series_before) + 3
 
-    def test_unknown_study_is_404(self, api, store) -> None:
-        assert rest.similar_report(api, store, "not-a-study", limit=3)[0] == 404
+    def test_unknown_study_is_404(self, api, lookups) -> None:
+        assert rest.similar_report(api, lookups, "not-a-study", limit=3)[0] == 404
 
 
 class TestAudit:
-    def test_lookups_and_reports_are_recorded_with_the_user(self, api, store, corpus: dict, tmp_path: Path) -> None:
+    def test_lookups_and_reports_are_recorded_with_the_user(self, api, index, corpus: dict, tmp_path: Path) -> None:
         path = tmp_path / "audit.jsonl"
         with AuditLog(path) as audit:
-            _, answer = rest.similar(api, store, corpus["ids"]["a"], limit=2, scope="archive", audit=audit,
-                                     who="radiologist1")
-            rest.similar_report(api, store, corpus["ids"]["a"], limit=1, scope="patient", audit=audit, who="rad2")
+            lookups = LocalLookups(index, audit)
+            _, answer = rest.similar(api, lookups, corpus["ids"]["a"], limit=2, scope="archive", who="radiologist1")
+            rest.similar_report(api, lookups, corpus["ids"]["a"], limit=1, scope="patient", who="rad2")
         lookup, report = list(read_entries(path))
         assert (lookup["who"], lookup["via"], lookup["action"], lookup["scope"]) == (
             "radiologist1", "rest", "lookup", "archive")
@@ -158,15 +166,16 @@ class TestAudit:
         assert (report["who"], report["action"], report["scope"]) == ("rad2", "report", "patient")
         assert report["results"] == [corpus["ds"]["prior"].StudyInstanceUID]
 
-    def test_a_lookup_that_cannot_be_recorded_is_not_answered(self, api, store, corpus: dict,
+    def test_a_lookup_that_cannot_be_recorded_is_not_answered(self, api, index, corpus: dict,
                                                               tmp_path: Path) -> None:
         audit = AuditLog(tmp_path / "gone" / "audit.jsonl")
         shutil.rmtree(tmp_path / "gone")
+        lookups = LocalLookups(index, audit)
         try:
-            status, body = rest.similar(api, store, corpus["ids"]["a"], limit=2, audit=audit, who="x")
+            status, body = rest.similar(api, lookups, corpus["ids"]["a"], limit=2, who="x")
             assert status == 503 and "similar" not in body and "audit" in body["error"]
             series = json.loads(api.get_bytes(f"/studies/{corpus['ids']['other']}"))["Series"]
-            status, _ = rest.similar_report(api, store, corpus["ids"]["other"], limit=4, audit=audit, who="x")
+            status, _ = rest.similar_report(api, lookups, corpus["ids"]["other"], limit=4, who="x")
             assert status == 503
             assert json.loads(api.get_bytes(f"/studies/{corpus['ids']['other']}"))["Series"] == series
         finally:
@@ -182,18 +191,18 @@ class TestAudit:
 
 
 class TestStatus:
-    def test_counts_and_an_unreachable_broker(self, store, corpus: dict) -> None:
+    def test_counts_and_an_unreachable_broker(self, index, corpus: dict) -> None:
         def broken() -> int:
             raise ConnectionError("broker down")
 
-        status, body = rest.status(store, broken, pending=4)
+        status, body = rest.status(index.catalogue, broken, pending=4)
         assert status == 200
         assert body["queue"] == {"broker": None, "plugin_pending": 4, "broker_error": "broker down"}
         us = [c for c in body["indexed"] if c["modality"] == "US"]
         assert us and us[0]["instances"] >= len(corpus["ids"])
 
-    def test_queue_length_is_reported(self, store) -> None:
-        _, body = rest.status(store, lambda: 7)
+    def test_queue_length_is_reported(self, index) -> None:
+        _, body = rest.status(index.catalogue, lambda: 7)
         assert body["queue"]["broker"] == 7 and body["queue"]["broker_error"] is None
 
 

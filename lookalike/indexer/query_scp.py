@@ -2,7 +2,10 @@
 
 A pynetdicom SCP in a process of its own (``lookalike query-scp``, started by ``lookalike run``), beside Orthanc
 rather than inside it: a plugin's C-FIND callback would take over every C-FIND Orthanc receives, and the PACS's
-own study queries would have to be written again.
+own study queries would have to be written again. The same process is the *query service*: the only one that
+loads the index, it also answers the REST routes' lookups for the plugin (:mod:`lookalike.indexer.lookup_service`,
+over a Unix socket beside the DICOM port), so that Orthanc's process never holds FAISS. It loads the index before
+it listens: once it answers, its first lookup is as fast as any.
 
 The conversation, as a workstation sees it:
 
@@ -62,6 +65,7 @@ from lookalike.orthanc_rest import HttpOrthanc, OrthancApi, OrthancError, get_js
 
 from .audit import AuditLog
 from .lookup import SimilarStudy, StudyNotIndexedError, similar_studies
+from .lookup_service import LocalLookups, LookupServer
 from .store import IndexStore
 
 log = logging.getLogger("lookalike.query_scp")
@@ -345,7 +349,8 @@ def calling_allowed(allowed: dict[str, list[str]], aet: str, host: str) -> bool:
 
 
 class QueryEndpoint:
-    """The SCP: one pynetdicom AE with its handlers, the index read-only, Orthanc over HTTP, the audit trail.
+    """The SCP: one pynetdicom AE with its handlers, the index read-only, Orthanc over HTTP, the audit trail; and
+    the lookup service for the REST routes, on the same index and audit trail.
 
     Each association runs in a thread of its own (pynetdicom's, new for every association); the index store is
     thread-safe, and a request borrows an HTTP session with Orthanc from a pool, so that its kept-alive connection
@@ -356,6 +361,8 @@ class QueryEndpoint:
         self.settings = settings
         self.store = IndexStore(settings.index_dir, readonly=True)
         self.audit = AuditLog(settings.audit_log)
+        self.lookup_server = LookupServer(LocalLookups(self.store, self.audit), settings.lookup_socket,
+                                          settings.lookup_secret)
         self._sessions: queue.SimpleQueue[HttpOrthanc] = queue.SimpleQueue()
         self.ae = AE(ae_title=settings.query_aet)
         for context in (Verification, StudyRootQueryRetrieveInformationModelFind,
@@ -389,13 +396,27 @@ class QueryEndpoint:
             self._sessions.put(api)
 
     def start(self) -> None:
-        """Listen on ``query_host:query_port`` in background threads."""
+        """Load the index, then listen on ``query_host:query_port`` and on the lookup socket, in background threads.
+
+        Loading first means that a caller finds the service either not there yet (the REST routes answer 503 at
+        once) or ready to answer as fast as ever, never half-loaded with a first lookup that waits for the index.
+        """
         s = self.settings
+        started = time.perf_counter()
+        self.store.refresh()
+        log.info("index %s loaded in %.1f s", s.index_dir, time.perf_counter() - started)
         self.server = self.ae.start_server((s.query_host, s.query_port), block=False, evt_handlers=self.handlers)
+        try:
+            self.lookup_server.start()
+        except BaseException:
+            self.server.shutdown()
+            self.server = None
+            raise
         log.info("%s listening on %s:%d; allowed: %s", s.query_aet, s.query_host, s.query_port,
                  ", ".join(f"{aet} from {' '.join(hosts)}" for aet, hosts in s.query_allowed.items()) or "nobody")
 
     def stop(self) -> None:
+        self.lookup_server.stop()
         if self.server is not None:
             self.server.shutdown()
             self.server = None

@@ -2,6 +2,11 @@
 
 ``deploy/orthanc/lookalike_plugin.py`` (the script Orthanc loads) calls :func:`register` with the ``orthanc``
 module. Settings come from the ``"Lookalike"`` section of Orthanc's own configuration.
+
+Orthanc's process loads neither FAISS nor the index: lookups are the query service's, asked for over its socket
+(:class:`~lookalike.indexer.lookup_service.LookupClient`), and the catalogue is read here read-only (SQLite alone)
+for the status page, the reason a study is not indexed and a report's evidence. The query service writes the
+audit trail.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import json
 import traceback
 from importlib import resources
+from pathlib import Path
 from typing import Any, Callable
 
 from lookalike.config import QUEUE, Settings
@@ -54,17 +60,17 @@ def register(orthanc: Any) -> None:
     section = json.loads(orthanc.GetConfiguration()).get("Lookalike", {})
     settings = Settings.from_dict(section)
 
-    from lookalike.indexer.audit import AuditLog
+    from lookalike.indexer.catalogue import CATALOGUE_FILE, Catalogue
     from lookalike.indexer.celery_app import make_app
-    from lookalike.indexer.store import IndexStore
+    from lookalike.indexer.lookup_service import LookupClient, LookupUnavailable
 
     import redis
 
     app = make_app(settings)
     sender = TaskSender(app.send_task, on_error=orthanc.LogError)
     api = InProcessOrthanc(orthanc)
-    store = IndexStore(settings.index_dir, readonly=True)
-    audit = AuditLog(settings.audit_log)
+    catalogue = Catalogue(Path(settings.index_dir) / CATALOGUE_FILE, readonly=True)
+    lookups = LookupClient(settings.lookup_socket, settings.lookup_secret, settings.lookup_timeout, catalogue)
     broker = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
 
     orthanc.RegisterOnChangeCallback(ChangeHandler(orthanc, api, sender.send, orthanc.LogError))
@@ -84,6 +90,9 @@ def register(orthanc: Any) -> None:
                 status, body = handler(*request.get("groups", ()), query=query, who=who)
             except ValueError as exc:
                 status, body = 400, {"error": str(exc)}
+            except LookupUnavailable as exc:
+                orthanc.LogError(f"Lookalike: {uri} answered 503: {exc}")
+                status, body = rest.unavailable(exc)
             except Exception:
                 orthanc.LogError(f"Lookalike: {uri} failed: {traceback.format_exc()}")
                 status, body = 500, {"error": "internal error; see Orthanc's log"}
@@ -92,23 +101,22 @@ def register(orthanc: Any) -> None:
         return callback
 
     def similar(study_id: str, query: dict, who: str) -> rest.Response:
-        return rest.similar(api, store, study_id, rest.parse_limit(query.get("limit")),
+        return rest.similar(api, lookups, study_id, rest.parse_limit(query.get("limit")),
                             rest.parse_scope(query.get("scope")), disclose=settings.disclose_other_patients,
-                            pending=sender.pending(), audit=audit, who=who)
+                            pending=sender.pending(), who=who)
 
     def similar_report(study_id: str, query: dict, who: str) -> rest.Response:
-        return rest.similar_report(api, store, study_id, rest.parse_limit(query.get("limit")),
-                                   rest.parse_scope(query.get("scope")), pending=sender.pending(), audit=audit,
-                                   who=who)
+        return rest.similar_report(api, lookups, study_id, rest.parse_limit(query.get("limit")),
+                                   rest.parse_scope(query.get("scope")), pending=sender.pending(), who=who)
 
     def similar_kos(study_id: str, query: dict, who: str) -> rest.Response:
         if query.get("scope", "patient") != "patient":
             raise ValueError("a Key Object Selection lists the same patient's priors only: scope is patient")
-        return rest.similar_kos(api, store, study_id, rest.parse_limit(query.get("limit")), pending=sender.pending(),
-                                audit=audit, who=who)
+        return rest.similar_kos(api, lookups, study_id, rest.parse_limit(query.get("limit")),
+                                pending=sender.pending(), who=who)
 
     def status(query: dict, who: str) -> rest.Response:
-        return rest.status(store, lambda: broker.llen(QUEUE), sender.pending(), api)
+        return rest.status(catalogue, lambda: broker.llen(QUEUE), sender.pending(), api, lookups)
 
     orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar", route(similar, ("GET",)))
     orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar-report", route(similar_report, ("POST",)))
@@ -117,4 +125,5 @@ def register(orthanc: Any) -> None:
     orthanc.ExtendOrthancExplorer(resources.files("lookalike.plugin").joinpath("explorer.js").read_text())
     broker_at = redis.connection.parse_url(settings.redis_url)  # the URL holds Redis's password: not for the log
     orthanc.LogWarning(f"Lookalike {settings.index_dir}: plugin ready, queue {QUEUE} on Redis at "
-                       f"{broker_at.get('host', broker_at.get('path', '?'))}:{broker_at.get('port', '')}")
+                       f"{broker_at.get('host', broker_at.get('path', '?'))}:{broker_at.get('port', '')}, lookups "
+                       f"by the query service at {settings.lookup_socket}")

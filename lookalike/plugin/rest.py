@@ -1,8 +1,11 @@
 """The ``/lookalike/...`` REST routes, as plain functions of their inputs: (HTTP status, JSON body).
 
-They read the index the worker writes (read-only) and Orthanc's REST API in-process; no model runs here. Every
-answer goes through :meth:`SimilarStudy.as_public_dict`, so another patient's identity leaves the server only where
-the site's settings disclose it.
+The lookups themselves are the query service's (:mod:`lookalike.indexer.lookup_service`): in Orthanc's process
+the handlers get a :class:`~lookalike.indexer.lookup_service.LookupClient`, so that neither FAISS nor the index is
+ever loaded there, and read the catalogue read-only for what needs no index (why a study is not indexed, a report's
+evidence, the status). The query service records each lookup in the audit trail before it answers. Every answer
+goes through :meth:`SimilarStudy.as_public_dict`, so another patient's identity leaves the server only where the
+site's settings disclose it.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from urllib.parse import unquote_plus
 import pydicom
 
 import lookalike
-from lookalike.indexer.audit import AuditLog
+from lookalike.indexer.catalogue import Catalogue
 from lookalike.indexer.change_log import CURSOR
-from lookalike.indexer.lookup import SCOPES, SimilarStudy, StudyNotIndexedError, similar_studies
-from lookalike.indexer.store import IndexStore
+from lookalike.indexer.lookup import SCOPES, SimilarStudy, StudyNotIndexedError
+from lookalike.indexer.lookup_service import AuditUnavailable, LookupRequest, Lookups, LookupUnavailable
 from lookalike.orthanc_rest import OrthancApi, OrthancNotFoundError, get_json, store_instance
 
 Response = tuple[int, dict[str, Any]]
@@ -105,11 +108,11 @@ def parse_scope(raw: str | None) -> str:
     return raw
 
 
-def _not_indexed(api: OrthancApi, store: IndexStore, study_id: str, pending: int) -> Response:
+def _not_indexed(api: OrthancApi, catalogue: Catalogue, study_id: str, pending: int) -> Response:
     """409 with the reason a known study has nothing to search with yet."""
     series = get_json(api, f"/studies/{study_id}/series")
     modalities = sorted({s.get("MainDicomTags", {}).get("Modality", "") for s in series})
-    problems = store.catalogue.problems(limit=20, orthanc_study_id=study_id)
+    problems = catalogue.problems(limit=20, orthanc_study_id=study_id)
     if problems:
         reason = "none of the study's instances could be indexed"
     elif not any(m in lookalike.config.ENCODER_FOR_MODALITY for m in modalities):
@@ -127,30 +130,37 @@ def _not_indexed(api: OrthancApi, store: IndexStore, study_id: str, pending: int
     return 409, body
 
 
-def _lookup(api: OrthancApi, store: IndexStore, study_id: str, limit: int, scope: str, pending: int,
-            audit: AuditLog | None, who: str, action: str
-            ) -> tuple[dict | None, list[SimilarStudy] | None, Response | None]:
+def _lookup(api: OrthancApi, lookups: Lookups, study_id: str, limit: int, scope: str, pending: int, who: str,
+            action: str) -> tuple[dict | None, list[SimilarStudy] | None, Response | None]:
     """The query study's Orthanc record and its answer, recorded in the audit trail as ``who``'s ``action``; or
     the error response (404, 409, and 503 when the audit trail cannot be written: nothing is answered unrecorded).
+
+    Raises
+    ------
+    LookupUnavailable
+        The query service did not answer (the route answers 503 and says so in Orthanc's log).
     """
     try:
         study = get_json(api, f"/studies/{study_id}")
     except OrthancNotFoundError:
         return None, None, (404, {"error": "unknown study", "study": study_id})
-    store.refresh()
+    request = LookupRequest(orthanc_study_id=study_id,
+                            study_instance_uid=study.get("MainDicomTags", {}).get("StudyInstanceUID", ""),
+                            limit=limit, scope=scope, who=who, action=action)
     try:
-        matches = similar_studies(store, study_id, limit, scope)
+        matches = lookups.lookup(request)
     except StudyNotIndexedError:
-        return None, None, _not_indexed(api, store, study_id, pending)
-    if audit is not None:
-        try:
-            audit.record(who=who, via="rest", action=action,
-                         study=study.get("MainDicomTags", {}).get("StudyInstanceUID", ""), orthanc_study_id=study_id,
-                         scope=scope, results=[m.study_instance_uid for m in matches], limit=limit)
-        except OSError as exc:
-            return None, None, (503, {"error": "audit trail unavailable; the lookup is not answered unrecorded",
-                                      "reason": str(exc)})
+        return None, None, _not_indexed(api, lookups.catalogue, study_id, pending)
+    except AuditUnavailable as exc:
+        return None, None, (503, {"error": "audit trail unavailable; the lookup is not answered unrecorded",
+                                  "reason": str(exc)})
     return study, matches, None
+
+
+def unavailable(exc: LookupUnavailable) -> Response:
+    """503 for a lookup the query service did not answer, in words an administrator can act on."""
+    return 503, {"error": "similar-study lookups are unavailable right now: the query service is not answering",
+                 "reason": str(exc)}
 
 
 def _answer_entries(api: OrthancApi, matches: list[SimilarStudy], disclose: bool) -> list[dict[str, Any]]:
@@ -167,15 +177,15 @@ def _answer_entries(api: OrthancApi, matches: list[SimilarStudy], disclose: bool
     return entries
 
 
-def similar(api: OrthancApi, store: IndexStore, study_id: str, limit: int, scope: str = DEFAULT_SCOPE, *,
-            disclose: bool = False, pending: int = 0, audit: AuditLog | None = None, who: str = "") -> Response:
+def similar(api: OrthancApi, lookups: Lookups, study_id: str, limit: int, scope: str = DEFAULT_SCOPE, *,
+            disclose: bool = False, pending: int = 0, who: str = "") -> Response:
     """``GET /lookalike/studies/{id}/similar``: the most similar other studies, best first.
 
     The answer names the study it answers for (Orthanc id and StudyInstanceUID), its scope and limit, so that a
-    page can check it is showing the answer of the study on screen. With ``audit``, the lookup is recorded as
-    ``who``'s first.
+    page can check it is showing the answer of the study on screen. The lookup is recorded as ``who``'s (where
+    ``lookups`` records) before it is answered.
     """
-    study, matches, error = _lookup(api, store, study_id, limit, scope, pending, audit, who, "lookup")
+    study, matches, error = _lookup(api, lookups, study_id, limit, scope, pending, who, "lookup")
     if error:
         return error
     return 200, {
@@ -226,8 +236,8 @@ def _filed_report(api: OrthancApi, study_id: str, sop_instance_uid: str) -> dict
     return None
 
 
-def similar_report(api: OrthancApi, store: IndexStore, study_id: str, limit: int, scope: str = DEFAULT_SCOPE, *,
-                   pending: int = 0, audit: AuditLog | None = None, who: str = "") -> Response:
+def similar_report(api: OrthancApi, lookups: Lookups, study_id: str, limit: int, scope: str = DEFAULT_SCOPE, *,
+                   pending: int = 0, who: str = "") -> Response:
     """``POST /lookalike/studies/{id}/similar-report``: the same answer as a Comprehensive SR stored in the study.
 
     Asked again for the same study, limit and scope with nothing new (same models, same answer), it returns the
@@ -235,10 +245,10 @@ def similar_report(api: OrthancApi, store: IndexStore, study_id: str, limit: int
     """
     from lookalike.dicom_io.sr import SimilarCase, build_similarity_report
 
-    study, matches, error = _lookup(api, store, study_id, limit, scope, pending, audit, who, "report")
+    study, matches, error = _lookup(api, lookups, study_id, limit, scope, pending, who, "report")
     if error:
         return error
-    rows = store.catalogue.rows_for_study(study_id, with_vectors=False)[:MAX_EVIDENCE]
+    rows = lookups.catalogue.rows_for_study(study_id, with_vectors=False)[:MAX_EVIDENCE]
     versions = sorted({r.model_version for r in rows})
     study_uid = study.get("MainDicomTags", {}).get("StudyInstanceUID", "")
     series_uid, sop_uid = _report_uids(study_uid, sorted(r.sop_instance_uid for r in rows), versions, limit, scope,
@@ -282,8 +292,8 @@ def _headers(api: OrthancApi, orthanc_instance_ids: list[str]) -> list[pydicom.D
             for i in orthanc_instance_ids]
 
 
-def similar_kos(api: OrthancApi, store: IndexStore, study_id: str, limit: int, *, pending: int = 0,
-                audit: AuditLog | None = None, who: str = "") -> Response:
+def similar_kos(api: OrthancApi, lookups: Lookups, study_id: str, limit: int, *, pending: int = 0,
+                who: str = "") -> Response:
     """``POST /lookalike/studies/{id}/similar-kos``: the same patient's most similar priors as a Key Object Selection.
 
     The scope is the patient's own studies by construction. The document goes into the study on screen and, as
@@ -295,7 +305,7 @@ def similar_kos(api: OrthancApi, store: IndexStore, study_id: str, limit: int, *
     from lookalike.dicom_io.sr import SimilarCase
 
     scope = "patient"
-    study, matches, error = _lookup(api, store, study_id, limit, scope, pending, audit, who, "kos")
+    study, matches, error = _lookup(api, lookups, study_id, limit, scope, pending, who, "kos")
     if error:
         return error
     if any(not m.same_patient for m in matches):  # the lookup's own rule; a KOS must never show another patient
@@ -303,7 +313,7 @@ def similar_kos(api: OrthancApi, store: IndexStore, study_id: str, limit: int, *
     answer: dict[str, Any] = {"study": study_id, "similar": len(matches), "limit": limit, "scope": scope}
     if not matches:
         return 200, {**answer, "report": None, "documents": [], "existing": False}
-    rows = store.catalogue.rows_for_study(study_id, with_vectors=False)[:MAX_EVIDENCE]
+    rows = lookups.catalogue.rows_for_study(study_id, with_vectors=False)[:MAX_EVIDENCE]
     study_uid = study.get("MainDicomTags", {}).get("StudyInstanceUID", "")
     digest = _answer_digest(study_uid, sorted(r.sop_instance_uid for r in rows),
                             sorted({r.model_version for r in rows}), limit, scope, matches)
@@ -347,21 +357,22 @@ def similar_kos(api: OrthancApi, store: IndexStore, study_id: str, limit: int, *
     }
 
 
-def status(store: IndexStore, queue_length: Callable[[], int | None], pending: int = 0,
-           api: OrthancApi | None = None) -> Response:
-    """``GET /lookalike/status``: what is indexed, what waits, what went wrong lately, how far the catch-up is.
+def status(catalogue: Catalogue, queue_length: Callable[[], int | None], pending: int = 0,
+           api: OrthancApi | None = None, lookups: Lookups | None = None) -> Response:
+    """``GET /lookalike/status``: what is indexed, what waits, what went wrong lately, how far the catch-up is,
+    and whether the query service answers lookups.
 
-    ``catch_up`` compares Orthanc's newest change with the last one the worker's catch-up has handled: a gap that
-    does not close says the worker is not running or cannot keep up.
+    Read from the catalogue alone, so that it answers while the query service is down. ``catch_up`` compares
+    Orthanc's newest change with the last one the worker's catch-up has handled: a gap that does not close says
+    the worker is not running or cannot keep up.
     """
-    store.refresh()
-    catch_up: dict[str, Any] = {"cursor": store.catalogue.cursor(CURSOR)}
+    catch_up: dict[str, Any] = {"cursor": catalogue.cursor(CURSOR)}
     if api is not None:
         catch_up["orthanc_last_change"] = int(get_json(api, "/changes?last")["Last"])
         catch_up["behind"] = max(0, catch_up["orthanc_last_change"] - catch_up["cursor"])
     counts = [
         {"modality": modality, "encoder": encoder, "model_version": version, "instances": n}
-        for modality, encoder, version, n in store.catalogue.counts()
+        for modality, encoder, version, n in catalogue.counts()
     ]
     try:
         queued = queue_length()
@@ -370,7 +381,7 @@ def status(store: IndexStore, queue_length: Callable[[], int | None], pending: i
         broker_error = str(exc)
     else:
         broker_error = None
-    return 200, {
+    body: dict[str, Any] = {
         "version": lookalike.__version__,
         "indexed": counts,
         "queue": {"broker": queued, "plugin_pending": pending, "broker_error": broker_error},
@@ -378,6 +389,14 @@ def status(store: IndexStore, queue_length: Callable[[], int | None], pending: i
         "problems": [
             {"instance": p.orthanc_instance_id, "study": p.orthanc_study_id, "sop_instance_uid": p.sop_instance_uid,
              "code": p.code, "message": p.message, "at": p.at, "attempts": p.attempts}
-            for p in store.catalogue.problems(limit=50)
+            for p in catalogue.problems(limit=50)
         ],
     }
+    if lookups is not None:
+        try:
+            lookups.ping()
+        except LookupUnavailable as exc:
+            body["query_service"] = {"answering": False, "error": str(exc)}
+        else:
+            body["query_service"] = {"answering": True, "error": None}
+    return 200, body
