@@ -202,17 +202,23 @@ def test_two_embedding_hosts_index_a_batch_once_with_orthanc_on_postgresql(scale
 
 
 def test_configure_makes_the_cluster_the_postgres_unit_starts(tmp_path: Path) -> None:
-    """``lookalike configure`` with ``orthanc_index`` "postgresql" creates the cluster; the unit's own command line
-    (as the cluster's user, as ``User=`` would) serves it on loopback, to Orthanc's role and its password alone."""
+    """As deploy/SCALE_OUT.md says: ``"orthanc_index": "postgresql"`` added to a site's stack.json, then ``lookalike
+    configure`` again, creates the cluster; the unit's own command line (as the cluster's user, as ``User=`` would)
+    serves it on loopback, to Orthanc's role and its password alone."""
     state = Path(tempfile.mkdtemp(prefix="lookalike-configure-pg-"))
     stack_json = tmp_path / "stack.json"
-    StackConfig.create(state, orthanc_index="postgresql").save(stack_json)
+    configure = [sys.executable, "-m", "lookalike.cli", "configure", "--state", str(state), "--stack-config",
+                 str(stack_json)]
     proc = None
     try:
-        run = subprocess.run([sys.executable, "-m", "lookalike.cli", "configure", "--state", str(state),
-                              "--stack-config", str(stack_json)], capture_output=True, text=True, timeout=120)
+        run = subprocess.run(configure, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert "PostgreSQL" not in json.loads((state / "orthanc.json").read_text())  # SQLite unless asked
+        stack_json.write_text(json.dumps({**json.loads(stack_json.read_text()), "orthanc_index": "postgresql"}))
+        run = subprocess.run(configure, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
         config = StackConfig.load_or_create(stack_json, state)
+        assert config.postgres_port
         assert json.loads((state / "orthanc.json").read_text())["PostgreSQL"]["Port"] == config.postgres_port
         argv, env = _command(UNITS / "lookalike-postgres.service", state)
         proc = subprocess.Popen(as_postgres_account(argv), env=env, stdout=subprocess.DEVNULL,
