@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections.abc import Sequence
@@ -74,9 +75,9 @@ class Encoder:
         Context around the lesion box, as a fraction of its size on each side.
     device : str
         Where the networks run (``"cpu"``, ``"cuda"``, ``"cuda:N"``); the caller has moved them there
-        (:func:`load_encoder`). Preprocessing stays on the CPU; on a GPU the forward runs under
-        ``torch.autocast`` in float16 (the vectors are compared by cosine, which half precision keeps to about
-        1e-3), on the CPU in float32, bit for bit what training evaluated.
+        (:func:`load_encoder`). Preprocessing stays on the CPU; on a GPU the networks run under ``torch.autocast``
+        (bfloat16, or float16 on a GPU without it; a batch that overflows is run again in float32), so their
+        vectors differ from the CPU's by rounding; on the CPU in float32, what training evaluated.
     """
 
     def __init__(
@@ -134,26 +135,43 @@ class Encoder:
         every caller gets the same crop for the same pixels.
         """
         import torch
-        import torch.nn.functional as F
 
         from lookalike.encoders.lesion import prepare_views
 
         if len(images) == 0:
             return Embedding(np.zeros((0, self.dim), dtype=np.float32), [])
         out, boxes = [], []
-        gpu = self.device.startswith("cuda")
-        with self._lock, torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=gpu):
+        with self._lock, torch.no_grad():
             self.net.eval()
             for i in range(0, len(images), self.batch_size):
-                batch, found = prepare_views(
-                    images[i : i + self.batch_size], self._preprocess, self.views, self.finder, self.lesion_margin
-                )
-                if gpu:
-                    batch = batch.pin_memory().to(self.device, non_blocking=True)
-                vectors = F.normalize(self.net(batch).float(), dim=1).cpu().numpy()
+                with self._autocast():
+                    batch, found = prepare_views(
+                        images[i : i + self.batch_size], self._preprocess, self.views, self.finder, self.lesion_margin
+                    )
+                    vectors = self._forward(batch)
+                if self.device != "cpu" and not np.isfinite(vectors).all():  # half precision overflowed: float32
+                    vectors = self._forward(batch)
                 out.append(vectors if self.center is None else centre_vectors(vectors, self.center))
                 boxes += found
         return Embedding(np.ascontiguousarray(np.concatenate(out), dtype=np.float32), boxes)
+
+    def _forward(self, batch: Any) -> np.ndarray:
+        """L2-normalised float32 rows of the network's output for a CPU batch, computed on this encoder's device."""
+        import torch.nn.functional as F
+
+        if self.device != "cpu":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return F.normalize(self.net(batch).float(), dim=1).cpu().numpy()
+
+    def _autocast(self) -> Any:
+        """Mixed precision on a GPU (bfloat16 where the GPU has it: float16's range can overflow in a VAE), none
+        on the CPU."""
+        import torch
+
+        if not self.device.startswith("cuda"):
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
 
 
 def centre_vectors(vectors: np.ndarray, center: np.ndarray) -> np.ndarray:
