@@ -34,6 +34,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 from dataclasses import MISSING, asdict, dataclass, fields
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -304,6 +305,7 @@ def _handler(server: LookupServer) -> type[BaseHTTPRequestHandler]:
                 if not body:
                     raise ValueError(f"a lookup request is 1 to {MAX_REQUEST_BYTES} bytes, not {length}")
                 request = LookupRequest.from_json(json.loads(body))
+                started = time.perf_counter()
                 matches = server.lookups.lookup(request)
             except StudyNotIndexedError as exc:
                 self._send(409, {"error": "not indexed", "reason": str(exc)})
@@ -316,6 +318,9 @@ def _handler(server: LookupServer) -> type[BaseHTTPRequestHandler]:
                 log.exception("lookup failed")
                 self._send(500, {"error": "the lookup failed; see the query service's log"})
             else:
+                log.info("REST %s by %s: study %s, scope %s, %d answer(s) found in %.0f ms", request.action,
+                         request.who, request.study_instance_uid, request.scope, len(matches),
+                         (time.perf_counter() - started) * 1000)
                 self._send(200, {"similar": matches_to_json(matches)})
 
     return Handler
