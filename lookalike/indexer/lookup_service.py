@@ -163,7 +163,8 @@ class LocalLookups:
         ValueError
             A limit below 1 or an unknown scope.
         """
-        self.store.refresh()
+        # No store.refresh() of every index first: the search brings its own index up to date, and a refresh of
+        # all of them lists the catalogue's keys, a scan that grows with the archive.
         matches = similar_studies(self.store, request.orthanc_study_id, request.limit, request.scope)
         if self.audit is not None:
             try:
