@@ -397,8 +397,8 @@ def plan_merge(parts: list[Part], params: IndexParams) -> list[Part]:
     """The segments the next compaction step should merge into one (empty: nothing to do).
 
     In order: a segment whose tombstones reached ``purge_share`` (rewritten alone, without them); else
-    ``merge_factor`` segments of one size class, smallest class first; else a segment that grew past ``graph_min``
-    without a graph (given one). Merging like sizes writes each vector about ``log(n) / log(merge_factor)`` times
+    ``merge_factor`` segments of one size class, smallest class first; else a segment of at least ``graph_min``
+    without a graph, alone in its class (given one). Merging like sizes writes each vector about ``log(n) / log(merge_factor)`` times
     in all and keeps at most ``merge_factor - 1`` segments per class, so a search visits a few dozen at most.
     """
     for part in parts:
@@ -411,7 +411,8 @@ def plan_merge(parts: list[Part], params: IndexParams) -> list[Part]:
     for _, members in sorted(classes.items()):
         if len(members) >= params.merge_factor:
             return sorted(members, key=lambda p: p.tombstones.live)[: params.merge_factor]
-    for part in parts:
-        if not part.segment.graph and part.tombstones.live >= params.graph_min:
-            return [part]
+    for members in classes.values():
+        # Alone in its class: no merge will give it a graph soon (a bulk import's batches wait for their merge).
+        if len(members) == 1 and not members[0].segment.graph and members[0].tombstones.live >= params.graph_min:
+            return members
     return []
