@@ -285,3 +285,41 @@ class TestRealWorker:
             assert catalogue in opened(writer) and not any(str(config.state_dir / "index") in f for f in opened(embedder))
             embed_log = (config.logs / "embedder.log").read_text()
             assert "embedding a batch of" in embed_log and "embedding a batch" not in (config.logs / "writer.log").read_text()
+
+
+class CountingOrthanc(FakeOrthanc):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fetched: list[str] = []
+
+    def get_bytes(self, path: str) -> bytes:
+        if path.endswith("/file"):
+            self.fetched.append(path.split("/")[2])
+        return super().get_bytes(path)
+
+
+class TestLookAhead:
+    def test_the_next_batch_is_fetched_while_this_one_embeds_and_gives_the_same_results(self) -> None:
+        api, encoder = CountingOrthanc(), FakeEncoder()
+        for k in range(6):
+            api.add(f"a{k}", _dicom(_us(50 + k)))
+        first, second = [Job(f"a{k}", None, None) for k in range(3)], [Job(f"a{k}", None, None) for k in range(3, 6)]
+        embedder = Embedder(api, lambda name, weights=None: encoder, 10_000_000)
+        embedder.run(first, ahead=second)
+        ahead = embedder.run(second)
+        assert sorted(api.fetched) == [f"a{k}" for k in range(6)]  # each fetched once: the second batch ahead
+        fresh = Embedder(api, lambda name, weights=None: FakeEncoder(), 10_000_000).run(second)
+        for a, b in zip(ahead, fresh):
+            assert a.record == b.record and np.array_equal(a.vector, b.vector)
+
+    def test_an_instance_twice_in_a_batch_is_fetched_again(self) -> None:
+        """Orthanc overwrote it after it was fetched ahead: the second request is what says so."""
+        api, encoder = CountingOrthanc(), FakeEncoder()
+        api.add("o1", _dicom(_us(60)))
+        embedder = Embedder(api, lambda name, weights=None: encoder, 10_000_000)
+        embedder.run([], ahead=[Job("o1", None, None)])
+        overwritten = _us(61)
+        api.add("o1", _dicom(overwritten))
+        [first, second] = embedder.run([Job("o1", None, None), Job("o1", None, None)])
+        assert api.fetched.count("o1") == 3
+        assert first.record.sop_instance_uid == second.record.sop_instance_uid == overwritten.SOPInstanceUID

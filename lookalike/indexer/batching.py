@@ -1,10 +1,11 @@
 """Celery tasks that run on batches of their messages: an embedding model wants 32 images per forward, not one.
 
 :class:`BatchTask` replaces Celery's execution strategy (which hands the pool one message per call) for its task:
-the worker's main process, where messages arrive, holds the task's requests in a buffer and hands the pool a batch
-as one call of :meth:`BatchTask.run_batch`, once the buffer holds ``batch_size`` requests, or once its oldest has
-waited ``batch_wait`` seconds and a pool process is free (while every process is busy, the next batch goes on
-filling). The worker's prefetch must let a batch fill: ``worker_prefetch_multiplier`` of two batches.
+the worker's main process, where messages arrive, holds the task's requests in a buffer and hands a free pool
+process a batch as one call of :meth:`BatchTask.run_batch`, once the buffer holds ``batch_size`` requests or its
+oldest has waited ``batch_wait`` seconds. While every process is busy the buffer grows, and the requests of the next
+batch go with the current one as its look-ahead (the pool process fetches and decodes them while it embeds). The
+worker's prefetch must let that happen: ``worker_prefetch_multiplier`` of three batches (running, next, filling).
 
 Acknowledgement keeps the guarantees of the project's other tasks (``task_acks_late``,
 ``task_reject_on_worker_lost``):
@@ -52,11 +53,11 @@ class Item:
     given_up: bool = False
 
 
-def run_batch(task_name: str, items: list[Item]) -> None:
+def run_batch(task_name: str, items: list[Item], lookahead: list[Item]) -> None:
     """What the pool process runs: the named task's :meth:`BatchTask.run_batch` (a module function: picklable)."""
     from celery import current_app
 
-    current_app.tasks[task_name].run_batch(items)
+    current_app.tasks[task_name].run_batch(items, lookahead)
 
 
 class BatchTask(Task):
@@ -73,8 +74,12 @@ class BatchTask(Task):
     #: Pool processes lost with a request before it is given up.
     max_losses = 3
 
-    def run_batch(self, items: list[Item]) -> None:
-        """Handle every item (never raise for one item's fault: its batch-mates would be run again)."""
+    def run_batch(self, items: list[Item], lookahead: list[Item] = ()) -> None:
+        """Handle every item (never raise for one item's fault: its batch-mates would be run again).
+
+        ``lookahead`` is what the worker holds for the next batch: work that can start early (fetching, decoding)
+        while this batch runs, and nothing that must not be done twice.
+        """
         raise NotImplementedError
 
     def Strategy(self, task: "BatchTask", app: Any, consumer: Any, **_: Any) -> "_Batcher":  # noqa: N802 (Celery's name)
@@ -128,21 +133,21 @@ class _Batcher:
         self.maybe_flush()
 
     def maybe_flush(self) -> None:
-        """Hand the pool every full batch, and the rest once it has waited long enough and a process is free."""
-        size = max(1, int(self.task.batch_size))
-        while len(self.buffer) >= size:
-            batch, self.buffer = self.buffer[:size], self.buffer[size:]
-            self.dispatch(batch)
+        """Hand a free pool process the next batch: a full one at once, a partial one once its oldest request has
+        waited ``batch_wait``. While every process is busy the buffer grows (up to the prefetch) and the requests
+        that will make the next batch go with the current one as its look-ahead."""
         if not self.buffer:
             self.first_at = None
             return
+        size = max(1, int(self.task.batch_size))
         self.first_at = self.first_at or time.monotonic()
         waited = time.monotonic() - self.first_at
-        if waited >= self.task.batch_wait:
-            if self.busy < max(1, self.pool.limit or 1):
-                batch, self.buffer, self.first_at = self.buffer, [], None
-                self.dispatch(batch)
-            # else: the batch running calls this again when it returns; meanwhile this one grows
+        if self.busy >= max(1, self.pool.limit or 1):
+            return  # the batch running calls this again when it returns
+        if len(self.buffer) >= size or waited >= self.task.batch_wait:
+            batch, self.buffer = self.buffer[:size], self.buffer[size:]
+            self.first_at = time.monotonic() if self.buffer else None
+            self.dispatch(batch, self.buffer[:size])
         elif self.tref is None:
             self.tref = self.timer.call_after(max(self.task.batch_wait - waited, 0.001), self._tick, priority=6)
 
@@ -150,9 +155,12 @@ class _Batcher:
         self.tref = None
         self.maybe_flush()
 
-    def dispatch(self, batch: list[Any]) -> None:
-        items = [Item(r.id, tuple(r.args), dict(r.kwargs), int(r.request_dict.get("retries") or 0),
-                      given_up=self.losses.get(r.id, 0) >= self.task.max_losses) for r in batch]
+    def _item(self, r: Any) -> Item:
+        return Item(r.id, tuple(r.args), dict(r.kwargs), int(r.request_dict.get("retries") or 0),
+                    given_up=self.losses.get(r.id, 0) >= self.task.max_losses)
+
+    def dispatch(self, batch: list[Any], ahead: list[Any] = ()) -> None:
+        items, lookahead = [self._item(r) for r in batch], [self._item(r) for r in ahead]
         self.busy += 1
 
         def done(_: Any) -> None:
@@ -176,7 +184,8 @@ class _Batcher:
             self.maybe_flush()
 
         try:
-            self.pool.apply_async(run_batch, args=(self.task.name, items), callback=done, error_callback=failed)
+            self.pool.apply_async(run_batch, args=(self.task.name, items, lookahead), callback=done,
+                                  error_callback=failed)
         except Exception:  # the pool is closing (warm shutdown): the broker gets the messages back
             self.busy -= 1
             log.warning("%s: a batch of %d not started: the pool is closing", self.task.name, len(batch))

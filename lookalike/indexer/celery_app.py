@@ -23,9 +23,9 @@ def make_app(settings: Settings | None = None) -> Celery:
         # A task is acknowledged only once it has finished: a worker killed mid-task leaves it queued.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # Indexing tasks run in batches (lookalike.indexer.batching): the worker holds two batches' messages, one
-        # running and one filling; they stay unacknowledged, so a lost worker's are handed out again.
-        worker_prefetch_multiplier=2 * max(1, settings.batch_size),
+        # Indexing tasks run in batches (lookalike.indexer.batching): the worker holds three batches' messages (one
+        # running, the next one decoded ahead, one filling); unacknowledged, so a lost worker's are handed out again.
+        worker_prefetch_multiplier=3 * max(1, settings.batch_size),
         task_routes={TASK_EMBED: {"queue": EMBED_QUEUE}, TASK_WRITE: {"queue": WRITE_QUEUE}},
         task_ignore_result=True,
         task_serializer="json",

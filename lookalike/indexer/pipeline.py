@@ -18,6 +18,10 @@ Bad input ends as a recorded problem on its own instance (code and message in th
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable, Protocol
 
@@ -174,57 +178,105 @@ class Embedder:
         lazily, so torch loads only when needed, in the process that embeds.
     max_pixels
         Instances claiming more pixels than this are refused before any decoding.
+    threads
+        Instances of a batch fetched and decoded at once: waiting for Orthanc, and the decoders' C code, overlap.
     """
 
-    def __init__(self, api: OrthancApi, encoders: Callable[[str, str | None], Encoder], max_pixels: int) -> None:
+    def __init__(self, api: OrthancApi, encoders: Callable[[str, str | None], Encoder], max_pixels: int,
+                 threads: int = 4) -> None:
         self.api = api
         self.encoders = encoders
         self.max_pixels = max_pixels
+        self.threads = threads
+        #: Instances of the next batch fetched and decoded while this one embeds: instance id -> (decoded, series,
+        #: study), filled by a thread of their own, used once by the next :meth:`run` and then dropped.
+        self._ahead: dict[str, tuple[PreparedInstance, str | None, str | None]] = {}
+        self._ahead_thread: threading.Thread | None = None
 
-    def run(self, jobs: list[Job]) -> list[Result]:
-        """One result per job, in order; every frame of the batch's instances goes through one call per encoder."""
+    def run(self, jobs: list[Job], ahead: Iterable[Job] = ()) -> list[Result]:
+        """One result per job, in order; every frame of the batch's instances goes through one call per encoder.
+
+        ``ahead`` (the jobs likely to make the next batch) are fetched and decoded by a thread of their own while
+        this batch embeds, for the next call to use. An instance twice in a batch is fetched again: Orthanc may
+        have overwritten it since it was fetched ahead (the second request says so).
+        """
+        started = time.perf_counter()
+        if self._ahead_thread is not None:
+            self._ahead_thread.join()
+        fetched, self._ahead, self._ahead_thread = self._ahead, {}, None
+        twice = {i for i, n in Counter(job.instance_id for job in jobs).items() if n > 1}
+        fetched = {i: v for i, v in fetched.items() if i not in twice}
         results: list[Result | None] = [None] * len(jobs)
         ready: dict[int, tuple[Encoder, PreparedInstance, Job]] = {}
-        for i, job in enumerate(jobs):
-            try:
-                prepared = self._prepare(job)
-            except Exception as exc:  # a fault of ours on one instance: recorded on it, its batch-mates go on
-                log.exception("instance %s: preparing failed", job.instance_id)
-                prepared = self._problem(job, "failed", "internal-error", f"{type(exc).__name__}: {exc}")
+        with ThreadPoolExecutor(max(1, min(self.threads, len(jobs)))) as threads:
+            all_prepared = list(threads.map(lambda job: self._prepare_or_problem(job, fetched.get(job.instance_id)),
+                                            jobs))
+        ahead = [job for job in ahead if job.instance_id not in fetched]
+        if ahead:
+            self._ahead_thread = threading.Thread(target=self._fetch_ahead, args=(ahead,), daemon=True,
+                                                  name="lookalike-fetch-ahead")
+            self._ahead_thread.start()
+        for i, prepared in enumerate(all_prepared):
             if isinstance(prepared, Result):
                 results[i] = prepared
             else:
                 ready[i] = prepared
+        prepared_at = time.perf_counter()
         by_encoder: dict[int, list[int]] = {}
         for i, (encoder, _, _) in ready.items():
             by_encoder.setdefault(id(encoder), []).append(i)
         for members in by_encoder.values():
             for i, result in zip(members, self._embed_group([ready[i] for i in members])):
                 results[i] = result
+        log.info("batch of %d: fetched and decoded in %.3f s, %d embedded in %.3f s", len(jobs),
+                 prepared_at - started, len(ready), time.perf_counter() - prepared_at)
         return results  # type: ignore[return-value]
 
-    def _prepare(self, job: Job) -> tuple[Encoder, PreparedInstance, Job] | Result:
-        """Fetch and decode one job's instance and pick its encoder (the job with its series and study), or say
-        why not."""
-        instance_id, series_id, study_id = job.instance_id, job.series_id, job.study_id
+    def _fetch_ahead(self, jobs: list[Job]) -> None:
+        """Fetch and decode instances of the next batch; whatever fails here is done again, and reported, then."""
+        for job in jobs:
+            try:
+                self._ahead[job.instance_id] = self._fetch(job)
+            except Exception:  # noqa: BLE001 (Orthanc away, bad input, anything: the batch itself says what)
+                continue
+
+    def _fetch(self, job: Job) -> tuple[PreparedInstance | LookalikeDicomError, str | None, str | None]:
+        """The decoded instance (or why it cannot be), its series and its study (looked up when the job does not
+        name them)."""
+        series_id, study_id = job.series_id, job.study_id
+        data = self.api.get_bytes(f"/instances/{job.instance_id}/file")
+        if series_id is None or study_id is None:
+            series = instance_series(self.api, job.instance_id)
+            series_id, study_id = series["ID"], series["ParentStudy"]
         try:
-            data = self.api.get_bytes(f"/instances/{instance_id}/file")
-            if series_id is None or study_id is None:
-                series = instance_series(self.api, instance_id)
-                series_id, study_id = series["ID"], series["ParentStudy"]
-                job = replace(job, series_id=series_id, study_id=study_id)
+            return prepare_instance(data, self.max_pixels), series_id, study_id
+        except LookalikeDicomError as exc:
+            return exc, series_id, study_id
+
+    def _prepare_or_problem(self, job: Job, fetched: tuple | None) -> tuple[Encoder, PreparedInstance, Job] | Result:
+        try:
+            return self._prepare(job, fetched)
+        except Exception as exc:  # a fault of ours on one instance: recorded on it, its batch-mates go on
+            log.exception("instance %s: preparing failed", job.instance_id)
+            return self._problem(job, "failed", "internal-error", f"{type(exc).__name__}: {exc}")
+
+    def _prepare(self, job: Job, fetched: tuple | None = None) -> tuple[Encoder, PreparedInstance, Job] | Result:
+        """Fetch and decode one job's instance (unless ``fetched`` ahead) and pick its encoder (the job with its
+        series and study), or say why not."""
+        instance_id = job.instance_id
+        try:
+            prepared, series_id, study_id = fetched or self._fetch(job)
         except OrthancNotFoundError:
             return Result(job, Outcome("gone", instance_id, message="deleted from Orthanc before it could be indexed"))
         except OrthancAuthError as exc:
             return self._problem(job, "failed", "orthanc-auth", str(exc))
         except OrthancUnavailableError as exc:
             return Result(job, Outcome("retry", instance_id, "orthanc-unavailable", str(exc)))
-        try:
-            prepared = prepare_instance(data, self.max_pixels)
-        except LookalikeDicomError as exc:
-            status = "skipped" if isinstance(exc, NotIndexableError) else "failed"
-            log.warning("instance %s %s: %s: %s", instance_id, status, exc.code, exc)
-            return self._problem(job, status, exc.code, str(exc), self._sop_instance_uid(instance_id))
+        job = replace(job, series_id=series_id, study_id=study_id)
+        if isinstance(prepared, LookalikeDicomError):
+            status = "skipped" if isinstance(prepared, NotIndexableError) else "failed"
+            log.warning("instance %s %s: %s: %s", instance_id, status, prepared.code, prepared)
+            return self._problem(job, status, prepared.code, str(prepared), self._sop_instance_uid(instance_id))
         if job.only is not None and prepared.encoder != job.only:
             return Result(job, Outcome("skipped", instance_id, message=f"a {prepared.encoder} instance, not {job.only}"))
         return self.encoders(prepared.encoder, job.weights.get(prepared.encoder) or None), prepared, job

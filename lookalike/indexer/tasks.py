@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from dataclasses import asdict, replace
 
 from celery import Task, bootsteps
@@ -107,7 +108,11 @@ def embedder():
     from lookalike.orthanc_rest import HttpOrthanc
 
     s = settings()
-    return Embedder(HttpOrthanc(s.orthanc_url, s.orthanc_user, s.orthanc_password), load_model, s.max_pixels)
+    api = HttpOrthanc(s.orthanc_url, s.orthanc_user, s.orthanc_password)
+    # DICOM files as stored: Orthanc gzips them otherwise, which costs it (and us) more CPU than a LAN saves (a
+    # 64 KB instance: 5 ms instead of 15).
+    api.session.headers["Accept-Encoding"] = "identity"
+    return Embedder(api, load_model, s.max_pixels)
 
 
 @functools.cache
@@ -199,6 +204,7 @@ def _write(results: list) -> None:
     on its own instance and the others are written."""
     if not results:
         return
+    started = time.perf_counter()
     try:
         outcomes = indexer().apply(results)
     except Exception:
@@ -215,10 +221,15 @@ def _write(results: list) -> None:
     for outcome in outcomes:
         log.info("instance %s %s %s", outcome.orthanc_instance_id, outcome.status,
                  outcome.code or outcome.model_version or outcome.message)
+    log.info("batch of %d written in %.3f s", len(results), time.perf_counter() - started)
 
 
-def _index(task: Task, items: list[Item], requests: list) -> None:
-    """Plan a batch; embed it here, or send each job to the embedding workers (``remote_embedding``)."""
+def _index(task: Task, items: list[Item], requests: list, ahead: list = ()) -> None:
+    """Plan a batch; embed it here, or send each job to the embedding workers (``remote_embedding``).
+
+    ``ahead`` (requests of the next batch) are fetched and decoded while this batch embeds, but for those only
+    missing that are indexed already.
+    """
     from lookalike.indexer.pipeline import Job
 
     gone = [_given_up(r.instance_id, r.study_id) for item, r in zip(items, requests) if item.given_up]
@@ -231,7 +242,10 @@ def _index(task: Task, items: list[Item], requests: list) -> None:
         _write(gone)
         return
     log.info("embedding a batch of %d instance(s)", len(jobs))
-    results = embedder().run([job for _, job in jobs])
+    catalogue = indexer().store.catalogue
+    ahead_jobs = [Job(r.instance_id, r.series_id, r.study_id) for r in ahead
+                  if not (r.missing_only and r.model is None and catalogue.is_indexed(r.instance_id))]
+    results = embedder().run([job for _, job in jobs], ahead_jobs)
     _write(gone + _settle(task, [item for item, _ in jobs], results, task.home_queue))
 
 
@@ -258,8 +272,22 @@ class IndexBatch(_Batched):
     def request_of(self, item: Item):
         raise NotImplementedError
 
-    def run_batch(self, items: list[Item]) -> None:
-        _index(self, items, [self.request_of(item) for item in items])
+    def run_batch(self, items: list[Item], lookahead: list[Item] = ()) -> None:
+        good, requests = [], []
+        for item in items:
+            try:
+                requests.append(self.request_of(item))
+                good.append(item)
+            except (TypeError, KeyError) as exc:  # a message no version of ours sends: said, and dropped
+                log.error("%s: message %s dropped, its arguments do not fit: %s %s: %s", self.name, item.id,
+                          item.args, item.kwargs, exc)
+        ahead = []
+        for item in lookahead:
+            try:
+                ahead.append(self.request_of(item))
+            except (TypeError, KeyError):  # its own batch says so
+                continue
+        _index(self, good, requests, ahead)
 
 
 class _IndexInstance(IndexBatch):
@@ -287,14 +315,15 @@ class _Embed(_Batched):
 
     home_queue = EMBED_QUEUE
 
-    def run_batch(self, items: list[Item]) -> None:
+    def run_batch(self, items: list[Item], lookahead: list[Item] = ()) -> None:
         from lookalike.indexer.pipeline import Job
 
         jobs = [Job.from_dict(item.args[0]) for item in items]
+        ahead = [Job.from_dict(item.args[0]) for item in lookahead]
         gone = [_given_up(job.instance_id, job.study_id) for item, job in zip(items, jobs) if item.given_up]
         live = [item for item in items if not item.given_up]
         log.info("embedding a batch of %d instance(s)", len(live))
-        results = embedder().run([job for item, job in zip(items, jobs) if not item.given_up])
+        results = embedder().run([job for item, job in zip(items, jobs) if not item.given_up], ahead)
         results = gone + _settle(self, live, results, EMBED_QUEUE)
         if results:
             send(TASK_WRITE, [[result.to_dict() for result in results]], queue=WRITE_QUEUE)
@@ -330,11 +359,13 @@ def write(results: list[dict]) -> None:
 
 @app.task(name=TASK_RECONCILE_STUDY)
 def reconcile_study(study_id: str) -> int:
-    """Index what a study holds and the index lacks (its instances' events were lost), as one batch."""
+    """Index what a study holds and the index lacks (its instances' events were lost), in batches."""
     requests = indexer().reconcile_study(study_id)
-    if requests:
-        items = [Item("", (r.instance_id, r.series_id, r.study_id), {"missing_only": True}, 0) for r in requests]
-        _index(index_instance, items, requests)
+    size = max(1, settings().batch_size)
+    for start in range(0, len(requests), size):
+        batch = requests[start:start + size]
+        items = [Item("", (r.instance_id, r.series_id, r.study_id), {"missing_only": True}, 0) for r in batch]
+        _index(index_instance, items, batch, requests[start + size:start + 2 * size])
     log.info("study %s reconciled: %d instance(s) caught up", study_id, len(requests))
     return len(requests)
 
