@@ -306,8 +306,8 @@ def main() -> None:
     print("| vectors | add p50 / max ms (fsync alone) | add_many of 32, per instance p50 / max ms | delete p50 / "
           "max ms | index bytes written per change | lookup p50 / p95 / p99 ms, wall | same, CPU time | index "
           "searches per lookup | load average | same studies again, p50 / p95 ms wall, CPU | lookup while a worker "
-          "adds p50 / p95 ms (n) | recall@10 studies / instances | disk B per vector | reader RSS B per vector | cold reader: "
-          "imports + open & first lookup s | cold writer: open & first add s |")
+          "adds p50 / p95 ms (n) | recall@10 studies / instances | disk B per vector | reader RSS B per vector | "
+          "cold reader: imports + open & first lookup s | cold writer: open & first add s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         print(f"| {r['n']:,} | {r['add_ms'][0]:.2f} / {r['add_ms'][1]:.0f} ({r['fsync_ms']:.2f}) | "
