@@ -228,8 +228,9 @@ class Embedder:
         for members in by_encoder.values():
             for i, result in zip(members, self._embed_group([ready[i] for i in members])):
                 results[i] = result
-        log.info("batch of %d: fetched and decoded in %.3f s, %d embedded in %.3f s", len(jobs),
-                 prepared_at - started, len(ready), time.perf_counter() - prepared_at)
+        log.info("batch of %d: fetched and decoded in %.3f s (%d ahead), %d embedded in %.3f s", len(jobs),
+                 prepared_at - started, sum(job.instance_id in fetched for job in jobs), len(ready),
+                 time.perf_counter() - prepared_at)
         return results  # type: ignore[return-value]
 
     def _fetch_ahead(self, jobs: list[Job]) -> None:
