@@ -188,6 +188,16 @@ def _maps_torch(pid: int) -> bool:
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
+def _count(stack) -> int:
+    """Live catalogue rows; 0 while the writer's pool process is still creating the catalogue."""
+    import sqlite3
+
+    try:
+        return len(live_rows(stack))
+    except sqlite3.OperationalError:
+        return 0
+
+
 def _instances(out: Path, n: int, tag: str) -> list[Path]:
     """``n`` US instances of one study, flipped copies of shipped samples (no lookup test ranks them)."""
     base = [pydicom.dcmread(f).pixel_array for f in sorted(SAMPLES.glob("us_*.dcm"))]
@@ -229,7 +239,7 @@ class TestRealWorker:
             wait_for(lambda: log.exists() and "embedding a batch" in log.read_text(), timeout=120, what="a batch")
             [child] = _children(main)
             os.kill(child, signal.SIGKILL)
-            wait_for(lambda: len(live_rows(stack)) >= len(files), timeout=300, interval=0.5, what="every instance")
+            wait_for(lambda: _count(stack) >= len(files), timeout=300, interval=0.5, what="every instance")
             time.sleep(1.0)
             text = log.read_text()
             assert "lost with its pool process" in text, "the pool process was not killed mid-batch"
@@ -273,7 +283,7 @@ class TestRealWorker:
             for name in ("writer", "embedder"):
                 wait_for(lambda: stack.worker_ready(name), timeout=60, what=name)
             assert storescu(config, files).returncode == 0
-            wait_for(lambda: len(live_rows(stack)) >= len(files), timeout=300, interval=0.5, what="every instance")
+            wait_for(lambda: _count(stack) >= len(files), timeout=300, interval=0.5, what="every instance")
             rows = live_rows(stack)
             assert len(rows) == len({instance for _, instance, _, _ in rows}) == len(files)
             [writer] = _children(stack.procs["writer"].pid)
