@@ -6,6 +6,7 @@ what an administrator runs. Every process listens on loopback; every log goes to
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pwd
@@ -261,6 +262,7 @@ def redis_conf(cfg: StackConfig) -> str:
     ])
 
 
+@functools.cache
 def postgres_program(name: str) -> str:
     """A PostgreSQL server program (``initdb``, ``postgres``, ``pg_isready``) of the newest version installed."""
     found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),

@@ -107,6 +107,13 @@ class Encoder:
         self.finder = finder
         self.lesion_margin = float(lesion_margin)
         self.device = device
+        #: Mixed precision on a GPU, decided once: bfloat16 where the GPU has it (float16's range can overflow in a
+        #: VAE), else float16; None on the CPU.
+        self._half = None
+        if device.startswith("cuda"):
+            import torch
+
+            self._half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self._preprocess = build_preprocess(self.image_size)
         self._lock = threading.Lock()
 
@@ -149,7 +156,7 @@ class Encoder:
                         images[i : i + self.batch_size], self._preprocess, self.views, self.finder, self.lesion_margin
                     )
                     vectors = self._forward(batch)
-                if self.device != "cpu" and not np.isfinite(vectors).all():  # half precision overflowed: float32
+                if self._half is not None and not np.isfinite(vectors).all():  # half precision overflowed: float32
                     vectors = self._forward(batch)
                 out.append(vectors if self.center is None else centre_vectors(vectors, self.center))
                 boxes += found
@@ -164,14 +171,10 @@ class Encoder:
         return F.normalize(self.net(batch).float(), dim=1).cpu().numpy()
 
     def _autocast(self) -> Any:
-        """Mixed precision on a GPU (bfloat16 where the GPU has it: float16's range can overflow in a VAE), none
-        on the CPU."""
+        """Mixed precision on a GPU (:attr:`_half`), none on the CPU."""
         import torch
 
-        if not self.device.startswith("cuda"):
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext() if self._half is None else torch.autocast("cuda", dtype=self._half)
 
 
 def centre_vectors(vectors: np.ndarray, center: np.ndarray) -> np.ndarray:

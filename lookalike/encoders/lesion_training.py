@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ import numpy as np
 
 from lookalike.encoders.lesion import component_box, default_arch, dice, load_mask
 from lookalike.encoders.preprocessing import build_preprocess, load_image_with_region
-from lookalike.encoders.training import plain_tensors, run_command, save_checkpoint, split_rows, start_run
+from lookalike.encoders.training import (Log, plain_tensors, print_log, run_command, save_checkpoint, split_rows,
+                                         start_run)
 
 
 def load_pairs(rows: Sequence[dict[str, str]], size: int) -> tuple[Any, Any]:
@@ -101,7 +102,7 @@ def train_finder(
     threads: int | None = None,
     max_train: int | None = None,
     command: str | None = None,
-    log: Callable[[str], None] = lambda s: print(s, flush=True),
+    log: Log = print_log,
 ) -> dict[str, Any]:
     """Train the finder on the sets' ``train`` masks, keep the epoch with the best ``val`` Dice, save it.
 

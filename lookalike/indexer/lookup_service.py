@@ -345,6 +345,11 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+#: Seconds the status page waits for the service's health answer: a stuck service must not hold Orthanc's HTTP
+#: thread for a whole lookup timeout just to say that it is stuck.
+PING_TIMEOUT = 1.0
+
+
 class LookupClient:
     """The plugin's end: asks the query service, never waiting more than ``timeout`` seconds for a step.
 
@@ -388,12 +393,13 @@ class LookupClient:
 
     def ping(self) -> None:
         """Return if the service answers, else raise :class:`LookupUnavailable`."""
-        status, body = self._call("GET", "/health", None)
+        status, body = self._call("GET", "/health", None, min(self.timeout, PING_TIMEOUT))
         if status != 200:
             raise self._unavailable(f"it answered {status}: {body.get('error', '')}")
 
-    def _call(self, method: str, path: str, payload: dict | None) -> tuple[int, dict]:
-        connection = _UnixConnection(self.path, self.timeout)
+    def _call(self, method: str, path: str, payload: dict | None, timeout: float | None = None) -> tuple[int, dict]:
+        wait = self.timeout if timeout is None else timeout
+        connection = _UnixConnection(self.path, wait)
         headers = {"Authorization": f"Bearer {self.secret}"}
         data = None
         if payload is not None:
@@ -404,7 +410,7 @@ class LookupClient:
             response = connection.getresponse()
             text = response.read()
         except TimeoutError:
-            raise self._unavailable(f"no answer within {self.timeout:g} s") from None
+            raise self._unavailable(f"no answer within {wait:g} s") from None
         except FileNotFoundError:
             raise self._unavailable("it is not running (no socket)") from None
         except ConnectionRefusedError:

@@ -383,10 +383,7 @@ class IndexStore:
 
     def add(self, record: InstanceRecord, vector: np.ndarray) -> int:
         """Index one instance and return its catalogue id; indexing it again replaces its vector."""
-        units = normalise(vector)
-        if units.shape[0] != 1:
-            raise ValueError(f"add takes one vector, got {units.shape[0]}")
-        return self.add_many([record], units)[0]
+        return self.add_many([record], np.atleast_2d(vector))[0]
 
     def add_many(self, records: list[InstanceRecord], vectors: np.ndarray) -> list[int]:
         """Index a batch of instances (one vector per record, in order) and return their catalogue ids.

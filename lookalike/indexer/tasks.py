@@ -242,9 +242,7 @@ def _index(task: Task, items: list[Item], requests: list, ahead: list = ()) -> N
         _write(gone)
         return
     log.info("embedding a batch of %d instance(s)", len(jobs))
-    catalogue = indexer().store.catalogue
-    ahead_jobs = [Job(r.instance_id, r.series_id, r.study_id) for r in ahead
-                  if not (r.missing_only and r.model is None and catalogue.is_indexed(r.instance_id))]
+    ahead_jobs = [job for job in indexer().plan(ahead) if isinstance(job, Job)]
     results = embedder().run([job for _, job in jobs], ahead_jobs)
     _write(gone + _settle(task, [item for item, _ in jobs], results, task.home_queue))
 
