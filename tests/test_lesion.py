@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+import torch
 
 from lookalike import cli
 from lookalike.encoders.lesion import (
@@ -71,6 +72,29 @@ def finder_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         log=lambda s: None)
     assert meta["history"][-1]["loss"] < meta["history"][0]["loss"]
     return out
+
+
+def test_a_finder_run_stopped_mid_way_leaves_its_best_epoch_on_disk(finder_file: Path, tmp_path: Path) -> None:
+    """Training on a shared CPU may be stopped: the best-so-far checkpoint is written at every improvement."""
+    from lookalike.encoders.lesion_training import train_finder
+
+    root = finder_file.parent
+    out = tmp_path / "stopped.pt"
+
+    class Stop(Exception):
+        pass
+
+    def log(line: str) -> None:
+        if "epoch 3/" in line:
+            raise Stop(line)
+
+    with pytest.raises(Stop):
+        train_finder([root], out, epochs=30, seed=0, image_size=48, batch_size=8, lr=5e-3, threads=1, log=log)
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["meta"]["status"].startswith("stopped early after epoch")
+    assert len(ckpt["meta"]["history"]) in (1, 2, 3)
+    finder = load_finder(out)
+    assert finder.image_size == 48
 
 
 def test_finder_finds_the_box_of_a_bright_ellipse(finder_file: Path) -> None:

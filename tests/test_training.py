@@ -110,6 +110,27 @@ def test_init_skips_pretraining_and_refit_keeps_the_better_head(dataset: Path, t
     assert same_head != refit["kept"], "the refit head replaces the old one exactly when it was kept"
 
 
+def test_refine_steps_given_with_init_change_the_refinement_and_nothing_else(dataset: Path, tmp_path: Path) -> None:
+    """``--refine-steps`` overrides the checkpoint's step count; the trunk and every other arch key carry over."""
+    base = tmp_path / "base.pt"
+    train("us", dataset, base, epochs=1, pretrain_epochs=1, diffusion_epochs=1, per_class=4, image_size=32,
+          threads=1, head_refit_epochs=0, log=lambda s: None)
+    out = tmp_path / "one_step.pt"
+    train("us", dataset, out, epochs=0, per_class=4, image_size=32, threads=1, init=base, refine_steps=1,
+          head_refit_epochs=0, log=lambda s: None)
+    a, b = torch.load(base, weights_only=True), torch.load(out, weights_only=True)
+    assert a["arch"]["refine_steps"] == 2 and b["arch"]["refine_steps"] == 1
+    assert {k: v for k, v in a["arch"].items() if k != "refine_steps"} == {
+        k: v for k, v in b["arch"].items() if k != "refine_steps"}
+    images = [np.asarray(Image.open(p), np.float32) / 255 for p in sorted(dataset.rglob("*.png"))[:4]]
+    two, one = load_encoder("us", base), load_encoder("us", out)
+    assert not np.allclose(two.embed(images), one.embed(images), atol=1e-4), "one DDIM step is another refinement"
+    again = tmp_path / "again.pt"
+    train("us", dataset, again, epochs=0, per_class=4, image_size=32, threads=1, init=out, head_refit_epochs=0,
+          log=lambda s: None)
+    assert torch.load(again, weights_only=True)["arch"]["refine_steps"] == 1, "without the option the checkpoint's"
+
+
 def test_fit_head_selects_on_val_and_learns_separable_features() -> None:
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 16)

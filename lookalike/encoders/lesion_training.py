@@ -146,6 +146,22 @@ def train_finder(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * n_batches), pct_start=0.1)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     best, best_state, history = -1.0, None, []
+
+    def describe(history: list[dict[str, Any]], status: str) -> dict[str, Any]:
+        return {
+            "status": f"{status} after epoch {len(history)} of {epochs}",
+            "val_best": {"dice": best, "epoch": max(history, key=lambda h: h["val_dice"])["epoch"]},
+            "history": history,
+            "data": {"dirs": [str(d) for d in data], "n_train": len(train_rows), "n_val": len(val_rows)},
+            "hyper": {"epochs": epochs, "image_size": image_size, "batch_size": batch_size, "lr": lr,
+                      "max_train": max_train},
+            "seed": seed,
+            "train_seconds": round(time.time() - t_begin, 1),
+            "command": run_command(command),
+            "torch": torch.__version__,
+            "device": device.type,
+        }
+
     for ep in range(epochs):
         net.train()
         t0, tot = time.time(), 0.0
@@ -170,20 +186,11 @@ def train_finder(
         if v > best:
             best = v
             best_state = {k: t.detach().cpu().clone() for k, t in net.state_dict().items()}
-    meta = {
-        "val_best": {"dice": best, "epoch": max(history, key=lambda h: h["val_dice"])["epoch"]},
-        "history": history,
-        "data": {"dirs": [str(d) for d in data], "n_train": len(train_rows), "n_val": len(val_rows)},
-        "hyper": {"epochs": epochs, "image_size": image_size, "batch_size": batch_size, "lr": lr, "max_train": max_train},
-        "seed": seed,
-        "train_seconds": round(time.time() - t_begin, 1),
-        "command": run_command(command),
-        "torch": torch.__version__,
-        "device": device.type,
-    }
-    save_checkpoint(out, arch, best_state, meta)
-    log(f"[lesion] saved {out} (best val Dice {best:.3f}, {meta['train_seconds']} s)")
-    return meta
+            # the best so far is on disk at every improvement: a run stopped early keeps it
+            save_checkpoint(out, arch, best_state, describe(history, "stopped early"))
+    save_checkpoint(out, arch, best_state, describe(history, "finished"))
+    log(f"[lesion] saved {out} (best val Dice {best:.3f}, {time.time() - t_begin:.0f} s)")
+    return describe(history, "finished")
 
 
 def main(argv: list[str] | None = None) -> int:

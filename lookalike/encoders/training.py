@@ -401,6 +401,7 @@ _US_ONLY = {
     "head_refit_seeds": "--head-refit-seeds",
     "lesion_finder": "--lesion-finder",
     "lesion_margin": "--lesion-margin",
+    "refine_steps": "--refine-steps",
 }
 #: Options that only the X-ray recipe takes.
 _XR_ONLY = {"tta_flip": "--tta-flip"}
@@ -438,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="lesion finder checkpoint; the encoder takes the whole image and the lesion crop")
     us.add_argument("--lesion-margin", type=float, default=None,
                     help="context around the lesion box, fraction of its size (0.5)")
+    us.add_argument("--refine-steps", type=int, default=None,
+                    help="DDIM steps of the latent refinement (2; with --init the checkpoint's unless given)")
     xr = p.add_argument_group("X-ray only")
     xr.add_argument("--tta-flip", action="store_true", default=None,
                     help="the encoder averages the embeddings of the image and its mirror image (test-time flips)")

@@ -118,14 +118,17 @@ def pretrain(
     return vae.state_dict(), unet.state_dict()
 
 
-def trunk_from(arch: dict[str, Any], start: dict[str, Any], device: Any) -> tuple[dict[str, Any], Any]:
+def trunk_from(
+    arch: dict[str, Any], start: dict[str, Any], device: Any, decided: Sequence[str] = ()
+) -> tuple[dict[str, Any], Any]:
     """The network with ``start``'s VAE and UNet (stages A and B skipped); a head of another width starts fresh.
 
-    The checkpoint's arch is kept except what this run decides (feature blocks, centre, views, margin).
+    The checkpoint's arch is kept except what this run decides (feature blocks, centre, views, margin, and
+    the keys named in ``decided``).
     """
     from lookalike.encoders.ultrasound import UltrasoundNet
 
-    keep = ("features", "center", "views", "lesion_margin")
+    keep = ("features", "center", "views", "lesion_margin", *decided)
     arch = {**arch, **{k: v for k, v in start["arch"].items() if k not in keep}}
     net = UltrasoundNet(arch).to(device)
     own = net.state_dict()
@@ -268,6 +271,7 @@ def train_us(
     center: bool = False,
     lesion_finder: Path | None = None,
     lesion_margin: float = 0.5,
+    refine_steps: int | None = None,
     command: str | None = None,
     log: Log = print_log,
 ) -> dict[str, Any]:
@@ -303,6 +307,9 @@ def train_us(
         A lesion finder checkpoint: the encoder then takes two views, the whole image and the crop around the
         lesion the finder finds (``lesion_margin`` of the box's size on each side as context), and the finder
         is stored in the checkpoint, so that serving crops as training did.
+    refine_steps : int, optional
+        DDIM steps from ``t_start`` to 0 in the refinement (default 2, or the ``init`` checkpoint's). The UNet
+        is trained for every timestep, so the step count can change without retraining it.
 
     Returns
     -------
@@ -336,6 +343,8 @@ def train_us(
     ce_weight = 1.0 if ce_weight is None else ce_weight
 
     arch = {**default_arch(image_size=size), "views": list(views), "lesion_margin": lesion_margin}
+    if refine_steps is not None:
+        arch["refine_steps"] = refine_steps
     figures: dict[str, Any] = {}
     if start is None:  # labels unused in stages A and B
         vae_state, unet_state = pretrain(arch, torch.cat([data.train.x, data.val.x]), pretrain_epochs,
@@ -346,7 +355,7 @@ def train_us(
     else:
         figures["init"] = {"from": str(init), "model_meta_command": start["meta"].get("command")}
         pretrain_epochs = diffusion_epochs = 0
-        arch, net = trunk_from(arch, start, device)
+        arch, net = trunk_from(arch, start, device, decided=() if refine_steps is None else ("refine_steps",))
         log(f"[us] stages A and B skipped: VAE and UNet from {init} ({start['arch'].get('tag')})")
     for p in [*net.unet.parameters(), *net.vae.decoder.parameters()]:
         p.requires_grad_(False)
@@ -384,6 +393,7 @@ def train_us(
             "head_refit_seeds": head_refit_seeds, "field_of_view_augment": field_of_view_augment,
             "scanner_augment": scanner_augment, "views": list(views), "lesion_margin": lesion_margin,
             "lesion_finder": None if lesion_finder is None else str(lesion_finder), "center": center,
+            "refine_steps": arch["refine_steps"],
         },
         "torch": torch.__version__,
         "device": device.type,
