@@ -7,6 +7,7 @@ are. For ``us`` the time at batch 32 is also split into its stages (lesion finde
 VAE encoder over every view, refinement, head). Goal: >= 20 US images/s at batch 32, lesion finder included.
 
     .venv/bin/python bench/encoder_throughput.py [--threads 1] [--images 96] [--repeats 3] [--device cpu]
+        [--us-weights us.pt candidate.pt ...]   # several ultrasound checkpoints timed in one run
 
 ``--device`` is the worker's setting (``cpu``, ``cuda``, ``cuda:N``, ``auto``); on a GPU the forward runs under
 autocast (float16) as in the worker, and the per-stage split (CPU only) is left out.
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=96, help="images per timed pass (a multiple of 32)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (the worker's setting)")
+    p.add_argument("--us-weights", type=Path, nargs="+", default=[None],
+                   help="ultrasound checkpoints to time in this one run (default: the shipped one)")
     a = p.parse_args(argv)
 
     import torch
@@ -84,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {device}, {a.images} images per "
           f"pass, median of {a.repeats}")
     print(f"{'encoder':24s} {'batch':>5s} {'ms/image':>9s} {'images/s':>9s}  images")
-    stages: dict[str, float] = {}
-    for name in ("us", "xr"):
-        enc = load_encoder(name, device=device)
+    stages: dict[str, dict[str, float]] = {}
+    for name, weights in [*(("us", w) for w in a.us_weights), ("xr", None)]:
+        enc = load_encoder(name, weights=weights, device=device)
         images, what = sample_images(name, a.images)
         for batch in (1, 32):
             enc.batch_size = batch
@@ -106,29 +109,29 @@ def main(argv: list[str] | None = None) -> int:
 
             net = enc.net
             batch = images[:32]
+            stages[enc.model_version] = split = {}
             x, _ = prepare_views(batch, enc._preprocess, enc.views, enc.finder, enc.lesion_margin)
             flat = x.reshape(-1, 1, *x.shape[2:])  # every view goes through the trunk
             with torch.no_grad():
                 h, z = net.encode(flat)
                 feats = net.features(x)
                 if enc.finder is not None:
-                    stages["lesion finder"] = best_of(lambda: enc.finder.find(batch), a.repeats)
+                    split["lesion finder"] = best_of(lambda: enc.finder.find(batch), a.repeats)
                     boxes = enc.finder.find(batch)
-                    stages["views (crop, preprocess)"] = best_of(
+                    split["views (crop, preprocess)"] = best_of(
                         lambda: prepare_views(batch, enc._preprocess, enc.views, None if "lesion" not in enc.views
                                               else _Fixed(boxes), enc.lesion_margin), a.repeats)
                 else:
-                    stages["preprocess"] = best_of(lambda: [enc._preprocess(im) for im in batch], a.repeats)
-                stages[f"VAE encoder x{len(enc.views)} views"] = best_of(lambda: net.encode(flat), a.repeats)
+                    split["preprocess"] = best_of(lambda: [enc._preprocess(im) for im in batch], a.repeats)
+                split[f"VAE encoder x{len(enc.views)} views"] = best_of(lambda: net.encode(flat), a.repeats)
                 if set(net.blocks) & {"m", "zr"}:
-                    stages["DDIM refinement"] = best_of(lambda: net.refine(z), a.repeats)
-                stages["head"] = best_of(lambda: net.head(feats), a.repeats)
-    total = sum(stages.values())
-    if not stages:
-        return 0
-    print("\nus at batch 32, per image, by stage:")
-    for stage, t in stages.items():
-        print(f"  {stage:16s} {1000 * t / 32:7.2f} ms  {100 * t / total:5.1f} %")
+                    split["DDIM refinement"] = best_of(lambda: net.refine(z), a.repeats)
+                split["head"] = best_of(lambda: net.head(feats), a.repeats)
+    for version, split in stages.items():
+        total = sum(split.values())
+        print(f"\n{version} at batch 32, per image, by stage:")
+        for stage, t in split.items():
+            print(f"  {stage:16s} {1000 * t / 32:7.2f} ms  {100 * t / total:5.1f} %")
     return 0
 
 
