@@ -147,7 +147,8 @@ def train_finder(
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     best, best_state, history = -1.0, None, []
 
-    def describe(history: list[dict[str, Any]], status: str) -> dict[str, Any]:
+    def describe(status: str) -> dict[str, Any]:
+        """The checkpoint's ``meta`` as of now; ``status`` says whether the run had finished."""
         return {
             "status": f"{status} after epoch {len(history)} of {epochs}",
             "val_best": {"dice": best, "epoch": max(history, key=lambda h: h["val_dice"])["epoch"]},
@@ -187,10 +188,11 @@ def train_finder(
             best = v
             best_state = {k: t.detach().cpu().clone() for k, t in net.state_dict().items()}
             # the best so far is on disk at every improvement: a run stopped early keeps it
-            save_checkpoint(out, arch, best_state, describe(history, "stopped early"))
-    save_checkpoint(out, arch, best_state, describe(history, "finished"))
-    log(f"[lesion] saved {out} (best val Dice {best:.3f}, {time.time() - t_begin:.0f} s)")
-    return describe(history, "finished")
+            save_checkpoint(out, arch, best_state, describe("running"))
+    meta = describe("finished")
+    save_checkpoint(out, arch, best_state, meta)
+    log(f"[lesion] saved {out} (best val Dice {best:.3f}, {meta['train_seconds']} s)")
+    return meta
 
 
 def main(argv: list[str] | None = None) -> int:
