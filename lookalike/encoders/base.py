@@ -185,6 +185,10 @@ def centre_vectors(vectors: np.ndarray, center: np.ndarray) -> np.ndarray:
 
 def build_net(arch: dict[str, Any]) -> Any:
     """Rebuild the network a checkpoint's ``arch`` describes."""
+    if arch.get("name") == "us" and "base" in arch:
+        from lookalike.encoders.fused import FusedUltrasoundNet
+
+        return FusedUltrasoundNet(arch)
     if arch.get("name") == "us":
         from lookalike.encoders.ultrasound import UltrasoundNet
 
@@ -291,7 +295,7 @@ def load_encoder(name: str, weights: str | Path | None = None, device: str = "cp
             raise ValueError(f"{path} holds a {arch.get('name')!r} encoder, not {name!r}")
         net = build_net(arch)
         missing, unexpected = net.load_state_dict(ckpt["state_dict"], strict=False)
-        allowed_missing = ("vae.decoder.", "vae.post_quant")
+        allowed_missing = ("vae.decoder.", "vae.post_quant", "base.vae.decoder.", "base.vae.post_quant")
         bad = [k for k in missing if not k.startswith(allowed_missing)]
         if bad or unexpected:
             raise ValueError(f"{path}: state_dict does not match its arch (missing {bad[:5]}, unexpected {unexpected[:5]})")

