@@ -7,18 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lookalike.encoders.calibration import SimilarityFloors, write_calibration
 from lookalike.indexer.catalogue import InstanceRecord
 from lookalike.indexer.lookup import IDENTITY_FIELDS, SimilarStudy, StudyNotIndexedError, similar_studies
 from lookalike.indexer.store import IndexStore
 
 
 def record(sop: str, study: str, *, modality: str = "US", encoder: str = "us",
-           patient: str | None = None) -> InstanceRecord:
+           patient: str | None = None, date: str = "20240102") -> InstanceRecord:
     return InstanceRecord(
         sop_instance_uid=f"1.2.3.{study}.{sop}", sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
         series_instance_uid=f"1.2.3.{study}.0", study_instance_uid=f"1.2.3.{study}",
         patient_id=f"P-{study}" if patient is None else patient,
-        study_date="20240102", modality=modality, orthanc_instance_id=f"inst-{study}-{sop}",
+        study_date=date, modality=modality, orthanc_instance_id=f"inst-{study}-{sop}",
         orthanc_series_id=f"series-{study}", orthanc_study_id=f"study-{study}", encoder=encoder,
         model_version="v1")
 
@@ -126,8 +127,8 @@ def test_a_read_only_store_answers_like_the_writer(store: IndexStore) -> None:
 def test_patient_scope_answers_the_same_patients_other_studies_only(store: IndexStore) -> None:
     # Two priors of the query patient (P-9), both less similar than forty other patients' near twins of Q1: the
     # first k = 4 * limit + n hits hold none of them, so the search has to go deeper to find them.
-    store.add(record("1", "20", patient="P-9"), [0.1, 0, 1])
-    store.add(record("1", "21", patient="P-9"), [0.3, 0, 1])
+    store.add(record("1", "20", patient="P-9", date="20230102"), [0.1, 0, 1])
+    store.add(record("1", "21", patient="P-9", date="20231231"), [0.3, 0, 1])
     for i in range(40):
         store.add(record("1", str(100 + i)), [1, 0.01 * i, 0])
     results = similar_studies(store, "study-9", limit=2, scope="patient")
@@ -204,3 +205,78 @@ def test_an_invalid_lesion_box_is_refused_before_anything_is_written(tmp_path: P
         with pytest.raises(ValueError, match="lesion box"):
             s.add(replace(record("1", "1"), lesion_box=(50, 10, 40, 30, 0.5)), Q1)
         assert s.catalogue.counts() == []
+
+
+# --- A prior is an earlier study -------------------------------------------------------------------------------
+
+
+def test_patient_scope_lists_earlier_studies_only(tmp_path: Path) -> None:
+    """Issue 17 item 1: opened on a study of 2025-06-01, the patient's studies of 2025-11-17 (later), of the same
+    day (no StudyTime to order them) and without a date are not priors; only the earlier one is, however it
+    scores against the others."""
+    with IndexStore(tmp_path / "index") as s:
+        s.add(record("1", "1", patient="P-1", date="20250601"), Q1)
+        s.add(record("1", "later", patient="P-1", date="20251117"), Q1)
+        s.add(record("1", "same-day", patient="P-1", date="20250601"), Q1)
+        s.add(record("1", "undated", patient="P-1", date=""), Q1)
+        s.add(record("1", "earlier", patient="P-1", date="2024.12.31"), N1)  # the ACR-NEMA form reads too
+        priors = similar_studies(s, "study-1", scope="patient")
+        assert [r.orthanc_study_id for r in priors] == ["study-earlier"]
+        # The archive scope still lists all of them: a later study of the patient is similar, not a prior.
+        assert len(similar_studies(s, "study-1")) == 4
+
+
+def test_a_study_without_a_date_has_no_prior(tmp_path: Path) -> None:
+    with IndexStore(tmp_path / "index") as s:
+        s.add(record("1", "1", patient="P-1", date=""), Q1)
+        s.add(record("1", "2", patient="P-1", date="20200101"), Q1)
+        assert similar_studies(s, "study-1", scope="patient") == []
+
+
+# --- The similarity floor ---------------------------------------------------------------------------------------
+
+
+def floors_at(tmp_path: Path, floor: float | None) -> SimilarityFloors:
+    """Floors read from a calibration beside a checkpoint of model "v1" (the records' model), as a site has it."""
+    weights = tmp_path / "site" / "us.pt"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    if floor is not None:
+        write_calibration(weights, {"model_version": "v1", "floor": floor})
+    return SimilarityFloors([weights])
+
+
+def test_matches_below_the_models_floor_are_dropped(store: IndexStore, tmp_path: Path) -> None:
+    # Study 1 scores 0.9988, study 2 0.8, study 3 cos(Q2, O1) = 0.0995.
+    results = similar_studies(store, "study-9", floors=floors_at(tmp_path, 0.5))
+    assert [r.orthanc_study_id for r in results] == ["study-1", "study-2"]
+    assert results.floors == {"v1": 0.5}
+
+
+def test_when_nothing_reaches_the_floor_the_answer_is_empty_and_says_why(store: IndexStore, tmp_path: Path) -> None:
+    results = similar_studies(store, "study-9", limit=10, floors=floors_at(tmp_path, 0.9999))
+    assert results == [] and results.floors == {"v1": 0.9999}
+
+
+def test_a_model_without_calibration_keeps_every_match(store: IndexStore, tmp_path: Path) -> None:
+    results = similar_studies(store, "study-9", floors=floors_at(tmp_path, None))
+    assert len(results) == 3 and results.floors == {"v1": None}
+
+
+def test_the_floor_of_another_model_version_is_not_applied(store: IndexStore, tmp_path: Path) -> None:
+    weights = tmp_path / "us.pt"
+    write_calibration(weights, {"model_version": "v2", "floor": 0.9999})  # a retrained model's, not this index's
+    assert len(similar_studies(store, "study-9", floors=SimilarityFloors([weights]))) == 3
+
+
+def test_the_floor_is_applied_over_the_lookup_service(store: IndexStore, tmp_path: Path) -> None:
+    """The REST routes ask the query service: its answer carries the floor it applied."""
+    from lookalike.indexer.lookup_service import LocalLookups, LookupClient, LookupRequest, LookupServer
+
+    server = LookupServer(LocalLookups(store, floors=floors_at(tmp_path, 0.5)), tmp_path / "l.sock", "secret")
+    server.start()
+    try:
+        answer = LookupClient(server.path, "secret", 5.0).lookup(LookupRequest(
+            orthanc_study_id="study-9", study_instance_uid="1.2.3.9", limit=10, scope="archive", who="t"))
+    finally:
+        server.stop()
+    assert [r.orthanc_study_id for r in answer] == ["study-1", "study-2"] and answer.floors == {"v1": 0.5}

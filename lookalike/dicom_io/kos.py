@@ -103,8 +103,9 @@ def build_prior_selection(
     ------
     ValueError
         When there is no prior, the priors are not ranked 1..n or name the query study, a prior's best-matching
-        instance is missing from ``prior_evidence`` or disagrees with it, or any instance belongs to another
-        patient than the query study's (or the query study has no Patient ID to tell).
+        instance is missing from ``prior_evidence`` or disagrees with it, any instance belongs to another
+        patient than the query study's (or the query study has no Patient ID to tell), or a prior is not dated
+        before the query study (StudyDate, then StudyTime).
     """
     query_headers = _query_headers(query_evidence)
     query = query_headers[0]
@@ -133,6 +134,9 @@ def build_prior_selection(
         if _patient_key(ds) != patient:
             raise ValueError(f"rank {prior.rank}: study {prior.study_instance_uid} is another patient's; a Key "
                              "Object Selection lists the query patient's own priors only")
+        if not _earlier(ds, query):
+            raise ValueError(f"rank {prior.rank}: study {prior.study_instance_uid} is not dated before the query "
+                             "study; a prior is an earlier study")
         prior_headers.setdefault(str(prior.study_instance_uid), []).extend(_query_headers([ds]))
 
     query_by_uid = {str(ds.SOPInstanceUID): ds for ds in query_headers}
@@ -201,6 +205,27 @@ def build_prior_selection(
     return documents
 
 
+def _when(ds: Dataset) -> tuple[str, str] | None:
+    """(StudyDate as YYYYMMDD, StudyTime as HHMMSS.ffffff) of a header; None when it has no valid date."""
+    date = str(ds.get("StudyDate", "") or "").strip().replace(".", "")
+    if len(date) != 8 or not date.isdigit():
+        return None
+    time = str(ds.get("StudyTime", "") or "").strip().replace(":", "")
+    whole, _, fraction = time.partition(".")  # TM: HH, HHMM, HHMMSS or HHMMSS.F... all compare once padded
+    return date, (whole.ljust(6, "0") + fraction.ljust(6, "0")) if whole else ""
+
+
+def _earlier(prior: Dataset, query: Dataset) -> bool:
+    """Whether ``prior``'s study was made before ``query``'s: by StudyDate, then, on one day, by StudyTime when
+    both have one; undated or same-moment studies cannot be shown to be earlier."""
+    a, b = _when(prior), _when(query)
+    if a is None or b is None:
+        return False
+    if a[0] != b[0]:
+        return a[0] < b[0]
+    return bool(a[1]) and bool(b[1]) and a[1] < b[1]
+
+
 def _patient_key(ds: Dataset) -> tuple[str, str]:
     """Patient ID and its issuer: two studies are the same patient's when both agree."""
     return str(ds.get("PatientID", "") or "").strip(), str(ds.get("IssuerOfPatientID", "") or "").strip()
@@ -209,9 +234,10 @@ def _patient_key(ds: Dataset) -> tuple[str, str]:
 def _description(query: Dataset, priors: Sequence[SimilarCase], algorithm_name: str, version: str) -> str:
     """Key Object Description: what was selected and why, the same text in every study it is filed in."""
     query_date = _format_date(str(query.get("StudyDate", "") or ""))
-    lines = [f"The {len(priors)} prior stud{'y' if len(priors) == 1 else 'ies'} of this patient most similar to the "
-             f"study of {query_date or 'unknown date'}, selected by {algorithm_name} {version}: the current study's "
-             "matched image first, then each prior's best-matching image. Score: cosine similarity of the "
+    count = "The earlier study" if len(priors) == 1 else f"The {len(priors)} earlier studies"
+    lines = [f"{count} of this patient (dated before the current study) most similar to the study of "
+             f"{query_date or 'unknown date'}, selected by {algorithm_name} {version}: the current study's matched "
+             "image first, then each earlier study's best-matching image. Score: cosine similarity of the "
              "best-matching image pair."]
     for prior in priors:
         date = _format_date(prior.study_date)

@@ -184,6 +184,8 @@ def build_similarity_report(
     series_number: int = 9901,
     instance_number: int = 1,
     institution_name: str | None = None,
+    priors_only: bool = False,
+    floors: Mapping[str, float | None] | None = None,
 ) -> highdicom.sr.ComprehensiveSR:
     """Build the Comprehensive SR that lists the studies most similar to the query study.
 
@@ -222,6 +224,12 @@ def build_similarity_report(
         Instance Number of the report.
     institution_name : str, optional
         Institution Name of the creating device.
+    priors_only : bool
+        The matches are the query patient's earlier studies only (a ``scope=patient`` lookup): the summary says so.
+    floors : Mapping[str, float | None], optional
+        The similarity floor each model's matches had to reach (model version -> floor, None: not calibrated):
+        the summary states it, so that a short list or an empty one reads as "nothing similar enough", not as a
+        missing answer.
 
     Returns
     -------
@@ -276,7 +284,7 @@ def build_similarity_report(
     items.append(
         highdicom.sr.TextContentItem(
             name=CODES.SUMMARY,
-            value=_summary(len(matches)),
+            value=_summary(len(matches), priors_only, floors or {}),
             relationship_type=RelationshipTypeValues.CONTAINS,
         )
     )
@@ -446,12 +454,24 @@ def _parse_study_date(value: str | None, rank: int) -> datetime.date | None:
     raise ValueError(f"rank {rank}: study_date {value!r} is not a DICOM date (YYYYMMDD)")
 
 
-def _summary(count: int) -> str:
+def _summary(count: int, priors_only: bool = False, floors: Mapping[str, float | None] | None = None) -> str:
+    """One sentence the reader sees first: how many studies, of whom, and the floor they had to reach."""
+    kind = "earlier stud{} of this patient" if priors_only else "stud{}"
     if count == 0:
-        return "No similar studies were found."
-    if count == 1:
-        return "1 similar study was found."
-    return f"{count} similar studies were found."
+        text = f"No similar {kind.format('y')} was found."
+    elif count == 1:
+        text = f"1 similar {kind.format('y')} was found."
+    else:
+        text = f"{count} similar {kind.format('ies')} were found."
+    floors = floors or {}
+    applied = [f"{floor:.4f} ({version})" for version, floor in sorted(floors.items()) if floor is not None]
+    if applied:
+        text += (" Studies scoring below the model's similarity floor, " + ", ".join(applied) + ", are not listed:"
+                 " below it a match shares the query's finding no more often than chance.")
+    missing = sorted(version for version, floor in floors.items() if floor is None)
+    if missing:
+        text += " No similarity floor is known for " + ", ".join(missing) + ": every study is listed, however low."
+    return text
 
 
 def _is_image_sop_class(sop_class_uid: str) -> bool:

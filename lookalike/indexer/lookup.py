@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple
 
 import numpy as np
+
+from lookalike.encoders.calibration import SimilarityFloors
 
 if TYPE_CHECKING:  # the store pulls in FAISS; the result types above are useful without it
     from .catalogue import CatalogueRow
@@ -73,6 +76,19 @@ class SimilarStudy:
         return data
 
 
+class SimilarStudies(list):
+    """A lookup's answer: the :class:`SimilarStudy` values best first, and the similarity floor applied per model.
+
+    A list, so that every caller reads it as before; ``floors`` maps each model version the query study was
+    searched with to its floor (matches scoring below it were dropped), or to None where the model carries no
+    calibration (nothing dropped), so that an answer with few or no rows can say why.
+    """
+
+    def __init__(self, matches: Iterable[SimilarStudy] = (), floors: dict[str, float | None] | None = None) -> None:
+        super().__init__(matches)
+        self.floors: dict[str, float | None] = dict(floors or {})
+
+
 class StudyNotIndexedError(LookupError):
     """The query study has no live indexed instance (not received yet, not indexable, or deleted)."""
 
@@ -81,9 +97,9 @@ class StudyNotIndexedError(LookupError):
         self.orthanc_study_id = orthanc_study_id
 
 
-def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10,
-                    scope: str = "archive") -> list[SimilarStudy]:
-    """The studies most similar to ``orthanc_study_id``, best first, at most ``limit``.
+def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10, scope: str = "archive",
+                    floors: SimilarityFloors | None = None) -> SimilarStudies:
+    """The studies most similar to ``orthanc_study_id``, best first, at most ``limit``, none below the model's floor.
 
     Every live instance of the query study searches the index of its (encoder, model_version) for its
     ``k = 4 * limit + n`` nearest instances (``n`` query instances of that index, whose own hits take up to ``n``
@@ -98,11 +114,20 @@ def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10,
     so one strong pair matters more than many mediocre ones, and a mean would penalise studies with extra views.
     Ties rank by ``study_instance_uid``, so the order is stable.
 
+    A pair scoring below its model's similarity floor (:class:`~lookalike.encoders.calibration.SimilarityFloors`:
+    below it a match shares the query's label no more often than chance) is no match: the answer then holds fewer
+    than ``limit`` studies, or none. A model without a calibration keeps every pair.
+
     Parameters
     ----------
     scope
-        ``"archive"``: every other study. ``"patient"``: the other studies with the query study's PatientID only
-        (none when that PatientID is empty, since an empty ID identifies no one).
+        ``"archive"``: every other study. ``"patient"``: the query patient's **priors**, the studies with the query
+        study's PatientID and an earlier StudyDate (none when that PatientID is empty, since an empty ID identifies
+        no one). A study without a valid StudyDate, or on the query study's own date, cannot be shown to be earlier
+        (the catalogue keeps no StudyTime) and is left out, and a query study without a date has no prior.
+    floors
+        Where the floors are read; default the calibration files of the shipped weights and of the catalogue's
+        active models.
 
     Raises
     ------
@@ -120,27 +145,30 @@ def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10,
     if not query_rows:
         raise StudyNotIndexedError(orthanc_study_id)
     patient_id = query_rows[0].patient_id  # an Orthanc study belongs to one patient
-    if scope == "patient" and not patient_id:
-        return []
-
-    def eligible(hit: CatalogueRow) -> bool:
-        return (hit.live and hit.orthanc_study_id != orthanc_study_id
-                and (scope == "archive" or hit.patient_id == patient_id))
-
+    query_date = study_date_key(query_rows[0].study_date)
     groups: dict[tuple[str, str], list[CatalogueRow]] = {}
     for row in query_rows:
         groups.setdefault((row.encoder, row.model_version), []).append(row)
+    floors = floors if floors is not None else SimilarityFloors(catalogue=store.catalogue)
+    applied = {version: floors.floor(version) for _, version in groups}
+    if scope == "patient" and (not patient_id or query_date is None):
+        return SimilarStudies([], applied)
+
+    def eligible(hit: CatalogueRow) -> bool:
+        return (hit.live and hit.orthanc_study_id != orthanc_study_id
+                and (scope == "archive" or (hit.patient_id == patient_id and is_prior(hit.study_date, query_date))))
 
     best: dict[str, _Pair] = {}  # by orthanc_study_id
     for (encoder, model_version), rows in sorted(groups.items()):
-        for study, pair in _best_pairs(store, encoder, model_version, rows, limit, eligible).items():
+        for study, pair in _best_pairs(store, encoder, model_version, rows, limit, eligible,
+                                       applied[model_version]).items():
             current = best.get(study)
             if current is None or pair.beats(current):
                 best[study] = pair
 
     ranked = sorted(best.values(), key=lambda pair: (-pair.score, pair.hit.study_instance_uid,
                                                      pair.hit.orthanc_study_id))[:limit]
-    return [
+    return SimilarStudies((
         SimilarStudy(
             rank=rank,
             study_instance_uid=hit.study_instance_uid,
@@ -164,15 +192,37 @@ def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10,
             same_patient=bool(patient_id) and hit.patient_id == patient_id,
         )
         for rank, (score, hit, query_row) in enumerate(ranked, start=1)
-    ]
+    ), applied)
+
+
+#: A DICOM DA (YYYYMMDD); the ACR-NEMA form YYYY.MM.DD is read too.
+_DATE = re.compile(r"\d{8}")
+
+
+def study_date_key(value: str | None) -> str | None:
+    """A StudyDate as YYYYMMDD, comparable as text; None when it is empty or no date."""
+    text = (value or "").strip().replace(".", "")
+    return text if _DATE.fullmatch(text) else None
+
+
+def is_prior(study_date: str | None, query_date: str | None) -> bool:
+    """Whether a study of ``study_date`` is a prior of the query study of ``query_date``: strictly earlier.
+
+    Without both dates nothing can be called earlier; on the same date the catalogue has no StudyTime to tell
+    which came first, so a study of that day is not called a prior.
+    """
+    date, query = study_date_key(study_date), study_date_key(query_date)
+    return date is not None and query is not None and date < query
 
 
 def _best_pairs(store: IndexStore, encoder: str, model_version: str, rows: list[CatalogueRow], limit: int,
-                eligible: Callable[[CatalogueRow], bool]) -> dict[str, _Pair]:
-    """Per eligible study, its best pair with ``rows`` (the query instances of one index), searching deep enough.
+                eligible: Callable[[CatalogueRow], bool], floor: float | None = None) -> dict[str, _Pair]:
+    """Per eligible study, its best pair with ``rows`` (the query instances of one index) scoring at least
+    ``floor``, searching deep enough.
 
     Stops once ``limit`` studies score strictly above the k-th hit of every query instance (no study left unseen
-    can overtake or tie them), or once the whole index was returned.
+    can overtake or tie them), once that k-th hit is below the floor (no study left unseen can pass it), or once
+    the whole index was returned.
     """
     vectors = np.stack([row.vector for row in rows])
     k = limit * 4 + len(rows)
@@ -187,13 +237,15 @@ def _best_pairs(store: IndexStore, encoder: str, model_version: str, rows: list[
                 if hit is None or not eligible(hit):
                     continue  # deleted since the search, the query study itself, or outside the scope
                 pair = _Pair(min(1.0, max(-1.0, score)), hit, query_row)  # float32 can step just past ±1
+                if floor is not None and pair.score < floor:
+                    continue  # no more alike than chance: not a match
                 current = best.get(hit.orthanc_study_id)
                 if current is None or pair.beats(current):
                     best[hit.orthanc_study_id] = pair
         if ids.shape[1] < k:
             return best  # the whole index was searched
         bound = float(scores[:, -1].max())
-        if sum(pair.score > bound for pair in best.values()) >= limit:
+        if sum(pair.score > bound for pair in best.values()) >= limit or (floor is not None and bound < floor):
             return best
         k *= 4
 

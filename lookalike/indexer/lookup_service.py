@@ -40,9 +40,11 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .lookup import MatchedInstance, SimilarStudy, StudyNotIndexedError, similar_studies
+from .lookup import MatchedInstance, SimilarStudies, SimilarStudy, StudyNotIndexedError, similar_studies
 
 if TYPE_CHECKING:  # both pull in FAISS; the client side (Orthanc's process) must not
+    from lookalike.encoders.calibration import SimilarityFloors
+
     from .audit import AuditLog
     from .catalogue import Catalogue
     from .store import IndexStore
@@ -128,7 +130,7 @@ class Lookups(Protocol):
 
     catalogue: "Catalogue"
 
-    def lookup(self, request: LookupRequest) -> list[SimilarStudy]: ...
+    def lookup(self, request: LookupRequest) -> SimilarStudies: ...
 
     def ping(self) -> None: ...
 
@@ -144,14 +146,20 @@ class LocalLookups:
         The index, read-only.
     audit
         Where each lookup is recorded before it is answered; None records nothing (tests of the answers alone).
+    floors
+        The models' similarity floors; default those of the shipped weights and the catalogue's active models.
     """
 
-    def __init__(self, store: "IndexStore", audit: "AuditLog | None" = None) -> None:
+    def __init__(self, store: "IndexStore", audit: "AuditLog | None" = None,
+                 floors: "SimilarityFloors | None" = None) -> None:
+        from lookalike.encoders.calibration import SimilarityFloors
+
         self.store = store
         self.audit = audit
         self.catalogue = store.catalogue
+        self.floors = floors if floors is not None else SimilarityFloors(catalogue=store.catalogue)
 
-    def lookup(self, request: LookupRequest) -> list[SimilarStudy]:
+    def lookup(self, request: LookupRequest) -> SimilarStudies:
         """The studies most similar to the request's, recorded in the audit trail.
 
         Raises
@@ -165,7 +173,7 @@ class LocalLookups:
         """
         # No store.refresh() of every index first: the search brings its own index up to date, and a refresh of
         # all of them lists the catalogue's keys, a scan that grows with the archive.
-        matches = similar_studies(self.store, request.orthanc_study_id, request.limit, request.scope)
+        matches = similar_studies(self.store, request.orthanc_study_id, request.limit, request.scope, self.floors)
         if self.audit is not None:
             try:
                 self.audit.record(who=request.who, via=request.via, action=request.action,
@@ -322,7 +330,7 @@ def _handler(server: LookupServer) -> type[BaseHTTPRequestHandler]:
                 log.info("REST %s by %s: study %s, scope %s, %d answer(s) found in %.0f ms", request.action,
                          request.who, request.study_instance_uid, request.scope, len(matches),
                          (time.perf_counter() - started) * 1000)
-                self._send(200, {"similar": matches_to_json(matches)})
+                self._send(200, {"similar": matches_to_json(matches), "floors": getattr(matches, "floors", {})})
 
     return Handler
 
@@ -370,8 +378,8 @@ class LookupClient:
         self.timeout = timeout
         self.catalogue = catalogue
 
-    def lookup(self, request: LookupRequest) -> list[SimilarStudy]:
-        """The query service's answer (recorded by it in the audit trail before it was sent).
+    def lookup(self, request: LookupRequest) -> SimilarStudies:
+        """The query service's answer (recorded by it in the audit trail before it was sent), with its floors.
 
         Raises
         ------
@@ -382,7 +390,7 @@ class LookupClient:
         """
         status, body = self._call("POST", "/lookup", asdict(request))
         if status == 200:
-            return matches_from_json(body["similar"])
+            return SimilarStudies(matches_from_json(body["similar"]), body.get("floors") or {})
         if status == 409:
             raise StudyNotIndexedError(request.orthanc_study_id)
         if status == 503 and body.get("error") == "audit":

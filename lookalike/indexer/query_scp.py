@@ -61,6 +61,7 @@ from pynetdicom.sop_class import (
 )
 
 from lookalike.config import Settings
+from lookalike.encoders.calibration import SimilarityFloors
 from lookalike.orthanc_rest import HttpOrthanc, OrthancApi, OrthancError, get_json
 
 from .audit import AuditLog
@@ -263,8 +264,11 @@ def _date_matches(date: str, bounds: tuple[str, str] | None) -> bool:
     return bounds is None or (bool(date) and bounds[0] <= date <= bounds[1])
 
 
-def find_similar(api: OrthancApi, store: IndexStore, request: FindRequest, max_results: int) -> FindResult:
+def find_similar(api: OrthancApi, store: IndexStore, request: FindRequest, max_results: int,
+                 floors: SimilarityFloors | None = None) -> FindResult:
     """The similar studies a C-FIND answers, with what Orthanc says of each, at most ``max_results``.
+
+    Only studies at or above their model's similarity floor (``floors``) are answered: with none, no match.
 
     With narrowing keys the index is asked for more candidates than ``max_results`` (up to 64 times as many), so
     that filtering does not leave the answer short while better-fitting studies exist.
@@ -289,7 +293,7 @@ def find_similar(api: OrthancApi, store: IndexStore, request: FindRequest, max_r
     for factor in _POOL_FACTORS if request.narrowed else (1,):
         pool = max_results * factor
         try:
-            candidates = similar_studies(store, query_id, pool, request.scope)
+            candidates = similar_studies(store, query_id, pool, request.scope, floors)
         except StudyNotIndexedError:
             raise QueryRefused(STUDY_NOT_INDEXED, "study not indexed (yet): no US, DX or CR image searchable") from None
         dated = [c for c in candidates if _date_matches(c.study_date, request.study_date)]  # the catalogue's date
@@ -361,7 +365,9 @@ class QueryEndpoint:
         self.settings = settings
         self.store = IndexStore(settings.index_dir, readonly=True)
         self.audit = AuditLog(settings.audit_log)
-        self.lookup_server = LookupServer(LocalLookups(self.store, self.audit), settings.lookup_socket,
+        # One reader of the models' similarity floors for the C-FIND service and the REST routes' lookups.
+        self.floors = SimilarityFloors(settings.weights.values(), self.store.catalogue)
+        self.lookup_server = LookupServer(LocalLookups(self.store, self.audit, self.floors), settings.lookup_socket,
                                           settings.lookup_secret)
         self._sessions: queue.SimpleQueue[HttpOrthanc] = queue.SimpleQueue()
         self.ae = AE(ae_title=settings.query_aet)
@@ -454,7 +460,7 @@ class QueryEndpoint:
         try:
             request = FindRequest.from_identifier(identifier)
             with self._orthanc() as api:
-                result = find_similar(api, self.store, request, self.settings.query_max_results)
+                result = find_similar(api, self.store, request, self.settings.query_max_results, self.floors)
         except QueryRefused as refused:
             log.info("C-FIND from %s at %s refused: %s", who, host, refused.comment)
             yield refused.status_dataset(), None

@@ -14,7 +14,7 @@
   var scopes = $('<fieldset>').attr('data-role', 'controlgroup').attr('data-type', 'horizontal')
     .attr('id', 'lookalike-scopes')
     .append($('<legend>').text('Search'));
-  $.each([['archive', 'All patients'], ['patient', "This patient's priors"]], function(i, s) {
+  $.each([['archive', 'All patients'], ['patient', "This patient's earlier studies"]], function(i, s) {
     var id = 'lookalike-scope-' + s[0];
     scopes.append($('<input>').attr({ type: 'radio', name: scopeName, id: id, value: s[0] })
       .prop('checked', i == 0));
@@ -25,9 +25,11 @@
   var report = $('<a>').attr({ 'data-role': 'button', href: '#', 'data-icon': 'plus', 'data-inline': 'true',
     id: 'lookalike-report' }).text('Similar studies as SR (Lookalike)');
   var kos = $('<a>').attr({ 'data-role': 'button', href: '#', 'data-icon': 'star', 'data-inline': 'true',
-    id: 'lookalike-kos' }).text("This patient's similar priors as key images (Lookalike)");
+    id: 'lookalike-kos' }).text("This patient's similar earlier studies as key images (Lookalike)");
   var status = $('<p>').attr('id', 'lookalike-status');
-  var results = $('<div>').attr('id', 'lookalike-results');
+  // Orthanc Explorer's page clips what is wider than the window (overflow-x: hidden): the results scroll
+  // sideways in their own box instead, so that every column stays reachable on a narrow screen.
+  var results = $('<div>').attr('id', 'lookalike-results').css({ 'overflow-x': 'auto', 'max-width': '100%' });
   panel.append($('<h3>').text('Similar studies (Lookalike)'), scopes, find, report, kos, status, results);
 
   function pageStudy() {
@@ -43,7 +45,7 @@
   // Drop what the panel shows, and the answers still on their way.
   function reset() {
     generation++;
-    results.empty();
+    results.empty().removeAttr('data-answered');
     status.empty();
   }
 
@@ -99,20 +101,36 @@
     return frame;
   }
 
+  // "1 study", "2 studies": the count and its noun, agreed.
+  function count(n, one, many) { return n + ' ' + (n == 1 ? one : many); }
+
+  // The similarity floors the answer applied, as "0.0517 (us-...)"; '' when no model of the answer has one.
+  function floorsText(floors) {
+    var parts = [];
+    $.each(floors || {}, function(version, floor) {
+      if (floor !== null && floor !== undefined) parts.push(floor.toFixed(4) + ' (' + version + ')');
+    });
+    return parts.join(', ');
+  }
+
   function formatDate(d) {
     return d && d.length == 8 ? d.substr(0, 4) + '-' + d.substr(4, 2) + '-' + d.substr(6, 2) : (d || '');
   }
 
   function show(answer) {
-    results.empty();
+    results.empty().attr('data-answered', answer.study);
+    var patient = answer.scope == 'patient', floors = floorsText(answer.floors);
+    var below = floors ? ' Studies scoring below the similarity floor of ' + floors + ' are not listed: below it' +
+      ' a match shares the finding no more often than chance.' : '';
     if (answer.similar.length == 0) {
-      say(answer.scope == 'patient' ? 'No other indexed study of this patient.' : 'No other indexed study yet.');
+      say('No similar study found' + (patient ? " among this patient's earlier studies." : '.') + below);
       return;
     }
-    say(answer.similar.length + ' most similar ' + (answer.scope == 'patient' ? "of this patient's studies" :
-      'studies of all patients') + '; the score is the cosine similarity of the best-matching image pair' +
+    var n = answer.similar.length;
+    say(count(n, 'similar study', 'most similar studies') + (patient ? " among this patient's earlier studies" :
+      ' of all patients') + '; the score is the cosine similarity of the best-matching image pair' +
       (answer.similar.some(function(s) { return s.best_match.lesion_box; }) ?
-        ', outlined in yellow: the lesion each image was matched on.' : '.'));
+        ', outlined in yellow: the lesion each image was matched on.' : '.') + below);
     var disclosed = answer.similar.some(function(s) { return 'patient_id' in s; });
     var head = $('<tr>').append($('<th>').text('#'), $('<th>').text('This study'), $('<th>').text('Similar study'),
       $('<th>').text('Score'), $('<th>').text('Date'), $('<th>').text('Modality'), $('<th>').text('Patient'),
@@ -160,15 +178,18 @@
       contentType: 'application/json', data: JSON.stringify(body),
       success: function(r) {
         if (mine !== generation || r.study !== shown) return;
-        if (!r.report) { say("No other indexed study of this patient: no key images to select."); return; }
+        if (!r.report) { say("No similar earlier study of this patient found: no key images to select."); return; }
         var when = formatDate(r.series_date) + ' ' + (r.series_time || '').substr(0, 2) + ':' +
           (r.series_time || '').substr(2, 2);
         var link = $('<a>').addClass('lookalike-report-link').attr({ href: 'explorer.html#series?uuid=' + r.series,
           'data-ajax': 'false' }).text('series "' + r.series_description + '" of this study');
-        var copies = r.documents && r.documents.length > 1 ?
-          ' (and a copy in each of the ' + (r.documents.length - 1) + ' priors)' : '';
+        var copies = !r.documents || r.documents.length < 2 ? '' : r.documents.length == 2 ?
+          ' (and a copy in the earlier study)' : ' (and a copy in each of the ' + (r.documents.length - 1) +
+          ' earlier studies)';
+        var listed = r.scope == 'patient' ? count(r.similar, 'similar earlier study', 'similar earlier studies') :
+          count(r.similar, 'similar study', 'similar studies');
         say((r.existing ? 'Already filed on ' + when + ' (nothing new since): ' : what.charAt(0).toUpperCase() +
-          what.substr(1) + ' of ' + r.similar + ' similar studies filed into '), link);
+          what.substr(1) + ' of ' + listed + ' filed into '), link);
         status.append(copies);
       }, error: failure(mine) });
   }

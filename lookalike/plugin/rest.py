@@ -22,6 +22,7 @@ from urllib.parse import unquote_plus
 import pydicom
 
 import lookalike
+from lookalike.encoders.calibration import SimilarityFloors
 from lookalike.indexer.catalogue import Catalogue
 from lookalike.indexer.change_log import CURSOR
 from lookalike.indexer.lookup import SCOPES, SimilarStudy, StudyNotIndexedError
@@ -194,6 +195,8 @@ def similar(api: OrthancApi, lookups: Lookups, study_id: str, limit: int, scope:
         "scope": scope,
         "limit": limit,
         "aggregation": "a study scores the cosine similarity of its best-matching image pair with the query study",
+        # Per model searched: the score below which a study is no match (null: the model has no calibration).
+        "floors": getattr(matches, "floors", {}),
         "similar": _answer_entries(api, matches, disclose),
     }
 
@@ -211,7 +214,7 @@ def _answer_digest(study_instance_uid: str, evidence_uids: list[str], model_vers
     """SHA-256 of what a document filed from an answer depends on: the same question with nothing new, the same."""
     answer = {
         "algorithm_version": lookalike.__version__, "model_versions": model_versions, "study": study_instance_uid,
-        "evidence": evidence_uids, "limit": limit, "scope": scope,
+        "evidence": evidence_uids, "limit": limit, "scope": scope, "floors": getattr(matches, "floors", {}),
         "matches": [[m.rank, m.study_instance_uid, m.best_match.sop_instance_uid,
                      m.best_match.query_sop_instance_uid, f"{m.score:.6f}"] for m in matches],
     }
@@ -259,7 +262,8 @@ def similar_report(api: OrthancApi, lookups: Lookups, study_id: str, limit: int,
         cases = [SimilarCase.from_answer(m.as_public_dict(disclose_identity=False)) for m in matches]
         sr = build_similarity_report(evidence, cases, algorithm_version=lookalike.__version__,
                                      model_version=", ".join(versions), series_instance_uid=series_uid,
-                                     sop_instance_uid=sop_uid)
+                                     sop_instance_uid=sop_uid, priors_only=scope == "patient",
+                                     floors=getattr(matches, "floors", {}))
         buf = io.BytesIO()
         sr.save_as(buf, enforce_file_format=True)
         store_instance(api, buf.getvalue())
@@ -374,6 +378,13 @@ def status(catalogue: Catalogue, queue_length: Callable[[], int | None], pending
         {"modality": modality, "encoder": encoder, "model_version": version, "instances": n}
         for modality, encoder, version, n in catalogue.counts()
     ]
+    floors = SimilarityFloors(catalogue=catalogue)
+    for count in counts:
+        # The score below which a lookup drops a match; null: the model has no calibration, and every study is
+        # answered however low it scores.
+        count["similarity_floor"] = floors.floor(count["model_version"])
+        if count["similarity_floor"] is None:
+            count["warning"] = "similarity floor missing: run `lookalike calibrate` for this model"
     try:
         queued = queue_length()
     except Exception as exc:  # Redis down is itself something the administrator must see here
