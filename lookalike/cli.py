@@ -139,8 +139,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lookalike.config import ENCODER_FOR_MODALITY, QUEUE
-    from lookalike.indexer.backfill import (Backfill, BackfillReport, Checkpoint, StudyFilter, local_studies,
-                                            move_from_remote, orthanc_study_id, remote_studies)
+    from lookalike.indexer.backfill import (Backfill, BackfillReport, Checkpoint, RemotePacs, StudyFilter,
+                                            local_studies, remote_walk)
     from lookalike.indexer.catalogue import CATALOGUE_FILE, Catalogue
     from lookalike.indexer.celery_app import make_app
     from lookalike.orthanc_rest import get_json
@@ -151,27 +151,19 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     report = BackfillReport()
     source = f"remote-{args.remote}" if args.remote else "local"
     if args.remote:
-        uids = remote_studies(api, args.remote, which)
-        target = args.target_aet or get_json(api, "/system")["DicomAet"]
+        from lookalike.orthanc_rest import HttpOrthanc
 
-        def studies():
-            for uid in uids:
-                study_id = orthanc_study_id(api, uid)
-                if study_id is None and args.dry_run:
-                    report.skipped["would be moved from the remote PACS (dry run)"] += 1
-                    continue
-                if study_id is None:
-                    move_from_remote(api, args.remote, uid, target)
-                    report.moved_studies += 1
-                    study_id = orthanc_study_id(api, uid)
-                if study_id is not None:
-                    yield study_id
-
-        ids, total = studies(), len(uids)
+        # Orthanc answers a C-MOVE once it is over: a whole study must fit in the HTTP timeout.
+        mover = HttpOrthanc(settings.orthanc_url, settings.orthanc_user, settings.orthanc_password,
+                            timeout=args.move_timeout)
+        pacs = RemotePacs(mover, args.remote, args.target_aet or get_json(api, "/system")["DicomAet"])
+        remote = pacs.studies(which)
+        ids, total = remote_walk(api, pacs, remote, report, dry_run=args.dry_run), len(remote)
     else:
         ids = local_studies(api, which)
         total = len(ids)
-    checkpoint = Checkpoint(args.checkpoint or Path(settings.index_dir) / "backfill" / f"{source}-{which.key()}.json")
+    checkpoint = (Checkpoint(args.checkpoint) if args.checkpoint
+                  else Checkpoint.default(Path(settings.index_dir), f"{source}-{which.key()}"))
     catalogue = Catalogue(Path(settings.index_dir) / CATALOGUE_FILE, readonly=True)
     app = make_app(settings)
 
@@ -186,7 +178,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     with tqdm(total=total, unit="study", desc="backfill", file=sys.stderr) as bar:
         backfill.run(ids, dry_run=args.dry_run, progress=bar, report=report)
     print(json.dumps(report.as_dict(), indent=2))
-    return 1 if report.waiting else 0
+    return 1 if report.waiting or report.incomplete else 0
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
@@ -234,8 +226,6 @@ PASSTHROUGH = {
     "lesions": ("lesion box of each ultrasound image of a manifest into a CSV", _passthrough("lookalike.encoders.lesion")),
     "train-lesions": ("train the ultrasound lesion finder", _passthrough("lookalike.encoders.lesion_training")),
     "check": ("decode DICOM files as the worker would and say what happens to each", _passthrough("lookalike.dicom_io.check")),
-    "calibrate": ("measure an encoder's similarity floor on validation data, stored beside its weights",
-                  _passthrough("lookalike.encoders.calibration")),
 }
 
 
@@ -283,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--remote", metavar="MODALITY", help="a remote PACS known to Orthanc (DicomModalities): C-FIND"
                    " its studies, C-MOVE them into Orthanc, index them")
     p.add_argument("--target-aet", help="AE title the remote PACS moves to (default: this Orthanc's)")
+    p.add_argument("--move-timeout", type=float, default=3600.0, help="seconds one study's C-MOVE may take")
     p.add_argument("--modality", action="append", choices=("US", "DX", "CR"), help="repeat for several (default: all)")
     p.add_argument("--from", dest="date_from", default="", metavar="YYYYMMDD", help="first study date")
     p.add_argument("--to", dest="date_to", default="", metavar="YYYYMMDD", help="last study date")
