@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from lookalike.config import Settings
+import requests
+
+from lookalike.config import Settings, SettingsError
 from lookalike.stack import SOURCE_ROOT
 
 DEFAULT_STATE = SOURCE_ROOT / "var"
@@ -70,7 +72,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = StackConfig.load_or_create(args.stack_config, args.state)
     config.move_taken_ports()  # held by another program since they were saved: moved before anything is printed
-    stack = Stack(config)
+    # Supervised: Redis, the worker and the query endpoint are restarted whenever they exit; Orthanc keeps running.
+    stack = Stack(config, supervise=True)
     print(f"lookalike: starting Redis :{config.redis_port}, Orthanc :{config.http_port} (DICOM :{config.dicom_port}), worker")
     print(f"lookalike: logs in {config.logs}")
     print(f"lookalike: {config.dicom_access(args.stack_config)}")
@@ -94,34 +97,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f" :{config.http_port} (DICOM :{config.dicom_port}), Redis :{config.redis_port}, query endpoint"
                   f" :{config.query_port}, saved in {args.stack_config}")
         if not args.no_samples:
-            store_samples(stack, sorted(SAMPLES.glob("*.dcm")))
-            show_example(stack, sample_labels(SAMPLES / "index.csv"))
+            try:
+                store_samples(stack, sorted(SAMPLES.glob("*.dcm")))
+                show_example(stack, sample_labels(SAMPLES / "index.csv"))
+            except (OSError, RuntimeError, requests.RequestException) as exc:  # TimeoutError is an OSError
+                print(f"lookalike: the sample studies could not be shown ({exc}); Orthanc keeps running,"
+                      f" see {config.logs / 'supervisor.log'}", file=sys.stderr)
         print(f"\nOrthanc Explorer: {config.orthanc_url}/app/explorer.html  user admin, password {config.admin_password}")
         print(f"From a workstation: findscu -S -aet FINDSCU -aec {settings.query_aet} -k QueryRetrieveLevel=STUDY"
               f" -k StudyInstanceUID=UID -k StudyDate -k StudyDescription 127.0.0.1 {config.query_port}")
         print("Ctrl-C stops Redis, Orthanc, the worker and the query endpoint.")
-        while not stopping:
-            supervise(stack, lambda: stopping)
+        while not stopping:  # the stack's supervisor thread restarts whatever exits; what it missed is caught up
             time.sleep(0.5)
     print("lookalike: stopped")
     return 0
-
-
-def supervise(stack, stopping: Callable[[], bool]) -> None:
-    """Start again whatever process of the stack died; the others, Orthanc above all, keep running.
-
-    A PACS must keep accepting images when Lookalike's worker or Redis fails: each is restarted alone, and what
-    it missed meanwhile is caught up from Orthanc's change log by the worker.
-    """
-    for name in stack.crashed():
-        if stopping():
-            return
-        code = stack.procs[name].returncode
-        print(f"lookalike: {name} exited with status {code}; restarting it (see {stack.config.logs})", file=sys.stderr)
-        try:
-            stack.restart(name)
-        except (RuntimeError, TimeoutError) as exc:
-            print(f"lookalike: {name} did not come back: {exc}; trying again", file=sys.stderr)
 
 
 def cmd_configure(args: argparse.Namespace) -> int:
@@ -291,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in PASSTHROUGH:
         return PASSTHROUGH[argv[0]][1](argv[1:])
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except SettingsError as exc:  # a mistyped key in stack.json or a settings file: named, at start
+        print(f"lookalike: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ into ``deploy/local/`` which git ignores. Orthanc's own configuration carries th
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -91,11 +94,23 @@ class Settings:
     #: Seconds a REST route waits for the query service before answering 503: Orthanc's HTTP thread is not held
     #: longer than this when the service is down, starting or stuck.
     lookup_timeout: float = 5.0
+    #: Where ``lookalike run`` keeps the state of the processes it supervises (JSON, 0600), for ``/lookalike/status``
+    #: to show; empty where systemd supervises them.
+    components_file: str = ""
 
     @classmethod
     def from_dict(cls, data: dict) -> "Settings":
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        """Settings from a JSON object; a key that is not a setting, or a value of the wrong type, is an error that
+        names it (a typo would otherwise leave the default in force without a word)."""
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise SettingsError(f"unknown setting(s) {', '.join(map(repr, unknown))}; known: "
+                                f"{', '.join(sorted(cls.__dataclass_fields__))}")
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            if not _has_type(value, hints[key]):
+                raise SettingsError(f"setting {key!r} must be {_type_name(hints[key])}, not {value!r}")
+        return cls(**data)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "Settings":
@@ -107,3 +122,51 @@ class Settings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class SettingsError(ValueError):
+    """A settings file or section names an unknown setting or gives one a value of the wrong type."""
+
+
+def _has_type(value: object, hint: object) -> bool:
+    """``value``, read from JSON, fits the type ``hint`` of a setting (an int is a float; a bool is no number)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is dict:
+        return isinstance(value, dict) and all(_has_type(k, args[0]) and _has_type(v, args[1])
+                                               for k, v in value.items())
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint) and not (hint is int and isinstance(value, bool))  # type: ignore[arg-type]
+
+
+def _type_name(hint: object) -> str:
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint)  # type: ignore[return-value]
+
+
+#: A quoted value in a warning's text ("..." or '...'): where libraries put the value they complain about.
+_QUOTED = re.compile(r"\"[^\"\n]*\"|'[^'\n]*'")
+
+
+class RedactQuotedValues(logging.Filter):
+    """Blank every quoted value in a captured warning: highdicom's and pydicom's warnings quote the value they
+    complain about, a PatientName among others, and no log may carry a patient's name or ID."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = _QUOTED.sub('"<value withheld>"', record.getMessage()), None
+        return True
+
+
+def redact_warnings() -> None:
+    """Send Python warnings through logging (``py.warnings``) with their quoted values blanked, in every process
+    that imports Lookalike's settings: the plugin, the workers, the query service, the command line."""
+    logging.captureWarnings(True)
+    logger = logging.getLogger("py.warnings")
+    if not any(isinstance(f, RedactQuotedValues) for f in logger.filters):
+        logger.addFilter(RedactQuotedValues())
+
+
+redact_warnings()

@@ -1,7 +1,14 @@
 """Start and stop the whole stack on this machine: Redis, Orthanc with the plugin, and a Celery worker.
 
 ``lookalike run`` (behind ``make run``) and the end-to-end tests use the same code, so what the tests start is
-what an administrator runs. Every process listens on loopback; every log goes to ``<state>/logs``.
+what an administrator runs. Redis, PostgreSQL and the query endpoint listen on loopback; Orthanc 1.10 cannot be
+bound to an address, so its HTTP and DICOM ports listen on every interface and refuse every peer that is not on
+loopback (``orthanc_config``). Every log goes to ``<state>/logs``, owner-only.
+
+``lookalike run`` supervises the processes (``Stack(config, supervise=True)``): Orthanc comes first and is the
+only process whose failure at start is fatal; Redis, the query service and the workers are each restarted alone
+with back-off whenever they exit, before or after they were ready, and one that keeps failing is reported in
+``<state>/logs/supervisor.log`` and ``/lookalike/status``, never stopping the PACS.
 """
 
 from __future__ import annotations
@@ -17,13 +24,14 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import requests
 
-from lookalike.config import EMBED_QUEUE, QUEUE, WRITE_QUEUE, Settings
+from lookalike.config import EMBED_QUEUE, QUEUE, WRITE_QUEUE, Settings, SettingsError
 
 PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
 #: The script Orthanc's Python plugin loads; it only puts the project on ``sys.path`` and registers callbacks.
@@ -40,6 +48,16 @@ POSTGRES_PLUGIN = PLUGIN_DIR / "libOrthancPostgreSQLIndex.so"
 ORTHANC_DB = "orthanc"
 #: PostgreSQL refuses to run as root: a stack started by root runs its cluster as this user (Debian's).
 POSTGRES_SYSTEM_USER = "postgres"
+#: The PACS itself: a failure to start these is fatal (nothing would run); any other process is a component,
+#: restarted alone while they keep running.
+ESSENTIAL = ("orthanc", "postgres")
+#: Seconds the supervisor waits before restarting a component after its 1st, 2nd, ... exit in a row; the last
+#: one repeats for as long as it keeps failing.
+BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+#: Exits in a row after which a component is reported as failing (it is still restarted).
+FAILING_AFTER = 3
+#: A component that ran at least this many seconds before exiting starts its count of exits in a row again.
+STABLE_AFTER = 60.0
 
 
 def free_port(preferred: int = 0) -> int:
@@ -120,10 +138,19 @@ class StackConfig:
 
     @classmethod
     def load_or_create(cls, path: Path, state_dir: Path) -> "StackConfig":
+        """The stack saved at ``path``, checked (an unknown key or setting is an error naming it); else a new one."""
         if path.exists():
             data = json.loads(path.read_text())
+            unknown = sorted(set(data) - set(cls.__dataclass_fields__) - {"moved_ports"})
+            if unknown:
+                raise SettingsError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; known: "
+                                    f"{', '.join(sorted(set(cls.__dataclass_fields__) - {'moved_ports'}))}")
             data["state_dir"] = Path(data["state_dir"])
             cfg = cls(**data)
+            try:
+                cfg.settings()
+            except SettingsError as exc:
+                raise SettingsError(f"{path}: extra_settings: {exc}") from None
             if "lookup_secret" not in data:  # a stack.json older than the lookup service: keep the new secret
                 cfg.save(path)
             if cfg.query_port and (cfg.postgres_port or cfg.orthanc_index != "postgresql"):
@@ -142,10 +169,8 @@ class StackConfig:
     def save(self, path: Path) -> None:
         """Keep the ports and credentials (owner-only), so that a restart finds the same stack."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.chmod(0o600)
         data = {k: v for k, v in self.__dict__.items() if k != "moved_ports"}
-        path.write_text(json.dumps({**data, "state_dir": str(self.state_dir)}, indent=2))
+        write_owner_only(path, json.dumps({**data, "state_dir": str(self.state_dir)}, indent=2))
 
     def move_taken_ports(self) -> list[str]:
         """Replace each port that another program holds by a free one; the names of those moved."""
@@ -183,23 +208,33 @@ class StackConfig:
     def orthanc_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def components_file(self) -> Path:
+        """The supervisor's view of each process (``lookalike run``), read by ``/lookalike/status``."""
+        return self.state_dir / "components.json"
+
     def settings(self) -> Settings:
-        """What the worker, the plugin and the command line need to find each other."""
-        return Settings(
-            orthanc_url=self.orthanc_url,
-            orthanc_user="lookalike",
-            orthanc_password=self.service_password,
-            redis_url=f"redis://:{self.redis_password}@127.0.0.1:{self.redis_port}/0",
-            index_dir=str(self.state_dir / "index"),
-            weights=dict(self.weights),
-            audit_log=str(self.logs / "audit.jsonl"),
-            query_host="127.0.0.1",
-            query_port=self.query_port,
-            query_allowed={aet: ["127.0.0.1"] for aet in QUERY_CALLERS},
-            lookup_socket=str(self.state_dir / "lookup.sock"),
-            lookup_secret=self.lookup_secret,
+        """What the worker, the plugin and the command line need to find each other.
+
+        ``extra_settings`` replace these values (a site's ``query_host`` and ``query_allowed`` let workstations
+        query); an unknown setting or a value of the wrong type there is a :class:`SettingsError` naming it.
+        """
+        return Settings.from_dict({
+            "orthanc_url": self.orthanc_url,
+            "orthanc_user": "lookalike",
+            "orthanc_password": self.service_password,
+            "redis_url": f"redis://:{self.redis_password}@127.0.0.1:{self.redis_port}/0",
+            "index_dir": str(self.state_dir / "index"),
+            "weights": dict(self.weights),
+            "audit_log": str(self.logs / "audit.jsonl"),
+            "query_host": "127.0.0.1",
+            "query_port": self.query_port,
+            "query_allowed": {aet: ["127.0.0.1"] for aet in QUERY_CALLERS},
+            "lookup_socket": str(self.state_dir / "lookup.sock"),
+            "lookup_secret": self.lookup_secret,
+            "components_file": str(self.components_file),
             **self.extra_settings,
-        )
+        })
 
     def orthanc_config(self) -> dict:
         """Orthanc's configuration: authentication on, loopback only, the two plugins, our section."""
@@ -212,8 +247,16 @@ class StackConfig:
             "DicomPort": self.dicom_port,
             "DicomAet": ORTHANC_AET,
             "DicomCheckCalledAet": True,
+            # Orthanc cannot bind to loopback: both ports listen on every interface. A DICOM peer is let in only
+            # as one of DicomModalities, from that modality's host (loopback unless a site adds its own under
+            # `modalities`); an HTTP client only from loopback (`"extra_orthanc": {"RemoteAccessAllowed": true}`
+            # opens it to password holders elsewhere).
             "DicomAlwaysAllowStore": False,
             "DicomAlwaysAllowEcho": False,
+            "DicomAlwaysAllowFind": False,
+            "DicomAlwaysAllowFindWorklist": False,
+            "DicomAlwaysAllowGet": False,
+            "DicomAlwaysAllowMove": False,
             "DicomCheckModalityHost": True,
             "DicomModalities": self.dicom_modalities(),
             "RemoteAccessAllowed": False,
@@ -352,11 +395,28 @@ def _write_postgres_conf(cfg: StackConfig, data: Path, account: pwd.struct_passw
     conf.chmod(0o600)
 
 
+def open_owner_only(path: Path, mode: str = "ab"):
+    """``open(path, mode)`` on a file only its owner may read or write, whatever the caller's umask (an existing
+    file of an older version is closed to others too): logs and settings may hold PHI or secrets."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC), 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, mode)
+
+
+def write_owner_only(path: Path, text: str) -> None:
+    """Replace ``path``'s content by ``text``, owner-only (:func:`open_owner_only`)."""
+    with open_owner_only(path, "w") as fh:
+        fh.write(text)
+
+
 def write_configs(cfg: StackConfig) -> tuple[Path, Path, Path]:
     """Write the folders and the three configuration files of a stack (owner-only): Lookalike's settings,
     Orthanc's configuration and Redis's; with ``orthanc_index`` "postgresql", the PostgreSQL cluster too.
     ``lookalike run`` starts from them; the service units in ``deploy/systemd`` read the same files, written by
     ``lookalike configure``."""
+    cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Others may not list or write the state folder (o+x stays where root's stack lets PostgreSQL's user through).
+    cfg.state_dir.chmod(cfg.state_dir.stat().st_mode & 0o711)
     for sub in ("logs", "orthanc-storage", "index", "redis"):
         (cfg.state_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
         (cfg.state_dir / sub).chmod(0o700)
@@ -364,23 +424,52 @@ def write_configs(cfg: StackConfig) -> tuple[Path, Path, Path]:
     texts = (json.dumps(cfg.settings().to_dict(), indent=2), json.dumps(cfg.orthanc_config(), indent=2),
              redis_conf(cfg))
     for path, text in zip(paths, texts):
-        path.touch(mode=0o600)
-        path.chmod(0o600)
-        path.write_text(text)
+        write_owner_only(path, text)
     if cfg.orthanc_index == "postgresql":
         init_postgres(cfg)
     return paths
 
 
-class Stack:
-    """The running processes of one :class:`StackConfig`; a context manager that stops all it started."""
+@dataclass
+class Component:
+    """What the supervisor knows of one process of the stack; :meth:`report` is what ``/lookalike/status`` shows."""
 
-    def __init__(self, config: StackConfig, *, worker: bool = True) -> None:
+    #: "starting", "ready", "restarting" (waiting out its back-off) or "failing" (FAILING_AFTER exits in a row).
+    state: str = "starting"
+    restarts: int = 0
+    exits_in_a_row: int = 0
+    last_exit_status: int | None = None
+    #: Wall-clock time of the last change of state (for a reader); monotonic times of the last start and next one.
+    since: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)
+    next_start: float = 0.0
+
+    def report(self) -> dict:
+        data = asdict(self)
+        data["since"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))
+        return {k: v for k, v in data.items() if k not in ("started", "next_start")}
+
+
+class Stack:
+    """The running processes of one :class:`StackConfig`; a context manager that stops all it started.
+
+    With ``supervise`` (``lookalike run``) a thread restarts every process that exits, with back-off, from the
+    moment it is started: Orthanc is never stopped because another process failed, before or after it was ready.
+    Without it (the tests, which kill and restart processes themselves) a process that fails at start is an error.
+    """
+
+    def __init__(self, config: StackConfig, *, worker: bool = True, supervise: bool = False) -> None:
         self.config = config
         self.with_worker = worker
+        self.supervised = supervise
         self.procs: dict[str, subprocess.Popen] = {}
+        self.components: dict[str, Component] = {}
         self._argv: dict[str, list[str]] = {}
         self._workers: dict[str, int] = {}  # worker name -> first line of its log written by the current process
+        self._lock = threading.RLock()  # the supervisor thread and the caller both start and stop processes
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._reported: dict = {}
 
     # -- start -------------------------------------------------------------------------------------------
     def start(self, timeout: float = 60.0, attempts: int = 3) -> "Stack":
@@ -403,44 +492,152 @@ class Stack:
         cfg = self.config
         settings_path, orthanc_json, self._redis_conf = write_configs(cfg)
         self.env = {**dcmtk_env(), "LOOKALIKE_CONFIG": str(settings_path)}
+        self._stopping.clear()
+        deadline = time.monotonic() + timeout
         try:
             self._start_redis()
             if cfg.orthanc_index == "postgresql":
                 # Orthanc's index must answer before Orthanc starts (else its plugin waits 5 s between attempts).
                 self._start_postgres()
-                self._wait(self._postgres_ready, time.monotonic() + timeout, "postgres")
+                self._wait(self._postgres_ready, deadline, "postgres")
             self._start_orthanc(orthanc_json)
+            if self.supervised:  # the PACS answers: from here on, no other process's failure stops it
+                self._wait(self._orthanc_ready, deadline, "orthanc")
             if cfg.with_plugin:
                 self._start_query_scp(settings_path)
             if self.with_worker:
                 self.start_worker()
-            self.wait_ready(timeout)
+            if not self.supervised:
+                self.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
+        if self.supervised:
+            self._thread = threading.Thread(target=self._supervise_loop, name="lookalike-supervisor", daemon=True)
+            self._thread.start()
+            self._await_components(deadline)
         return self
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        log = open(self.config.logs / f"{name}.out", "ab")
-        # A session of its own: Ctrl-C in the terminal reaches `lookalike run`, which stops the children in order.
-        # umask 077: Orthanc's storage, the catalogue, Redis's files and the logs hold PHI, readable by owner only.
-        self.procs[name] = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.config.state_dir, start_new_session=True,
-            umask=0o077,
-        )
+        # Owner-only whatever the caller's umask: a process's output holds tracebacks, which may quote PHI.
+        with open_owner_only(self.config.logs / f"{name}.out") as log:
+            # A session of its own: Ctrl-C in the terminal reaches `lookalike run`, which stops the children in
+            # order. umask 077: Orthanc's storage, the catalogue, Redis's files and the logs hold PHI, owner only.
+            self.procs[name] = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.config.state_dir,
+                start_new_session=True, umask=0o077,
+            )
         self._argv[name] = argv
+        component = self.components.setdefault(name, Component())
+        component.started, component.next_start = time.monotonic(), 0.0
+
+    def _respawn(self, name: str) -> None:
+        """Start ``name`` again with the command line it was first started with (a worker keeps its queues)."""
+        if name in self._workers:
+            self._mark_worker_log(name)
+        self._spawn(name, self._argv[name])
 
     def restart(self, name: str, timeout: float = 60.0) -> None:
         """Start one process again (it crashed, or a test stopped it); the others keep running."""
-        self._terminate(name, 20.0)
+        with self._lock:
+            self._terminate(name, 20.0)
+            self._respawn(name)
+        self._wait(lambda: self._ready(name), time.monotonic() + timeout, name)
+
+    def _ready(self, name: str) -> bool:
+        """``name`` answers (a worker: has said "ready." in its log since it was last started)."""
         if name in self._workers:
-            self.start_worker(name)
-            ready = lambda: self.worker_ready(name)  # noqa: E731
-        else:
-            self._spawn(name, self._argv[name])
-            ready = {"redis": self._redis_ping, "query-scp": self._query_scp_ready, "postgres": self._postgres_ready,
-                     "orthanc": lambda: self.http().get(f"{self.config.orthanc_url}/system", timeout=2).ok}[name]
-        self._wait(ready, time.monotonic() + timeout, name)
+            return self.worker_ready(name)
+        return {"redis": self._redis_ping, "query-scp": self._query_scp_ready, "postgres": self._postgres_ready,
+                "orthanc": self._orthanc_ready}[name]()
+
+    # -- supervision (``supervise=True``) ------------------------------------------------------------------
+    def _supervise_loop(self) -> None:
+        while not self._stopping.wait(0.5):
+            try:
+                self.supervise()
+            except Exception as exc:  # the supervisor itself must not die: Orthanc would lose its guard
+                self._report(f"supervisor: {type(exc).__name__}: {exc}")
+
+    def supervise(self) -> None:
+        """One pass: restart what exited once its back-off is over, note what became ready, save the report.
+
+        A process that exits is started again after BACKOFF[n] seconds, n its exits in a row (counted anew after
+        STABLE_AFTER seconds of running); after FAILING_AFTER in a row it is reported as failing, and still
+        retried. Nothing else is stopped.
+        """
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            now = time.monotonic()
+            for name in list(self._argv):
+                component = self.components.setdefault(name, Component())
+                proc = self.procs.get(name)
+                if proc is not None and proc.poll() is not None:
+                    self.procs.pop(name)
+                    self._exited(name, component, proc.returncode, now)
+                elif proc is None and component.next_start and now >= component.next_start:
+                    self._respawn(name)
+                    component.restarts += 1
+                    self._set_state(component, "starting" if component.state != "failing" else "failing")
+                elif proc is not None and component.state != "ready" and self._probe(name):
+                    if component.restarts:
+                        self._report(f"{name} is back (restart {component.restarts})")
+                    self._set_state(component, "ready")
+            self._save_components()
+
+    def _exited(self, name: str, component: Component, status: int, now: float) -> None:
+        component.exits_in_a_row = 1 if now - component.started >= STABLE_AFTER else component.exits_in_a_row + 1
+        component.last_exit_status = status
+        delay = BACKOFF[min(component.exits_in_a_row, len(BACKOFF)) - 1]
+        component.next_start = now + delay
+        failing = component.exits_in_a_row >= FAILING_AFTER
+        self._set_state(component, "failing" if failing else "restarting")
+        self._report(f"{name} exited with status {status}; restarting it in {delay:.0f} s"
+                     + (f"; it keeps failing ({component.exits_in_a_row} exits in a row), see {name}.out and its"
+                        f" log in {self.config.logs}" if failing else "")
+                     + ("; Orthanc keeps running" if name not in ESSENTIAL else ""))
+
+    def _probe(self, name: str) -> bool:
+        try:
+            return bool(self._ready(name))
+        except (OSError, requests.RequestException):
+            return False
+
+    @staticmethod
+    def _set_state(component: Component, state: str) -> None:
+        if component.state != state:
+            component.state, component.since = state, time.time()
+
+    def _await_components(self, deadline: float) -> None:
+        """Wait until every process is ready, or the deadline; one still not ready is reported, not fatal."""
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(c.state == "ready" for c in self.components.values()):
+                    return
+            time.sleep(0.2)
+        with self._lock:
+            late = [name for name, c in self.components.items() if c.state != "ready"]
+        if late:
+            self._report(f"{', '.join(late)} not ready at the end of the start; Orthanc runs, and they are"
+                         " restarted until they are")
+
+    def _report(self, message: str) -> None:
+        """A line in ``<logs>/supervisor.log`` (owner-only) and on standard error."""
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        with open_owner_only(self.config.logs / "supervisor.log") as fh:
+            fh.write(f"{line}\n".encode())
+        print(f"lookalike: {message}", file=sys.stderr, flush=True)
+
+    def _save_components(self) -> None:
+        """Write the report ``/lookalike/status`` shows, when it changed (replaced whole: a reader sees no half)."""
+        report = {name: c.report() for name, c in self.components.items()}
+        if report == self._reported:
+            return
+        path = self.config.components_file
+        write_owner_only(path.with_suffix(".tmp"), json.dumps(report, indent=2))
+        os.replace(path.with_suffix(".tmp"), path)
+        self._reported = report
 
     def crashed(self) -> list[str]:
         """The processes that have exited on their own."""
@@ -479,7 +676,7 @@ class Stack:
         settings, ``(QUEUE, WRITE_QUEUE)`` makes the index's writer and ``(EMBED_QUEUE,)`` an embedding worker.
         """
         log = self.config.logs / f"{name}.log"
-        self._workers[name] = len(log.read_text(errors="replace").splitlines()) if log.exists() else 0
+        self._mark_worker_log(name)
         self._spawn(
             name,
             [
@@ -488,6 +685,11 @@ class Stack:
                 "-n", f"lookalike-{name}-{self.config.redis_port}@%h", "--logfile", str(log),
             ],
         )
+
+    def _mark_worker_log(self, name: str) -> None:
+        """Note where the worker's log ends: "ready." counts only after this start."""
+        log = self.config.logs / f"{name}.log"
+        self._workers[name] = len(log.read_text(errors="replace").splitlines()) if log.exists() else 0
 
     def worker_ready(self, name: str = "worker") -> bool:
         """The worker process ``name`` has said "ready." in its log (a restarted one, after its own start)."""
@@ -510,7 +712,7 @@ class Stack:
         self._wait(lambda: self._redis_ping(), deadline, "redis")
         if "postgres" in self.procs:
             self._wait(self._postgres_ready, deadline, "postgres")
-        self._wait(lambda: self.http().get(f"{self.config.orthanc_url}/system", timeout=2).ok, deadline, "orthanc")
+        self._wait(self._orthanc_ready, deadline, "orthanc")
         if "worker" in self.procs:
             self._wait(self.worker_ready, deadline, "worker")
         if "query-scp" in self.procs:
@@ -528,6 +730,9 @@ class Stack:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"{name} not ready; see {self.config.logs}")
+
+    def _orthanc_ready(self) -> bool:
+        return self.http().get(f"{self.config.orthanc_url}/system", timeout=2).ok
 
     def _redis_ping(self) -> bool:
         import redis
@@ -549,9 +754,11 @@ class Stack:
         loaded)."""
         from lookalike.indexer.lookup_service import LookupClient, LookupUnavailable
 
-        with socket.create_connection(("127.0.0.1", self.config.query_port), timeout=1):
-            pass
         settings = self.config.settings()
+        # Where a site opened the endpoint to workstations (query_host), it is reached there; 0.0.0.0 on loopback.
+        host = "127.0.0.1" if settings.query_host in ("", "0.0.0.0") else settings.query_host
+        with socket.create_connection((host, settings.query_port), timeout=1):
+            pass
         try:
             LookupClient(settings.lookup_socket, settings.lookup_secret, 2.0).ping()
         except LookupUnavailable:
@@ -567,7 +774,10 @@ class Stack:
 
     # -- stop --------------------------------------------------------------------------------------------
     def _terminate(self, name: str, timeout: float) -> None:
-        proc = self.procs.pop(name, None)
+        with self._lock:
+            proc = self.procs.pop(name, None)
+            if name in self.components:
+                self.components[name].next_start = 0.0  # stopped on purpose: not to be restarted
         if proc is None or proc.poll() is not None:
             return
         # SIGTERM to the leader alone: Celery's main process then stops its pool child itself (warm shutdown).
@@ -584,9 +794,16 @@ class Stack:
         proc.wait()
 
     def stop(self) -> None:
-        """The query endpoint, the workers (each finishes its task), then Orthanc, its PostgreSQL, then Redis."""
+        """The supervisor, the query endpoint, the workers (each finishes its task), then Orthanc, its PostgreSQL,
+        then Redis."""
+        self._stopping.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
         for name in ("query-scp", *sorted(self._workers), "orthanc", "postgres", "redis"):
             self._terminate(name, 20.0)
+        if self._thread is not None:  # no report outlives the supervisor (a later systemd stack has none)
+            self.config.components_file.unlink(missing_ok=True)
+        self._thread = None
 
     def __enter__(self) -> "Stack":
         return self.start()

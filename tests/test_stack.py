@@ -165,7 +165,7 @@ class TestSimilarityReport:
         http, url = stack.http(), stack.config.orthanc_url
         query = corpus["ids"]["us_query"]
         total = _indexed_total(stack)
-        r = http.post(f"{url}/lookalike/studies/{query}/similar-report?limit=3", timeout=60)
+        r = http.post(f"{url}/lookalike/studies/{query}/similar-report", json={}, timeout=60)
         assert r.status_code == 200, r.text
         report_id = r.json()["report"]
         assert http.get(f"{url}/instances/{report_id}/study", timeout=10).json()["ID"] == query
@@ -324,3 +324,87 @@ class TestDeletion:
         wait_for(lambda: _indexed_total(stack) == total, timeout=60, what="the deletion to reach the index")
         hits = http.get(f"{url}/lookalike/studies/{query}/similar?limit=100", timeout=10).json()["similar"]
         assert study_id not in {s["orthanc_study_id"] for s in hits}
+
+
+def _pids_with(text: str) -> list[int]:
+    """Processes whose command line holds ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+class TestSupervisor:
+    """``lookalike run`` as an administrator starts it: a component that dies, even before it is ready, is restarted
+    with back-off and reported; Orthanc is never stopped for it."""
+
+    def test_worker_killed_during_start_up_is_restarted_reported_and_orthanc_keeps_running(self, tmp_path: Path) -> None:
+        import os
+        import signal
+
+        from lookalike.stack import FAILING_AFTER, StackConfig
+
+        state, stack_json = tmp_path / "state", tmp_path / "stack.json"
+        config = StackConfig.create(state)
+        config.save(stack_json)
+        exe = Path(sys.executable).with_name("lookalike")
+        with open(tmp_path / "run.out", "wb") as out:
+            run = subprocess.Popen([str(exe), "run", "--no-samples", "--state", str(state), "--stack-config",
+                                    str(stack_json)], stdout=out, stderr=subprocess.STDOUT)
+        http = requests.Session()
+        http.auth = ("admin", config.admin_password)
+
+        def status() -> dict | None:
+            try:
+                r = http.get(f"{config.orthanc_url}/lookalike/status", timeout=5)
+            except requests.RequestException:
+                return None
+            return r.json() if r.status_code == 200 else None
+
+        worker_log = state / "logs" / "worker.log"
+        worker_tag = f"lookalike-worker-{config.redis_port}@"
+        try:
+            wait_for(status, timeout=120, what="/lookalike/status to answer 200")
+            killed: set[int] = set()
+            for _ in range(FAILING_AFTER):
+                pids = wait_for(lambda: [p for p in _pids_with(worker_tag) if p not in killed], timeout=120,
+                                interval=0.05, what="a worker process")
+                assert "ready." not in (worker_log.read_text() if worker_log.exists() else ""), \
+                    "the worker was ready before it was killed: this would not test its start-up"
+                for pid in pids:
+                    try:
+                        os.killpg(os.getpgid(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                killed.update(pids)
+                wait_for(lambda: not set(_pids_with(worker_tag)) & killed, timeout=30, what="the kill")
+                assert run.poll() is None, (tmp_path / "run.out").read_text()
+                assert http.get(f"{config.orthanc_url}/system", timeout=10).ok
+
+            def worker() -> dict:
+                return ((status() or {}).get("components") or {}).get("worker") or {}
+
+            reported = wait_for(lambda: worker().get("state") == "failing" and worker(), timeout=30,
+                                what="the worker reported as failing")
+            assert reported["exits_in_a_row"] >= FAILING_AFTER
+            back = wait_for(lambda: worker().get("state") == "ready" and worker(), timeout=240,
+                            what="the worker to come back")
+            assert back["restarts"] >= FAILING_AFTER and back["last_exit_status"] == -signal.SIGKILL
+            assert "ready." in worker_log.read_text()
+            assert run.poll() is None and http.get(f"{config.orthanc_url}/system", timeout=10).ok
+            assert all(c["state"] == "ready" for c in status()["components"].values())
+            assert "worker" in (state / "logs" / "supervisor.log").read_text()
+        finally:
+            if run.poll() is None:
+                run.send_signal(signal.SIGINT)
+                try:
+                    run.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    run.kill()
+            for pid in _pids_with(str(state)):  # whatever the stopped stack left behind (none, normally)
+                os.kill(pid, signal.SIGKILL)
+        assert run.returncode == 0, (tmp_path / "run.out").read_text()

@@ -2,7 +2,8 @@
 
 Orthanc embeds Debian's Python 3.11; the project's virtual environment is made from that same interpreter, so
 its packages import here. Inserted first, so that they win over Debian's dist-packages. If Lookalike cannot
-start, Orthanc keeps running as a PACS and the reason is in its log.
+start, Orthanc keeps running as a PACS and the reason is in its log. Python warnings go to Orthanc's log too, with
+the values they quote blanked: highdicom's, for one, quotes a PatientName.
 """
 
 import json
@@ -16,6 +17,18 @@ try:
     for _path in (_section.get("site_packages"), _section.get("source_root")):
         if _path and _path not in sys.path:
             sys.path.insert(0, _path)
+
+    import logging
+
+    import lookalike.config  # noqa: F401  (from here on, Python warnings go through logging, quoted values blanked)
+
+    class _OrthancLog(logging.Handler):
+        """Python warnings into Orthanc's own log (owner-only), not its standard output."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            orthanc.LogWarning("Lookalike: " + self.format(record))
+
+    logging.getLogger("py.warnings").addHandler(_OrthancLog())
 
     from lookalike.plugin.entry import register
 

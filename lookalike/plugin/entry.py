@@ -55,10 +55,19 @@ def _answer(output: Any, status: int, body: dict) -> None:
         output.SendHttpStatus(status, text, len(text))
 
 
+def _components(path: str) -> dict | None:
+    """The supervisor's report of the stack's processes (``lookalike run``), or None where there is none."""
+    try:
+        return json.loads(Path(path).read_text()) if path else None
+    except (OSError, ValueError):
+        return None
+
+
 def register(orthanc: Any) -> None:
     """Register the change callback, the REST routes and the Orthanc Explorer extension."""
     section = json.loads(orthanc.GetConfiguration()).get("Lookalike", {})
-    settings = Settings.from_dict(section)
+    # The two paths are the loader script's (deploy/orthanc/lookalike_plugin.py); every other key is a setting.
+    settings = Settings.from_dict({k: v for k, v in section.items() if k not in ("site_packages", "source_root")})
 
     from lookalike.indexer.catalogue import CATALOGUE_FILE, Catalogue
     from lookalike.indexer.celery_app import make_app
@@ -116,7 +125,11 @@ def register(orthanc: Any) -> None:
                                 pending=sender.pending(), who=who)
 
     def status(query: dict, who: str) -> rest.Response:
-        return rest.status(catalogue, lambda: broker.llen(QUEUE), sender.pending(), api, lookups)
+        code, body = rest.status(catalogue, lambda: broker.llen(QUEUE), sender.pending(), api, lookups)
+        components = _components(settings.components_file)
+        if components is not None:  # `lookalike run`'s supervisor: each process's state, restarts, last exit
+            body["components"] = components
+        return code, body
 
     orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar", route(similar, ("GET",)))
     orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar-report", route(similar_report, ("POST",)))
