@@ -92,7 +92,7 @@ class TestFilesHoldingPhi:
         study = next(x["ID"] for x in http.post(f"{url}/tools/lookup", data=str(ds.StudyInstanceUID), timeout=10)
                      .json() if x["Type"] == "Study")
         for route in ("similar-report", "similar-kos"):
-            r = http.post(f"{url}/lookalike/studies/{study}/{route}?limit=3", timeout=60)
+            r = http.post(f"{url}/lookalike/studies/{study}/{route}", json={"limit": 3}, timeout=60)
             assert r.status_code == 200, r.text
 
         state = stack.config.state_dir
