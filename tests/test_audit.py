@@ -37,6 +37,22 @@ class TestAuditLog:
         at = datetime.fromisoformat(entry["at"])
         assert at.tzinfo is not None and abs(datetime.now(timezone.utc) - at) < timedelta(minutes=1)
 
+    def test_a_refusal_and_a_retrieves_outcome_say_what_happened_and_why(self, tmp_path: Path) -> None:
+        path = tmp_path / "audit.jsonl"
+        with AuditLog(path) as log:
+            log.refused(who="INTRUDER", via="dicom", host="10.0.0.9", action="associate",
+                        reason="calling AE title 'INTRUDER' is not in query_allowed")
+            log.record(who="WS1", via="dicom", host="10.0.0.7", study="1.2.3", orthanc_study_id=None,
+                       scope="archive", results=["1.2.3"], action="retrieve", outcome="failed",
+                       reason="sending to WS1 failed", sent=0, failed=2)
+        refusal, retrieve = read_entries(path)
+        assert (refusal["who"], refusal["host"], refusal["action"], refusal["outcome"]) == (
+            "INTRUDER", "10.0.0.9", "associate", "refused")
+        assert "INTRUDER" in refusal["reason"] and refusal["results"] == [] and refusal["scope"] is None
+        assert (retrieve["action"], retrieve["outcome"], retrieve["reason"]) == (
+            "retrieve", "failed", "sending to WS1 failed")
+        assert retrieve["details"] == {"sent": 0, "failed": 2}
+
     def test_file_is_readable_by_its_owner_only(self, tmp_path: Path) -> None:
         path = tmp_path / "audit.jsonl"
         with AuditLog(path, max_bytes=300, backup_count=3) as log:

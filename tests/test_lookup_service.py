@@ -86,13 +86,13 @@ def _request(study: int = 0, **kw) -> LookupRequest:
 class TestEnds:
     def test_the_answer_is_the_in_process_one_and_recorded_once(self, service, index_dir, tmp_path) -> None:
         _, client = service
-        answer = client.lookup(_request(3, limit=4, action="report"))
+        answer = client.lookup(_request(3, limit=4, action="report", host="10.1.2.3"))
         with IndexStore(index_dir, readonly=True) as store:
             assert answer == similar_studies(store, "study-3", 4, "archive")
         assert any(m.best_match.lesion_box for m in answer)  # the boxes came back as they went
         [entry] = read_entries(tmp_path / "audit.jsonl")
         assert (entry["who"], entry["via"], entry["action"], entry["scope"], entry["host"]) == (
-            "dr.a", "rest", "report", "archive", None)
+            "dr.a", "rest", "report", "archive", "10.1.2.3")
         assert (entry["study"], entry["orthanc_study_id"]) == ("1.2.826.2.3", "study-3")
         assert entry["results"] == [m.study_instance_uid for m in answer] and entry["details"] == {"limit": 4}
 
@@ -241,6 +241,7 @@ class TestThroughOrthanc:
             proc.wait(30)
             r = _similar(stack, corpus["ids"]["query"])
             assert r.status_code == 503, r.text
+            assert r.headers["Content-Type"] == "application/json"
             assert "query service is not answering" in r.json()["error"]
             assert "lookalike query-scp" in r.json()["reason"] and "not running" in r.json()["reason"]
             assert stack.crashed() == ["query-scp"]  # what `lookalike run` restarts

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import socket
+import struct
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -13,10 +15,17 @@ from typing import Iterator
 import numpy as np
 import pydicom
 import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove, Verification
 
+from lookalike.config import Settings
 from lookalike.dicom_io.samples import wrap_image
+from lookalike.indexer.audit import read_entries
 from lookalike.indexer.query_scp import (
     IDENTIFIER_DOES_NOT_MATCH,
+    MOVE_DESTINATION_UNKNOWN,
+    ORTHANC_FAILED,
+    UNKNOWN_STUDY,
     PRIVATE_CREATOR,
     PRIVATE_GROUP,
     RANK,
@@ -174,7 +183,19 @@ class TestFind:
         assert (entry["who"], entry["via"], entry["host"], entry["action"]) == ("FINDSCU", "dicom", "127.0.0.1", "lookup")
         assert entry["study"] == uid and entry["scope"] == "patient"
         assert entry["results"] == [a.StudyInstanceUID for a in answers]
+        assert entry["details"]["patient_id"] == QUERY_PATIENT  # the matching key that made the scope "patient"
         assert audit.stat().st_mode & 0o077 == 0
+
+    def test_a_refused_query_is_audited_with_its_keys_but_no_patient_name(self, tmp_path: Path) -> None:
+        with _bare_endpoint(tmp_path) as endpoint:
+            result, answers = findscu(None, tmp_path / "rsp", "StudyInstanceUID=*", f"PatientID={QUERY_PATIENT}",
+                                      "PatientName=TEST^SECRETNAME", port=endpoint.settings.query_port, log="-d")
+        assert answers == [] and "0xa900" in result.stderr
+        [entry] = read_entries(endpoint.settings.audit_log)
+        assert (entry["who"], entry["host"], entry["action"], entry["outcome"]) == (
+            "FINDSCU", "127.0.0.1", "lookup", "refused")
+        assert entry["reason"] and entry["details"]["patient_id"] == QUERY_PATIENT
+        assert "SECRETNAME" not in Path(endpoint.settings.audit_log).read_text()
 
 
 class TestEcho:
@@ -202,6 +223,85 @@ class TestAssociation:
     def test_wrong_called_ae_title_is_refused(self, stack: Stack) -> None:
         argv = ["echoscu", "-aet", "FINDSCU", "-aec", "NOTLOOKALIKE", "127.0.0.1", str(stack.config.query_port)]
         assert subprocess.run(argv, env=dcmtk_env(), capture_output=True, timeout=30).returncode != 0
+
+    def test_half_open_connections_neither_lock_out_a_workstation_nor_stay_open(self, tmp_path: Path) -> None:
+        with _bare_endpoint(tmp_path, query_timeout=10.0, query_max_associations=2) as endpoint:
+            port = endpoint.settings.query_port
+            half_open = [_half_open(port) for _ in range(12)]
+            wait_for(lambda: len(endpoint.server.active_associations) >= len(half_open),
+                     what="the half-open connections to be accepted by the server")
+            assert _echo(port).returncode == 0  # a workstation that is allowed gets in meanwhile
+            assert [_closed_by_peer(sock, wait=120) for sock in half_open] == [True] * len(half_open)
+
+    def test_accepted_associations_beyond_the_limit_are_refused_and_audited(self, tmp_path: Path) -> None:
+        with _bare_endpoint(tmp_path, query_max_associations=2) as endpoint:
+            scu = AE(ae_title="FINDSCU")
+            scu.add_requested_context(Verification)
+            port = endpoint.settings.query_port
+            held = [scu.associate("127.0.0.1", port, ae_title="LOOKALIKE") for _ in range(2)]
+            try:
+                assert all(a.is_established for a in held)
+                extra = scu.associate("127.0.0.1", port, ae_title="LOOKALIKE")
+                assert extra.is_rejected
+                held[0].release()
+                again = wait_for(lambda: _established(scu, port), what="a slot freed by the release")
+                again.release()
+            finally:
+                for assoc in held:
+                    if assoc.is_established:
+                        assoc.release()
+            intruder = _echo(port, aet="INTRUDER")
+        assert intruder.returncode != 0
+        refused = [e for e in read_entries(endpoint.settings.audit_log) if e["action"] == "associate"]
+        assert [(e["who"], e["host"], e["outcome"]) for e in refused] == [
+            ("FINDSCU", "127.0.0.1", "refused"), ("INTRUDER", "127.0.0.1", "refused")]
+        assert all(e["reason"] for e in refused) and refused[0]["reason"] != refused[1]["reason"]
+
+
+def _established(scu: AE, port: int):
+    """An association of ``scu`` with the endpoint if one is accepted now, else None (a rejected one is let go)."""
+    assoc = scu.associate("127.0.0.1", port, ae_title="LOOKALIKE")
+    return assoc if assoc.is_established else None
+
+
+def _echo(port: int, aet: str = "FINDSCU") -> subprocess.CompletedProcess:
+    argv = ["echoscu", "-aet", aet, "-aec", "LOOKALIKE", "127.0.0.1", str(port)]
+    return subprocess.run(argv, env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+
+
+def _half_open(port: int) -> socket.socket:
+    """A connection whose A-ASSOCIATE-RQ header announces 1030 bytes, of which it sends 60 and then nothing."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(struct.pack(">BBL", 0x01, 0x00, 1024) + bytes(54))
+    return sock
+
+
+def _closed_by_peer(sock: socket.socket, wait: float) -> bool:
+    """Whether the endpoint closes ``sock`` within ``wait`` seconds (it sends nothing before that)."""
+    sock.settimeout(wait)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        sock.close()
+
+
+@contextlib.contextmanager
+def _bare_endpoint(tmp_path: Path, **overrides: object) -> Iterator[QueryEndpoint]:
+    """An endpoint on an empty index with no Orthanc behind it: enough for associations and refused requests."""
+    settings = dataclasses.replace(
+        Settings(), index_dir=str(tmp_path / "index"), audit_log=str(tmp_path / "audit.jsonl"),
+        lookup_socket=str(tmp_path / "lookup.sock"), lookup_secret="test-secret", query_host="127.0.0.1",
+        query_port=free_port(), query_allowed={"FINDSCU": ["127.0.0.1"]}, **overrides)
+    endpoint = QueryEndpoint(settings)
+    endpoint.start()
+    try:
+        yield endpoint
+    finally:
+        endpoint.stop()
 
 
 class TestSettings:
@@ -267,30 +367,65 @@ class TestMove:
         sop = cases["ds"]["copy"].SOPInstanceUID
         found = workstation.http().post(f"{workstation.config.orthanc_url}/tools/lookup", data=sop, timeout=10).json()
         assert [x["Type"] for x in found] == ["Instance"]
-        entry = json.loads(Path(stack.config.settings().audit_log).read_text().splitlines()[-1])
-        assert (entry["action"], entry["who"], entry["results"]) == ("retrieve", "MOVESCU", [uid])
-        assert entry["details"]["destination"] == "WORKSTATION"
+        requested, outcome = [json.loads(line) for line in
+                              Path(stack.config.settings().audit_log).read_text().splitlines()[-2:]]
+        for entry in (requested, outcome):
+            assert (entry["action"], entry["who"], entry["results"]) == ("retrieve", "MOVESCU", [uid])
+            assert entry["details"]["destination"] == "WORKSTATION"
+        assert (requested["outcome"], outcome["outcome"], outcome["details"]["sent"]) == ("requested", "sent", 1)
 
     def test_move_of_the_report_filed_into_the_study_on_screen(self, stack: Stack, cases: dict, workstation: Stack) -> None:
         http, url = stack.http(), stack.config.orthanc_url
         query = _orthanc_study_id(stack, cases["ds"]["query"])
-        r = http.post(f"{url}/lookalike/studies/{query}/similar-report?limit=3", timeout=60)
+        r = http.post(f"{url}/lookalike/studies/{query}/similar-report", json={}, timeout=60)
         assert r.status_code == 200, r.text
         sop = http.get(f"{url}/instances/{r.json()['report']}", timeout=10).json()["MainDicomTags"]["SOPInstanceUID"]
         result = movescu(stack, "WORKSTATION", "IMAGE", f"SOPInstanceUID={sop}")
         assert result.returncode == 0, result.stderr
         assert _has(workstation, sop)
 
-    def test_unknown_study_fails_with_the_reason_logged(self, stack: Stack, workstation: Stack) -> None:
-        result = movescu(stack, "WORKSTATION", "STUDY", "StudyInstanceUID=1.2.3.4.5.6.7.8.9")
-        assert result.returncode != 0, result.stderr
-        log = (stack.config.logs / "query-scp.log").read_text()
-        assert "C-MOVE from MOVESCU at 127.0.0.1 to WORKSTATION refused: no study 1.2.3.4.5.6.7.8.9 in the archive" in log
+    def test_a_failed_move_names_its_reason_without_a_traceback(self, stack: Stack, cases: dict,
+                                                                 workstation: Stack) -> None:
+        dead_port = free_port()  # nothing listens there: the destination cannot be reached
+        r = stack.http().put(f"{stack.config.orthanc_url}/modalities/deadws", timeout=10,
+                             json={"AET": "DEADWS", "Host": "127.0.0.1", "Port": dead_port})
+        assert r.ok, r.text
+        log_file = stack.config.logs / "query-scp.log"
+        log_before = len(log_file.read_text())
+        uid = cases["ds"]["copy"].StudyInstanceUID
+        unreachable = _move_status(stack, "DEADWS", uid)
+        unknown = _move_status(stack, "WORKSTATION", "1.2.3.4.5.6.7.8.9")
+        nowhere = _move_status(stack, "NOWHERE", uid)
+        assert (unreachable.Status, unknown.Status, nowhere.Status) == (
+            ORTHANC_FAILED, UNKNOWN_STUDY, MOVE_DESTINATION_UNKNOWN)
+        assert "DEADWS" in unreachable.ErrorComment and "NOWHERE" in nowhere.ErrorComment
+        assert unknown.ErrorComment and "study" in unknown.ErrorComment
+        assert "Traceback" not in log_file.read_text()[log_before:]
+        entries = list(read_entries(stack.config.settings().audit_log))
+        sent = [e for e in entries if e["action"] == "retrieve" and e["details"].get("destination") == "DEADWS"]
+        assert [e["outcome"] for e in sent[-2:]] == ["requested", "failed"] and sent[-1]["reason"]
+        assert [e["outcome"] for e in entries[-2:]] == ["refused", "refused"]  # the unknown study, the unknown AE
 
     def test_unknown_destination_is_refused(self, stack: Stack, cases: dict, workstation: Stack) -> None:
         result = movescu(stack, "NOWHERE", "STUDY", f"StudyInstanceUID={cases['ds']['prior'].StudyInstanceUID}")
         assert result.returncode != 0 and "Refused: MoveDestinationUnknown" in result.stderr, result.stderr
         assert not _has(workstation, cases["ds"]["prior"].StudyInstanceUID)
+
+
+def _move_status(stack: Stack, destination: str, study_uid: str) -> pydicom.Dataset:
+    """The final status of a STUDY-level C-MOVE sent with pynetdicom, with its ErrorComment if any."""
+    scu = AE(ae_title="MOVESCU")
+    scu.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = scu.associate("127.0.0.1", stack.config.query_port, ae_title="LOOKALIKE")
+    assert assoc.is_established
+    identifier = pydicom.Dataset()
+    identifier.QueryRetrieveLevel, identifier.StudyInstanceUID = "STUDY", study_uid
+    try:
+        statuses = [status for status, _ in assoc.send_c_move(identifier, destination,
+                                                               StudyRootQueryRetrieveInformationModelMove)]
+    finally:
+        assoc.release()
+    return statuses[-1]
 
 
 class TestIdentifier:

@@ -1,4 +1,4 @@
-"""The audit trail: one JSON line per similar-case lookup, whoever asked and however they asked.
+"""The audit trail: one JSON line per similar-case lookup, retrieve or refused request, whoever asked and however.
 
 A lookup shows a user which other studies resemble the one on screen; who asked about which patient's study,
 and what came back, is what a privacy officer must be able to trace. Every entry holds:
@@ -11,13 +11,18 @@ and what came back, is what a privacy officer must be able to trace. Every entry
     The StudyInstanceUID and Orthanc id of the study looked up.
 ``action``
     "lookup" (which studies resemble this one), "report" (the answer filed as an SR), "kos" (the priors filed as
-    a Key Object Selection) or "retrieve" (a study sent to a workstation).
+    a Key Object Selection), "retrieve" (a study sent to a workstation) or "associate" (a DICOM association).
+``outcome`` and ``reason``
+    "answered" (a lookup answered), "refused" (an association or request turned down, ``reason`` says why),
+    and for a retrieve "requested" (written before anything is sent), then "sent" or "failed" (``reason``).
 ``scope``
-    "archive" (any patient's studies) or "patient" (the same patient's priors only).
+    "archive" (any patient's studies) or "patient" (the same patient's priors only); None where nothing was looked
+    up.
 ``results``
     The StudyInstanceUIDs that came back, in rank order.
 ``details``
-    Anything else the caller finds worth keeping (matching keys, limit).
+    Anything else the caller finds worth keeping (matching keys such as ``patient_id``, limit, destination,
+    instances sent and failed). Never a patient's name: no caller passes one.
 
 The Orthanc plugin and the DICOM query endpoint run in different processes and append to the same file, so the
 file is written through ``concurrent_log_handler`` (a ``RotatingFileHandler`` that takes a file lock around each
@@ -73,8 +78,9 @@ class AuditLog:
         self._lock = threading.Lock()
 
     def record(self, *, who: str, via: str, study: str, orthanc_study_id: str | None, scope: str,
-               results: Sequence[str], host: str | None = None, action: str = "lookup", **details: object) -> dict:
-        """Append one lookup and return the entry written.
+               results: Sequence[str], host: str | None = None, action: str = "lookup", outcome: str = "answered",
+               reason: str | None = None, **details: object) -> dict:
+        """Append one lookup (or retrieve, with its ``outcome``) and return the entry written.
 
         Raises
         ------
@@ -85,18 +91,24 @@ class AuditLog:
         """
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
-        entry = {
-            "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "who": who,
-            "via": via,
-            "host": host,
-            "action": action,
-            "study": study,
-            "orthanc_study_id": orthanc_study_id,
-            "scope": scope,
-            "results": list(results),
-            "details": details,
-        }
+        return self._write(who=who, via=via, host=host, action=action, outcome=outcome, reason=reason, study=study,
+                           orthanc_study_id=orthanc_study_id, scope=scope, results=list(results), details=details)
+
+    def refused(self, *, who: str, via: str, host: str | None, action: str, reason: str, study: str | None = None,
+                **details: object) -> dict:
+        """Append an association or request that was turned down (outcome "refused"), with the reason given.
+
+        Raises
+        ------
+        OSError
+            The line could not be written (the request is refused all the same).
+        """
+        return self._write(who=who, via=via, host=host, action=action, outcome="refused", reason=reason, study=study,
+                           orthanc_study_id=None, scope=None, results=[], details=details)
+
+    def _write(self, **fields: object) -> dict:
+        """One JSON line, stamped with the time; a failed write raises."""
+        entry = {"at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **fields}
         line = json.dumps(entry, ensure_ascii=False, sort_keys=True, default=str)
         with self._lock:
             self._handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))

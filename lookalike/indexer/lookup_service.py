@@ -79,6 +79,8 @@ class LookupRequest:
     #: "lookup", "report" or "kos" (see :mod:`lookalike.indexer.audit`).
     action: str = "lookup"
     via: str = "rest"
+    #: The caller's address as Orthanc saw it (the audit entry's ``host``); empty where unknown.
+    host: str = ""
 
     @classmethod
     def from_json(cls, data: Any) -> "LookupRequest":
@@ -176,7 +178,7 @@ class LocalLookups:
         matches = similar_studies(self.store, request.orthanc_study_id, request.limit, request.scope, self.floors)
         if self.audit is not None:
             try:
-                self.audit.record(who=request.who, via=request.via, action=request.action,
+                self.audit.record(who=request.who, via=request.via, host=request.host or None, action=request.action,
                                   study=request.study_instance_uid, orthanc_study_id=request.orthanc_study_id,
                                   scope=request.scope, results=[m.study_instance_uid for m in matches],
                                   limit=request.limit)

@@ -22,17 +22,22 @@ C-FIND (Study Root or Patient Root, QueryRetrieveLevel STUDY)
 C-MOVE (STUDY, SERIES or IMAGE level: a result study, or the SR filed into the study on screen)
     Orthanc sends the resources (``POST /modalities/{name}/store``) to the destination, which must be one of
     Orthanc's DICOM modalities. The final response is Success with zero sub-operations of this SCP's own: the
-    sub-operations are Orthanc's. An unknown destination answers 0xA801; any other failure (an unknown UID, Orthanc
-    unable to send) a failure status of pynetdicom's (0xC5xx), the reason in this endpoint's log.
+    sub-operations are Orthanc's. A failure names its reason in the response's ErrorComment and in one line of this
+    endpoint's log: an unknown destination 0xA801, an unknown UID 0xC001, a destination Orthanc could not reach or
+    that refused it, or instances not sent, 0xC003.
 C-ECHO
     Success.
 
 Who may ask: the calling AE titles of ``Settings.query_allowed``, each from its listed hosts; any other association
-is rejected (calling AE title not recognised) and the reason logged. Answers never name another patient (no
+is rejected (calling AE title not recognised), the reason logged and audited. At most
+``Settings.query_max_associations`` accepted associations at once (a further one is rejected, local limit exceeded);
+a connection counts only once its calling AE title has passed, and every read from a peer is bounded by
+``Settings.query_timeout`` (a whole association request, too), so that half-open connections cannot hold the slots. Answers never name another patient (no
 PatientID, PatientName, AccessionNumber, ... of a study that is not the query patient's) unless
 ``Settings.disclose_other_patients``: only the keys of :data:`STUDY_KEYS` are filled for those studies, and the
 decision is :meth:`lookalike.indexer.lookup.SimilarStudy.as_public_dict`'s. Every C-FIND and C-MOVE is written
-to the audit trail (:mod:`lookalike.indexer.audit`) before it is answered.
+to the audit trail (:mod:`lookalike.indexer.audit`) before it is answered, a C-MOVE's outcome after it, and every
+refused association or request with its reason.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ from typing import Iterator
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_messages import C_MOVE_RSP
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelMove,
@@ -95,6 +102,9 @@ UNKNOWN_STUDY = 0xC001
 STUDY_NOT_INDEXED = 0xC002
 ORTHANC_FAILED = 0xC003
 AUDIT_FAILED = 0xC004
+#: Connections whose association is not accepted yet that pynetdicom holds at once, beside the accepted ones: each
+#: is closed within ``query_timeout``, so a burst of half-open connections passes without locking anybody out.
+MAX_PENDING_CONNECTIONS = 256
 #: Widening steps for a narrowed lookup: candidates asked of the index before filtering, times max results.
 _POOL_FACTORS = (1, 4, 16, 64)
 
@@ -346,6 +356,51 @@ def answer_dataset(identifier: Dataset, similar: SimilarStudy, info: StudyInfo, 
 
 # -- the service --------------------------------------------------------------------------------------------------
 
+def _asked(identifier: Dataset) -> dict[str, str]:
+    """What a refused request asked about, for the audit trail: its StudyInstanceUID and PatientID where given
+    (never the patient's name, whatever the identifier holds)."""
+    asked = {"study": _text(identifier, "StudyInstanceUID"), "patient_id": _text(identifier, "PatientID")}
+    return {key: value for key, value in asked.items() if not _is_universal(value)}
+
+
+def _cut_unfinished_request(assoc: object, sock: socket.socket) -> None:
+    """Close a connection that has sent no whole association request within ``query_timeout`` (see
+    :meth:`QueryEndpoint.on_connection`): the blocked read returns, and pynetdicom closes the association."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        return  # closed meanwhile
+    log.warning("connection from %s closed: no whole association request within query_timeout",
+                getattr(getattr(assoc, "requestor", None), "address", "?"))
+
+
+class MoveFailed(RuntimeError):
+    """Raised by the C-MOVE handler for a refusal it has logged itself: pynetdicom then answers a failure, which
+    :meth:`QueryEndpoint.on_dimse_sent` gives the refusal's status and ErrorComment."""
+
+
+class _QuietRefusals(logging.Filter):
+    """Drops pynetdicom's error lines and traceback for a C-MOVE refusal this endpoint raised and logged in one line
+    of its own (the thread sets ``active`` just before raising; the response's rewrite clears it); and keeps the
+    traceback out of a read that timed out, which is this endpoint's bound on a peer, not a fault."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(self.local, "active", False):
+            return False
+        if record.exc_info and isinstance(record.exc_info[1], TimeoutError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_QUIET = _QuietRefusals()
+for _name in ("pynetdicom.service_class", "pynetdicom.dul"):
+    logging.getLogger(_name).addFilter(_QUIET)
+
+
 def calling_allowed(allowed: dict[str, list[str]], aet: str, host: str) -> bool:
     """Whether AE title ``aet`` may associate from ``host`` (an IP address; ``"*"`` in the list allows any)."""
     hosts = allowed.get(aet.strip())
@@ -376,15 +431,25 @@ class QueryEndpoint:
                         PatientRootQueryRetrieveInformationModelMove):
             self.ae.add_supported_context(context)
         self.ae.require_called_aet = True
-        self.ae.maximum_associations = settings.query_max_associations
+        # pynetdicom counts every connection, accepted or not, against its limit: the slots of query_max_associations
+        # are this endpoint's own (on_requested), and pynetdicom's limit only bounds the threads of pending ones.
+        self.ae.maximum_associations = settings.query_max_associations + MAX_PENDING_CONNECTIONS
         self.ae.acse_timeout = self.ae.dimse_timeout = settings.query_timeout
         self.ae.network_timeout = settings.query_timeout * 2
+        self._slots: set[object] = set()
+        self._slots_lock = threading.Lock()
+        #: Refused C-MOVEs whose failure response is on its way: (association, message id) -> the refusal.
+        self._failed_moves: dict[tuple[object, int], QueryRefused] = {}
         self.handlers = [
             (evt.EVT_CONN_OPEN, self.on_connection),
             (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_RELEASED, self.on_ended),
+            (evt.EVT_ABORTED, self.on_ended),
+            (evt.EVT_CONN_CLOSE, self.on_ended),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_FIND, self.on_find),
             (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_DIMSE_SENT, self.on_dimse_sent),
         ]
         self.server = None
 
@@ -431,23 +496,71 @@ class QueryEndpoint:
 
     # -- handlers ---------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def on_connection(event: evt.Event) -> None:
-        """TCP_NODELAY, as Orthanc and DCMTK use: pynetdicom sends a response's command and data set as two writes,
-        and with Nagle's algorithm each pending response waited for the peer's delayed ACK."""
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def on_connection(self, event: evt.Event) -> None:
+        """Bound every read from the peer, and the association request as a whole, by ``query_timeout``.
+
+        pynetdicom waits for a PDU's body with no timeout once its 6-byte header has arrived: a peer that announces
+        1030 bytes and sends 60 held its thread, and its share of pynetdicom's association limit, for ever. A read
+        that times out closes the connection (pynetdicom's own handling of a broken one); a request trickled in a
+        byte at a time is cut when ``query_timeout`` has passed without a whole A-ASSOCIATE-RQ.
+
+        Also TCP_NODELAY, as Orthanc and DCMTK use: pynetdicom sends a response's command and data set as two
+        writes, and with Nagle's algorithm each pending response waited for the peer's delayed ACK.
+        """
+        sock = event.assoc.dul.socket.socket
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.settings.query_timeout)
+        deadline = threading.Timer(self.settings.query_timeout, _cut_unfinished_request, (event.assoc, sock))
+        deadline.daemon = True
+        event.assoc.lookalike_request_deadline = deadline
+        deadline.start()
 
     def on_requested(self, event: evt.Event) -> None:
-        """Reject an association whose calling AE title (or host) is not on the list, and say why in the log."""
+        """Reject an association whose calling AE title (or host) is not on the list, or one beyond the accepted
+        associations' slots; say why in the log and the audit trail."""
+        deadline = getattr(event.assoc, "lookalike_request_deadline", None)
+        if deadline is not None:
+            deadline.cancel()
         requestor = event.assoc.requestor
         aet, host = requestor.primitive.calling_ae_title.strip(), requestor.address
         if not calling_allowed(self.settings.query_allowed, aet, host):
             known = self.settings.query_allowed.get(aet)
             reason = (f"calling AE title {aet!r} is not in query_allowed" if known is None
                       else f"{aet!r} may call from {', '.join(known)} only")
-            log.warning("association from %s at %s rejected: %s", aet, host, reason)
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
-            event.assoc.kill()  # as pynetdicom's own rejections do: the reject goes out before the socket closes
+            self._reject(event, aet, host, reason, (0x01, 0x01, 0x03))  # permanent, user, calling AE not recognised
+        elif not self._take_slot(event.assoc):
+            reason = f"all {self.settings.query_max_associations} association slots are in use (query_max_associations)"
+            self._reject(event, aet, host, reason, (0x02, 0x03, 0x02))  # transient, provider, local limit exceeded
+
+    def _reject(self, event: evt.Event, aet: str, host: str, reason: str, result: tuple[int, int, int]) -> None:
+        log.warning("association from %s at %s rejected: %s", aet, host, reason)
+        self._audit_refusal(aet, host, "associate", reason)
+        event.assoc.acse.send_reject(*result)
+        event.assoc.kill()  # as pynetdicom's own rejections do: the reject goes out before the socket closes
+
+    def _take_slot(self, assoc: object) -> bool:
+        """Count ``assoc`` among the accepted associations if a slot is free (those that ended are let go first)."""
+        with self._slots_lock:
+            self._slots = {a for a in self._slots if a.is_alive()}
+            if len(self._slots) >= self.settings.query_max_associations:
+                return False
+            self._slots.add(assoc)
+            return True
+
+    def on_ended(self, event: evt.Event) -> None:
+        """Free the association's slot (released, aborted or its connection closed: whichever comes first)."""
+        with self._slots_lock:
+            self._slots.discard(event.assoc)
+        deadline = getattr(event.assoc, "lookalike_request_deadline", None)
+        if deadline is not None:
+            deadline.cancel()
+
+    def _audit_refusal(self, who: str, host: str, action: str, reason: str, **details: object) -> None:
+        """Record a refusal; one the audit trail cannot take is logged, and the refusal stands all the same."""
+        try:
+            self.audit.refused(who=who, via="dicom", host=host, action=action, reason=reason, **details)
+        except OSError as exc:
+            log.error("refusal of %s from %s at %s not recorded in the audit trail: %s", action, who, host, exc)
 
     def on_echo(self, event: evt.Event) -> int:
         return SUCCESS
@@ -463,11 +576,14 @@ class QueryEndpoint:
                 result = find_similar(api, self.store, request, self.settings.query_max_results, self.floors)
         except QueryRefused as refused:
             log.info("C-FIND from %s at %s refused: %s", who, host, refused.comment)
+            self._audit_refusal(who, host, "lookup", refused.comment, **_asked(identifier))
             yield refused.status_dataset(), None
             return
         except OrthancError as exc:
             log.error("C-FIND from %s at %s: Orthanc failed: %s", who, host, exc)
-            yield QueryRefused(ORTHANC_FAILED, "the archive could not be read").status_dataset(), None
+            refused = QueryRefused(ORTHANC_FAILED, "the archive could not be read")
+            self._audit_refusal(who, host, "lookup", refused.comment, **_asked(identifier))
+            yield refused.status_dataset(), None
             return
         try:
             self.audit.record(
@@ -475,6 +591,7 @@ class QueryEndpoint:
                 orthanc_study_id=result.query_orthanc_id, scope=request.scope,
                 results=[s.study_instance_uid for s, _ in result.matches], action="lookup",
                 modalities=sorted(request.modalities), study_date=request.study_date,
+                **({} if request.patient_id is None else {"patient_id": request.patient_id}),
             )
         except OSError as exc:
             log.error("C-FIND from %s at %s not answered: the audit trail could not be written: %s", who, host, exc)
@@ -496,7 +613,9 @@ class QueryEndpoint:
 
         pynetdicom's C-MOVE service would open an association to the destination itself; the store is done by
         Orthanc before that point, and zero sub-operations of this SCP's own are reported, which ends the C-MOVE
-        with Success without a second association.
+        with Success without a second association. A refusal is logged here in one line and raised as
+        :class:`MoveFailed`: pynetdicom answers a failure, and :meth:`on_dimse_sent` gives it the refusal's status
+        and ErrorComment (pynetdicom's handler offers no other way to name the reason before sub-operations).
         """
         requestor = event.assoc.requestor
         who, host = requestor.ae_title.strip(), requestor.address
@@ -505,47 +624,103 @@ class QueryEndpoint:
             with self._orthanc() as api:
                 address = self._move(api, who, host, destination, event.identifier)
         except QueryRefused as refused:
-            log.info("C-MOVE from %s at %s to %s refused: %s", who, host, destination, refused.comment)
-            if refused.status == MOVE_DESTINATION_UNKNOWN:
-                yield None, None  # pynetdicom answers 0xA801 itself
-                return
-            raise RuntimeError(refused.comment) from None  # pynetdicom answers a failure and logs the comment
+            log.warning("C-MOVE from %s at %s to %s failed (0x%04X): %s", who, host, destination, refused.status,
+                        refused.comment)
+            self._failed_moves[(event.assoc, event.request.MessageID)] = refused
+            _QUIET.local.active = True  # pynetdicom's own lines about the exception below say nothing more
+            raise MoveFailed(refused.comment) from None
         yield address
         yield 0
 
+    def on_dimse_sent(self, event: evt.Event) -> None:
+        """Give a refused C-MOVE's failure response the refusal's status and ErrorComment, just before it is encoded."""
+        message = event.message
+        if not isinstance(message, C_MOVE_RSP):
+            return
+        command = message.command_set
+        refused = self._failed_moves.pop((event.assoc, command.MessageIDBeingRespondedTo), None)
+        if refused is None:
+            return
+        _QUIET.local.active = False
+        command.Status = refused.status
+        command.ErrorComment = refused.comment[:64]
+        del command.CommandGroupLength  # recomputed over the command set as it now is (always implicit VR LE)
+        command.CommandGroupLength = len(encode(command, True, True))
+
     def _move(self, api: OrthancApi, who: str, host: str, destination: str, identifier: Dataset) -> tuple[str, int]:
-        """Orthanc sends what ``identifier`` names to ``destination``; the destination's (host, port)."""
+        """Orthanc sends what ``identifier`` names to ``destination``; the destination's (host, port).
+
+        Audited: a refusal with its reason; else "requested" before anything is sent (no answer if that line cannot
+        be written), then "sent" or "failed" with the instances sent and failed.
+        """
         level = _text(identifier, "QueryRetrieveLevel").upper()
         key = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}.get(level)
+        uids = [u for u in _text(identifier, key).split("\\") if u] if key else []
+        audited = {"destination": destination, "level": level, **({"study": uids[0]} if uids else {})}
+        try:
+            ids, name, config = self._move_target(api, level, key, uids, destination)
+        except QueryRefused as refused:
+            self._audit_refusal(who, host, "retrieve", refused.comment, **audited)
+            raise
+        entry = {"who": who, "via": "dicom", "host": host, "study": uids[0], "orthanc_study_id": None,
+                 "scope": "archive", "results": uids, "action": "retrieve", "destination": destination, "level": level}
+        try:
+            self.audit.record(**entry, outcome="requested")
+        except OSError as exc:
+            log.error("C-MOVE from %s at %s not answered: the audit trail could not be written: %s", who, host, exc)
+            raise QueryRefused(AUDIT_FAILED, "audit trail unavailable") from None
+        body = json.dumps({"Resources": ids, "Synchronous": True}).encode()
+        try:
+            sent = json.loads(api.post_bytes(f"/modalities/{name}/store", body))
+        except OrthancError as exc:
+            log.error("C-MOVE from %s at %s: Orthanc could not send to %s: %s", who, host, destination, exc)
+            refused = QueryRefused(ORTHANC_FAILED, f"sending to {destination} failed: unreachable or refused")
+            self._audit_outcome(entry, "failed", refused.comment)
+            raise refused from None
+        failed = int(sent.get("FailedInstancesCount") or 0)
+        counts = {"sent": int(sent.get("InstancesCount") or 0) - failed, "failed": failed}
+        if failed:
+            refused = QueryRefused(ORTHANC_FAILED, f"{failed} instance(s) not sent to {destination}")
+            self._audit_outcome(entry, "failed", refused.comment, **counts)
+            raise refused
+        self._audit_outcome(entry, "sent", None, **counts)
+        log.info("C-MOVE from %s at %s: Orthanc sent %s instance(s) of %s %s to %s", who, host, counts["sent"],
+                 level.lower(), " ".join(uids), destination)
+        return str(config.get("Host", "")), int(config.get("Port", 0))
+
+    @staticmethod
+    def _move_target(api: OrthancApi, level: str, key: str | None, uids: list[str],
+                     destination: str) -> tuple[list[str], str, dict]:
+        """The Orthanc ids of what a C-MOVE names, and the name and configuration of its destination modality.
+
+        Raises
+        ------
+        QueryRefused
+            Another level, no UID, a destination that is not one of Orthanc's modalities, or a UID Orthanc lacks.
+        """
         if key is None:
             raise QueryRefused(IDENTIFIER_DOES_NOT_MATCH, f"QueryRetrieveLevel {level!r} cannot be moved")
-        uids = [u for u in _text(identifier, key).split("\\") if u]
         if not uids:
             raise QueryRefused(IDENTIFIER_DOES_NOT_MATCH, f"{key} is required")
         modalities = get_json(api, "/modalities?expand")
         name = next((n for n, m in modalities.items() if str(m.get("AET", "")).strip() == destination), None)
         if name is None:
-            raise QueryRefused(MOVE_DESTINATION_UNKNOWN, f"{destination!r} is not one of Orthanc's modalities")
+            raise QueryRefused(MOVE_DESTINATION_UNKNOWN, f"{destination!r} is not one of the archive's modalities")
         resource_type = {"STUDY": "Study", "SERIES": "Series", "IMAGE": "Instance"}[level]
         ids = []
         for uid in uids:
             found = lookup_uid(api, uid, resource_type)
             if found is None:
-                raise QueryRefused(UNKNOWN_STUDY, f"no {resource_type.lower()} {uid} in the archive")
+                raise QueryRefused(UNKNOWN_STUDY, f"no {resource_type.lower()} with this UID in the archive")
             ids.append(found)
-        self.audit.record(who=who, via="dicom", host=host, study=uids[0], orthanc_study_id=None, scope="archive",
-                          results=uids, action="retrieve", destination=destination, level=level)
-        body = json.dumps({"Resources": ids, "Synchronous": True}).encode()
+        return ids, name, modalities[name]
+
+    def _audit_outcome(self, entry: dict, outcome: str, reason: str | None, **counts: int) -> None:
+        """A C-MOVE's outcome in the audit trail; what was sent is gone either way, so a failed write is logged."""
         try:
-            sent = json.loads(api.post_bytes(f"/modalities/{name}/store", body))
-        except OrthancError as exc:
-            raise QueryRefused(ORTHANC_FAILED, f"Orthanc could not send to {destination}: {exc}") from None
-        if sent.get("FailedInstancesCount"):
-            raise QueryRefused(ORTHANC_FAILED, f"{sent['FailedInstancesCount']} instance(s) not sent to {destination}")
-        log.info("C-MOVE from %s at %s: Orthanc sent %s instance(s) of %s %s to %s", who, host,
-                 sent.get("InstancesCount"), level.lower(), " ".join(uids), destination)
-        config = modalities[name]
-        return str(config.get("Host", "")), int(config.get("Port", 0))
+            self.audit.record(**entry, outcome=outcome, reason=reason, **counts)
+        except OSError as exc:
+            log.error("C-MOVE outcome %s not recorded in the audit trail: %s", outcome, exc)
 
 
 def serve(settings: Settings, logfile: str | Path | None = None) -> int:
