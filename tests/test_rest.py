@@ -6,6 +6,7 @@ decoding, the POST body, the disclosure setting, the audit trail written by the 
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import shutil
@@ -109,6 +110,13 @@ class TestSimilar:
 
     def test_unknown_study_is_404(self, api, lookups) -> None:
         assert rest.similar(api, lookups, "not-a-study", limit=3)[0] == 404
+
+    def test_only_ids_of_orthancs_form_reach_orthanc(self, api, lookups, corpus: dict) -> None:
+        study = corpus["ids"]["a"]
+        for bad in (f"{study}?expand", f"{study}/../{study}", study.upper(), f"{study}-00000000"):
+            status, body = rest.similar(api, lookups, bad, limit=3)
+            assert status == 404 and body["study"] == bad
+        assert rest.is_orthanc_id(study) and not rest.is_orthanc_id("1.2.840.10008")
 
 
 class TestSimilarReport:
@@ -227,6 +235,21 @@ class TestParameters:
             with pytest.raises(ValueError, match="scope"):
                 rest.parse_scope(bad)
 
+    def test_a_name_given_twice_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="limit"):
+            rest.decode_query({"limit": "1", "%6Cimit": "50"})
+
+    def test_a_post_must_be_json_from_orthancs_own_origin(self) -> None:
+        own = {"Host": "pacs.example:8042", "Content-Type": "application/json; charset=utf-8"}
+        assert rest.post_refusal(own) is None
+        assert rest.post_refusal({**own, "Origin": "http://pacs.example:8042"}) is None
+        assert rest.post_refusal({**own, "Origin": "https://pacs.example:8042"}) is None
+        for content_type in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"):
+            assert rest.post_refusal({**own, "Content-Type": content_type})[0] == 415
+        assert rest.post_refusal({"Host": "pacs.example:8042"})[0] == 415
+        for origin in ("http://evil.example", "http://pacs.example:8043", "null", "http://pacs.example:8042.evil"):
+            assert rest.post_refusal({**own, "Origin": origin})[0] == 403, origin
+
     def test_post_body(self) -> None:
         assert rest.parse_post_body(b"") == {}
         assert rest.parse_post_body(b'{"limit": 3, "scope": "patient"}') == {"limit": 3, "scope": "patient"}
@@ -250,6 +273,17 @@ class TestRoutes:
         r = stack.http().get(url, timeout=30)
         assert r.status_code == 400 and r.json()["error"]
 
+    def test_a_limit_given_twice_is_400(self, stack: Stack, corpus: dict) -> None:
+        # Sent as written: requests would turn %6C back into "l" (and Orthanc's Python plugin keeps only the last of
+        # two names written alike).
+        connection = http.client.HTTPConnection("127.0.0.1", stack.config.http_port, timeout=30)
+        token = base64.b64encode(f"admin:{stack.config.admin_password}".encode()).decode()
+        connection.request("GET", f"/lookalike/studies/{corpus['ids']['a']}/similar?limit=1&%6Cimit=50",
+                           headers={"Authorization": f"Basic {token}"})
+        response = connection.getresponse()
+        assert response.status == 400 and "limit" in json.loads(response.read())["error"]
+        connection.close()
+
     def test_report_takes_its_limit_from_the_body(self, stack: Stack, corpus: dict) -> None:
         url = f"{stack.config.orthanc_url}/lookalike/studies/{corpus['ids']['prior']}/similar-report"
         r = stack.http().post(url, json={"limit": 1}, timeout=60)
@@ -258,7 +292,27 @@ class TestRoutes:
         for body in ({"limit": 0}, {"limit": "many"}, {"scope": "all"}, {"limt": 2}):
             r = stack.http().post(url, json=body, timeout=60)
             assert r.status_code == 400, body
-        assert stack.http().post(url, data="limit=2", timeout=60).status_code == 400
+        r = stack.http().post(url, data='{"limit": 2}', headers={"Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == 200, r.text
+
+    def test_a_post_that_a_cross_site_form_could_send_is_refused(self, stack: Stack, corpus: dict) -> None:
+        url = f"{stack.config.orthanc_url}/lookalike/studies/{corpus['ids']['prior']}/similar-report"
+        study = f"{stack.config.orthanc_url}/studies/{corpus['ids']['prior']}"
+        series = stack.http().get(study, timeout=10).json()["Series"]
+        form = stack.http().post(url, data="limit=2", timeout=60)
+        plain = stack.http().post(url, data='{"limit": 2}', headers={"Content-Type": "text/plain"}, timeout=60)
+        foreign = stack.http().post(url, json={"limit": 2}, headers={"Origin": "http://evil.example"}, timeout=60)
+        assert (form.status_code, plain.status_code, foreign.status_code) == (415, 415, 403)
+        assert all(r.headers["Content-Type"] == "application/json" and r.json()["error"] for r in (form, foreign))
+        assert stack.http().get(study, timeout=10).json()["Series"] == series  # nothing filed
+        own = stack.http().post(url, json={"limit": 2}, headers={"Origin": stack.config.orthanc_url}, timeout=60)
+        assert own.status_code == 200, own.text
+
+    def test_an_id_not_of_orthancs_form_is_404_not_500(self, stack: Stack, corpus: dict) -> None:
+        for path in (f"{corpus['ids']['a']}%3Fexpand", "abc%3F"):
+            r = stack.http().get(f"{stack.config.orthanc_url}/lookalike/studies/{path}/similar", timeout=30)
+            assert r.status_code == 404, (path, r.status_code, r.text)
+            assert r.headers["Content-Type"] == "application/json" and r.json()["error"]
 
     def test_route_lookups_are_in_the_audit_trail(self, stack: Stack, corpus: dict) -> None:
         path = Path(stack.config.settings().audit_log)
@@ -267,8 +321,8 @@ class TestRoutes:
                              timeout=30)
         assert r.status_code == 200
         entries = list(read_entries(path))[seen:]
-        assert [(e["who"], e["via"], e["orthanc_study_id"], e["results"]) for e in entries] == [
-            ("admin", "rest", corpus["ids"]["other"], [r.json()["similar"][0]["study_instance_uid"]])]
+        assert [(e["who"], e["via"], e["host"], e["orthanc_study_id"], e["results"]) for e in entries] == [
+            ("admin", "rest", "127.0.0.1", corpus["ids"]["other"], [r.json()["similar"][0]["study_instance_uid"]])]
 
     def test_the_default_answer_names_no_other_patient(self, stack: Stack, corpus: dict) -> None:
         r = stack.http().get(f"{stack.config.orthanc_url}/lookalike/studies/{corpus['ids']['a']}/similar?limit=100",

@@ -12,6 +12,7 @@ audit trail.
 from __future__ import annotations
 
 import json
+import threading
 import traceback
 from importlib import resources
 from pathlib import Path
@@ -51,8 +52,34 @@ def _answer(output: Any, status: int, body: dict) -> None:
     text = json.dumps(body, indent=2)
     if status == 200:
         output.AnswerBuffer(text, "application/json")
-    else:
+    else:  # SendHttpStatus sends no Content-Type of its own
+        output.SetHttpHeader("Content-Type", "application/json")
         output.SendHttpStatus(status, text, len(text))
+
+
+class CallerAddresses:
+    """The address of the HTTP client each Orthanc thread is serving, for the audit trail.
+
+    A REST callback of orthanc-python 4.0 gets no client address; its incoming-request filter does, and Orthanc
+    calls both in the same HTTP thread, one after the other, for one request. The filter notes the address by
+    thread (the OS thread's id: orthanc-python gives each callback a fresh Python thread state, so
+    ``threading.local`` would not survive from one to the next); the route takes it back.
+    """
+
+    PREFIX = "/lookalike/"
+
+    def __init__(self) -> None:
+        self._by_thread: dict[int, str] = {}
+
+    def __call__(self, uri: str, **request: Any) -> bool:
+        """The incoming-request filter: note the caller of a Lookalike route, and let every request through."""
+        if uri.startswith(self.PREFIX):
+            self._by_thread[threading.get_ident()] = str(request.get("ip", ""))
+        return True
+
+    def take(self) -> str:
+        """The address the filter noted for the request this thread serves; "" where none."""
+        return self._by_thread.pop(threading.get_ident(), "")
 
 
 def _components(path: str) -> dict | None:
@@ -83,20 +110,29 @@ def register(orthanc: Any) -> None:
     broker = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
 
     orthanc.RegisterOnChangeCallback(ChangeHandler(orthanc, api, sender.send, orthanc.LogError))
+    callers = CallerAddresses()
+    orthanc.RegisterIncomingHttpRequestFilter(callers)
 
     def route(handler: Callable[..., rest.Response], methods: tuple[str, ...]) -> Callable[..., None]:
         def callback(output: Any, uri: str, **request: Any) -> None:
+            host = callers.take()
             if request.get("method") not in methods:
                 output.SendMethodNotAllowed(",".join(methods))
                 return
             try:
+                headers = request.get("headers", {})
+                refusal = rest.post_refusal(headers) if request.get("method") == "POST" else None
+                if refusal is not None:
+                    orthanc.LogWarning(f"Lookalike: POST {uri} from {host or '?'} refused: {refusal[1]['error']}")
+                    _answer(output, *refusal)
+                    return
                 # Orthanc hands a GET its query string (undecoded), and a POST only its body.
                 if request.get("method") == "POST":
                     query = rest.parse_post_body(request.get("body", b""))
                 else:
                     query = rest.decode_query(request.get("get", {}))
-                who = rest.http_user(request.get("headers", {}))
-                status, body = handler(*request.get("groups", ()), query=query, who=who)
+                who = rest.http_user(headers)
+                status, body = handler(*request.get("groups", ()), query=query, who=who, host=host)
             except ValueError as exc:
                 status, body = 400, {"error": str(exc)}
             except LookupUnavailable as exc:
@@ -109,22 +145,23 @@ def register(orthanc: Any) -> None:
 
         return callback
 
-    def similar(study_id: str, query: dict, who: str) -> rest.Response:
+    def similar(study_id: str, query: dict, who: str, host: str) -> rest.Response:
         return rest.similar(api, lookups, study_id, rest.parse_limit(query.get("limit")),
                             rest.parse_scope(query.get("scope")), disclose=settings.disclose_other_patients,
-                            pending=sender.pending(), who=who)
+                            pending=sender.pending(), who=who, host=host)
 
-    def similar_report(study_id: str, query: dict, who: str) -> rest.Response:
+    def similar_report(study_id: str, query: dict, who: str, host: str) -> rest.Response:
         return rest.similar_report(api, lookups, study_id, rest.parse_limit(query.get("limit")),
-                                   rest.parse_scope(query.get("scope")), pending=sender.pending(), who=who)
+                                   rest.parse_scope(query.get("scope")), pending=sender.pending(), who=who,
+                                   host=host)
 
-    def similar_kos(study_id: str, query: dict, who: str) -> rest.Response:
+    def similar_kos(study_id: str, query: dict, who: str, host: str) -> rest.Response:
         if query.get("scope", "patient") != "patient":
             raise ValueError("a Key Object Selection lists the same patient's priors only: scope is patient")
         return rest.similar_kos(api, lookups, study_id, rest.parse_limit(query.get("limit")),
-                                pending=sender.pending(), who=who)
+                                pending=sender.pending(), who=who, host=host)
 
-    def status(query: dict, who: str) -> rest.Response:
+    def status(query: dict, who: str, host: str) -> rest.Response:
         code, body = rest.status(catalogue, lambda: broker.llen(QUEUE), sender.pending(), api, lookups)
         components = _components(settings.components_file)
         if components is not None:  # `lookalike run`'s supervisor: each process's state, restarts, last exit

@@ -15,9 +15,10 @@ import binascii
 import hashlib
 import io
 import json
+import re
 import uuid
 from typing import Any, Callable, Mapping
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_plus, urlsplit
 
 import pydicom
 
@@ -54,8 +55,55 @@ def http_user(headers: Mapping[str, str]) -> str:
 
 
 def decode_query(raw: Mapping[str, str]) -> dict[str, str]:
-    """The query string's names and values URL-decoded: Orthanc's Python plugin hands them over as sent."""
-    return {unquote_plus(name): unquote_plus(value) for name, value in raw.items()}
+    """The query string's names and values URL-decoded: Orthanc's Python plugin hands them over as sent.
+
+    A name given twice (``limit=1&%6Cimit=50``) is refused rather than one of its values used silently. A name
+    repeated as the very same text (``limit=1&limit=50``) never reaches the plugin: orthanc-python 4.0 builds a dict
+    of the query string before calling it, and only the last value arrives.
+
+    Raises
+    ------
+    ValueError
+        A name given twice.
+    """
+    decoded: dict[str, str] = {}
+    for name, value in raw.items():
+        key = unquote_plus(name)
+        if key in decoded:
+            raise ValueError(f"{key} is given more than once")
+        decoded[key] = unquote_plus(value)
+    return decoded
+
+
+#: The form of an Orthanc resource id: the SHA-1 of its DICOM UIDs as five groups of 8 hex digits.
+ORTHANC_ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")
+
+
+def is_orthanc_id(value: str) -> bool:
+    """Whether ``value`` has the form of an Orthanc id: anything else names no study, and is never sent on to
+    Orthanc's own API (a decoded ``?`` or ``/`` there would change the call)."""
+    return ORTHANC_ID.fullmatch(value) is not None
+
+
+def post_refusal(headers: Mapping[str, str]) -> Response | None:
+    """Why a POST may not file a document, or None: the guard against a cross-site request riding on the
+    browser's cached Basic credentials.
+
+    A POST must say ``Content-Type: application/json`` (a form or a no-CORS fetch from another site cannot send
+    it without a CORS preflight, which Orthanc does not grant), and a POST that carries ``Origin`` must come from
+    Orthanc's own origin (its scheme-less host and port equal the request's ``Host``).
+    """
+    lowered = {k.lower(): v for k, v in headers.items()}
+    media_type = lowered.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        return 415, {"error": f"a POST must send Content-Type: application/json, not {media_type or 'none'!r}"}
+    origin = lowered.get("origin")
+    if origin is not None:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or parts.netloc.lower() != lowered.get("host", "").lower():
+            return 403, {"error": f"a POST from another origin ({origin}) is refused: it may only come from "
+                                  f"Orthanc's own pages"}
+    return None
 
 
 #: What the body of ``POST .../similar-report`` may hold.
@@ -132,7 +180,7 @@ def _not_indexed(api: OrthancApi, catalogue: Catalogue, study_id: str, pending: 
 
 
 def _lookup(api: OrthancApi, lookups: Lookups, study_id: str, limit: int, scope: str, pending: int, who: str,
-            action: str) -> tuple[dict | None, list[SimilarStudy] | None, Response | None]:
+            action: str, host: str = "") -> tuple[dict | None, list[SimilarStudy] | None, Response | None]:
     """The query study's Orthanc record and its answer, recorded in the audit trail as ``who``'s ``action``; or
     the error response (404, 409, and 503 when the audit trail cannot be written: nothing is answered unrecorded).
 
@@ -141,13 +189,15 @@ def _lookup(api: OrthancApi, lookups: Lookups, study_id: str, limit: int, scope:
     LookupUnavailable
         The query service did not answer (the route answers 503 and says so in Orthanc's log).
     """
+    if not is_orthanc_id(study_id):
+        return None, None, (404, {"error": "unknown study: not an Orthanc study id", "study": study_id})
     try:
         study = get_json(api, f"/studies/{study_id}")
     except OrthancNotFoundError:
         return None, None, (404, {"error": "unknown study", "study": study_id})
     request = LookupRequest(orthanc_study_id=study_id,
                             study_instance_uid=study.get("MainDicomTags", {}).get("StudyInstanceUID", ""),
-                            limit=limit, scope=scope, who=who, action=action)
+                            limit=limit, scope=scope, who=who, action=action, host=host)
     try:
         matches = lookups.lookup(request)
     except StudyNotIndexedError:
@@ -179,14 +229,14 @@ def _answer_entries(api: OrthancApi, matches: list[SimilarStudy], disclose: bool
 
 
 def similar(api: OrthancApi, lookups: Lookups, study_id: str, limit: int, scope: str = DEFAULT_SCOPE, *,
-            disclose: bool = False, pending: int = 0, who: str = "") -> Response:
+            disclose: bool = False, pending: int = 0, who: str = "", host: str = "") -> Response:
     """``GET /lookalike/studies/{id}/similar``: the most similar other studies, best first.
 
     The answer names the study it answers for (Orthanc id and StudyInstanceUID), its scope and limit, so that a
     page can check it is showing the answer of the study on screen. The lookup is recorded as ``who``'s (where
     ``lookups`` records) before it is answered.
     """
-    study, matches, error = _lookup(api, lookups, study_id, limit, scope, pending, who, "lookup")
+    study, matches, error = _lookup(api, lookups, study_id, limit, scope, pending, who, "lookup", host)
     if error:
         return error
     return 200, {
@@ -240,7 +290,7 @@ def _filed_report(api: OrthancApi, study_id: str, sop_instance_uid: str) -> dict
 
 
 def similar_report(api: OrthancApi, lookups: Lookups, study_id: str, limit: int, scope: str = DEFAULT_SCOPE, *,
-                   pending: int = 0, who: str = "") -> Response:
+                   pending: int = 0, who: str = "", host: str = "") -> Response:
     """``POST /lookalike/studies/{id}/similar-report``: the same answer as a Comprehensive SR stored in the study.
 
     Asked again for the same study, limit and scope with nothing new (same models, same answer), it returns the
@@ -248,7 +298,7 @@ def similar_report(api: OrthancApi, lookups: Lookups, study_id: str, limit: int,
     """
     from lookalike.dicom_io.sr import SimilarCase, build_similarity_report
 
-    study, matches, error = _lookup(api, lookups, study_id, limit, scope, pending, who, "report")
+    study, matches, error = _lookup(api, lookups, study_id, limit, scope, pending, who, "report", host)
     if error:
         return error
     rows = lookups.catalogue.rows_for_study(study_id, with_vectors=False)[:MAX_EVIDENCE]
@@ -297,7 +347,7 @@ def _headers(api: OrthancApi, orthanc_instance_ids: list[str]) -> list[pydicom.D
 
 
 def similar_kos(api: OrthancApi, lookups: Lookups, study_id: str, limit: int, *, pending: int = 0,
-                who: str = "") -> Response:
+                who: str = "", host: str = "") -> Response:
     """``POST /lookalike/studies/{id}/similar-kos``: the same patient's most similar priors as a Key Object Selection.
 
     The scope is the patient's own studies by construction. The document goes into the study on screen and, as
@@ -309,7 +359,7 @@ def similar_kos(api: OrthancApi, lookups: Lookups, study_id: str, limit: int, *,
     from lookalike.dicom_io.sr import SimilarCase
 
     scope = "patient"
-    study, matches, error = _lookup(api, lookups, study_id, limit, scope, pending, who, "kos")
+    study, matches, error = _lookup(api, lookups, study_id, limit, scope, pending, who, "kos", host)
     if error:
         return error
     if any(not m.same_patient for m in matches):  # the lookup's own rule; a KOS must never show another patient
