@@ -146,6 +146,31 @@ class TestTaskSender:
         assert sent == [["after"]]
         sender.close()
 
+    def test_a_long_outage_is_one_error_line_without_traceback_and_one_line_when_it_ends(self) -> None:
+        now = [0.0]
+        broker_up = [False]
+        errors: list[str] = []
+        recoveries: list[str] = []
+
+        def send_task(name, **kw):
+            if not broker_up[0]:
+                raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+        sender = TaskSender(send_task, on_error=errors.append, on_recovery=recoveries.append, pause_after_failure=5.0,
+                            clock=lambda: now[0])
+        for second in range(0, 60, 2):  # a minute of outage: the broker is tried again after every pause
+            now[0] = float(second)
+            sender.send(TASK_INDEX_INSTANCE, str(second))
+            sender.join()
+        assert len(errors) == 1 and len(errors[0].splitlines()) == 1 and recoveries == []
+        broker_up[0] = True
+        now[0] = 70.0
+        sender.send(TASK_INDEX_INSTANCE, "back")
+        sender.send(TASK_INDEX_INSTANCE, "again")
+        sender.join()
+        assert len(errors) == 1 and len(recoveries) == 1 and "30" in recoveries[0]  # the 30 tasks dropped
+        sender.close()
+
 
 REGISTER_WITHOUT_ORTHANC = """
 import json, sys

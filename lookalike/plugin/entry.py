@@ -103,7 +103,7 @@ def register(orthanc: Any) -> None:
     import redis
 
     app = make_app(settings)
-    sender = TaskSender(app.send_task, on_error=orthanc.LogError)
+    sender = TaskSender(app.send_task, on_error=orthanc.LogError, on_recovery=orthanc.LogWarning)
     api = InProcessOrthanc(orthanc)
     catalogue = Catalogue(Path(settings.index_dir) / CATALOGUE_FILE, readonly=True)
     lookups = LookupClient(settings.lookup_socket, settings.lookup_secret, settings.lookup_timeout, catalogue)

@@ -6,7 +6,6 @@ import logging
 import queue
 import threading
 import time
-import traceback
 from typing import Any, Callable
 
 from lookalike.config import QUEUE
@@ -22,18 +21,24 @@ class TaskSender:
     send_task
         ``celery_app.send_task``: called as ``send_task(name, args=..., queue=...)``.
     on_error
-        Called with a message and a traceback when a task could not be sent (Orthanc's log, in the plugin).
+        Called with one line when the broker starts failing (Orthanc's log, in the plugin): once per outage, however
+        long it lasts and however many tasks it drops, and without a traceback (a broker outage is not a bug).
+    on_recovery
+        Called with one line when a task goes through again after an outage, saying how many were dropped.
     """
 
     def __init__(self, send_task: Callable[..., Any], on_error: Callable[[str], None] | None = None,
-                 pause_after_failure: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 pause_after_failure: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 on_recovery: Callable[[str], None] | None = None) -> None:
         self._send_task = send_task
         self._on_error = on_error or log.error
+        self._on_recovery = on_recovery or log.warning
         self._queue: queue.Queue[tuple[str, tuple] | None] = queue.Queue()
         self.failed = 0
         self._pause = pause_after_failure
         self._clock = clock
         self._broker_down_until = 0.0
+        self._dropped_in_outage: int | None = None  # None while the broker takes tasks
         self._thread = threading.Thread(target=self._run, name="lookalike-sender", daemon=True)
         self._thread.start()
 
@@ -62,18 +67,41 @@ class TaskSender:
                 if self._clock() < self._broker_down_until:
                     # The broker failed a moment ago: drop at once rather than let the backlog grow in Orthanc's
                     # memory. The worker's catch-up from Orthanc's change log queues these once Redis is back.
-                    self.failed += 1
+                    self._dropped()
                     continue
                 try:
                     self._send_task(
                         name, args=list(args), queue=QUEUE,
                         retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
                     )
-                except Exception:
-                    self.failed += 1
+                except Exception as exc:
                     self._broker_down_until = self._clock() + self._pause
-                    self._on_error(f"Lookalike: could not queue {name}{args} (left to the worker's catch-up from"
-                                   f" Orthanc's change log; tasks are dropped for {self._pause:.0f} s):"
-                                   f" {traceback.format_exc()}")
+                    self._failed(exc)
+                else:
+                    self._sent()
             finally:
                 self._queue.task_done()
+
+    def _dropped(self) -> None:
+        self.failed += 1
+        if self._dropped_in_outage is not None:
+            self._dropped_in_outage += 1
+
+    def _failed(self, exc: Exception) -> None:
+        """A send failed: one line if it starts an outage, nothing more while it lasts."""
+        first = self._dropped_in_outage is None
+        if first:
+            self._dropped_in_outage = 0
+        self._dropped()
+        if first:
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            self._on_error(f"Lookalike: the task broker (Redis) does not take tasks ({type(exc).__name__}: {reason});"
+                           " new instances are left to the worker's catch-up from Orthanc's change log until it"
+                           " does; one line more when it is back")
+
+    def _sent(self) -> None:
+        """A send went through: one line if it ends an outage."""
+        if self._dropped_in_outage is not None:
+            dropped, self._dropped_in_outage = self._dropped_in_outage, None
+            self._on_recovery(f"Lookalike: the task broker (Redis) takes tasks again; {dropped} task(s) dropped"
+                              " during its outage are left to the worker's catch-up")
