@@ -111,7 +111,11 @@ def register(orthanc: Any) -> None:
 
     orthanc.RegisterOnChangeCallback(ChangeHandler(orthanc, api, sender.send, orthanc.LogError))
     callers = CallerAddresses()
-    orthanc.RegisterIncomingHttpRequestFilter(callers)
+    if hasattr(orthanc, "RegisterIncomingHttpRequestFilter"):  # orthanc-python 3.0 and later
+        orthanc.RegisterIncomingHttpRequestFilter(callers)
+    else:
+        orthanc.LogWarning("Lookalike: this Python plugin has no incoming-request filter: the audit trail records "
+                           "REST lookups without the caller's address")
 
     def route(handler: Callable[..., rest.Response], methods: tuple[str, ...]) -> Callable[..., None]:
         def callback(output: Any, uri: str, **request: Any) -> None:
