@@ -8,6 +8,7 @@ Orthanc Explorer as Orthanc serves it, with the plugin's extension. What the pag
 from __future__ import annotations
 
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -75,9 +76,9 @@ class Explorer:
         return self.page.evaluate("$('#study-info').text()")
 
     def look_up(self) -> list[str]:
+        self.page.evaluate("$('#lookalike-results').removeAttr('data-answered')")
         self.page.click("#lookalike-find")
-        self.page.wait_for_function("$('#lookalike-status').text().indexOf('most similar') >= 0 || "
-                                    "$('#lookalike-status').text().indexOf('No other') >= 0")
+        self.page.wait_for_function("$('#lookalike-results').attr('data-answered')")
         return self.rows()
 
     def rows(self) -> list[str]:
@@ -201,7 +202,7 @@ def test_a_late_answer_for_the_previous_study_is_not_shown(explorer: Explorer, c
 def test_patient_scope_lists_this_patients_priors_only(explorer: Explorer, corpus: dict) -> None:
     explorer.open("a")
     assert len(explorer.look_up()) >= 3
-    explorer.choose_scope("This patient's priors")
+    explorer.choose_scope("This patient's earlier studies")
     assert explorer.rows() == []  # the list shown is always the answer for the scope chosen
     assert explorer.look_up() == [corpus["ids"]["prior"]]
     assert explorer.page.inner_text(".lookalike-patient") == "this patient"
@@ -285,3 +286,76 @@ def test_a_site_that_discloses_other_patients_sees_them(browser, tmp_path: Path)
             assert corpus["ds"]["b"].PatientID in shown and str(corpus["ds"]["b"].PatientName) in shown
         finally:
             context.close()
+
+
+@pytest.fixture(scope="module")
+def floor_corpus(stack: Stack, tmp_path_factory) -> dict:
+    from tests.test_lookup import store_floor_corpus
+
+    return store_floor_corpus(stack, tmp_path_factory.mktemp("browser-floor"), "PBFL")
+
+
+def test_no_similar_study_found_when_nothing_reaches_the_floor(explorer: Explorer, floor_corpus: dict) -> None:
+    """Issue 17 item 2: the patient's only earlier study scores far below the model's floor (its later, alike study
+    is no prior): no row, and the page says no similar study was found, with the floor."""
+    explorer.corpus = floor_corpus
+    explorer.open("q")
+    explorer.choose_scope("This patient's earlier studies")
+    assert explorer.look_up() == []
+    said = explorer.page.inner_text("#lookalike-status")
+    assert "No similar study found" in said and "floor" in said
+
+
+def test_one_result_is_counted_in_the_singular(explorer: Explorer, floor_corpus: dict) -> None:
+    """Issue 17 item 18: "1 similar study", not "1 similar studies"."""
+    explorer.corpus = floor_corpus
+    explorer.open("r")
+    explorer.choose_scope("This patient's earlier studies")
+    assert explorer.look_up() == [floor_corpus["ids"]["r_prior"]]
+    said = explorer.page.inner_text("#lookalike-status")
+    assert said.startswith("1 ") and not re.search(r"\b1 (\w+ )*studies\b", said), said
+    explorer.page.click("#lookalike-kos")
+    explorer.page.wait_for_selector(".lookalike-report-link")
+    filed = explorer.page.inner_text("#lookalike-status")
+    assert not re.search(r"\b1 (\w+ )*(studies|priors)\b", filed), filed
+
+
+def test_every_column_can_be_reached_on_an_800_px_screen(browser, stack: Stack, corpus: dict) -> None:
+    """Issue 17 item 18: at 800 px the table is wider than the page; the Patient column and *Open study* of every
+    row can still be brought on screen, as a user does it (a sideways scroll over the table), and clicked."""
+    context = browser.new_context(http_credentials={"username": "admin", "password": stack.config.admin_password},
+                                  viewport={"width": 800, "height": 900})
+    try:
+        explorer = Explorer(context.new_page(), stack, corpus)
+        explorer.open("a")
+        rows = explorer.look_up()
+        assert len(rows) >= 2
+        explorer.page.wait_for_function(
+            "() => $('.lookalike-result img').toArray().every(i => i.complete && i.naturalWidth > 0)")
+        for selector in (".lookalike-patient", "a.lookalike-open"):
+            target = explorer.page.locator(f".lookalike-result[data-study='{rows[-1]}'] {selector}")
+            # Down to the row (the page scrolls up and down as ever), then sideways only as a user can.
+            target.evaluate("el => window.scrollBy(0, el.getBoundingClientRect().top - window.innerHeight / 2)")
+            for _ in range(20):
+                if _on_screen(explorer.page, target):
+                    break
+                box = target.evaluate("el => { const r = el.closest('tr').getBoundingClientRect();"
+                                      " return [r.top + r.height / 2, window.innerWidth / 2]; }")
+                explorer.page.mouse.move(box[1], box[0])
+                explorer.page.mouse.wheel(120, 0)
+                explorer.page.wait_for_timeout(50)
+            assert _on_screen(explorer.page, target), selector
+        explorer.page.locator(f".lookalike-result[data-study='{rows[-1]}'] a.lookalike-open").click()
+        explorer.page.wait_for_function("id => location.hash.indexOf(id) >= 0", arg=rows[-1])
+    finally:
+        context.close()
+
+
+def _on_screen(page, locator) -> bool:
+    """Whether the element is inside the window and not clipped: the point at its centre shows it."""
+    return page.evaluate("""el => {
+        const r = el.getBoundingClientRect(), x = r.left + r.width / 2, y = r.top + r.height / 2;
+        if (r.width == 0 || r.left < 0 || r.right > window.innerWidth) return false;
+        const hit = document.elementFromPoint(x, y);
+        return hit === el || el.contains(hit);
+    }""", locator.element_handle())

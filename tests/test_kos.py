@@ -144,6 +144,35 @@ def test_another_patients_study_is_refused(selection):
         build(selection)
 
 
+@pytest.mark.parametrize("date, time", [("20251117", "080000"), ("20240305", "101500"), ("20240305", "1630"),
+                                        ("", "")])
+def test_a_study_not_dated_before_the_query_is_no_prior(selection, date, time):
+    """Issue 17 item 1: the query study is of 2024-03-05 10:15; a later study, one of the same moment or later
+    that day, or an undated one is not a prior, and the key images of the patient's priors never show it."""
+    case, header = prior_of(selection["query"][0], 3, date)
+    header.StudyTime = time
+    selection["priors"].append(case)
+    selection["headers"].append(header)
+
+    with pytest.raises(ValueError, match="not dated before"):
+        build(selection)
+
+
+def test_an_earlier_study_of_the_same_day_is_a_prior(selection):
+    case, header = prior_of(selection["query"][0], 3, "20240305")
+    header.StudyTime = "0815"
+    selection["priors"].append(case)
+    selection["headers"].append(header)
+
+    assert len(build(selection)) == 4
+
+
+def test_the_description_speaks_of_earlier_studies(selection):
+    texts = [item.TextValue for item in build(selection)[0].ContentSequence if item.ValueType == "TEXT"]
+    description = next(text for text in texts if "#1" in text)
+    assert "earlier studies" in description and "prior stud" not in description
+
+
 def test_the_same_patient_id_from_another_issuer_is_another_patient(selection):
     selection["headers"][1].IssuerOfPatientID = "OTHER-HOSPITAL"
 
@@ -217,6 +246,8 @@ def corpus(stack: Stack, tmp_path_factory) -> dict:
     made = {
         "a": _study(us[0], "US", "PKOSA0001", tmp, "a", "20250301"),
         "prior_near": _study(_noisy(us[0], 51), "US", "PKOSA0001", tmp, "prior_near", "20240105"),
+        # A's later near copy: the most similar of A's studies, and no prior of ``a`` (issue 17 item 1).
+        "later": _study(_noisy(us[0], 53), "US", "PKOSA0001", tmp, "later", "20251117"),
         "prior_far": _study(us[1], "US", "PKOSA0001", tmp, "prior_far", "20230105"),
         "b": _study(_noisy(us[0], 52), "US", "PKOSB0002", tmp, "b", "20240611"),
     }
@@ -265,8 +296,8 @@ class TestFiledFromStoredInstances:
         assert series["MainDicomTags"]["Modality"] == "KO" and answer["series_date"]
 
     def test_asking_again_returns_the_documents_filed_before(self, api, store, corpus: dict) -> None:
-        _, first = rest.similar_kos(api, store, corpus["ids"]["prior_far"], limit=1)
-        _, again = rest.similar_kos(api, store, corpus["ids"]["prior_far"], limit=1)
+        _, first = rest.similar_kos(api, store, corpus["ids"]["a"], limit=1)
+        _, again = rest.similar_kos(api, store, corpus["ids"]["a"], limit=1)
 
         assert first["existing"] is False and again["existing"] is True
         assert again["documents"] == first["documents"] and len(first["documents"]) == 2
@@ -316,23 +347,23 @@ class TestExplorerButton:
 
     def test_files_the_priors_into_the_study_on_screen(self, page, stack: Stack, corpus: dict) -> None:
         explorer = Explorer(page, stack, corpus)
-        explorer.open("prior_far")
+        explorer.open("a")
 
         page.click("#lookalike-kos")
         link = page.wait_for_selector(".lookalike-report-link")
 
         said = page.inner_text("#lookalike-status")
-        assert "of 2 similar studies filed into" in said or said.startswith("Already filed on"), said
-        assert "a copy in each of the 2 priors" in said
+        assert "of 2 similar earlier studies filed into" in said or said.startswith("Already filed on"), said
+        assert "a copy in each of the 2 earlier studies" in said
         series = stack.http().get(f"{stack.config.orthanc_url}/{link.get_attribute('href').split('#')[1]}"
                                   .replace("series?uuid=", "series/"), timeout=10).json()
-        assert series["ParentStudy"] == corpus["ids"]["prior_far"] and series["MainDicomTags"]["Modality"] == "KO"
+        assert series["ParentStudy"] == corpus["ids"]["a"] and series["MainDicomTags"]["Modality"] == "KO"
 
     def test_a_patient_without_priors_is_told_so(self, page, stack: Stack, corpus: dict) -> None:
         explorer = Explorer(page, stack, corpus)
         explorer.open("b")
 
         page.click("#lookalike-kos")
-        page.wait_for_function("$('#lookalike-status').text().indexOf('No other indexed study of this patient') >= 0")
+        page.wait_for_function("$('#lookalike-status').text().indexOf('No similar earlier study of this patient') >= 0")
 
         assert page.query_selector(".lookalike-report-link") is None

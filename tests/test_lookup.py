@@ -280,3 +280,101 @@ def test_the_floor_is_applied_over_the_lookup_service(store: IndexStore, tmp_pat
     finally:
         server.stop()
     assert [r.orthanc_study_id for r in answer] == ["study-1", "study-2"] and answer.floors == {"v1": 0.5}
+
+
+# --- On the real stack: REST, SR, KOS and C-FIND ----------------------------------------------------------------
+
+
+def store_floor_corpus(stack, tmp: Path, prefix: str) -> dict:
+    """Chest X-rays of two patients. Patient 1's study ``q`` (2025-06-01, normal), a near copy of it made later
+    (``later``, 2025-11-17) and an earlier pneumonia study (``low``, 2024-01-01), which the shipped X-ray model
+    scores far below its floor against ``q``. Patient 2's study ``r`` and an earlier, alike normal study
+    ``r_prior``."""
+    from tests.test_stack import _noisy, _sample_pixels, _study, store_studies
+
+    dx = _sample_pixels("DX", 15)
+    p1, p2 = f"{prefix}10001", f"{prefix}20002"
+    made = {
+        "q": _study(dx[7], "DX", p1, tmp, f"{prefix}q", "20250601"),
+        "later": _study(_noisy(dx[7], 61), "DX", p1, tmp, f"{prefix}later", "20251117"),
+        "low": _study(dx[14], "DX", p1, tmp, f"{prefix}low", "20240101"),
+        "r": _study(dx[8], "DX", p2, tmp, f"{prefix}r", "20250601"),
+        "r_prior": _study(_noisy(dx[10], 62), "DX", p2, tmp, f"{prefix}r_prior", "20240301"),
+    }
+    return {**store_studies(stack, made, "the floor corpus"), "patients": (p1, p2)}
+
+
+class _NoFloors(SimilarityFloors):
+    """What the lookup answered before floors: every match, however low."""
+
+    def floor(self, model_version: str) -> float | None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def floor_corpus(stack, tmp_path_factory) -> dict:
+    return store_floor_corpus(stack, tmp_path_factory.mktemp("floor"), "PFLR")
+
+
+@pytest.mark.stack
+class TestOnTheStack:
+    def test_rest_lists_earlier_studies_above_the_floor_only(self, stack, floor_corpus: dict) -> None:
+        ids = floor_corpus["ids"]
+        http, url = stack.http(), stack.config.orthanc_url
+        with IndexStore(stack.config.settings().index_dir, readonly=True) as index:
+            unfloored = similar_studies(index, ids["q"], scope="patient", floors=_NoFloors())
+            floor = SimilarityFloors(catalogue=index.catalogue).floor(unfloored[0].model_version)
+        # Without the floor the patient's earlier study would be answered, scoring far below it.
+        assert floor is not None and [s.orthanc_study_id for s in unfloored] == [ids["low"]]
+        assert unfloored[0].score < floor
+
+        answer = http.get(f"{url}/lookalike/studies/{ids['q']}/similar", params={"scope": "patient"},
+                          timeout=30).json()
+        assert answer["similar"] == [] and answer["floors"] == {unfloored[0].model_version: floor}
+        archive = http.get(f"{url}/lookalike/studies/{ids['q']}/similar", timeout=30).json()
+        assert ids["later"] in [s["orthanc_study_id"] for s in archive["similar"]]  # similar, but not a prior
+        assert all(s["score"] >= floor for s in archive["similar"]) and ids["low"] not in str(archive)
+        priors = http.get(f"{url}/lookalike/studies/{ids['r']}/similar", params={"scope": "patient"},
+                          timeout=30).json()
+        assert [s["orthanc_study_id"] for s in priors["similar"]] == [ids["r_prior"]]
+
+    def test_the_status_gives_each_models_floor(self, stack, floor_corpus: dict) -> None:
+        status = stack.http().get(f"{stack.config.orthanc_url}/lookalike/status", timeout=10).json()
+        xr = [c for c in status["indexed"] if c["encoder"] == "xr"]
+        assert xr and all(isinstance(c["similarity_floor"], float) and "warning" not in c for c in xr)
+
+    def test_the_sr_says_no_earlier_study_reached_the_floor(self, stack, floor_corpus: dict, tmp_path: Path) -> None:
+        http, url = stack.http(), stack.config.orthanc_url
+        r = http.post(f"{url}/lookalike/studies/{floor_corpus['ids']['q']}/similar-report",
+                      json={"scope": "patient"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["similar"] == 0
+        import pydicom
+
+        sr = pydicom.dcmread(__import__("io").BytesIO(
+            http.get(f"{url}/instances/{r.json()['report']}/file", timeout=10).content))
+        summary = next(item.TextValue for item in sr.ContentSequence
+                       if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121111")
+        floors = http.get(f"{url}/lookalike/studies/{floor_corpus['ids']['q']}/similar",
+                          params={"scope": "patient"}, timeout=30).json()["floors"]
+        assert summary.lower().startswith("no similar earlier study")
+        assert all(f"{floor:.4f}" in summary for floor in floors.values())
+
+    def test_the_key_images_never_show_a_later_study(self, stack, floor_corpus: dict) -> None:
+        r = stack.http().post(f"{stack.config.orthanc_url}/lookalike/studies/{floor_corpus['ids']['q']}/similar-kos",
+                              json={}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert (r.json()["similar"], r.json()["documents"]) == (0, [])
+
+    def test_c_find_of_the_patients_priors_answers_no_match_below_the_floor(self, stack, floor_corpus: dict,
+                                                                             tmp_path: Path) -> None:
+        from tests.test_query_scp import findscu
+
+        ds, (p1, p2) = floor_corpus["ds"], floor_corpus["patients"]
+        result, none = findscu(stack, tmp_path / "q", f"StudyInstanceUID={ds['q'].StudyInstanceUID}",
+                               f"PatientID={p1}", "StudyDate")
+        assert result.returncode == 0, result.stderr
+        assert none == []
+        _, one = findscu(stack, tmp_path / "r", f"StudyInstanceUID={ds['r'].StudyInstanceUID}", f"PatientID={p2}",
+                         "StudyDate")
+        assert [a.StudyInstanceUID for a in one] == [ds["r_prior"].StudyInstanceUID]

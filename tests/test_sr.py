@@ -312,8 +312,29 @@ def test_empty_matches_says_none_were_found(evidence):
     assert similar_case_containers(sr) == []
     summary = children_by_concept(sr)[("DCM", "121111")]
     assert summary.ValueType == "TEXT"
-    assert "no similar studies" in summary.TextValue.lower()
+    assert "no similar stud" in summary.TextValue.lower()
     assert "PertinentOtherEvidenceSequence" not in sr
+
+
+def test_the_summary_of_a_patient_scope_report_says_earlier_studies(evidence):
+    """Issue 17 item 1: the patient scope lists the patient's earlier studies, and the report says so."""
+    for n in (0, 1, 2):
+        summary = children_by_concept(build(evidence, make_matches(n, evidence[0].SOPInstanceUID),
+                                            priors_only=True))[("DCM", "121111")].TextValue
+        assert "earlier stud" in summary and "prior" not in summary.lower()
+
+
+def test_the_summary_states_the_floor_the_matches_had_to_reach(evidence):
+    """Issue 17 item 2: a short list or none at all reads as "nothing similar enough", with the floor applied."""
+    summary = children_by_concept(build(evidence, [], floors={"us-x-1": 0.0517}))[("DCM", "121111")].TextValue
+    assert "0.0517" in summary and "us-x-1" in summary
+    uncalibrated = children_by_concept(build(evidence, [], floors={"us-x-2": None}))[("DCM", "121111")].TextValue
+    assert "0.0517" not in uncalibrated and "us-x-2" in uncalibrated
+
+
+def test_one_match_is_counted_in_the_singular(evidence):
+    summary = children_by_concept(build(evidence, make_matches(1, evidence[0].SOPInstanceUID)))[("DCM", "121111")]
+    assert summary.TextValue.startswith("1 ") and "studies" not in summary.TextValue.split(".")[0]
 
 
 def test_summary_counts_matches(evidence):
