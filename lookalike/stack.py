@@ -420,6 +420,9 @@ def write_configs(cfg: StackConfig) -> tuple[Path, Path, Path]:
     for sub in ("logs", "orthanc-storage", "index", "redis"):
         (cfg.state_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
         (cfg.state_dir / sub).chmod(0o700)
+    for log in cfg.logs.iterdir():  # logs an older version left readable by others (they may quote PHI)
+        if log.is_file() and not log.is_symlink():
+            log.chmod(log.stat().st_mode & 0o700)
     paths = (cfg.state_dir / "lookalike.json", cfg.state_dir / "orthanc.json", cfg.state_dir / "redis.conf")
     texts = (json.dumps(cfg.settings().to_dict(), indent=2), json.dumps(cfg.orthanc_config(), indent=2),
              redis_conf(cfg))
