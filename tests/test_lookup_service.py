@@ -98,7 +98,7 @@ class TestEnds:
 
     def test_patient_scope_and_bad_values(self, service) -> None:
         _, client = service
-        priors = client.lookup(_request(0, scope="patient", limit=10))
+        priors = client.lookup(_request(2, scope="patient", limit=10))  # study 2 of P0: studies 0 and 1 are earlier
         assert priors and all(m.same_patient and m.patient_id == "P0" for m in priors)
         with pytest.raises(ValueError, match="scope"):
             client.lookup(_request(0, scope="everyone"))
