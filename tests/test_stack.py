@@ -342,7 +342,9 @@ class TestSupervisor:
     """``lookalike run`` as an administrator starts it: a component that dies, even before it is ready, is restarted
     with back-off and reported; Orthanc is never stopped for it."""
 
-    def test_worker_killed_during_start_up_is_restarted_reported_and_orthanc_keeps_running(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("component", ["worker", "query-scp"])
+    def test_a_component_killed_during_start_up_is_restarted_reported_and_orthanc_keeps_running(
+            self, tmp_path: Path, component: str) -> None:
         import os
         import signal
 
@@ -365,39 +367,38 @@ class TestSupervisor:
                 return None
             return r.json() if r.status_code == 200 else None
 
-        worker_log = state / "logs" / "worker.log"
-        worker_tag = f"lookalike-worker-{config.redis_port}@"
+        # What only this component's processes have on their command line.
+        tag = {"worker": f"lookalike-worker-{config.redis_port}@", "query-scp": str(state / "logs" / "query-scp.log")}
+
+        def reported() -> dict:
+            return ((status() or {}).get("components") or {}).get(component) or {}
+
         try:
             wait_for(status, timeout=120, what="/lookalike/status to answer 200")
             killed: set[int] = set()
             for _ in range(FAILING_AFTER):
-                pids = wait_for(lambda: [p for p in _pids_with(worker_tag) if p not in killed], timeout=120,
-                                interval=0.05, what="a worker process")
-                assert "ready." not in (worker_log.read_text() if worker_log.exists() else ""), \
-                    "the worker was ready before it was killed: this would not test its start-up"
+                pids = wait_for(lambda: [p for p in _pids_with(tag[component]) if p not in killed], timeout=120,
+                                interval=0.05, what=f"a {component} process")
                 for pid in pids:
                     try:
                         os.killpg(os.getpgid(pid), signal.SIGKILL)
                     except ProcessLookupError:
                         pass
                 killed.update(pids)
-                wait_for(lambda: not set(_pids_with(worker_tag)) & killed, timeout=30, what="the kill")
+                assert reported().get("state") != "ready", f"{component} was ready: this would not test its start-up"
+                wait_for(lambda: not set(_pids_with(tag[component])) & killed, timeout=30, what="the kill")
                 assert run.poll() is None, (tmp_path / "run.out").read_text()
                 assert http.get(f"{config.orthanc_url}/system", timeout=10).ok
 
-            def worker() -> dict:
-                return ((status() or {}).get("components") or {}).get("worker") or {}
-
-            reported = wait_for(lambda: worker().get("state") == "failing" and worker(), timeout=30,
-                                what="the worker reported as failing")
-            assert reported["exits_in_a_row"] >= FAILING_AFTER
-            back = wait_for(lambda: worker().get("state") == "ready" and worker(), timeout=240,
-                            what="the worker to come back")
+            failing = wait_for(lambda: reported().get("state") == "failing" and reported(), timeout=30,
+                               what=f"{component} reported as failing")
+            assert failing["exits_in_a_row"] >= FAILING_AFTER
+            back = wait_for(lambda: reported().get("state") == "ready" and reported(), timeout=240,
+                            what=f"{component} to come back")
             assert back["restarts"] >= FAILING_AFTER and back["last_exit_status"] == -signal.SIGKILL
-            assert "ready." in worker_log.read_text()
             assert run.poll() is None and http.get(f"{config.orthanc_url}/system", timeout=10).ok
             assert all(c["state"] == "ready" for c in status()["components"].values())
-            assert "worker" in (state / "logs" / "supervisor.log").read_text()
+            assert component in (state / "logs" / "supervisor.log").read_text()
         finally:
             if run.poll() is None:
                 run.send_signal(signal.SIGINT)
