@@ -378,3 +378,13 @@ class TestOnTheStack:
         _, one = findscu(stack, tmp_path / "r", f"StudyInstanceUID={ds['r'].StudyInstanceUID}", f"PatientID={p2}",
                          "StudyDate")
         assert [a.StudyInstanceUID for a in one] == [ds["r_prior"].StudyInstanceUID]
+
+
+def test_the_status_says_when_a_model_has_no_floor(store: IndexStore) -> None:
+    """Issue 17 item 2: a model without a calibration keeps today's answers, and the status page says so."""
+    from lookalike.plugin import rest
+
+    status, body = rest.status(store.catalogue, lambda: 0)
+    [count] = body["indexed"]
+    assert status == 200 and count["model_version"] == "v1"
+    assert count["similarity_floor"] is None and "calibrate" in count["warning"]
