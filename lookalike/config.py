@@ -144,7 +144,8 @@ def _has_type(value: object, hint: object) -> bool:
 
 
 def _type_name(hint: object) -> str:
-    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint)  # type: ignore[return-value]
+    """A setting's type as its error message names it: ``int``, ``dict[str, list[str]]``."""
+    return str(hint) if typing.get_origin(hint) is not None else getattr(hint, "__name__", str(hint))
 
 
 #: A quoted value in a warning's text ("..." or '...'): where libraries put the value they complain about.
