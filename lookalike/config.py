@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import sys
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -161,13 +162,28 @@ class RedactQuotedValues(logging.Filter):
         return True
 
 
-def redact_warnings() -> None:
+class _StderrUnlessLogging(logging.StreamHandler):
+    """Warnings on standard error, as Python shows them, in a process that has set up no logging of its own (the
+    command line); where it has (the worker, the query service), they go to its log through the root logger."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            self.setStream(sys.stderr)
+            super().emit(record)
+
+
+def redact_warnings(handler: logging.Handler | None = None) -> None:
     """Send Python warnings through logging (``py.warnings``) with their quoted values blanked, in every process
-    that imports Lookalike's settings: the plugin, the workers, the query service, the command line."""
+    that imports Lookalike's settings: the plugin, the workers, the query service, the command line. ``handler``
+    (the plugin's: Orthanc's log) replaces the default, standard error where nothing else logs."""
     logging.captureWarnings(True)
     logger = logging.getLogger("py.warnings")
     if not any(isinstance(f, RedactQuotedValues) for f in logger.filters):
         logger.addFilter(RedactQuotedValues())
+    if handler is not None:
+        logger.handlers = [handler]
+    elif not logger.handlers:
+        logger.addHandler(_StderrUnlessLogging())
 
 
 redact_warnings()

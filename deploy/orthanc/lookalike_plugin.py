@@ -20,7 +20,7 @@ try:
 
     import logging
 
-    import lookalike.config  # noqa: F401  (from here on, Python warnings go through logging, quoted values blanked)
+    from lookalike.config import redact_warnings
 
     class _OrthancLog(logging.Handler):
         """Python warnings into Orthanc's own log (owner-only), not its standard output."""
@@ -28,7 +28,7 @@ try:
         def emit(self, record: logging.LogRecord) -> None:
             orthanc.LogWarning("Lookalike: " + self.format(record))
 
-    logging.getLogger("py.warnings").addHandler(_OrthancLog())
+    redact_warnings(_OrthancLog())  # from here on, warnings reach Orthanc's log with their quoted values blanked
 
     from lookalike.plugin.entry import register
 
