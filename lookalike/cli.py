@@ -215,6 +215,8 @@ PASSTHROUGH = {
     "lesions": ("lesion box of each ultrasound image of a manifest into a CSV", _passthrough("lookalike.encoders.lesion")),
     "train-lesions": ("train the ultrasound lesion finder", _passthrough("lookalike.encoders.lesion_training")),
     "check": ("decode DICOM files as the worker would and say what happens to each", _passthrough("lookalike.dicom_io.check")),
+    "calibrate": ("measure an encoder's similarity floor on validation data, stored beside its weights",
+                  _passthrough("lookalike.encoders.calibration")),
 }
 
 
