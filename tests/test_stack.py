@@ -138,7 +138,7 @@ class TestLookup:
     def test_unknown_study_is_404(self, stack: Stack) -> None:
         r = stack.http().get(f"{stack.config.orthanc_url}/lookalike/studies/not-a-study/similar", timeout=10)
         assert r.status_code == 404
-        assert r.json()["error"] == "unknown study"
+        assert r.json()["error"].startswith("unknown study")
 
     def test_bad_limit_is_400(self, stack: Stack, corpus: dict) -> None:
         r = stack.http().get(f"{stack.config.orthanc_url}/lookalike/studies/{corpus['ids']['us_query']}/similar?limit=x", timeout=10)
