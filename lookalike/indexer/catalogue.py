@@ -486,10 +486,26 @@ class Catalogue:
             found = conn.execute("SELECT value FROM meta WHERE key = ?", (f"cursor:{name}",)).fetchone()
         return int(found[0]) if found else 0
 
-    def set_cursor(self, name: str, value: int) -> None:
-        """Move a named position; kept in the same database as the rows it describes, so both survive together."""
+    def set_cursor(self, name: str, value: int, anchor: str | None = None) -> None:
+        """Move a named position; kept in the same database as the rows it describes, so both survive together.
+
+        ``anchor`` (optional) says what the position points at in the log it reads (e.g. the last Orthanc change
+        read, by number, type, resource and date), written in the same transaction: a reader can then tell the
+        log it left from another one that reuses its numbers (a replaced Orthanc database).
+        """
         with self._write() as conn:
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"cursor:{name}", int(value)))
+            if anchor is not None:
+                # meta.value is declared INTEGER; SQLite keeps a text that is not a number as text.
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"anchor:{name}", anchor))
+
+    def cursor_anchor(self, name: str) -> str:
+        """What the named position pointed at when it was last moved with an anchor; "" when never."""
+        with self._read() as conn:
+            if conn is None:
+                return ""
+            found = conn.execute("SELECT value FROM meta WHERE key = ?", (f"anchor:{name}",)).fetchone()
+        return str(found[0]) if found else ""
 
     def counts(self) -> list[tuple[str, str, str, int]]:
         """(modality, encoder, model_version, number of live instances), for status pages and metrics."""
