@@ -67,6 +67,25 @@ class _Fixed:
         return self.boxes[: len(images)]
 
 
+def time_fused(net: Any, enc: Any, batch: list[np.ndarray], x: Any, split: dict[str, float], repeats: int) -> None:
+    """Per-stage time of a fused ultrasound encoder (:mod:`lookalike.encoders.fused`) on one batch."""
+    import torch
+
+    from lookalike.encoders.lesion import prepare_views
+
+    boxes = enc.finder.find(batch)
+    split["lesion finder"] = best_of(lambda: enc.finder.find(batch), repeats)
+    split["views (crop, preprocess)"] = best_of(
+        lambda: prepare_views(batch, enc._preprocess, enc.views, _Fixed(boxes), enc.lesion_margin), repeats)
+    with torch.no_grad():
+        if net.base_input != "none":
+            split["VAE-diffusion branch"] = best_of(lambda: net.base_block(x), repeats)
+        if net.im_views:
+            split[f"ImageNet branch {net.im_size} px"] = best_of(lambda: net.imagenet_blocks(x), repeats)
+        feats = net.features(x)
+        split["head"] = best_of(lambda: net.head(feats), repeats)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1, help="torch threads (the worker uses 1)")
@@ -75,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (the worker's setting)")
     p.add_argument("--us-weights", type=Path, nargs="+", default=[None],
                    help="ultrasound checkpoints to time in this one run (default: the shipped one)")
+    p.add_argument("--no-xr", action="store_true", help="time the ultrasound checkpoints only")
     a = p.parse_args(argv)
 
     import torch
@@ -88,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
           f"pass, median of {a.repeats}")
     print(f"{'encoder':24s} {'batch':>5s} {'ms/image':>9s} {'images/s':>9s}  images")
     stages: dict[str, dict[str, float]] = {}
-    for name, weights in [*(("us", w) for w in a.us_weights), ("xr", None)]:
+    for name, weights in [*(("us", w) for w in a.us_weights), *((("xr", None),) if not a.no_xr else ())]:
         enc = load_encoder(name, weights=weights, device=device)
         images, what = sample_images(name, a.images)
         for batch in (1, 32):
@@ -111,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             batch = images[:32]
             stages[enc.model_version] = split = {}
             x, _ = prepare_views(batch, enc._preprocess, enc.views, enc.finder, enc.lesion_margin)
+            if hasattr(net, "base"):  # fused with the ImageNet trunk: time its branches
+                time_fused(net, enc, batch, x, split, a.repeats)
+                continue
             flat = x.reshape(-1, 1, *x.shape[2:])  # every view goes through the trunk
             with torch.no_grad():
                 h, z = net.encode(flat)

