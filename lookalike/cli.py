@@ -176,7 +176,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     from lookalike.config import QUEUE
     from lookalike.encoders import load_encoder
     from lookalike.indexer.celery_app import make_app
-    from lookalike.indexer.reindex import reindex
+    from lookalike.indexer.reindex import ReindexRefused, reindex
     from lookalike.indexer.store import IndexStore
 
     settings = _settings(args)
@@ -190,9 +190,18 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     print(f"lookalike: re-indexing {args.encoder} with {model_version} ({weights}); lookups keep the current model"
           " until every instance has its new vector", file=sys.stderr)
     with IndexStore(settings.index_dir) as store:
-        report = reindex(_api(settings), store, send, args.encoder, model_version, weights,
-                         default_weights=settings.weights.get(args.encoder, ""), batch=args.batch, rate=args.rate,
-                         progress=lambda n: tqdm(total=n, unit="instance", desc="reindex", file=sys.stderr))
+        default_weights = settings.weights.get(args.encoder, "")
+        # With no active model recorded, the settings' checkpoint is the active one.
+        default_model = ("" if store.catalogue.active_model(args.encoder)
+                         else load_encoder(args.encoder, default_weights or None).model_version)
+        try:
+            report = reindex(_api(settings), store, send, args.encoder, model_version, weights,
+                             default_weights=default_weights, default_model=default_model, batch=args.batch,
+                             rate=args.rate,
+                             progress=lambda n: tqdm(total=n, unit="instance", desc="reindex", file=sys.stderr))
+        except ReindexRefused as exc:
+            print(f"lookalike reindex: refused, nothing done: {exc}", file=sys.stderr)
+            return 2
     print(json.dumps(report.as_dict(), indent=2))
     return 0 if report.switched else 1
 

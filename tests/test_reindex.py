@@ -85,3 +85,21 @@ def test_reindex_switches_lookups_at_once_and_removes_the_old_model(running: Sta
     assert storescu(running.config, [extra]).returncode == 0
     wait_for(lambda: len([r for r in _rows(running) if r[0] == "us"]) == 9, timeout=120, what="the next instance")
     assert {v for e, v, _ in _rows(running) if e == "us"} == new_us
+
+
+def test_reindex_to_the_active_model_is_refused_and_changes_nothing(running: Stack, tmp_path: Path) -> None:
+    """The shipped checkpoint, copied elsewhere: another path, the same model version as the one in use."""
+    import shutil
+
+    us = sorted(SAMPLES.glob("us_*.dcm"))[:2]
+    assert storescu(running.config, us).returncode == 0
+    wait_for(lambda: len(_rows(running)) == 2, timeout=180, what="indexing")
+    before = sorted(_rows(running))
+    same = shutil.copy(WEIGHTS_DIR / "us.pt", tmp_path / "us-copy.pt")
+    argv = [sys.executable, "-m", "lookalike.cli", "--config", str(running.config.state_dir / "lookalike.json"),
+            "reindex", "--encoder", "us", "--model", str(same)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode not in (0, 1), "a re-index to the active model was run (0: switched, 1: not switched)"
+    assert done.stdout.strip() == "", "a report was printed for a re-index that was refused"
+    assert before[0][1] in done.stderr, "the refusal does not say which model is already active"
+    assert sorted(_rows(running)) == before

@@ -6,6 +6,10 @@ catalogue keys rows by model version), and lookups keep to the active model mean
 its new vector, the catalogue's active model changes in one transaction: lookups and new instances move to the
 new model at once. A last round re-embeds what arrived under the old model in between, and then the old model's
 vectors and FAISS files are removed.
+
+A re-index to the model already active, with no other model's vectors left to replace, would do nothing and
+report a switch: it is refused (:class:`ReindexRefused`) with the reason. With another model's vectors still
+there (a run that switched but could not retire them), the same command finishes that run.
 """
 
 from __future__ import annotations
@@ -17,6 +21,25 @@ from lookalike.config import TASK_REINDEX_INSTANCE
 from lookalike.indexer.backfill import Backfill, BackfillReport, Progress
 from lookalike.indexer.store import IndexStore
 from lookalike.orthanc_rest import OrthancApi
+
+
+class ReindexRefused(ValueError):
+    """A re-index that would change nothing; its message says why, for the administrator who asked."""
+
+
+def refusal(store: IndexStore, encoder: str, model_version: str, default_model: str) -> str | None:
+    """Why re-indexing ``encoder`` to ``model_version`` would change nothing, or None when it has work to do.
+
+    ``default_model`` is the model version of the checkpoint the settings name (the active one while the catalogue
+    records none).
+    """
+    recorded = store.catalogue.active_model(encoder)
+    active = recorded[0] if recorded else default_model
+    others = sorted(v for v in store.catalogue.live_versions(encoder) if v != model_version)
+    if model_version != active or others:
+        return None
+    return (f"{model_version} is already the active {encoder} model: every {encoder} instance is indexed with it and"
+            " lookups use it; give a checkpoint of another model version (lookalike train --out)")
 
 
 @dataclass
@@ -35,8 +58,8 @@ class ReindexReport:
 
 
 def reindex(api: OrthancApi, store: IndexStore, send: Callable[[str, list, dict], None], encoder: str,
-            model_version: str, weights: str, *, default_weights: str = "", batch: int = 32, rate: float = 20.0,
-            settle_timeout: float = 600.0, max_rounds: int = 5,
+            model_version: str, weights: str, *, default_weights: str = "", default_model: str = "", batch: int = 32,
+            rate: float = 20.0, settle_timeout: float = 600.0, max_rounds: int = 5,
             progress: Callable[[int], Progress] | None = None) -> ReindexReport:
     """Re-embed everything of ``encoder`` with the checkpoint ``weights`` (of ``model_version``), then switch.
 
@@ -47,6 +70,8 @@ def reindex(api: OrthancApi, store: IndexStore, send: Callable[[str, list, dict]
     default_weights
         The checkpoint the settings name for ``encoder`` ("" for the shipped one): recorded as the active model
         before the first round when none is recorded yet, so that lookups keep to it while the new one is built.
+    default_model
+        The model version of ``default_weights``: with none recorded, the model that is active.
     max_rounds
         Rounds before the switch; each re-embeds what lacks a new vector (instances keep arriving meanwhile).
     progress
@@ -57,7 +82,16 @@ def reindex(api: OrthancApi, store: IndexStore, send: Callable[[str, list, dict]
     ReindexReport
         ``switched`` is False when instances still lacked a new vector after ``max_rounds`` (or failed): the old
         model then stays active and nothing is removed.
+
+    Raises
+    ------
+    ReindexRefused
+        ``model_version`` is the active model and no other model's vectors are left (see :func:`refusal`);
+        nothing is queued or written.
     """
+    reason = refusal(store, encoder, model_version, default_model)
+    if reason is not None:
+        raise ReindexRefused(reason)
     catalogue = store.catalogue
     versions = catalogue.live_versions(encoder)
     if catalogue.active_model(encoder) is None and versions:
