@@ -7,6 +7,7 @@ be left: whatever the plugin's in-memory events lost is caught up from Orthanc's
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import pydicom
 import pytest
 
 from lookalike.dicom_io.samples import wrap_image
-from lookalike.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env
+from lookalike.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env, storescu
 from tests.conftest import SAMPLES, live_rows, require_programs, wait_for
 
 pytestmark = pytest.mark.stack
@@ -124,19 +125,117 @@ class TestWorkerKilled:
         _assert_everything_indexed_once(fault_stack, at_least=N_INSTANCES)
 
 
+def _orthanc_log_lines(stack: Stack) -> list[str]:
+    """Every line of Orthanc's own log files (``--logdir``: one file per start; ``Orthanc.log`` links the last)."""
+    files = sorted(p for p in stack.config.logs.glob("Orthanc.log.*") if not p.is_symlink())
+    return [line for p in files for line in p.read_text(errors="replace").splitlines()]
+
+
+def _records(lines: list[str]) -> dict[str, int]:
+    """Orthanc's log records by kind: errors (``E`` lines), the plugin's warnings, and lines of Python traceback."""
+    return {"errors": sum(1 for line in lines if line[:1] == "E" and line[1:5].isdigit()),
+            "plugin_warnings": sum(1 for line in lines if line[:1] == "W" and "] Lookalike" in line),
+            "traceback": sum(1 for line in lines if "Traceback (most recent call last)" in line
+                             or line.lstrip().startswith('File "'))}
+
+
 class TestRedisStopped:
     def test_redis_down_longer_than_every_retry_window(self, fault_stack: Stack, instances: list[Path]) -> None:
+        before = len(_orthanc_log_lines(fault_stack))
         fault_stack.stop_process("redis")
         assert _storescu(fault_stack, instances[:100]).wait(timeout=300) == 0
         # Past every retry window: the plugin has given up on every NEW_INSTANCE and STABLE_STUDY task.
         time.sleep(fault_stack.config.stable_age + 8)
         wait_for(lambda: _status(fault_stack)["queue"]["plugin_pending"] == 0, timeout=120, what="the plugin to give up")
-        orthanc_log = "".join(p.read_text(errors="replace") for p in fault_stack.config.logs.glob("Orthanc*"))
-        assert "could not queue" in orthanc_log, "the fast path lost nothing: this test would not test the catch-up"
+        during = _records(_orthanc_log_lines(fault_stack)[before:])
+        assert during["errors"] == 1, f"one error record per outage in Orthanc's log, not {during['errors']}"
+        assert during["traceback"] == 0, "a broker outage is not a bug: no traceback in Orthanc's log"
         fault_stack.restart("redis")
         if fault_stack.procs["worker"].poll() is not None:  # `lookalike run` restarts a worker that gave up
             fault_stack.restart("worker")
-        _assert_everything_indexed_once(fault_stack, at_least=100)
+        back = len(_orthanc_log_lines(fault_stack))
+        assert storescu(fault_stack.config, instances[100:101]).returncode == 0
+        wait_for(lambda: _records(_orthanc_log_lines(fault_stack)[back:])["plugin_warnings"] >= 1, timeout=30,
+                 what="the plugin to say that Redis takes tasks again")
+        _assert_everything_indexed_once(fault_stack, at_least=101)
+        after = _records(_orthanc_log_lines(fault_stack)[back:])
+        assert after == {"errors": 0, "plugin_warnings": 1, "traceback": 0}, after
+
+
+def _redis_down_while(stack: Stack, store) -> None:
+    """Run ``store`` with Redis stopped, until the plugin has dropped every task it made (the fast path lost them
+    all); then Redis back, and the worker restarted if it gave up meanwhile (as ``lookalike run`` does)."""
+    stack.stop_process("redis")
+    store()
+    time.sleep(stack.config.stable_age + 8)  # STABLE_STUDY too: its reconciliation is dropped as well
+    wait_for(lambda: _status(stack)["queue"]["plugin_pending"] == 0, timeout=120, what="the plugin to give up")
+    stack.restart("redis")
+    if stack.procs["worker"].poll() is not None:
+        stack.restart("worker")
+
+
+class TestOrthancDatabaseReplaced:
+    """Orthanc's database replaced by a fresh one on the same ports while the catalogue keeps its cursor: the new
+    database numbers its changes from 1 again, so the cursor read for the old one means nothing there."""
+
+    @pytest.mark.parametrize("before, after", [(10, 5), (5, 20)],
+                             ids=["fewer-changes-than-the-cursor", "more-changes-than-the-cursor"])
+    def test_catch_up_reads_a_new_orthanc_database_from_its_start(self, fault_stack: Stack, instances: list[Path],
+                                                                    before: int, after: int) -> None:
+        old, new = instances[:before], instances[before:before + after]
+        assert storescu(fault_stack.config, old).returncode == 0
+        wait_for(lambda: _indexed(fault_stack) == before, timeout=RECOVERY_BOUND, what="the first instances")
+        wait_for(lambda: _status(fault_stack)["catch_up"]["behind"] == 0, timeout=60, what="the catch-up")
+        old_cursor = _status(fault_stack)["catch_up"]["cursor"]
+
+        fault_stack.stop_process("orthanc")
+        storage = fault_stack.config.state_dir / "orthanc-storage"
+        storage.rename(storage.with_name("orthanc-storage.replaced"))
+        fault_stack.restart("orthanc")
+        assert _orthanc_instances(fault_stack) == set(), "Orthanc did not start on a new database"
+        # The new instances reach the index by the catch-up alone: the plugin's events are dropped with Redis down.
+        _redis_down_while(fault_stack, lambda: storescu(fault_stack.config, new))
+        held = _orthanc_instances(fault_stack)
+        assert len(held) == after
+        last = _status(fault_stack)["catch_up"]["orthanc_last_change"]
+        assert (last < old_cursor) == (after < before), "the test does not test the case it names"
+
+        indexed = lambda: held <= {i for i, _ in _catalogue_rows(fault_stack)}  # noqa: E731
+        wait_for(indexed, timeout=RECOVERY_BOUND, interval=1.0, what="the new database's instances to be indexed")
+        assert all(n == 1 for i, n in _catalogue_rows(fault_stack) if i in held), "an instance indexed twice"
+        wait_for(lambda: _status(fault_stack)["catch_up"]["behind"] == 0, timeout=30, interval=1.0,
+                 what="the catch-up")
+        catch_up = _status(fault_stack)["catch_up"]
+        assert catch_up["cursor"] <= catch_up["orthanc_last_change"]
+
+
+class TestIndexFolderUnwritable:
+    def test_refused_writes_are_recorded_with_their_cause_and_indexed_once_it_is_back(
+            self, fault_stack: Stack, instances: list[Path]) -> None:
+        assert storescu(fault_stack.config, instances[:5]).returncode == 0
+        wait_for(lambda: _indexed(fault_stack) == 5, timeout=RECOVERY_BOUND, what="the first instances")
+        _status(fault_stack)  # the plugin opens its read-only catalogue now, as a running site's has
+        index = fault_stack.config.state_dir / "index"
+        away = index.with_name("index.away")
+        # Root ignores file modes: the folder is replaced by a file instead, so that every file the writer opens
+        # there fails (ENOTDIR) as it would on a folder it may not write. The processes' open files stay valid.
+        index.rename(away)
+        index.write_text("not a folder\n")
+        try:
+            assert storescu(fault_stack.config, instances[5:15]).returncode == 0
+
+            def refused() -> list[dict]:
+                problems = _status(fault_stack)["problems"]
+                return problems if len(problems) == 10 else []
+
+            problems = wait_for(refused, timeout=RECOVERY_BOUND, interval=1.0, what="the refused writes recorded")
+        finally:
+            index.unlink()
+            away.rename(index)
+        assert all(str(index) in p["message"] and os.strerror(errno.ENOTDIR) in p["message"] for p in problems), \
+            "a problem does not name the operating system's error and the path it refused"
+        assert {p["code"] for p in problems} == {"index-unwritable"}
+        _assert_everything_indexed_once(fault_stack, at_least=15)
 
 
 class TestOrthancStopped:

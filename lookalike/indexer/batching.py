@@ -16,6 +16,10 @@ Acknowledgement keeps the guarantees of the project's other tasks (``task_acks_l
   once; a message back after such a loss runs in a batch of its own, so that an instance that kills the process
   takes no batch-mate with it again, and after ``max_losses`` losses it is handed to ``run_batch`` as given up
   (recorded as a problem, not run again);
+- a batch whose call raised (``run_batch`` handles each item's own faults, so this is the worker's: a bug, or an
+  index folder it cannot write) did not kill its process and is not counted as a loss: its messages are held and
+  run again, each alone, after a back-off (2, 4, 8 s); after ``max_losses`` such failures it is given up with the
+  error it raised as its reason, so that the problem an administrator reads names the real cause;
 - a worker killed outright acknowledges nothing: Redis hands its messages out again after the visibility timeout,
   and before that the catch-up queues whatever Orthanc holds and the index lacks.
 
@@ -49,8 +53,14 @@ class Item:
     args: tuple
     kwargs: dict
     retries: int
-    #: Its batches killed the pool process ``max_losses`` times: record it as a problem, do not run it.
+    #: Its batches killed the pool process, or failed, ``max_losses`` times: record it as a problem, do not run it.
     given_up: bool = False
+    #: Why it was given up, for its recorded problem.
+    reason: str = ""
+
+
+#: The reason of an item whose batches killed the pool process each time.
+DIED = "the worker process died on this instance, each time it tried"
 
 
 def run_batch(task_name: str, items: list[Item], lookahead: list[Item]) -> None:
@@ -103,7 +113,8 @@ class _Batcher:
         self.first_at: float | None = None
         self.busy = 0
         self.tref = None
-        self.losses: dict[str, int] = {}
+        self.losses: dict[str, int] = {}  # request id -> pool processes lost with it
+        self.raised: dict[str, tuple[int, str]] = {}  # request id -> (batches that raised with it, the last error)
 
     def __call__(self, message: Any, body: Any, ack: Any, reject: Any, callbacks: Any = None, **_: Any) -> None:
         if body is None and "args" not in message.payload:
@@ -124,7 +135,8 @@ class _Batcher:
         self.add(req)
 
     def add(self, req: Any) -> None:
-        if req.id in self.losses:  # back after its batch's process died: alone, so that it takes nobody with it
+        if req.id in self.losses or req.id in self.raised:  # back after its batch failed: alone, so that it takes
+            # nobody with it
             self.dispatch([req])
             return
         self.buffer.append(req)
@@ -156,8 +168,27 @@ class _Batcher:
         self.maybe_flush()
 
     def _item(self, r: Any) -> Item:
+        died = self.losses.get(r.id, 0) >= self.task.max_losses
+        raised, error = self.raised.get(r.id, (0, ""))
+        failed = raised >= self.task.max_losses
+        reason = DIED if died else f"the worker failed on this instance each time it tried: {error}" if failed else ""
         return Item(r.id, tuple(r.args), dict(r.kwargs), int(r.request_dict.get("retries") or 0),
-                    given_up=self.losses.get(r.id, 0) >= self.task.max_losses)
+                    given_up=died or failed, reason=reason)
+
+    def _raised(self, batch: list[Any], exc_info: Any) -> None:
+        """A batch whose call raised: its process lives on, so no loss is counted; each request is run again
+        alone after a back-off (held here, unacknowledged), and carries the error in case it is given up."""
+        exc = getattr(exc_info, "exception", None)
+        if exc is not None:
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            error = (str(exc_info).strip().splitlines() or ["an unknown error"])[-1]
+        log.error("%s: a batch of %d failed, run again each alone: %s\n%s", self.task.name, len(batch), error,
+                  getattr(exc_info, "traceback", ""))
+        for r in batch:
+            count = self.raised.get(r.id, (0, ""))[0] + 1
+            self.raised[r.id] = (count, error)
+            self.timer.call_after(float(2 ** min(count, 5)), self.add, (r,), priority=6)
 
     def dispatch(self, batch: list[Any], ahead: list[Any] = ()) -> None:
         items, lookahead = [self._item(r) for r in batch], [self._item(r) for r in ahead]
@@ -167,6 +198,7 @@ class _Batcher:
             self.busy -= 1
             for r in batch:
                 self.losses.pop(r.id, None)
+                self.raised.pop(r.id, None)
                 r.acknowledge()
             self.maybe_flush()
 
@@ -176,11 +208,11 @@ class _Batcher:
             if isinstance(kind, type) and issubclass(kind, WorkerLostError):
                 log.error("%s: a batch of %d lost with its pool process: requeued, each alone", self.task.name,
                           len(batch))
+                for r in batch:
+                    self.losses[r.id] = self.losses.get(r.id, 0) + 1
+                    r.reject(requeue=True)
             else:
-                log.error("%s: a batch of %d failed: requeued, each alone\n%s", self.task.name, len(batch), exc_info)
-            for r in batch:
-                self.losses[r.id] = self.losses.get(r.id, 0) + 1
-                r.reject(requeue=True)
+                self._raised(batch, exc_info)
             self.maybe_flush()
 
         try:

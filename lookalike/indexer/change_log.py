@@ -7,6 +7,12 @@ the instance itself. :class:`ChangeLogFollower` reads that log from a cursor kep
 whatever is neither indexed nor recorded as a problem; the worker runs it at start and then periodically
 (:mod:`lookalike.indexer.tasks`). Tasks it queues are ``missing_only``: if the fast path got there first, the
 worker skips them without decoding anything, so a race between the two paths costs a catalogue look-up.
+
+Change numbers belong to one Orthanc database: a reset or replaced one (a new SQLite index, another PostgreSQL
+database, a restore) numbers from 1 again. The cursor is kept with an anchor, the change it last read (number,
+type, resource, date); a pass that finds the cursor beyond Orthanc's last change, or its anchor no longer in the
+log as it was read, reads the log again from the start. Orthanc 1.10 gives no identity of its database (``/system``
+has only the schema version), so the log itself is the witness.
 """
 
 from __future__ import annotations
@@ -25,10 +31,14 @@ log = logging.getLogger(__name__)
 #: Name of the catalogue cursor that holds the last Orthanc change ``Seq`` handled.
 CURSOR = "orthanc-changes"
 
-#: Problem codes that say "try again later" rather than "this instance is bad": retried by the follower.
-TRANSIENT_CODES = ("orthanc-unavailable", "internal-error")
+#: Problem code of an instance whose vector the index folder refused (permission, disk full, not a folder).
+UNWRITABLE = "index-unwritable"
 
-#: A transient problem is retried this many times in all, then left for an administrator.
+#: Problem codes that say "try again later" rather than "this instance is bad": retried by the follower.
+TRANSIENT_CODES = ("orthanc-unavailable", "internal-error", UNWRITABLE)
+
+#: A transient problem is retried this many times in all, then left for an administrator; but an index folder
+#: that refused writes says nothing about the instance: retried for as long as it takes.
 MAX_ATTEMPTS = 5
 
 _LEVELS = {"Patient": "patient", "Study": "study", "Series": "series", "Instance": "instance"}
@@ -44,6 +54,12 @@ class CatchUpReport:
     queued: list[str] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
+
+
+def _anchor_of(change: dict) -> str:
+    """A change as the cursor's anchor: its number, type, resource and date (a new database repeats the number,
+    hardly the rest)."""
+    return f"{int(change['Seq'])} {change.get('ChangeType', '')} {change.get('ID', '')} {change.get('Date', '')}"
 
 
 class ChangeLogFollower:
@@ -100,9 +116,9 @@ class ChangeLogFollower:
         handling right now. Raises what Orthanc or the broker raise; the cursor then stays before the first
         change not fully handled.
         """
-        start = self.catalogue.cursor(CURSOR)
+        start = self._checked_cursor()
         report = CatchUpReport(start, start)
-        since, pending_from = start, None
+        since, pending_from, anchor = start, None, None
         try:
             while True:
                 answer = get_json(self.api, f"/changes?since={since}&limit={self.page}")
@@ -113,6 +129,8 @@ class ChangeLogFollower:
                         return self._finish(report)
                     if not self._handle(change, report) and pending_from is None:
                         pending_from = seq - 1
+                    if pending_from is None:
+                        anchor = _anchor_of(change)
                     report.changes_read += 1
                     since = seq
                     report.cursor_after = since if pending_from is None else pending_from
@@ -122,7 +140,33 @@ class ChangeLogFollower:
                 since = last
         finally:
             if report.cursor_after != start:
-                self.catalogue.set_cursor(CURSOR, report.cursor_after)
+                self.catalogue.set_cursor(CURSOR, report.cursor_after, anchor)
+
+    def _checked_cursor(self) -> int:
+        """The cursor, or 0 after a reset when it was kept for another Orthanc database than the one answering."""
+        cursor = self.catalogue.cursor(CURSOR)
+        if cursor == 0:
+            return 0
+        last = self.last_change()
+        if cursor > last:
+            reason = f"the cursor is at change {cursor}, Orthanc's last change is {last}"
+        else:
+            anchor = self.catalogue.cursor_anchor(CURSOR)
+            if not anchor or self._in_log(anchor):
+                return cursor
+            reason = f"change {anchor.split()[0]} is not the one read there (then: {anchor})"
+        log.warning("catch-up: Orthanc's change log is not the one the cursor was kept for (%s): its database was"
+                    " reset or replaced; reading its change log again from the start", reason)
+        self.catalogue.set_cursor(CURSOR, 0, "")
+        self._queued.clear()
+        self._horizon = None
+        return 0
+
+    def _in_log(self, anchor: str) -> bool:
+        """Whether Orthanc's log still holds the change ``anchor`` describes, as it was read."""
+        seq = int(anchor.split()[0])
+        changes = get_json(self.api, f"/changes?since={seq - 1}&limit=1").get("Changes", [])
+        return bool(changes) and _anchor_of(changes[0]) == anchor
 
     def _handle(self, change: dict, report: CatchUpReport) -> bool:
         """Queue what one change needs; True when nothing is left to wait for."""
@@ -155,7 +199,7 @@ class ChangeLogFollower:
         """Queue again the instances whose last try failed for a reason that may have passed."""
         for problem in self.catalogue.problems(limit=1000, codes=TRANSIENT_CODES):
             queued_at = self._queued.get(problem.orthanc_instance_id)
-            if problem.attempts >= MAX_ATTEMPTS or (queued_at is not None
+            if (problem.attempts >= MAX_ATTEMPTS and problem.code != UNWRITABLE) or (queued_at is not None
                                                     and self.clock() - queued_at < self.requeue_after):
                 continue
             self.send(TASK_INDEX_INSTANCE, [problem.orthanc_instance_id], {"missing_only": True})

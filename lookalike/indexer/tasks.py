@@ -30,7 +30,10 @@ The model loads in the pool process, on first use, after the fork: the main proc
 is never initialised before the fork (a CUDA context does not survive one).
 
 Orthanc unreachable is sent again with exponential back-off, ``MAX_RETRIES`` times, then recorded as a problem
-(which the catch-up retries later); bad input is recorded on its instance at once.
+(which the catch-up retries later); bad input is recorded on its instance at once. An index folder that refuses a
+write (permission, disk full, not a folder) is the same kind of fault, not the instance's: each instance is
+recorded at once with the code ``index-unwritable`` and the operating system's own error (errno, path), and sent
+again with the same back-off; once the folder takes writes it is indexed and its problem cleared.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import asdict, replace
 
@@ -47,8 +51,9 @@ from celery.utils.time import get_exponential_backoff_interval
 
 from lookalike.config import (EMBED_QUEUE, QUEUE, TASK_CATCH_UP, TASK_EMBED, TASK_FORGET, TASK_INDEX_INSTANCE,
                               TASK_RECONCILE_STUDY, TASK_REINDEX_INSTANCE, TASK_WRITE, WRITE_QUEUE, Settings)
-from lookalike.indexer.batching import BatchTask, Item
+from lookalike.indexer.batching import DIED, BatchTask, Item
 from lookalike.indexer.celery_app import app
+from lookalike.indexer.change_log import UNWRITABLE
 from lookalike.orthanc_rest import OrthancError
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,9 @@ SNAPSHOT_EVERY = 200
 #: Tries of an instance while Orthanc is unreachable, after the first, spaced 2, 4, 8... s (at most 60 s, jittered).
 MAX_RETRIES = 6
 RETRY_BACKOFF_MAX = 60
+
+#: SQLite's words for a database it cannot write because of its file or disk (its other errors are bugs).
+_SQLITE_UNWRITABLE = ("readonly", "disk", "unable to open", "locked")
 
 #: The worker's main process (set when it starts): no model may load there (see :func:`load_model`).
 _MAIN_PID: int | None = None
@@ -191,23 +199,60 @@ def _settle(task: Task, items: list[Item], results: list, queue: str) -> list:
     return kept
 
 
-def _given_up(instance_id: str, study_id: str | None):
-    """The problem of an instance whose batches killed the pool process again and again."""
+def _given_up(instance_id: str, study_id: str | None, reason: str = DIED):
+    """The problem of an instance whose batches killed the pool process, or failed, again and again."""
     from lookalike.indexer.pipeline import Job, Outcome, Result
 
     return Result(Job(instance_id, None, study_id), Outcome("failed", instance_id, "internal-error",
-                  "the worker process died on this instance, each time it tried"), study_id=study_id or "")
+                  reason or DIED), study_id=study_id or "")
+
+
+class IndexUnwritable(Exception):
+    """The index folder refused a batch's write; each instance is recorded with the error, none is written."""
+
+
+def _unwritable(exc: BaseException) -> bool:
+    """Whether a failed write is the index folder's fault (a file or disk the OS or SQLite refuses), not a record's."""
+    if isinstance(exc, OSError):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and any(word in str(exc) for word in _SQLITE_UNWRITABLE)
+
+
+def _record_unwritable(results: list, exc: BaseException) -> None:
+    """Say on each instance of the batch why it is not indexed yet, where ``/lookalike/status`` shows it: the OS's
+    own error (``PermissionError: [Errno 13] Permission denied: '/…/write.lock'``), for an administrator to act on.
+    The catalogue may refuse too (the same folder): the worker's log has it then."""
+    message = f"the index folder refused the write, retried: {type(exc).__name__}: {exc}"
+    log.error("instance(s) %s not written, sent again later: %s", " ".join(r.job.instance_id for r in results),
+              message)
+    try:
+        for result in results:
+            indexer().store.catalogue.record_problem(
+                orthanc_instance_id=result.job.instance_id, code=UNWRITABLE, message=message,
+                sop_instance_uid=result.sop_instance_uid or "", orthanc_study_id=result.study_id or "")
+    except Exception as again:
+        log.error("the catalogue refused to record it too: %s: %s", type(again).__name__, again)
 
 
 def _write(results: list) -> None:
     """Write a batch's results; should the batch fail as a whole, each alone, so that one bad record is recorded
-    on its own instance and the others are written."""
+    on its own instance and the others are written.
+
+    Raises
+    ------
+    IndexUnwritable
+        The index folder refused the write: nothing is written, each instance's problem says why; the caller
+        sends the batch again later.
+    """
     if not results:
         return
     started = time.perf_counter()
     try:
         outcomes = indexer().apply(results)
-    except Exception:
+    except Exception as exc:
+        if _unwritable(exc):
+            _record_unwritable(results, exc)
+            raise IndexUnwritable(f"{type(exc).__name__}: {exc}") from exc
         log.exception("writing a batch of %d failed: writing each alone", len(results))
         outcomes = []
         for result in results:
@@ -232,7 +277,7 @@ def _index(task: Task, items: list[Item], requests: list, ahead: list = ()) -> N
     """
     from lookalike.indexer.pipeline import Job
 
-    gone = [_given_up(r.instance_id, r.study_id) for item, r in zip(items, requests) if item.given_up]
+    gone = [_given_up(r.instance_id, r.study_id, item.reason) for item, r in zip(items, requests) if item.given_up]
     live = [(item, request) for item, request in zip(items, requests) if not item.given_up]
     planned = indexer().plan([request for _, request in live])
     jobs = [(item, job) for (item, _), job in zip(live, planned) if isinstance(job, Job)]
@@ -244,7 +289,23 @@ def _index(task: Task, items: list[Item], requests: list, ahead: list = ()) -> N
     log.info("embedding a batch of %d instance(s)", len(jobs))
     ahead_jobs = [job for job in indexer().plan(ahead) if isinstance(job, Job)]
     results = embedder().run([job for _, job in jobs], ahead_jobs)
-    _write(gone + _settle(task, [item for item, _ in jobs], results, task.home_queue))
+    kept = _settle(task, [item for item, _ in jobs], results, task.home_queue)
+    try:
+        _write(gone + kept)
+    except IndexUnwritable:
+        by_instance = {job.instance_id: item for item, job in jobs}
+        for result in kept:
+            _again_later(task, by_instance[result.job.instance_id], task.home_queue)
+
+
+def _again_later(task: Task, item: Item, queue: str) -> None:
+    """An instance the index folder refused: sent again with back-off, within the retry budget; past it, its
+    recorded problem stays (``index-unwritable``), and the catch-up queues it again."""
+    if item.retries < MAX_RETRIES:
+        _retry_later(task, item, queue)
+    else:
+        log.error("instance %s given up after %d tries: the index folder refuses writes; the catch-up tries again",
+                  item.args and item.args[0], item.retries + 1)
 
 
 class _Batched(BatchTask):
@@ -318,7 +379,8 @@ class _Embed(_Batched):
 
         jobs = [Job.from_dict(item.args[0]) for item in items]
         ahead = [Job.from_dict(item.args[0]) for item in lookahead]
-        gone = [_given_up(job.instance_id, job.study_id) for item, job in zip(items, jobs) if item.given_up]
+        gone = [_given_up(job.instance_id, job.study_id, item.reason) for item, job in zip(items, jobs)
+                if item.given_up]
         live = [item for item in items if not item.given_up]
         log.info("embedding a batch of %d instance(s)", len(live))
         results = embedder().run([job for item, job in zip(items, jobs) if not item.given_up], ahead)
@@ -347,12 +409,20 @@ def embed(self, *args, **kwargs) -> None:
     _one(self, args, kwargs)
 
 
-@app.task(name=TASK_WRITE)
-def write(results: list[dict]) -> None:
-    """On the index host: one embedded batch (``Result.to_dict`` each) written with one ``add_many``."""
+@app.task(name=TASK_WRITE, bind=True, max_retries=MAX_RETRIES)
+def write(self, results: list[dict]) -> None:
+    """On the index host: one embedded batch (``Result.to_dict`` each) written with one ``add_many``; sent again
+    with back-off while the index folder refuses it (past the budget, the catch-up finds its instances)."""
     from lookalike.indexer.pipeline import Result
 
-    _write([Result.from_dict(r) for r in results])
+    try:
+        _write([Result.from_dict(r) for r in results])
+    except IndexUnwritable as exc:
+        if self.request.retries >= MAX_RETRIES:
+            log.error("a batch of %d given up: %s; the catch-up tries again", len(results), exc)
+            return
+        raise self.retry(countdown=get_exponential_backoff_interval(1, self.request.retries + 1,
+                                                                    RETRY_BACKOFF_MAX, True))
 
 
 @app.task(name=TASK_RECONCILE_STUDY)
