@@ -25,9 +25,9 @@ import pydicom
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lookalike.dicom_io import decode_image, read_dataset  # noqa: E402
-from lookalike.dicom_io.samples import wrap_image  # noqa: E402
-from lookalike.stack import Stack, StackConfig, storescu  # noqa: E402
+from lookalike.dicom import decode_image, read_dataset  # noqa: E402
+from lookalike.lab.samples import wrap_image  # noqa: E402
+from lookalike.ops.stack import Stack, StackConfig, storescu  # noqa: E402
 
 
 def make_instances(out: Path, n: int) -> list[Path]:

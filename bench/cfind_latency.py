@@ -33,10 +33,10 @@ import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 from corpus import make_instances  # noqa: E402
 
-from lookalike.dicom_io.samples import wrap_image  # noqa: E402
-from lookalike.indexer.catalogue import InstanceRecord  # noqa: E402
-from lookalike.indexer.store import IndexStore  # noqa: E402
-from lookalike.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env, storescu  # noqa: E402
+from lookalike.lab.samples import wrap_image  # noqa: E402
+from lookalike.index.catalogue import InstanceRecord  # noqa: E402
+from lookalike.index.store import IndexStore  # noqa: E402
+from lookalike.ops.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env, storescu  # noqa: E402
 
 DIM = 512
 CLUSTER = 12

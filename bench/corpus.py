@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pydicom
 
-from lookalike.dicom_io.samples import wrap_image
+from lookalike.lab.samples import wrap_image
 
 SAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "samples"
 

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corpus import make_instances  # noqa: E402
 
-from lookalike.demo import wait_indexed  # noqa: E402
-from lookalike.stack import Stack, StackConfig, storescu  # noqa: E402
+from lookalike.ops.demo import wait_indexed  # noqa: E402
+from lookalike.ops.stack import Stack, StackConfig, storescu  # noqa: E402
 
 
 def store_rate(stack: Stack, files: list[Path]) -> float:

@@ -1,4 +1,4 @@
-"""Decoding throughput (instances/s) of ``lookalike.dicom_io`` against pydicom's plain ``pixel_array``.
+"""Decoding throughput (instances/s) of ``lookalike.dicom`` against pydicom's plain ``pixel_array``.
 
 Both sides start from the file's bytes in memory and end with pixels in memory: Lookalike with
 ``read_dataset`` + ``decode_image`` (what the worker runs: completeness checks, up to 5 frames of a clip,
@@ -30,7 +30,7 @@ from typing import Callable
 import pydicom
 from pydicom.data import get_testdata_file
 
-from lookalike.dicom_io import decode_image, read_dataset
+from lookalike.dicom import decode_image, read_dataset
 
 
 def _deid(name: str) -> str | None:

@@ -32,7 +32,7 @@ DATA = {"us": ROOT.parent / "shared" / "data" / "busi", "xr": ROOT.parent / "sha
 
 def sample_images(modality: str, n: int) -> tuple[list[np.ndarray], str]:
     """``n`` real images of the modality's data set (test split), read by the shared reader; random if absent."""
-    from lookalike.encoders.preprocessing import load_image, read_manifest
+    from lookalike.lab.images import load_image, read_manifest
 
     try:
         rows = [r for r in read_manifest(DATA[modality]) if r["split"] == "test"][:n]

@@ -37,15 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike.indexer import segments
-from lookalike.indexer.catalogue import InstanceRecord
-from lookalike.indexer.lookup import similar_studies
-from lookalike.indexer.segments import IndexParams, Manifest, Segment
-from lookalike.indexer.store import IndexStore
+from lookalike.index import segments
+from lookalike.index.catalogue import InstanceRecord
+from lookalike.index.search import similar_studies
+from lookalike.index.segments import IndexParams, Manifest, Segment
+from lookalike.index.store import IndexStore
 
 DIM = 128
 PER_STUDY = 3
-SNAPSHOT_EVERY = 200  # lookalike.indexer.tasks.SNAPSHOT_EVERY, the worker's
+SNAPSHOT_EVERY = 200  # lookalike.worker.tasks.SNAPSHOT_EVERY, the worker's
 FILL_BATCH = 50_000
 GOALS = {"add_p50_ms": 2.0, "lookup_p95_ms": 20.0, "recall10": 0.98, "cold_start_s": 1.0}
 
@@ -125,8 +125,8 @@ def layout(store: IndexStore) -> str:
 COLD = """
 import sys, time, json
 t0 = time.perf_counter()
-from lookalike.indexer.store import IndexStore
-from lookalike.indexer.lookup import similar_studies
+from lookalike.index.store import IndexStore
+from lookalike.index.search import similar_studies
 t1 = time.perf_counter()
 store = IndexStore(sys.argv[1], readonly=True)
 answer = similar_studies(store, sys.argv[2], limit=10)
@@ -138,7 +138,7 @@ WRITER = """
 import sys
 sys.path.insert(0, sys.argv[4])
 from index_scale import Data, record
-from lookalike.indexer.store import IndexStore
+from lookalike.index.store import IndexStore
 first, count = int(sys.argv[2]), int(sys.argv[3])
 vectors = Data(seed=7).vectors(first, first + count)
 with IndexStore(sys.argv[1], snapshot_every=200) as store:
@@ -149,8 +149,8 @@ with IndexStore(sys.argv[1], snapshot_every=200) as store:
 COLD_WRITER = """
 import sys, time, json
 import numpy as np
-from lookalike.indexer.catalogue import InstanceRecord
-from lookalike.indexer.store import IndexStore
+from lookalike.index.catalogue import InstanceRecord
+from lookalike.index.store import IndexStore
 r = InstanceRecord(*(["2.25.cold"] + ["x"] * 9 + ["us", "bench"]))
 t1 = time.perf_counter()
 store = IndexStore(sys.argv[1], snapshot_every=200, background_compaction=False)

@@ -30,10 +30,10 @@ from urllib.parse import urlsplit
 import pydicom
 import requests
 
-from lookalike.dicom_io.samples import wrap_image
-from lookalike.dicom_io.kos import KOS_SERIES_DESCRIPTION
-from lookalike.dicom_io.sr import CODES
-from lookalike.stack import Stack, StackConfig, free_port, storescu
+from lookalike.lab.samples import wrap_image
+from lookalike.dicom.kos import KOS_SERIES_DESCRIPTION
+from lookalike.dicom.sr import CODES
+from lookalike.ops.stack import Stack, StackConfig, free_port, storescu
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "deploy" / "samples"

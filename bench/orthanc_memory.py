@@ -40,9 +40,9 @@ import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 from corpus import make_instances  # noqa: E402
 
-from lookalike.indexer.catalogue import InstanceRecord  # noqa: E402
-from lookalike.indexer.store import IndexStore  # noqa: E402
-from lookalike.stack import Stack, StackConfig, storescu  # noqa: E402
+from lookalike.index.catalogue import InstanceRecord  # noqa: E402
+from lookalike.index.store import IndexStore  # noqa: E402
+from lookalike.ops.stack import Stack, StackConfig, storescu  # noqa: E402
 
 DIM = 128
 MODEL = "bench-1"

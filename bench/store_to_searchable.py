@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pydicom  # noqa: E402
 from corpus import make_instances  # noqa: E402
 
-from lookalike.stack import Stack, StackConfig, storescu  # noqa: E402
+from lookalike.ops.stack import Stack, StackConfig, storescu  # noqa: E402
 
 
 def latency(stack: Stack, path: Path) -> float:

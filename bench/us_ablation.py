@@ -61,7 +61,7 @@ def columns(all_views: tuple[str, ...], views: tuple[str, ...], blocks: tuple[st
 
 def score(emb: dict[str, np.ndarray], sets: dict[str, Any]) -> dict[str, float]:
     """Protocol figures: each archive's test vs its train+val, cross-domain leave-one-out, val vs train."""
-    from lookalike.encoders.metrics import retrieval_metrics
+    from lookalike.lab.metrics import retrieval_metrics
 
     out = {}
     v = retrieval_metrics(emb["val"], *sets["val"], emb["train"], *sets["train"])
@@ -85,14 +85,14 @@ def train_head(
     epochs: int,
     seed: int,
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fresh head on fixed features with training's stage D (:func:`lookalike.encoders.training_us.fit_head`).
+    """Fresh head on fixed features with training's stage D (:func:`lookalike.lab.training_us.fit_head`).
 
     Returns the protocol figures of the head with the best val P@5 and its ``state_dict``.
     """
     import torch
     import torch.nn.functional as F
 
-    from lookalike.encoders.training_us import fit_head
+    from lookalike.lab.training_us import fit_head
 
     _, head = fit_head(aug_train, y["train"], feats["val"], y["val"], sets["val"][1], feats["train"], sets["train"][1],
                        hidden=256, dim=128, epochs=epochs, seed=seed)
@@ -116,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from lookalike.encoders import load_encoder
     from lookalike.encoders.base import WEIGHTS_DIR
-    from lookalike.encoders.evaluate import CROSS_DOMAIN_LABELS
-    from lookalike.encoders.preprocessing import build_augment, read_manifest
-    from lookalike.encoders.training import plain_tensors, preprocess_all
-    from lookalike.encoders.training_us import frozen_features
+    from lookalike.lab.evaluate import CROSS_DOMAIN_LABELS
+    from lookalike.lab.images import read_manifest
+    from lookalike.lab.training import build_augment, plain_tensors, preprocess_all
+    from lookalike.lab.training_us import frozen_features
 
     torch.set_num_threads(a.threads)
     t0 = time.time()

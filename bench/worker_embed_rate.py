@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import make_instances  # noqa: E402
 
 from lookalike.config import QUEUE, TASK_INDEX_INSTANCE  # noqa: E402
-from lookalike.indexer.catalogue import CATALOGUE_FILE  # noqa: E402
-from lookalike.stack import Stack, StackConfig, storescu  # noqa: E402
+from lookalike.index.catalogue import CATALOGUE_FILE  # noqa: E402
+from lookalike.ops.stack import Stack, StackConfig, storescu  # noqa: E402
 
 WARM_UP = 32
 
@@ -39,7 +39,7 @@ def bare_rate(files: list[Path], batch: int, threads: int, device: str) -> float
     """Images/s of ``Encoder.embed`` on the decoded images, ``batch`` per call (after one warm-up call)."""
     import torch
 
-    from lookalike.dicom_io import decode_image, read_dataset
+    from lookalike.dicom import decode_image, read_dataset
     from lookalike.encoders import load_encoder
     from lookalike.encoders.base import resolve_device
 
@@ -91,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     import pydicom
 
-    from lookalike.indexer.celery_app import make_app
+    from lookalike.worker.celery_app import make_app
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

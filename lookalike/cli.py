@@ -14,7 +14,7 @@ from typing import Callable
 import requests
 
 from lookalike.config import Settings, SettingsError
-from lookalike.stack import SOURCE_ROOT
+from lookalike.ops.stack import SOURCE_ROOT
 
 DEFAULT_STATE = SOURCE_ROOT / "var"
 DEFAULT_STACK_CONFIG = SOURCE_ROOT / "deploy" / "local" / "stack.json"
@@ -29,13 +29,13 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _api(settings: Settings):
-    from lookalike.orthanc_rest import HttpOrthanc
+    from lookalike.orthanc.client import HttpOrthanc
 
     return HttpOrthanc(settings.orthanc_url, settings.orthanc_user, settings.orthanc_password)
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:
-    from lookalike.orthanc_rest import OrthancError, get_json
+    from lookalike.orthanc.client import OrthancError, get_json
 
     api = _api(_settings(args))
     try:
@@ -48,27 +48,27 @@ def cmd_lookup(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from lookalike.orthanc_rest import get_json
+    from lookalike.orthanc.client import get_json
 
     print(json.dumps(get_json(_api(_settings(args)), "/lookalike/status"), indent=2))
     return 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from lookalike.indexer.audit import show
+    from lookalike.query.audit import show
 
     return show(args.file or _settings(args).audit_log, args.since)
 
 
 def cmd_query_scp(args: argparse.Namespace) -> int:
-    from lookalike.indexer.query_scp import serve
+    from lookalike.query.query_scp import serve
 
     return serve(_settings(args), args.logfile)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lookalike.stack import Stack, StackConfig
-    from lookalike.demo import sample_labels, show_example, store_samples
+    from lookalike.ops.stack import Stack, StackConfig
+    from lookalike.ops.demo import sample_labels, show_example, store_samples
 
     config = StackConfig.load_or_create(args.stack_config, args.state)
     config.move_taken_ports()  # held by another program since they were saved: moved before anything is printed
@@ -114,7 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_configure(args: argparse.Namespace) -> int:
-    from lookalike.stack import StackConfig, write_configs
+    from lookalike.ops.stack import StackConfig, write_configs
 
     config = StackConfig.load_or_create(args.stack_config, args.state)
     for path in write_configs(config):
@@ -128,11 +128,11 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lookalike.config import ENCODER_FOR_MODALITY, QUEUE
-    from lookalike.indexer.backfill import (Backfill, BackfillReport, Checkpoint, RemotePacs, StudyFilter,
+    from lookalike.worker.backfill import (Backfill, BackfillReport, Checkpoint, RemotePacs, StudyFilter,
                                             local_studies, remote_walk)
-    from lookalike.indexer.catalogue import CATALOGUE_FILE, Catalogue
-    from lookalike.indexer.celery_app import make_app
-    from lookalike.orthanc_rest import get_json
+    from lookalike.index.catalogue import CATALOGUE_FILE, Catalogue
+    from lookalike.worker.celery_app import make_app
+    from lookalike.orthanc.client import get_json
 
     settings = _settings(args)
     api = _api(settings)
@@ -140,7 +140,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     report = BackfillReport()
     source = f"remote-{args.remote}" if args.remote else "local"
     if args.remote:
-        from lookalike.orthanc_rest import HttpOrthanc
+        from lookalike.orthanc.client import HttpOrthanc
 
         # Orthanc answers a C-MOVE once it is over: a whole study must fit in the HTTP timeout.
         mover = HttpOrthanc(settings.orthanc_url, settings.orthanc_user, settings.orthanc_password,
@@ -175,9 +175,9 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
     from lookalike.config import QUEUE
     from lookalike.encoders import load_encoder
-    from lookalike.indexer.celery_app import make_app
-    from lookalike.indexer.reindex import ReindexRefused, reindex
-    from lookalike.indexer.store import IndexStore
+    from lookalike.worker.celery_app import make_app
+    from lookalike.worker.reindex import ReindexRefused, reindex
+    from lookalike.index.store import IndexStore
 
     settings = _settings(args)
     weights = str(Path(args.model).resolve())
@@ -217,15 +217,15 @@ def _passthrough(module: str) -> Callable[[list[str]], int]:
 
 #: Sub-commands whose own argument parser lives with the code (``lookalike train --help``).
 PASSTHROUGH = {
-    "train": ("train an encoder", _passthrough("lookalike.encoders.training")),
-    "samples": ("rebuild the bundled sample studies", _passthrough("lookalike.dicom_io.samples")),
-    "evaluate": ("retrieval figures of an encoder under the evaluation protocol", _passthrough("lookalike.encoders.evaluate")),
-    "embed": ("embed the images of a manifest into a .npy", _passthrough("lookalike.encoders.embed")),
-    "lesions": ("lesion box of each ultrasound image of a manifest into a CSV", _passthrough("lookalike.encoders.lesion")),
-    "train-lesions": ("train the ultrasound lesion finder", _passthrough("lookalike.encoders.lesion_training")),
-    "check": ("decode DICOM files as the worker would and say what happens to each", _passthrough("lookalike.dicom_io.check")),
+    "train": ("train an encoder", _passthrough("lookalike.lab.train")),
+    "samples": ("rebuild the bundled sample studies", _passthrough("lookalike.lab.samples")),
+    "evaluate": ("retrieval figures of an encoder under the evaluation protocol", _passthrough("lookalike.lab.evaluate")),
+    "embed": ("embed the images of a manifest into a .npy", _passthrough("lookalike.lab.embed")),
+    "lesions": ("lesion box of each ultrasound image of a manifest into a CSV", _passthrough("lookalike.lab.lesions")),
+    "train-lesions": ("train the ultrasound lesion finder", _passthrough("lookalike.lab.lesion_training")),
+    "check": ("decode DICOM files as the worker would and say what happens to each", _passthrough("lookalike.ops.check")),
     "calibrate": ("measure an encoder's similarity floor on validation data, stored beside its weights",
-                  _passthrough("lookalike.encoders.calibration")),
+                  _passthrough("lookalike.lab.calibration")),
 }
 
 

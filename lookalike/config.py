@@ -31,7 +31,7 @@ QUEUE = "lookalike"
 
 #: Embedding split from the index (``Settings.remote_embedding``): the index host's worker sends each instance to
 #: ``EMBED_QUEUE`` (workers on any host, GPUs, no index folder), which send each batch's vectors to ``WRITE_QUEUE``
-#: (the one writer, beside the index). See :mod:`lookalike.indexer.tasks`.
+#: (the one writer, beside the index). See :mod:`lookalike.worker.tasks`.
 EMBED_QUEUE = "lookalike.embed"
 WRITE_QUEUE = "lookalike.write"
 TASK_EMBED = "lookalike.embed"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lookalike.stack import Stack, StackConfig
+from lookalike.ops.stack import Stack, StackConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "deploy" / "samples"
@@ -71,7 +71,7 @@ def live_rows(stack) -> list[tuple[str, str, str, str]]:
     """(Orthanc study id, Orthanc instance id, encoder, model version) of every live catalogue row, read-only."""
     import sqlite3
 
-    from lookalike.indexer.catalogue import CATALOGUE_FILE
+    from lookalike.index.catalogue import CATALOGUE_FILE
 
     path = stack.config.state_dir / "index" / CATALOGUE_FILE
     if not path.exists():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lookalike.config import Settings
-from lookalike.indexer.audit import AuditLog, audit_files, parse_since, read_entries, show
+from lookalike.query.audit import AuditLog, audit_files, parse_since, read_entries, show
 
 
 def _record(log: AuditLog, i: int, who: str = "FINDSCU") -> dict:

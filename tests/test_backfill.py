@@ -19,9 +19,9 @@ import pytest
 import redis
 
 from lookalike.config import QUEUE
-from lookalike.dicom_io.samples import wrap_image
-from lookalike.indexer.catalogue import CATALOGUE_FILE
-from lookalike.stack import ORTHANC_AET, Stack, StackConfig, free_port, storescu
+from lookalike.lab.samples import wrap_image
+from lookalike.index.catalogue import CATALOGUE_FILE
+from lookalike.ops.stack import ORTHANC_AET, Stack, StackConfig, free_port, storescu
 from tests.conftest import SAMPLES, live_rows, require_programs, wait_for
 
 pytestmark = pytest.mark.stack

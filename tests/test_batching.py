@@ -13,10 +13,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from lookalike.dicom_io.samples import wrap_image
+from lookalike.lab.samples import wrap_image
 from lookalike.encoders.base import Embedding
-from lookalike.indexer.pipeline import Embedder, InstanceIndexer, Job, Request, Result
-from lookalike.indexer.store import IndexStore
+from lookalike.worker.pipeline import Embedder, InstanceIndexer, Job, Request, Result
+from lookalike.index.store import IndexStore
 from tests.conftest import SAMPLES, live_rows, require_programs, wait_for
 from tests.test_pipeline import FakeEncoder, FakeOrthanc, _dicom, _us
 
@@ -170,7 +170,7 @@ class TestDevice:
                 resolve_device(bad)
 
     def test_the_workers_main_process_refuses_to_load_a_model(self, monkeypatch) -> None:
-        from lookalike.indexer import tasks
+        from lookalike.worker import tasks
 
         monkeypatch.setattr(tasks, "_MAIN_PID", os.getpid())
         with pytest.raises(RuntimeError, match="main process"):
@@ -222,10 +222,10 @@ class TestRealWorker:
         """Instances queued while the worker is down arrive together: they are embedded in batches, in the pool
         process only; its pool process killed with -9 mid-batch, every instance is still indexed once, with the
         vector one-at-a-time embedding gives."""
-        from lookalike.dicom_io import decode_image, read_dataset
+        from lookalike.dicom import decode_image, read_dataset
         from lookalike.encoders import load_encoder
-        from lookalike.indexer.pipeline import _instance_vector
-        from lookalike.stack import Stack, StackConfig, storescu
+        from lookalike.worker.pipeline import _instance_vector
+        from lookalike.ops.stack import Stack, StackConfig, storescu
 
         require_programs("Orthanc", "redis-server", "storescu")
         config = StackConfig.create(tmp_path / "stack", extra_settings={"catch_up_interval": 0})
@@ -255,7 +255,7 @@ class TestRealWorker:
             assert re.search(rf"encoder us-\S+ on cpu in process {child}\b", text)
 
             encoder = load_encoder("us")
-            from lookalike.indexer.catalogue import Catalogue, CATALOGUE_FILE
+            from lookalike.index.catalogue import Catalogue, CATALOGUE_FILE
 
             catalogue = Catalogue(config.state_dir / "index" / CATALOGUE_FILE, readonly=True)
             by_sop = {}
@@ -270,8 +270,8 @@ class TestRealWorker:
         """``remote_embedding``: the writer (the plugin's queue and lookalike.write) plans and writes, never loading
         torch; the embedding worker (lookalike.embed) embeds, never opening the index. Every instance indexed once."""
         from lookalike.config import EMBED_QUEUE, QUEUE, WRITE_QUEUE
-        from lookalike.indexer.catalogue import CATALOGUE_FILE
-        from lookalike.stack import Stack, StackConfig, storescu
+        from lookalike.index.catalogue import CATALOGUE_FILE
+        from lookalike.ops.stack import Stack, StackConfig, storescu
 
         require_programs("Orthanc", "redis-server", "storescu")
         config = StackConfig.create(tmp_path / "stack", extra_settings={"catch_up_interval": 0,

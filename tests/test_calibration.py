@@ -14,7 +14,8 @@ from PIL import Image
 
 from lookalike import cli
 from lookalike.encoders.base import WEIGHTS_DIR
-from lookalike.encoders.calibration import SimilarityFloors, calibration_path, fit_floor, validation_pairs
+from lookalike.encoders.floors import SimilarityFloors, calibration_path
+from lookalike.lab.calibration import fit_floor, validation_pairs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +80,7 @@ def test_the_shipped_models_carry_their_floor() -> None:
 
 
 def test_reading_floors_imports_no_torch() -> None:
-    code = ("import sys, lookalike.indexer.lookup, lookalike.encoders.calibration as c; c.SimilarityFloors().floor('x');"
+    code = ("import sys, lookalike.index.search, lookalike.encoders.floors as c; c.SimilarityFloors().floor('x');"
             " print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert result.stdout.strip() == "False", result.stderr

@@ -12,10 +12,10 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from lookalike.dicom_io import instance as instance_module
-from lookalike.dicom_io.check import check_file, main
-from lookalike.indexer.pipeline import InstanceIndexer
-from lookalike.indexer.store import IndexStore
+from lookalike.dicom import instance as instance_module
+from lookalike.ops.check import check_file, main
+from lookalike.worker.pipeline import InstanceIndexer
+from lookalike.index.store import IndexStore
 from tests.test_pipeline import FakeEncoder, FakeOrthanc
 
 

@@ -13,7 +13,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from lookalike.dicom_io import (
+from lookalike.dicom import (
     ERRORS_BY_CODE,
     DecodedImage,
     ImageTooLargeError,
@@ -27,7 +27,7 @@ from lookalike.dicom_io import (
     encoder_for,
     read_dataset,
 )
-from lookalike.dicom_io import decode as decode_module
+from lookalike.dicom import decode as decode_module
 
 
 def _path(name: str) -> str:
@@ -443,8 +443,8 @@ def test_errors_survive_pickling(error: LookalikeDicomError) -> None:
 
 
 def test_dicom_io_does_not_import_torch() -> None:
-    """The Orthanc plugin imports lookalike.dicom_io inside Orthanc's interpreter, where torch must not load."""
+    """The Orthanc plugin imports lookalike.dicom inside Orthanc's interpreter, where torch must not load."""
     import subprocess
 
-    code = "import sys, lookalike.dicom_io; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, lookalike.dicom; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

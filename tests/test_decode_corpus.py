@@ -49,8 +49,8 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
 from lookalike.config import ENCODER_FOR_MODALITY
-from lookalike.dicom_io import LookalikeDicomError, decode_image, encoder_for, read_dataset
-from lookalike.dicom_io import decode as decode_module
+from lookalike.dicom import LookalikeDicomError, decode_image, encoder_for, read_dataset
+from lookalike.dicom import decode as decode_module
 
 pytest.importorskip("data_store", reason="pydicom-data is not installed")
 deid_data = pytest.importorskip("deid_data")

@@ -12,11 +12,11 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from lookalike.dicom_io import ImageTooLargeError, decode_image, read_dataset
-from lookalike.dicom_io import decode as decode_module
-from lookalike.dicom_io.decode import MAX_FRAMES, TARGET_SIDE, _frames_to_use
-from lookalike.dicom_io.samples import wrap_image
-from lookalike.imaging_region import find_imaging_region
+from lookalike.dicom import ImageTooLargeError, decode_image, read_dataset
+from lookalike.dicom import decode as decode_module
+from lookalike.dicom.decode import MAX_FRAMES, TARGET_SIDE, _frames_to_use
+from lookalike.lab.samples import wrap_image
+from lookalike.dicom.imaging_region import find_imaging_region
 
 
 def _path(name: str) -> str:
@@ -95,7 +95,7 @@ def test_the_larger_of_two_scan_areas_is_the_region_and_a_dark_frame_has_none() 
 def test_training_reads_a_png_cropped_as_decoding_crops_the_instance(tmp_path) -> None:
     from PIL import Image
 
-    from lookalike.encoders.preprocessing import load_image_with_region
+    from lookalike.lab.images import load_image_with_region
 
     screen = _scan_with_annotations(3)
     Image.fromarray(screen).save(tmp_path / "scan.png")

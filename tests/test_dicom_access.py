@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lookalike.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env
+from lookalike.ops.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env
 
 pytestmark = pytest.mark.stack
 

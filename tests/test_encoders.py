@@ -14,7 +14,7 @@ import pytest
 
 from lookalike.encoders import ENCODER_NAMES, Encoder, load_encoder
 from lookalike.encoders.base import WEIGHTS_DIR
-from lookalike.encoders.metrics import _roc_auc, raw_pixel_embeddings, retrieval_metrics
+from lookalike.lab.metrics import _roc_auc, raw_pixel_embeddings, retrieval_metrics
 
 
 def _images(seed: int = 0) -> list[np.ndarray]:
@@ -94,7 +94,7 @@ def test_model_version_follows_weights_file(tmp_path: Path) -> None:
 def test_batch_hard_triplet_hand_computed() -> None:
     import torch
 
-    from lookalike.encoders.losses import batch_hard_triplet_loss
+    from lookalike.lab.losses import batch_hard_triplet_loss
 
     x = torch.tensor([[0.0], [1.0], [-0.5], [3.0], [2.5], [10.0]])
     y = torch.tensor([0, 0, 0, 1, 1, 2])
@@ -107,7 +107,7 @@ def test_batch_hard_triplet_hand_computed() -> None:
 def test_supervised_contrastive_hand_computed() -> None:
     import torch
 
-    from lookalike.encoders.losses import supervised_contrastive_loss
+    from lookalike.lab.losses import supervised_contrastive_loss
 
     e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     y = torch.tensor([0, 0, 1])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from lookalike.stack import Stack, StackConfig
+from lookalike.ops.stack import Stack, StackConfig
 from tests.conftest import require_programs
 from tests.test_rest import identities, store_lookup_corpus
 

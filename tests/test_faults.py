@@ -19,8 +19,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from lookalike.dicom_io.samples import wrap_image
-from lookalike.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env, storescu
+from lookalike.lab.samples import wrap_image
+from lookalike.ops.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env, storescu
 from tests.conftest import SAMPLES, live_rows, require_programs, wait_for
 
 pytestmark = pytest.mark.stack
@@ -263,7 +263,7 @@ class TestPortsTaken:
     def test_ports_another_program_holds_are_replaced_at_start(self, tmp_path: Path) -> None:
         import socket
 
-        from lookalike.stack import free_port
+        from lookalike.ops.stack import free_port
 
         config = StackConfig.create(tmp_path / "stack")
         squatters = []

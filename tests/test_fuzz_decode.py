@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 
-from lookalike.dicom_io import (
+from lookalike.dicom import (
     ERRORS_BY_CODE,
     DecodedImage,
     InconsistentAttributesError,

@@ -16,14 +16,14 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import KeyObjectSelectionDocumentStorage, generate_uid
 
-from lookalike.dicom_io.kos import DOCUMENT_TITLE, KOS_SERIES_DESCRIPTION, build_prior_selection
-from lookalike.dicom_io.sr import SimilarCase
-from lookalike.indexer.audit import AuditLog, read_entries
-from lookalike.indexer.lookup_service import LocalLookups
-from lookalike.indexer.store import IndexStore
-from lookalike.orthanc_rest import HttpOrthanc
+from lookalike.dicom.kos import DOCUMENT_TITLE, KOS_SERIES_DESCRIPTION, build_prior_selection
+from lookalike.dicom.sr import SimilarCase
+from lookalike.query.audit import AuditLog, read_entries
+from lookalike.query.lookup_service import LocalLookups
+from lookalike.index.store import IndexStore
+from lookalike.orthanc.client import HttpOrthanc
 from lookalike.plugin import rest
-from lookalike.stack import Stack
+from lookalike.ops.stack import Stack
 from tests.test_explorer_browser import Explorer, browser, page  # noqa: F401 (fixtures)
 from tests.test_sr import REPO_ROOT, dciodvfy, require_tool, sr_warnings_unexpected, us_instance
 from tests.test_stack import _noisy, _sample_pixels, _study, store_studies
@@ -227,8 +227,8 @@ def test_dsrdump_reads_the_identical_documents(selection, tmp_path):
 
 
 def test_module_imports_neither_the_indexer_nor_torch():
-    code = ("import sys, lookalike.dicom_io.kos; "
-            "print(any(m == 'torch' or m.startswith('lookalike.indexer') for m in sys.modules))")
+    code = ("import sys, lookalike.dicom.kos; "
+            "print(any(m == 'torch' or m.startswith(('lookalike.index', 'lookalike.worker', 'lookalike.query')) for m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert result.stdout.strip() == "False", result.stderr
 

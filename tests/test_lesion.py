@@ -18,14 +18,13 @@ from PIL import Image
 from lookalike import cli
 from lookalike.encoders.lesion import (
     LesionBox,
-    box_iou,
     component_box,
     crop_with_margin,
-    load_finder,
     prepare_views,
     scale_box,
 )
 from lookalike.encoders.preprocessing import build_preprocess
+from lookalike.lab.lesions import box_iou, load_finder
 from tests.conftest import write_image_set
 
 
@@ -54,7 +53,7 @@ def random_ellipse(rng: np.random.Generator, w: int, h: int) -> tuple[float, flo
 @pytest.fixture(scope="module")
 def finder_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finder trained for a few seeded epochs on 64 synthetic scans (8 without a lesion), selected on 8 val."""
-    from lookalike.encoders.lesion_training import train_finder
+    from lookalike.lab.lesion_training import train_finder
 
     rng = np.random.default_rng(0)
 
@@ -76,7 +75,7 @@ def finder_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_finder_run_stopped_mid_way_leaves_its_best_epoch_on_disk(finder_file: Path, tmp_path: Path) -> None:
     """Training on a shared CPU may be stopped: the best-so-far checkpoint is written at every improvement."""
-    from lookalike.encoders.lesion_training import train_finder
+    from lookalike.lab.lesion_training import train_finder
 
     root = finder_file.parent
     out = tmp_path / "stopped.pt"
@@ -202,11 +201,11 @@ def test_worker_embed_and_lesions_agree_on_the_same_image(finder_file: Path, tmp
     """Train/serve parity: the worker's decode-crop-embed, ``lookalike embed`` and ``lookalike lesions``."""
     import pydicom
 
-    from lookalike.dicom_io.decode import decode_image
-    from lookalike.dicom_io.samples import wrap_image
+    from lookalike.dicom.decode import decode_image
+    from lookalike.lab.samples import wrap_image
     from lookalike.encoders import load_encoder
-    from lookalike.encoders.training import train
-    from lookalike.indexer.pipeline import _instance_vector
+    from lookalike.lab.train import train
+    from lookalike.worker.pipeline import _instance_vector
 
     us = tmp_path / "us.pt"
     train("us", finder_file.parent, us, epochs=1, pretrain_epochs=0, diffusion_epochs=0, per_class=4, image_size=32,

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.encoders.calibration import SimilarityFloors, write_calibration
-from lookalike.indexer.catalogue import InstanceRecord
-from lookalike.indexer.lookup import IDENTITY_FIELDS, SimilarStudy, StudyNotIndexedError, similar_studies
-from lookalike.indexer.store import IndexStore
+from lookalike.encoders.floors import SimilarityFloors
+from lookalike.lab.calibration import write_calibration
+from lookalike.index.catalogue import InstanceRecord
+from lookalike.index.search import IDENTITY_FIELDS, SimilarStudy, StudyNotIndexedError, similar_studies
+from lookalike.index.store import IndexStore
 
 
 def record(sop: str, study: str, *, modality: str = "US", encoder: str = "us",
@@ -270,7 +271,7 @@ def test_the_floor_of_another_model_version_is_not_applied(store: IndexStore, tm
 
 def test_the_floor_is_applied_over_the_lookup_service(store: IndexStore, tmp_path: Path) -> None:
     """The REST routes ask the query service: its answer carries the floor it applied."""
-    from lookalike.indexer.lookup_service import LocalLookups, LookupClient, LookupRequest, LookupServer
+    from lookalike.query.lookup_service import LocalLookups, LookupClient, LookupRequest, LookupServer
 
     server = LookupServer(LocalLookups(store, floors=floors_at(tmp_path, 0.5)), tmp_path / "l.sock", "secret")
     server.start()

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import requests
 
-from lookalike.indexer.audit import AuditLog, read_entries
-from lookalike.indexer.catalogue import InstanceRecord
-from lookalike.indexer.lookup import MatchedInstance, SimilarStudy, StudyNotIndexedError, similar_studies
-from lookalike.indexer.lookup_service import (
+from lookalike.query.audit import AuditLog, read_entries
+from lookalike.index.catalogue import InstanceRecord
+from lookalike.index.search import MatchedInstance, SimilarStudy, StudyNotIndexedError, similar_studies
+from lookalike.query.lookup_service import (
     AuditUnavailable,
     LocalLookups,
     LookupClient,
@@ -34,8 +34,8 @@ from lookalike.indexer.lookup_service import (
     matches_from_json,
     matches_to_json,
 )
-from lookalike.indexer.store import IndexStore
-from lookalike.stack import Stack
+from lookalike.index.store import IndexStore
+from lookalike.ops.stack import Stack
 from tests.conftest import wait_for
 from tests.test_stack import _noisy, _sample_pixels, _study, store_studies
 

@@ -9,12 +9,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from lookalike.dicom_io.samples import wrap_image
+from lookalike.lab.samples import wrap_image
 from lookalike.encoders.base import Embedding
 from lookalike.encoders.lesion import LesionBox
-from lookalike.indexer.pipeline import InstanceIndexer
-from lookalike.indexer.store import IndexStore
-from lookalike.orthanc_rest import OrthancNotFoundError, OrthancUnavailableError
+from lookalike.worker.pipeline import InstanceIndexer
+from lookalike.index.store import IndexStore
+from lookalike.orthanc.client import OrthancNotFoundError, OrthancUnavailableError
 
 
 class FakeEncoder:
@@ -148,8 +148,8 @@ class TestInstanceIndexer:
         [row] = store.catalogue.rows_for_study("st-cine")
         scores, ids = store.search("us", "us-test-1", expected[None, :], k=1)
         assert ids[0, 0] == row.id and scores[0, 0] > 1 - 1e-5  # the stored vector is the normalised mean
-        from lookalike.dicom_io import decode_image, read_dataset
-        from lookalike.indexer.pipeline import _instance_vector
+        from lookalike.dicom import decode_image, read_dataset
+        from lookalike.worker.pipeline import _instance_vector
 
         vector, _ = _instance_vector(FakeEncoder(), decode_image(read_dataset(_dicom(ds))))
         np.testing.assert_allclose(vector, expected, atol=1e-6)
@@ -191,7 +191,7 @@ class TestInstanceIndexer:
 
     def test_forget_each_level_removes_only_what_was_deleted(self, setup) -> None:
         """Orthanc reports a deleted patient by its Orthanc id alone (the hash of its PatientID), after it is gone."""
-        from lookalike.orthanc_rest import orthanc_resource_id
+        from lookalike.orthanc.client import orthanc_resource_id
 
         indexer, api, store, _ = setup
         for i in (21, 22, 23, 24):
@@ -229,7 +229,7 @@ class TestIndexTask:
     """
 
     def _patch(self, monkeypatch, tmp_path, error: Exception):
-        from lookalike.indexer import tasks
+        from lookalike.worker import tasks
 
         class Failing(FakeOrthanc):
             def get_bytes(self, path: str) -> bytes:
@@ -244,7 +244,7 @@ class TestIndexTask:
         return tasks, store, sent
 
     def test_refused_credentials_are_recorded_at_once_without_retry(self, monkeypatch, tmp_path) -> None:
-        from lookalike.orthanc_rest import OrthancAuthError
+        from lookalike.orthanc.client import OrthancAuthError
 
         tasks, store, sent = self._patch(monkeypatch, tmp_path, OrthancAuthError("Orthanc refused the credentials of user 'lookalike'"))
         tasks.index_instance.run("i1")
@@ -255,7 +255,7 @@ class TestIndexTask:
 
     def test_orthanc_unreachable_is_sent_again_later_not_recorded(self, monkeypatch, tmp_path) -> None:
         from lookalike.config import QUEUE, TASK_INDEX_INSTANCE
-        from lookalike.indexer.batching import Item
+        from lookalike.worker.batching import Item
 
         tasks, store, sent = self._patch(monkeypatch, tmp_path, OrthancUnavailableError("connection refused"))
         tasks.index_instance.run_batch([Item("t1", ("i1", "se", "st"), {"missing_only": True}, retries=2)])
@@ -266,7 +266,7 @@ class TestIndexTask:
         store.close()
 
     def test_orthanc_unreachable_is_given_up_after_the_retry_budget(self, monkeypatch, tmp_path) -> None:
-        from lookalike.indexer.batching import Item
+        from lookalike.worker.batching import Item
 
         tasks, store, sent = self._patch(monkeypatch, tmp_path, OrthancUnavailableError("connection refused"))
         tasks.index_instance.run_batch([Item("t1", ("i1",), {}, retries=tasks.MAX_RETRIES)])

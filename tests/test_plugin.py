@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from lookalike.config import QUEUE, TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY
-from lookalike.orthanc_rest import OrthancNotFoundError
+from lookalike.orthanc.client import OrthancNotFoundError
 from lookalike.plugin.events import ChangeHandler
 from lookalike.plugin.sender import TaskSender
 
@@ -190,7 +190,7 @@ orthanc = SimpleNamespace(
 from lookalike.plugin.entry import register
 register(orthanc)
 print(json.dumps({"routes": calls, "loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("faiss", "torch"))
-                  + sorted(m for m in sys.modules if m in ("lookalike.indexer.store", "lookalike.indexer.vector_index"))}))
+                  + sorted(m for m in sys.modules if m in ("lookalike.index.store", "lookalike.index.vector_index"))}))
 """
 
 

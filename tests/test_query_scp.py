@@ -19,9 +19,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove, Verification
 
 from lookalike.config import Settings
-from lookalike.dicom_io.samples import wrap_image
-from lookalike.indexer.audit import read_entries
-from lookalike.indexer.query_scp import (
+from lookalike.lab.samples import wrap_image
+from lookalike.query.audit import read_entries
+from lookalike.query.query_scp import (
     IDENTIFIER_DOES_NOT_MATCH,
     MOVE_DESTINATION_UNKNOWN,
     ORTHANC_FAILED,
@@ -36,7 +36,7 @@ from lookalike.indexer.query_scp import (
     calling_allowed,
     parse_date_range,
 )
-from lookalike.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env, free_port, storescu
+from lookalike.ops.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env, free_port, storescu
 from tests.conftest import wait_for
 from tests.test_stack import _indexed_total, _noisy, _orthanc_study_id, _sample_pixels, _study
 

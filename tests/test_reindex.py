@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lookalike.encoders.base import WEIGHTS_DIR
-from lookalike.stack import Stack, StackConfig, storescu
+from lookalike.ops.stack import Stack, StackConfig, storescu
 from tests.conftest import SAMPLES, live_rows, require_programs, wait_for
 
 pytestmark = pytest.mark.stack

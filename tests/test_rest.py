@@ -16,12 +16,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from lookalike.indexer.audit import AuditLog, read_entries
-from lookalike.indexer.lookup_service import LocalLookups
-from lookalike.indexer.store import IndexStore
-from lookalike.orthanc_rest import HttpOrthanc
+from lookalike.query.audit import AuditLog, read_entries
+from lookalike.query.lookup_service import LocalLookups
+from lookalike.index.store import IndexStore
+from lookalike.orthanc.client import HttpOrthanc
 from lookalike.plugin import rest
-from lookalike.stack import Stack
+from lookalike.ops.stack import Stack
 from tests.test_stack import _noisy, _sample_pixels, _study, store_studies
 
 pytestmark = pytest.mark.stack

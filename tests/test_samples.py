@@ -14,8 +14,8 @@ import pydicom
 import pytest
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, UltrasoundImageStorage
 
-from lookalike.dicom_io import decode_image, encoder_for, read_dataset
-from lookalike.dicom_io.samples import make_sample_studies, wrap_image
+from lookalike.dicom import decode_image, encoder_for, read_dataset
+from lookalike.lab.samples import make_sample_studies, wrap_image
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "deploy" / "samples"

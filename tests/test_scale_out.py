@@ -28,9 +28,9 @@ import pytest
 import redis
 
 from lookalike.config import QUEUE, WRITE_QUEUE, Settings
-from lookalike.dicom_io.samples import wrap_image
-from lookalike.indexer.catalogue import CATALOGUE_FILE
-from lookalike.stack import ORTHANC_DB, Stack, StackConfig, as_postgres_account, postgres_program, storescu
+from lookalike.lab.samples import wrap_image
+from lookalike.index.catalogue import CATALOGUE_FILE
+from lookalike.ops.stack import ORTHANC_DB, Stack, StackConfig, as_postgres_account, postgres_program, storescu
 from tests.conftest import SAMPLES, require_programs, wait_for
 from tests.test_service_units import UNITS, _command
 

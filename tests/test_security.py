@@ -18,8 +18,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
 from lookalike.config import QUEUE, TASK_FORGET
-from lookalike.indexer.catalogue import CATALOGUE_FILE
-from lookalike.stack import ORTHANC_AET, Stack, StackConfig
+from lookalike.index.catalogue import CATALOGUE_FILE
+from lookalike.ops.stack import ORTHANC_AET, Stack, StackConfig
 from tests.conftest import require_programs, wait_for
 
 #: Another loopback address: Orthanc and the query endpoint take a peer calling from it as a remote host.
@@ -56,7 +56,7 @@ class TestRedis:
 class TestFilesHoldingPhi:
     def test_catalogue_and_orthanc_storage_are_owner_only(self, stack: Stack, tmp_path: Path) -> None:
         from tests.test_stack import _sample_pixels, _study
-        from lookalike.stack import storescu
+        from lookalike.ops.stack import storescu
 
         # Turned upside down: no near copy of an image the shared stack's lookup tests rank.
         pixels = np.ascontiguousarray(np.rot90(_sample_pixels("US", 9)[8], 2))
@@ -84,7 +84,7 @@ class TestFilesHoldingPhi:
         ds.PatientName = name
         ds.save_as(path, enforce_file_format=True)
         before = _indexed_total(stack)
-        from lookalike.stack import storescu
+        from lookalike.ops.stack import storescu
 
         assert storescu(stack.config, [path]).returncode == 0
         wait_for(lambda: _indexed_total(stack) > before, timeout=90, what="indexing")

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.indexer import segments as segments_module
-from lookalike.indexer.catalogue import InstanceRecord
-from lookalike.indexer.segments import IndexParams, Manifest, Segment, size_class
-from lookalike.indexer.store import IndexStore
+from lookalike.index import segments as segments_module
+from lookalike.index.catalogue import InstanceRecord
+from lookalike.index.segments import IndexParams, Manifest, Segment, size_class
+from lookalike.index.store import IndexStore
 
 DIM = 16
 

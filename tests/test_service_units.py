@@ -17,7 +17,7 @@ import pydicom
 import pytest
 import requests
 
-from lookalike.stack import StackConfig, storescu
+from lookalike.ops.stack import StackConfig, storescu
 from tests.conftest import REPO, SAMPLES, require_programs, wait_for
 
 pytestmark = pytest.mark.stack

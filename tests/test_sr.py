@@ -27,7 +27,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from lookalike.dicom_io.sr import (
+from lookalike.dicom.sr import (
     CODES,
     CODING_SCHEME_DESIGNATOR,
     MANUFACTURER,
@@ -546,8 +546,8 @@ def test_an_answer_entry_without_its_best_match_is_refused():
 
 
 def test_module_imports_neither_the_indexer_nor_torch():
-    code = ("import sys, lookalike.dicom_io.sr; "
-            "sys.exit(1 if {'torch', 'lookalike.indexer', 'faiss'} & set(sys.modules) else 0)")
+    code = ("import sys, lookalike.dicom.sr; "
+            "sys.exit(1 if {'torch', 'lookalike.index', 'lookalike.worker', 'lookalike.query', 'faiss'} & set(sys.modules) else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr or "lookalike.dicom_io.sr imported the indexer or torch"
+    assert result.returncode == 0, result.stderr or "lookalike.dicom.sr imported the indexer or torch"
 

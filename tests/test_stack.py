@@ -13,10 +13,10 @@ import pydicom
 import pytest
 import requests
 
-from lookalike.dicom_io.samples import wrap_image
-from lookalike.indexer.store import IndexStore
-from lookalike.orthanc_rest import HttpOrthanc, OrthancAuthError, orthanc_resource_id
-from lookalike.stack import ORTHANC_AET, Stack, dcmtk_env, storescu
+from lookalike.lab.samples import wrap_image
+from lookalike.index.store import IndexStore
+from lookalike.orthanc.client import HttpOrthanc, OrthancAuthError, orthanc_resource_id
+from lookalike.ops.stack import ORTHANC_AET, Stack, dcmtk_env, storescu
 from tests.conftest import SAMPLES, wait_for
 
 pytestmark = pytest.mark.stack
@@ -348,7 +348,7 @@ class TestSupervisor:
         import os
         import signal
 
-        from lookalike.stack import FAILING_AFTER, StackConfig
+        from lookalike.ops.stack import FAILING_AFTER, StackConfig
 
         state, stack_json = tmp_path / "state", tmp_path / "stack.json"
         config = StackConfig.create(state)

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.indexer.catalogue import Catalogue, InstanceRecord
-from lookalike.indexer.segments import Manifest, Segment, read_deleted
-from lookalike.indexer.store import IndexStore
-from lookalike.indexer.vector_index import VectorIndex
+from lookalike.index.catalogue import Catalogue, InstanceRecord
+from lookalike.index.segments import Manifest, Segment, read_deleted
+from lookalike.index.store import IndexStore
+from lookalike.index.vector_index import VectorIndex
 
 
 def record(sop: str, study: str = "1", *, modality: str = "US", encoder: str = "us",
@@ -373,8 +373,8 @@ def test_concurrent_writers_serialise_and_lose_nothing(store: IndexStore) -> Non
 def test_delete_series_removes_only_that_series(tmp_path) -> None:
     import numpy as np
 
-    from lookalike.indexer.catalogue import InstanceRecord
-    from lookalike.indexer.store import IndexStore
+    from lookalike.index.catalogue import InstanceRecord
+    from lookalike.index.store import IndexStore
 
     def record(i: int, series: str) -> InstanceRecord:
         return InstanceRecord(
@@ -398,7 +398,7 @@ def test_delete_series_removes_only_that_series(tmp_path) -> None:
 def test_reader_sees_an_empty_catalogue_while_the_writer_has_not_committed_its_schema(tmp_path) -> None:
     import sqlite3
 
-    from lookalike.indexer.catalogue import Catalogue
+    from lookalike.index.catalogue import Catalogue
 
     sqlite3.connect(tmp_path / "catalogue.sqlite").close()  # the file exists, its schema does not yet
     reader = Catalogue(tmp_path / "catalogue.sqlite", readonly=True)
@@ -409,7 +409,7 @@ def test_reader_sees_an_empty_catalogue_while_the_writer_has_not_committed_its_s
 
 
 def test_problems_of_one_study(tmp_path) -> None:
-    from lookalike.indexer.catalogue import Catalogue
+    from lookalike.index.catalogue import Catalogue
 
     with Catalogue(tmp_path / "catalogue.sqlite") as catalogue:
         catalogue.record_problem("i1", "invalid-dicom", "cut short", orthanc_study_id="st1")
@@ -421,8 +421,8 @@ def test_problems_of_one_study(tmp_path) -> None:
 def test_snapshots_are_saved_in_batches_and_readers_miss_nothing_meanwhile(tmp_path) -> None:
     import numpy as np
 
-    from lookalike.indexer.catalogue import InstanceRecord
-    from lookalike.indexer.store import IndexStore
+    from lookalike.index.catalogue import InstanceRecord
+    from lookalike.index.store import IndexStore
 
     def record(i: int) -> InstanceRecord:
         return InstanceRecord(

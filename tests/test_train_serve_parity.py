@@ -6,9 +6,9 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from lookalike.dicom_io.decode import decode_image
-from lookalike.dicom_io.samples import wrap_image
-from lookalike.encoders.preprocessing import load_image
+from lookalike.dicom.decode import decode_image
+from lookalike.lab.samples import wrap_image
+from lookalike.lab.images import load_image
 
 
 def _scan_with_text() -> np.ndarray:
@@ -55,7 +55,7 @@ def test_fused_ultrasound_encoder_serves_what_training_cached(tmp_path) -> None:
     from lookalike.encoders import load_encoder
     from lookalike.encoders.base import WEIGHTS_DIR
     from lookalike.encoders.fused import FusedUltrasoundNet, fused_arch
-    from lookalike.encoders.training_fused import apply, cache_set, joined
+    from lookalike.lab.training_fused import apply, cache_set, joined
 
     rng = np.random.default_rng(1)
     lines = ["path,label,group,split"]

@@ -21,8 +21,9 @@ from lookalike import cli
 from lookalike.encoders import load_encoder
 from lookalike.encoders.base import centre_vectors
 from lookalike.encoders.preprocessing import build_preprocess
-from lookalike.encoders.training import balanced_batches, train
-from lookalike.encoders.training_us import fit_head
+from lookalike.lab.train import train
+from lookalike.lab.training import balanced_batches
+from lookalike.lab.training_us import fit_head
 from tests.conftest import write_image_set
 
 PER_CLASS = {"train": 10, "val": 4}

@@ -12,6 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from lookalike.encoders.lesion import finder_from_checkpoint, prepare_views
+from lookalike.encoders.preprocessing import build_preprocess
+
 #: Encoders the project ships, in the order the configuration names them.
 ENCODER_NAMES: tuple[str, ...] = ("us", "xr")
 
@@ -94,8 +97,6 @@ class Encoder:
         lesion_margin: float = 0.5,
         device: str = "cpu",
     ) -> None:
-        from lookalike.encoders.preprocessing import build_preprocess
-
         self.name = name
         self.net = net.eval()
         self.image_size = int(image_size)
@@ -142,8 +143,6 @@ class Encoder:
         every caller gets the same crop for the same pixels.
         """
         import torch
-
-        from lookalike.encoders.lesion import prepare_views
 
         if len(images) == 0:
             return Embedding(np.zeros((0, self.dim), dtype=np.float32), [])
@@ -206,7 +205,7 @@ def resolve_device(setting: str, process_index: int = 0) -> str:
     ``auto`` is one GPU per worker process: the ``process_index``-th process of a pool takes GPU
     ``process_index % count`` (a worker started with ``--concurrency`` equal to the host's GPU count uses each
     once), or the CPU where torch sees no GPU. Asking torch how many GPUs there are initialises CUDA in this
-    process: the worker calls this only in its pool processes, after the fork (see ``lookalike.indexer.tasks``).
+    process: the worker calls this only in its pool processes, after the fork (see ``lookalike.worker.tasks``).
 
     Raises
     ------
@@ -252,7 +251,7 @@ def load_encoder(name: str, weights: str | Path | None = None, device: str = "cp
     name : str
         One of :data:`ENCODER_NAMES`.
     weights : str or Path, optional
-        Checkpoint written by :func:`lookalike.encoders.training.train`; default the shipped
+        Checkpoint written by :func:`lookalike.lab.train.train`; default the shipped
         ``weights/<name>.pt``.
     device : str
         A torch device (:func:`resolve_device` turns a setting into one); the networks are moved there.
@@ -286,8 +285,6 @@ def load_encoder(name: str, weights: str | Path | None = None, device: str = "cp
         arch = ckpt["arch"]
         finder = None
         if "lesion" in ckpt:
-            from lookalike.encoders.lesion import finder_from_checkpoint
-
             finder = finder_from_checkpoint(ckpt)
             if device != "cpu":
                 finder.net = _on_device(finder.net, device)

@@ -15,7 +15,7 @@ to ``arch["image_size"]`` and min-max scaled, by the one function serving and tr
    blocks are concatenated; the trained :func:`~lookalike.encoders.ultrasound.projection_head` maps them to
    ``dim``; :class:`~lookalike.encoders.base.Encoder` L2-normalises and centres as for every encoder.
 
-Only the head is trained (``lookalike.encoders.training_fused``): both trunks are frozen, so their features are
+Only the head is trained (``lookalike.lab.training_fused``): both trunks are frozen, so their features are
 computed once per image and cached, which is what a 2-core CPU affords.
 """
 

@@ -4,7 +4,7 @@
 module. Settings come from the ``"Lookalike"`` section of Orthanc's own configuration.
 
 Orthanc's process loads neither FAISS nor the index: lookups are the query service's, asked for over its socket
-(:class:`~lookalike.indexer.lookup_service.LookupClient`), and the catalogue is read here read-only (SQLite alone)
+(:class:`~lookalike.query.lookup_service.LookupClient`), and the catalogue is read here read-only (SQLite alone)
 for the status page, the reason a study is not indexed and a report's evidence. The query service writes the
 audit trail.
 """
@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lookalike.config import QUEUE, Settings
-from lookalike.orthanc_rest import OrthancError, OrthancNotFoundError
+from lookalike.orthanc.client import OrthancError, OrthancNotFoundError
 from lookalike.plugin import rest
 from lookalike.plugin.events import ChangeHandler
 from lookalike.plugin.sender import TaskSender
 
 
 class InProcessOrthanc:
-    """:class:`~lookalike.orthanc_rest.OrthancApi` over the plugin's in-process REST calls."""
+    """:class:`~lookalike.orthanc.client.OrthancApi` over the plugin's in-process REST calls."""
 
     def __init__(self, orthanc: Any) -> None:
         self.orthanc = orthanc
@@ -96,9 +96,9 @@ def register(orthanc: Any) -> None:
     # The two paths are the loader script's (deploy/orthanc/lookalike_plugin.py); every other key is a setting.
     settings = Settings.from_dict({k: v for k, v in section.items() if k not in ("site_packages", "source_root")})
 
-    from lookalike.indexer.catalogue import CATALOGUE_FILE, Catalogue
-    from lookalike.indexer.celery_app import make_app
-    from lookalike.indexer.lookup_service import LookupClient, LookupUnavailable
+    from lookalike.index.catalogue import CATALOGUE_FILE, Catalogue
+    from lookalike.worker.celery_app import make_app
+    from lookalike.query.lookup_service import LookupClient, LookupUnavailable
 
     import redis
 

@@ -12,7 +12,7 @@ import traceback
 from typing import Any, Callable
 
 from lookalike.config import ENCODER_FOR_MODALITY, TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY
-from lookalike.orthanc_rest import OrthancApi, OrthancNotFoundError, instance_series, study_series
+from lookalike.orthanc.client import OrthancApi, OrthancNotFoundError, instance_series, study_series
 
 
 class ChangeHandler:

@@ -1,7 +1,7 @@
 """The ``/lookalike/...`` REST routes, as plain functions of their inputs: (HTTP status, JSON body).
 
-The lookups themselves are the query service's (:mod:`lookalike.indexer.lookup_service`): in Orthanc's process
-the handlers get a :class:`~lookalike.indexer.lookup_service.LookupClient`, so that neither FAISS nor the index is
+The lookups themselves are the query service's (:mod:`lookalike.query.lookup_service`): in Orthanc's process
+the handlers get a :class:`~lookalike.query.lookup_service.LookupClient`, so that neither FAISS nor the index is
 ever loaded there, and read the catalogue read-only for what needs no index (why a study is not indexed, a report's
 evidence, the status). The query service records each lookup in the audit trail before it answers. Every answer
 goes through :meth:`SimilarStudy.as_public_dict`, so another patient's identity leaves the server only where the
@@ -23,12 +23,12 @@ from urllib.parse import unquote_plus, urlsplit
 import pydicom
 
 import lookalike
-from lookalike.encoders.calibration import SimilarityFloors
-from lookalike.indexer.catalogue import Catalogue
-from lookalike.indexer.change_log import CURSOR
-from lookalike.indexer.lookup import SCOPES, SimilarStudy, StudyNotIndexedError
-from lookalike.indexer.lookup_service import AuditUnavailable, LookupRequest, Lookups, LookupUnavailable
-from lookalike.orthanc_rest import OrthancApi, OrthancNotFoundError, get_json, store_instance
+from lookalike.encoders.floors import SimilarityFloors
+from lookalike.index.catalogue import Catalogue
+from lookalike.worker.change_log import CURSOR
+from lookalike.index.search import SCOPES, SimilarStudy, StudyNotIndexedError
+from lookalike.query.lookup_service import AuditUnavailable, LookupRequest, Lookups, LookupUnavailable
+from lookalike.orthanc.client import OrthancApi, OrthancNotFoundError, get_json, store_instance
 
 Response = tuple[int, dict[str, Any]]
 
@@ -296,7 +296,7 @@ def similar_report(api: OrthancApi, lookups: Lookups, study_id: str, limit: int,
     Asked again for the same study, limit and scope with nothing new (same models, same answer), it returns the
     report filed before (``"existing": true``) rather than a second copy.
     """
-    from lookalike.dicom_io.sr import SimilarCase, build_similarity_report
+    from lookalike.dicom.sr import SimilarCase, build_similarity_report
 
     study, matches, error = _lookup(api, lookups, study_id, limit, scope, pending, who, "report", host)
     if error:
@@ -352,11 +352,11 @@ def similar_kos(api: OrthancApi, lookups: Lookups, study_id: str, limit: int, *,
 
     The scope is the patient's own studies by construction. The document goes into the study on screen and, as
     PS3.3 C.17.6.2.1 requires of a KOS that references several studies, an identical copy into each prior study
-    it references (see :mod:`lookalike.dicom_io.kos`). Asked again with nothing new, it returns the documents
+    it references (see :mod:`lookalike.dicom.kos`). Asked again with nothing new, it returns the documents
     filed before (``"existing": true``) and files only a copy that went missing.
     """
-    from lookalike.dicom_io.kos import build_prior_selection
-    from lookalike.dicom_io.sr import SimilarCase
+    from lookalike.dicom.kos import build_prior_selection
+    from lookalike.dicom.sr import SimilarCase
 
     scope = "patient"
     study, matches, error = _lookup(api, lookups, study_id, limit, scope, pending, who, "kos", host)

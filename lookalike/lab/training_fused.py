@@ -1,0 +1,356 @@
+"""Train and choose the fused ultrasound encoder (:mod:`lookalike.encoders.fused`) on cached frozen features.
+
+Both trunks are frozen, so every image's branch blocks are computed once (``cache``) by the same functions the
+served network calls (:func:`lookalike.encoders.lesion.prepare_views`, ``FusedUltrasoundNet.base_outputs`` and
+``imagenet_blocks``); only the projection head is trained, with the metric stage's loss (batch-hard triplet +
+cross-entropy, :func:`lookalike.lab.training_us.fit_head`).
+
+``select`` scores every candidate (which blocks feed the head, or plain cosine over them without a head) by the
+rule of the ultrasound model card, fixed before the runs: **leave one hospital out** between busi and bus_bra
+(train the head on one hospital's ``train`` rows, score P@5 of the other hospital's ``val`` rows against that
+hospital's ``train`` rows; the mean of the two directions). It also trains each candidate's final head on both
+hospitals' ``train`` rows and prints its val and test figures, which choose nothing. ``fit`` writes the chosen
+candidate as a checkpoint ``load_encoder`` serves. breast_lesions_usg is only ever scored.
+
+    python -m lookalike.lab.training_fused cache --data ../shared/data/busi ../shared/data/bus_bra \\
+        ../shared/data/breast_lesions_usg --cache /tmp/us_fused_cache
+    python -m lookalike.lab.training_fused select --cache /tmp/us_fused_cache --out-json select.json
+    python -m lookalike.lab.training_fused fit --cache /tmp/us_fused_cache --candidate NAME --out us.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lookalike.encoders.base import WEIGHTS_DIR
+from lookalike.lab.evaluate import CROSS_DOMAIN_LABELS
+
+#: Side the views are prepared at; the base branch is resized down from it, the ImageNet branch to its own side.
+VIEW_SIZE = 224
+LABELS = {"benign": 0, "malignant": 1, "normal": 2}
+TRAIN_SETS = ("busi", "bus_bra")
+CROSS_SET = "breast_lesions_usg"
+
+#: Candidate -> (blocks in head order, whether a head is trained). Blocks: ``vec`` the base encoder's served
+#: vector, ``feat`` its trunk features (all blocks), ``vae`` its VAE blocks only (no refinement), ``crop224`` /
+#: ``crop160`` / ``whole160`` the ImageNet trunk on the lesion crop or the whole image at that side.
+CANDIDATES: dict[str, tuple[tuple[str, ...], bool]] = {
+    "shipped": (("vec",), False),
+    "imnet_crop224": (("crop224",), False),
+    "imnet_crop160": (("crop160",), False),
+    "imnet_whole160": (("whole160",), False),
+    "concat_vec_crop224": (("vec", "crop224"), False),
+    "concat_vec_crop160": (("vec", "crop160"), False),
+    "head_feat": (("feat",), True),
+    "head_vae": (("vae",), True),
+    "head_crop160": (("crop160",), True),
+    "head_crop160_whole160": (("crop160", "whole160"), True),
+    "head_vec_crop160": (("vec", "crop160"), True),
+    "head_vec_crop224": (("vec", "crop224"), True),
+    "head_feat_crop160": (("feat", "crop160"), True),
+    "head_vae_crop160": (("vae", "crop160"), True),
+    "head_vae_crop160_whole160": (("vae", "crop160", "whole160"), True),
+    "head_vec_crop160_whole160": (("vec", "crop160", "whole160"), True),
+}
+#: Second round (added after the first round's figures, same rule): heads stopped early, which the first round's
+#: leave-one-hospital-out scores suggested (trained heads specialise to the hospital they were trained on).
+CANDIDATES.update({
+    "head_vec_crop160_e5": (("vec", "crop160"), True),
+    "head_vec_crop224_e5": (("vec", "crop224"), True),
+    "head_vec_crop160_e10": (("vec", "crop160"), True),
+    "head_vec_crop224_e10": (("vec", "crop224"), True),
+})
+
+HEAD = {"hidden": 256, "dim": 128, "epochs": 30, "lr": 1e-3, "per_class": 16, "margin": 0.2, "ce_weight": 1.0}
+
+
+def cache_net(base_path: Path) -> tuple[Any, Any, Any]:
+    """(fused net over the base checkpoint with the 224 px ImageNet branch, a 160 px trunk, the lesion finder)."""
+    import torch
+
+    from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch
+    from lookalike.encoders.lesion import finder_from_checkpoint
+    from lookalike.encoders.pretrained import build_trunk
+
+    ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
+    net = FusedUltrasoundNet(fused_arch(ckpt["arch"], "vector", ("lesion",), VIEW_SIZE, VIEW_SIZE))
+    load_base(net, ckpt)
+    return net.eval(), build_trunk(160), finder_from_checkpoint(ckpt)
+
+
+def load_base(net: Any, ckpt: dict[str, Any]) -> None:
+    """The base checkpoint's weights into ``net.base`` (its VAE decoder is not shipped and not needed)."""
+    missing, unexpected = net.base.load_state_dict(ckpt["state_dict"], strict=False)
+    bad = [k for k in missing if not k.startswith(("vae.decoder.", "vae.post_quant"))]
+    if bad or unexpected:
+        raise ValueError(f"base checkpoint does not match its arch: {bad[:3]} {unexpected[:3]}")
+
+
+def cache_set(data: Path, base_path: Path, out: Path, chunk: int = 32) -> Path:
+    """Every block of every image of one data set, as the served network computes it, into ``out`` (.npz)."""
+    import torch
+
+    from lookalike.encoders.fused import rescale
+    from lookalike.encoders.lesion import prepare_views
+    from lookalike.encoders.preprocessing import build_preprocess
+    from lookalike.lab.images import load_image, read_manifest
+
+    net, trunk160, finder = cache_net(base_path)
+    rows = read_manifest(data)
+    pre = build_preprocess(VIEW_SIZE)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("vec", "feat", "crop224", "crop160", "whole160")}
+    t0 = time.time()
+    with torch.no_grad():
+        for i in range(0, len(rows), chunk):
+            images = [load_image(r["path"], "us") for r in rows[i : i + chunk]]
+            x, _ = prepare_views(images, pre, net.views, finder, net.arch["lesion_margin"])
+            feat, vec = net.base_outputs(x)
+            got = {"vec": vec, "feat": feat, "crop224": net.imagenet_blocks(x)[0],
+                   "crop160": trunk160(rescale(x[:, [1]], 160)), "whole160": trunk160(rescale(x[:, [0]], 160))}
+            for k, v in got.items():
+                parts[k].append(v.float().numpy())
+            print(f"[cache] {data.name} {min(i + chunk, len(rows))}/{len(rows)} ({time.time() - t0:.0f} s)", flush=True)
+    meta = {c: np.array([r.get(c, "") for r in rows]) for c in ("path", "label", "group", "split", "device")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **{k: np.concatenate(v) for k, v in parts.items()}, **meta)
+    return out
+
+
+def block(cache: dict[str, Any], name: str) -> np.ndarray:
+    """One cached block; ``vae`` is the VAE part (h and z, 192 of each view's 320) of ``feat``."""
+    if name == "vae":
+        f = cache["feat"]
+        per = f.shape[1] // 2
+        return np.concatenate([f[:, :192], f[:, per : per + 192]], axis=1)
+    return cache[name]
+
+
+def joined(cache: dict[str, Any], blocks: tuple[str, ...]) -> np.ndarray:
+    """The head's input for cached blocks: :func:`lookalike.encoders.fused.join_blocks`."""
+    import torch
+
+    from lookalike.encoders.fused import join_blocks
+
+    return join_blocks([torch.from_numpy(block(cache, b)) for b in blocks]).numpy()
+
+
+def rows_of(cache: dict[str, Any], splits: tuple[str, ...]) -> np.ndarray:
+    """Indices of the rows in ``splits``."""
+    return np.flatnonzero(np.isin(cache["split"], splits))
+
+
+def epochs_of(candidate: str) -> int:
+    """Head epochs of a candidate: ``_eN`` at the end of its name, else the recipe's."""
+    tail = candidate.rsplit("_e", 1)
+    return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else HEAD["epochs"]
+
+
+def train_head(x: np.ndarray, y: np.ndarray, groups: list[str], seed: int, epochs: int,
+               val: tuple[np.ndarray, np.ndarray, list[str]], gallery: tuple[np.ndarray, np.ndarray, list[str]]) -> tuple[float, Any]:
+    """A fresh head on ``x`` for a fixed number of epochs (the last is kept: val chooses nothing here)."""
+    from lookalike.lab.training_us import fit_head
+
+    h = HEAD
+    return fit_head(x[None], y, val[0], val[1], val[2], x, groups, hidden=h["hidden"], dim=h["dim"], epochs=epochs,
+                    seed=seed, per_class=h["per_class"], lr=h["lr"], margin=h["margin"], ce_weight=h["ce_weight"],
+                    gallery=gallery, keep_best=False)
+
+
+def apply(head: Any, x: np.ndarray, center: np.ndarray | None = None) -> np.ndarray:
+    """L2-normalised (and centred, when a centre is given) vectors of a head on joined blocks."""
+    import torch
+    import torch.nn.functional as F
+
+    from lookalike.encoders.base import centre_vectors
+
+    if head is None:
+        v = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    else:
+        with torch.no_grad():
+            v = F.normalize(head(torch.from_numpy(x)), dim=1).numpy()
+    return v if center is None else centre_vectors(v, center)
+
+
+def p_at_5(q: np.ndarray, yq: np.ndarray, gq: np.ndarray, g: np.ndarray, yg: np.ndarray, gg: np.ndarray,
+           loo: bool = False) -> dict[str, float]:
+    """P@5 and macro-P@5 under the protocol (own group excluded; leave-one-out when ``loo``)."""
+    from lookalike.lab.metrics import retrieval_metrics
+
+    m = retrieval_metrics(q, list(yq), list(gq), g, list(yg), list(gg), k=5, exclude_self=loo)
+    return {"P@5": round(m["P@5"], 4), "macro-P@5": round(m["macro-P@5"], 4)}
+
+
+def labels(cache: dict[str, Any], idx: np.ndarray) -> np.ndarray:
+    """Integer labels of rows ``idx``."""
+    return np.array([LABELS[v] for v in cache["label"][idx]], dtype=np.int64)
+
+
+def leave_one_hospital_out(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], trained: bool, seed: int,
+                           epochs: int = HEAD["epochs"]) -> dict[str, float]:
+    """The selection rule: head trained on one hospital's train rows, P@5 of the other's val rows vs its train rows."""
+    out = {}
+    for src, dst in (("busi", "bus_bra"), ("bus_bra", "busi")):
+        s, d = caches[src], caches[dst]
+        xs = joined(s, blocks)
+        tr = rows_of(s, ("train",))
+        dv, dt = rows_of(d, ("val",)), rows_of(d, ("train",))
+        xd = joined(d, blocks)
+        head = None
+        if trained:
+            gal = (xd[dt], labels(d, dt), list(d["group"][dt]))
+            _, head = train_head(xs[tr], labels(s, tr), list(s["group"][tr]), seed, epochs,
+                                 (xd[dv], labels(d, dv), list(d["group"][dv])), gal)
+        q, g = apply(head, xd[dv]), apply(head, xd[dt])
+        out[f"{src}->{dst}"] = p_at_5(q, d["label"][dv], d["group"][dv], g, d["label"][dt], d["group"][dt])["P@5"]
+    out["score"] = round(float(np.mean(list(out.values()))), 4)
+    return out
+
+
+def final_head(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], seed: int,
+               epochs: int = HEAD["epochs"]) -> tuple[Any, np.ndarray]:
+    """The head trained on both hospitals' train rows (fixed epochs) and the training images' mean embedding."""
+    xs, ys, gs, vs, yv, gv = [], [], [], [], [], []
+    for name in TRAIN_SETS:
+        c = caches[name]
+        x = joined(c, blocks)
+        tr, va = rows_of(c, ("train",)), rows_of(c, ("val",))
+        xs.append(x[tr])
+        ys.append(labels(c, tr))
+        gs += list(c["group"][tr])
+        vs.append(x[va])
+        yv.append(labels(c, va))
+        gv += list(c["group"][va])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    _, head = train_head(x, y, gs, seed, epochs, (np.concatenate(vs), np.concatenate(yv), gv), (x, y, gs))
+    return head, apply(head, x).mean(axis=0).astype(np.float32)
+
+
+def figures(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], head: Any, center: np.ndarray | None) -> dict[str, Any]:
+    """Val (val vs train) and test (protocol) figures of one candidate on every cached set, per bus_bra scanner too."""
+    out: dict[str, Any] = {}
+    for name, c in caches.items():
+        v = apply(head, joined(c, blocks), center)
+        lab, grp = c["label"], c["group"]
+        if name == CROSS_SET:
+            q = np.flatnonzero(np.isin(lab, CROSS_DOMAIN_LABELS))
+            out[name] = p_at_5(v[q], lab[q], grp[q], v[q], lab[q], grp[q], loo=True)
+            continue
+        va, tr, te, ga = rows_of(c, ("val",)), rows_of(c, ("train",)), rows_of(c, ("test",)), rows_of(c, ("train", "val"))
+        out[f"{name}_val"] = p_at_5(v[va], lab[va], grp[va], v[tr], lab[tr], grp[tr])
+        out[name] = p_at_5(v[te], lab[te], grp[te], v[ga], lab[ga], grp[ga])
+        for dev in sorted(set(c["device"][te]) - {""}):
+            sel = te[c["device"][te] == dev]
+            out[f"{name}:{dev}"] = p_at_5(v[sel], lab[sel], grp[sel], v[ga], lab[ga], grp[ga])
+    return out
+
+
+def load_caches(cache_dir: Path) -> dict[str, dict[str, Any]]:
+    """The cached sets, by data set name."""
+    return {p.stem: dict(np.load(p)) for p in sorted(cache_dir.glob("*.npz"))}
+
+
+def select(cache_dir: Path, seed: int = 0, only: list[str] | None = None) -> dict[str, Any]:
+    """Every candidate: selection score (leave one hospital out), final head's val and test figures."""
+    caches = load_caches(cache_dir)
+    report = {}
+    for name, (blocks, trained) in CANDIDATES.items():
+        if only and name not in only:
+            continue
+        t0 = time.time()
+        loho = leave_one_hospital_out(caches, blocks, trained, seed, epochs_of(name))
+        head, center = final_head(caches, blocks, seed, epochs_of(name)) if trained else (None, None)
+        report[name] = {"blocks": list(blocks), "trained": trained, "loho": loho,
+                        "figures": figures(caches, blocks, head, center)}
+        f = report[name]["figures"]
+        print(f"[select] {name:28s} LOHO {loho['score']:.3f} ({loho['busi->bus_bra']:.3f}/{loho['bus_bra->busi']:.3f})"
+              f"  val busi {f['busi_val']['P@5']:.3f} bus_bra {f['bus_bra_val']['P@5']:.3f}  test busi "
+              f"{f['busi']['P@5']:.3f} bus_bra {f['bus_bra']['P@5']:.3f} cross {f[CROSS_SET]['P@5']:.3f}"
+              f"  ({time.time() - t0:.0f} s)", flush=True)
+    return report
+
+
+def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int = 0) -> Path:
+    """Write ``candidate`` (a trained one) as a servable ultrasound checkpoint over the base checkpoint."""
+    import torch
+
+    from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch
+    from lookalike.lab.training import run_command, save_checkpoint
+
+    blocks, trained = CANDIDATES[candidate]
+    if not trained:
+        raise ValueError(f"{candidate} has no head to ship")
+    caches = load_caches(cache_dir)
+    head, center = final_head(caches, blocks, seed, epochs_of(candidate))
+    base_input = "vector" if "vec" in blocks else ("features" if {"feat", "vae"} & set(blocks) else "none")
+    im = [b for b in blocks if b.startswith(("crop", "whole"))]
+    sizes = {int(b[-3:]) for b in im}
+    if len(sizes) > 1:
+        raise ValueError("one ImageNet side per encoder")
+    ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
+    base_arch = dict(ckpt["arch"])
+    if "vae" in blocks:
+        base_arch["features"] = ["h", "z"]
+    views = tuple("lesion" if b.startswith("crop") else "whole" for b in im)
+    arch = fused_arch(base_arch, base_input, views, sizes.pop() if sizes else VIEW_SIZE, VIEW_SIZE,
+                      HEAD["dim"], HEAD["hidden"])
+    arch["center"] = [float(v) for v in center]
+    net = FusedUltrasoundNet(arch)
+    if "vae" in blocks:  # the base head is not used (features only): keep the trunk's weights
+        state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("head.")}
+        net.base.load_state_dict(state, strict=False)
+    else:
+        load_base(net, ckpt)
+    net.head.load_state_dict(head.state_dict())
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("base.vae.decoder.")}
+    meta = {"candidate": candidate, "blocks": list(blocks), "head": {**HEAD, "epochs": epochs_of(candidate)}, "seed": seed, "base": str(base_path),
+            "command": run_command(None), "torch": torch.__version__,
+            "figures": figures(caches, blocks, head, center)}
+    return save_checkpoint(out, arch, state, meta, lesion=ckpt["lesion"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``cache``, ``select``, ``fit`` (module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m lookalike.lab.training_fused", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cache")
+    c.add_argument("--data", nargs="+", type=Path, required=True)
+    c.add_argument("--cache", type=Path, required=True)
+    s = sub.add_parser("select")
+    s.add_argument("--cache", type=Path, required=True)
+    s.add_argument("--only", nargs="*")
+    s.add_argument("--out-json", type=Path)
+    f = sub.add_parser("fit")
+    f.add_argument("--cache", type=Path, required=True)
+    f.add_argument("--candidate", required=True, choices=sorted(k for k, v in CANDIDATES.items() if v[1]))
+    f.add_argument("--out", type=Path, required=True)
+    for q in (c, f):
+        q.add_argument("--base", type=Path, default=WEIGHTS_DIR / "us.pt", help="the VAE-diffusion checkpoint")
+    for q in (c, s, f):
+        q.add_argument("--threads", type=int, default=2)
+        q.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    if a.cmd == "cache":
+        for d in a.data:
+            cache_set(d, a.base, a.cache / f"{d.resolve().name}.npz")
+    elif a.cmd == "select":
+        report = select(a.cache, a.seed, a.only)
+        if a.out_json:
+            a.out_json.write_text(json.dumps(report, indent=1))
+    else:
+        print(fit(a.cache, a.candidate, a.base, a.out, a.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
