@@ -15,7 +15,7 @@ import pytest
 
 from lookalike.lab.samples import wrap_image
 from lookalike.encoders.base import Embedding
-from lookalike.worker.pipeline import Embedder, InstanceIndexer, Job, Request, Result
+from lookalike.worker.pipeline import Embedder, InstanceIndexer, Job, Pipeline, Request, Result
 from lookalike.index.store import IndexStore
 from tests.conftest import SAMPLES, live_rows, require_programs, wait_for
 from tests.test_pipeline import FakeEncoder, FakeOrthanc, _dicom, _us
@@ -77,8 +77,8 @@ class TestBatchAgainstOneAtATime:
         api, ids = archive
         encoders = _real_encoders()
         with IndexStore(tmp_path / "batch") as batched, IndexStore(tmp_path / "single") as single:
-            outcomes = InstanceIndexer(api, batched, encoders, 50_000_000).index_many([Request(i) for i in ids])
-            one = InstanceIndexer(api, single, encoders, 50_000_000)
+            outcomes = Pipeline.local(api, batched, encoders, 50_000_000).index_many([Request(i) for i in ids])
+            one = Pipeline.local(api, single, encoders, 50_000_000)
             singles = [one.index(i) for i in ids]
             assert [(o.status, o.code) for o in outcomes] == [(o.status, o.code) for o in singles]
             assert {o.orthanc_instance_id: o.code for o in outcomes if o.status != "indexed"} == {
@@ -101,8 +101,8 @@ class TestBatchAgainstOneAtATime:
         api, ids = archive
         encoders = _real_encoders()
         with IndexStore(tmp_path / "local") as local, IndexStore(tmp_path / "remote") as remote:
-            InstanceIndexer(api, local, encoders, 50_000_000).index_many([Request(i) for i in ids])
-            writer = InstanceIndexer(api, remote, encoders, 50_000_000)
+            Pipeline.local(api, local, encoders, 50_000_000).index_many([Request(i) for i in ids])
+            writer = InstanceIndexer(api, remote)
             jobs = [Job.from_dict(json.loads(json.dumps(job.__dict__))) for job in writer.plan([Request(i) for i in ids])]
             sent = json.loads(json.dumps([r.to_dict() for r in Embedder(api, encoders, 50_000_000).run(jobs)]))
             writer.apply([Result.from_dict(r) for r in sent])
@@ -118,7 +118,7 @@ class TestBatchAgainstOneAtATime:
         for k in range(3):
             api.add(f"m{k}", _dicom(_us(30 + k)))
         with IndexStore(tmp_path) as store:
-            indexer = InstanceIndexer(api, store, lambda name, weights=None: encoder, 10_000_000)
+            indexer = Pipeline.local(api, store, lambda name, weights=None: encoder, 10_000_000)
             indexer.index("m0")
             outcomes = indexer.index_many([Request("m0", missing_only=True), Request("m1"),
                                            Request("m1", missing_only=True), Request("m2", missing_only=True)])
@@ -147,7 +147,7 @@ class TestOneBadImage:
         black.PixelData = np.zeros((64, 80), np.uint8).tobytes()
         api.add("black", _dicom(black))
         with IndexStore(tmp_path) as store:
-            indexer = InstanceIndexer(api, store, lambda name, weights=None: encoder, 10_000_000)
+            indexer = Pipeline.local(api, store, lambda name, weights=None: encoder, 10_000_000)
             outcomes = indexer.index_many([Request(i) for i in ("b0", "b1", "black", "b2", "b3")])
             assert [o.status for o in outcomes] == ["indexed", "indexed", "failed", "indexed", "indexed"]
             problem = store.catalogue.problem_for("black")

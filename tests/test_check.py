@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 
 from lookalike.dicom import instance as instance_module
 from lookalike.ops.check import check_file, main
-from lookalike.worker.pipeline import InstanceIndexer
+from lookalike.worker.pipeline import Pipeline
 from lookalike.index.store import IndexStore
 from tests.test_pipeline import FakeEncoder, FakeOrthanc
 
@@ -110,7 +110,7 @@ def test_codes_are_those_the_worker_records(folder: Path, tmp_path_factory) -> N
     api = FakeOrthanc()
     store = IndexStore(tmp_path_factory.mktemp("index"))
     try:
-        indexer = InstanceIndexer(api, store, lambda name, weights=None: FakeEncoder(), max_pixels=50_000_000)
+        indexer = Pipeline.local(api, store, lambda name, weights=None: FakeEncoder(), max_pixels=50_000_000)
         for file in ("good_us.dcm", "sub/ct.dcm", "truncated.dcm", "wrong_rows.dcm", "notes.txt"):
             api.add(file.replace("/", "_"), (folder / file).read_bytes())
             outcome = indexer.index(file.replace("/", "_"))

@@ -12,7 +12,7 @@ import pytest
 from lookalike.lab.samples import wrap_image
 from lookalike.encoders.base import Embedding
 from lookalike.encoders.lesion import LesionBox
-from lookalike.worker.pipeline import InstanceIndexer
+from lookalike.worker.pipeline import Pipeline
 from lookalike.index.store import IndexStore
 from lookalike.orthanc.client import OrthancNotFoundError, OrthancUnavailableError
 
@@ -89,7 +89,7 @@ def _us(seed: int) -> pydicom.Dataset:
 def setup(tmp_path):
     api, encoder = FakeOrthanc(), FakeEncoder()
     store = IndexStore(tmp_path)
-    yield InstanceIndexer(api, store, lambda name, weights=None: encoder, max_pixels=10_000_000), api, store, encoder
+    yield Pipeline.local(api, store, lambda name, weights=None: encoder, max_pixels=10_000_000), api, store, encoder
     store.close()
 
 
@@ -199,13 +199,13 @@ class TestInstanceIndexer:
             indexer.index(f"f{i}")
         live = lambda: sorted(row.patient_id for study in ("st-f21", "st-f22", "st-f23", "st-f24")  # noqa: E731
                               for row in store.catalogue.rows_for_study(study))
-        indexer.forget("patient", orthanc_resource_id("P21"))
+        indexer.indexer.forget("patient", orthanc_resource_id("P21"))
         assert live() == ["P22", "P23", "P24"]
-        indexer.forget("study", "st-f22")
-        indexer.forget("series", "se-f23")
-        indexer.forget("instance", "f24")
+        indexer.indexer.forget("study", "st-f22")
+        indexer.indexer.forget("series", "se-f23")
+        indexer.indexer.forget("instance", "f24")
         assert live() == []
-        indexer.forget("patient", orthanc_resource_id("P-UNKNOWN"))  # nothing of it: nothing happens
+        indexer.indexer.forget("patient", orthanc_resource_id("P-UNKNOWN"))  # nothing of it: nothing happens
 
     def test_instance_deleted_meanwhile_is_gone_not_failed(self, setup) -> None:
         indexer, _, store, _ = setup
@@ -236,10 +236,10 @@ class TestIndexTask:
                 raise error
 
         store = IndexStore(tmp_path)
-        indexer = InstanceIndexer(Failing(), store, lambda name, weights=None: FakeEncoder(), max_pixels=10_000_000)
+        pipeline = Pipeline.local(Failing(), store, lambda name, weights=None: FakeEncoder(), max_pixels=10_000_000)
         sent = []
-        monkeypatch.setattr(tasks, "indexer", lambda: indexer)
-        monkeypatch.setattr(tasks, "embedder", lambda: indexer.embedder)
+        monkeypatch.setattr(tasks, "indexer", lambda: pipeline.indexer)
+        monkeypatch.setattr(tasks, "embedder", lambda: pipeline.embedder)
         monkeypatch.setattr(tasks, "send", lambda name, args, kwargs=None, **options: sent.append((name, args, kwargs, options)))
         return tasks, store, sent
 

@@ -1,9 +1,10 @@
-"""What the plugin does when Orthanc reports a change: queue indexing for US and X-ray, nothing else.
+"""What the plugin does when Orthanc reports a change: queue the task the change means, nothing else.
 
 Indexing is per instance on ``NEW_INSTANCE`` (searchable within seconds of the C-STORE, not after
 ``StableAge``); ``STABLE_STUDY`` queues a reconciliation that picks up any instance whose event was lost.
-SR, KO, PR and Lookalike's own reports have other modalities and are ignored, so writing a report back
-into a study never sets off indexing again.
+What a change means (and which instances are queued) is :func:`lookalike.orthanc.ingest.meaning`'s, the function
+the worker's catch-up, reconcile and back-indexing ask too; this module only maps the ``orthanc`` module's
+constants to the change log's names and sends the task.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import traceback
 from typing import Any, Callable
 
-from lookalike.config import ENCODER_FOR_MODALITY, TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY
-from lookalike.orthanc.client import OrthancApi, OrthancNotFoundError, instance_series, study_series
+from lookalike.orthanc.client import OrthancApi, OrthancNotFoundError
+from lookalike.orthanc.ingest import DELETED, NEW_INSTANCE, STABLE_STUDY, meaning
 
 
 class ChangeHandler:
@@ -35,22 +36,18 @@ class ChangeHandler:
         self.send = send
         self.log_error = log_error
         ct, rt = orthanc.ChangeType, orthanc.ResourceType
-        self._new_instance, self._stable_study, self._deleted = ct.NEW_INSTANCE, ct.STABLE_STUDY, ct.DELETED
-        self._levels = {rt.PATIENT: "patient", rt.STUDY: "study", rt.SERIES: "series", rt.INSTANCE: "instance"}
+        # The orthanc module's constants -> the names of Orthanc's change log, which ``meaning`` speaks.
+        self._kinds = {ct.NEW_INSTANCE: NEW_INSTANCE, ct.STABLE_STUDY: STABLE_STUDY, ct.DELETED: DELETED}
+        self._levels = {rt.PATIENT: "Patient", rt.STUDY: "Study", rt.SERIES: "Series", rt.INSTANCE: "Instance"}
 
     def __call__(self, change_type: int, level: int, resource_id: str) -> None:
         try:
-            if change_type == self._new_instance:
-                series = instance_series(self.api, resource_id)
-                if series.get("MainDicomTags", {}).get("Modality") in ENCODER_FOR_MODALITY:
-                    # The parents go along: the worker then asks Orthanc for the file alone.
-                    self.send(TASK_INDEX_INSTANCE, resource_id, series["ID"], series["ParentStudy"])
-            elif change_type == self._stable_study:
-                modalities = {s.get("MainDicomTags", {}).get("Modality") for s in study_series(self.api, resource_id)}
-                if modalities & set(ENCODER_FOR_MODALITY):
-                    self.send(TASK_RECONCILE_STUDY, resource_id)
-            elif change_type == self._deleted and level in self._levels:
-                self.send(TASK_FORGET, self._levels[level], resource_id)
+            kind = self._kinds.get(change_type)
+            if kind is None:
+                return
+            work = meaning(self.api, kind, self._levels.get(level), resource_id)
+            if work is not None:
+                self.send(work.task, *work.args)
         except OrthancNotFoundError:
             pass  # deleted between the event and now: nothing to index
         except Exception:

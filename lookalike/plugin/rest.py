@@ -29,6 +29,7 @@ from lookalike.worker.change_log import CURSOR
 from lookalike.index.search import SCOPES, SimilarStudy, StudyNotIndexedError
 from lookalike.query.lookup_service import AuditUnavailable, LookupRequest, Lookups, LookupUnavailable
 from lookalike.orthanc.client import OrthancApi, OrthancNotFoundError, get_json, store_instance
+from lookalike.orthanc.ingest import study_is_queued
 
 Response = tuple[int, dict[str, Any]]
 
@@ -164,7 +165,7 @@ def _not_indexed(api: OrthancApi, catalogue: Catalogue, study_id: str, pending: 
     problems = catalogue.problems(limit=20, orthanc_study_id=study_id)
     if problems:
         reason = "none of the study's instances could be indexed"
-    elif not any(m in lookalike.config.ENCODER_FOR_MODALITY for m in modalities):
+    elif not study_is_queued(series):
         reason = f"the study holds no US, DX or CR series (modalities: {', '.join(modalities) or 'none'})"
     else:
         reason = "the study is queued for indexing and not searchable yet"

@@ -32,6 +32,7 @@ from lookalike.config import ENCODER_FOR_MODALITY, TASK_INDEX_INSTANCE
 from lookalike.index.catalogue import Catalogue
 from lookalike.index.vector_index import atomic_write
 from lookalike.orthanc.client import OrthancApi, OrthancError, OrthancNotFoundError, get_json
+from lookalike.orthanc.ingest import is_image_modality, series_modality
 
 #: The dry run's count of remote studies Orthanc lacks in whole or in part.
 WOULD_MOVE = "would be moved from the remote PACS (dry run)"
@@ -387,7 +388,7 @@ class Backfill:
     def _walk(self, study: WalkedStudy, dry_run: bool, report: BackfillReport) -> None:
         study_id = study.orthanc_id
         for instance_id, series_id, modality in self._instances(study_id):
-            if modality not in ENCODER_FOR_MODALITY:
+            if not is_image_modality(modality):
                 report.skipped[f"not an image modality ({modality or 'none'})"] += 1
             else:
                 self._consider(instance_id, series_id, study_id, dry_run, report)
@@ -433,7 +434,7 @@ class Backfill:
             series_list = get_json(self.api, f"/studies/{study_id}/series")
         except OrthancNotFoundError:
             return []
-        return [(instance_id, series["ID"], series.get("MainDicomTags", {}).get("Modality", ""))
+        return [(instance_id, series["ID"], series_modality(series))
                 for series in series_list for instance_id in series.get("Instances", [])]
 
     def _done(self, study_id: str) -> None:

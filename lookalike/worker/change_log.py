@@ -22,9 +22,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from lookalike.config import ENCODER_FOR_MODALITY, TASK_FORGET, TASK_INDEX_INSTANCE
+from lookalike.config import TASK_INDEX_INSTANCE
 from lookalike.index.catalogue import Catalogue
-from lookalike.orthanc.client import OrthancApi, OrthancNotFoundError, get_json, instance_series
+from lookalike.orthanc.client import OrthancApi, OrthancNotFoundError, get_json
+from lookalike.orthanc.ingest import DELETED, NEW_INSTANCE, meaning
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ TRANSIENT_CODES = ("orthanc-unavailable", "internal-error", UNWRITABLE)
 #: A transient problem is retried this many times in all, then left for an administrator; but an index folder
 #: that refused writes says nothing about the instance: retried for as long as it takes.
 MAX_ATTEMPTS = 5
-
-_LEVELS = {"Patient": "patient", "Study": "study", "Series": "series", "Instance": "instance"}
 
 
 @dataclass
@@ -169,14 +168,20 @@ class ChangeLogFollower:
         return bool(changes) and _anchor_of(changes[0]) == anchor
 
     def _handle(self, change: dict, report: CatchUpReport) -> bool:
-        """Queue what one change needs; True when nothing is left to wait for."""
+        """Queue what one change means (:func:`~lookalike.orthanc.ingest.meaning`, as for the plugin's event);
+        True when nothing is left to wait for.
+
+        A ``StableStudy`` is left alone: its instances' own ``NewInstance`` changes are in the same log.
+        """
         kind, level, resource = change.get("ChangeType"), change.get("ResourceType"), change.get("ID", "")
-        if kind == "Deleted" and level in _LEVELS:
+        if kind == DELETED:
             # Idempotent and rare: re-sending a deletion the fast path already handled removes nothing more.
-            self.send(TASK_FORGET, [_LEVELS[level], resource], {})
-            report.forgotten.append(resource)
+            work = meaning(self.api, kind, level, resource)
+            if work is not None:
+                self.send(work.task, list(work.args), {})
+                report.forgotten.append(resource)
             return True
-        if kind != "NewInstance":
+        if kind != NEW_INSTANCE:
             return True
         if self.catalogue.is_indexed(resource) or self.catalogue.problem_for(resource):
             self._queued.pop(resource, None)
@@ -185,12 +190,12 @@ class ChangeLogFollower:
         if queued_at is not None and self.clock() - queued_at < self.requeue_after:
             return False
         try:
-            series = instance_series(self.api, resource)
+            work = meaning(self.api, kind, level, resource)
         except OrthancNotFoundError:
             return True  # deleted since: nothing to index
-        if series.get("MainDicomTags", {}).get("Modality") not in ENCODER_FOR_MODALITY:
+        if work is None:
             return True
-        self.send(TASK_INDEX_INSTANCE, [resource, series["ID"], series["ParentStudy"]], {"missing_only": True})
+        self.send(work.task, list(work.args), {"missing_only": True})
         self._queued[resource] = self.clock()
         report.queued.append(resource)
         return False

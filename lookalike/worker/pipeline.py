@@ -1,6 +1,7 @@
 """Index Orthanc instances in batches: plan, fetch and decode, embed, store. The Celery tasks are thin wrappers.
 
-Three stages, so that embedding can run on other hosts than the index:
+Three stages, run in one process by :class:`Pipeline` (the one orchestrator), or apart so that embedding can run
+on other hosts than the index:
 
 1. :meth:`InstanceIndexer.plan` (the index host: it reads the catalogue) turns requests into :class:`Job`\\ s: an
    instance indexed already is skipped when only a missing one is wanted, and each job names the checkpoint that
@@ -35,7 +36,8 @@ from lookalike.encoders.base import Embedding
 from lookalike.index.catalogue import InstanceRecord
 from lookalike.index.store import IndexStore
 from lookalike.orthanc.client import (OrthancApi, OrthancAuthError, OrthancError, OrthancNotFoundError,
-                                    OrthancUnavailableError, get_json, instance_series, orthanc_resource_id)
+                                      OrthancUnavailableError, get_json, instance_series, orthanc_resource_id)
+from lookalike.orthanc.ingest import series_is_queued
 
 log = logging.getLogger(__name__)
 
@@ -347,8 +349,9 @@ class Embedder:
 
 
 class InstanceIndexer:
-    """Indexes instances of one Orthanc into one :class:`IndexStore` (the index host's side, and the whole
-    pipeline in one process when embedding runs here too).
+    """The index host's side of indexing: plans requests against the catalogue and applies embedded results to one
+    :class:`IndexStore`; also reconciles a study and forgets deleted resources. It embeds nothing (that is the
+    :class:`Embedder`'s, and :class:`Pipeline` runs the three stages).
 
     Parameters
     ----------
@@ -356,38 +359,11 @@ class InstanceIndexer:
         Orthanc's REST API (over HTTP, with credentials, in the worker).
     store
         The writable index.
-    encoders
-        ``load_encoder`` (see :class:`Embedder`).
-    max_pixels
-        Instances claiming more pixels than this are refused before any decoding.
     """
 
-    def __init__(self, api: OrthancApi, store: IndexStore, encoders: Callable[[str, str | None], Encoder],
-                 max_pixels: int) -> None:
+    def __init__(self, api: OrthancApi, store: IndexStore) -> None:
         self.api = api
         self.store = store
-        self.embedder = Embedder(api, encoders, max_pixels)
-
-    def index(self, instance_id: str, series_id: str | None = None, study_id: str | None = None, *,
-              missing_only: bool = False, model: tuple[str, str] | None = None) -> Outcome:
-        """Index one instance (:meth:`index_many` of one); Orthanc unreachable raises, for the caller to retry.
-
-        ``missing_only`` (catch-up and retries) skips an instance that is indexed already; the fast path leaves it
-        off, so that an instance Orthanc overwrote is embedded again. ``model`` (encoder name, checkpoint path) is
-        a re-index: the instance is embedded by that checkpoint, beside its vector of the active model; with
-        ``missing_only`` it is not written again if that checkpoint's vector is there already.
-        """
-        [outcome] = self.index_many([Request(instance_id, series_id, study_id, missing_only, model)])
-        if outcome.status == "retry":
-            raise OrthancUnavailableError(outcome.message)
-        return outcome
-
-    def index_many(self, requests: list[Request]) -> list[Outcome]:
-        """Index a batch of instances in this process: one outcome per request, in order."""
-        planned = self.plan(requests)
-        jobs = [p for p in planned if isinstance(p, Job)]
-        applied = iter(self.apply(self.embedder.run(jobs)))
-        return [next(applied) if isinstance(p, Job) else p for p in planned]
 
     def plan(self, requests: Iterable[Request]) -> list[Job | Outcome]:
         """A job per request, or its outcome when there is nothing to embed (indexed already, or a duplicate of
@@ -452,7 +428,7 @@ class InstanceIndexer:
         except OrthancNotFoundError:
             return requests
         for series in series_list:
-            if series.get("MainDicomTags", {}).get("Modality") not in ENCODER_FOR_MODALITY:
+            if not series_is_queued(series):
                 continue
             for instance_id in series.get("Instances", []):
                 if self.store.catalogue.is_indexed(instance_id) or self.store.catalogue.problem_for(instance_id):
@@ -477,3 +453,63 @@ class InstanceIndexer:
             self.store.delete_instance(resource_id)
         elif level == "series":
             self.store.delete_series(resource_id)
+
+
+class Pipeline:
+    """The one orchestrator of indexing in a process: plan -> embed -> apply, one batch at a time.
+
+    The worker's tasks run every batch through :meth:`index_many` (with their retry and write hooks); where
+    embedding runs on other hosts (``remote_embedding``), the same three stages run apart: :meth:`InstanceIndexer.plan`
+    on the index host, :meth:`Embedder.run` on the embedding host, :meth:`InstanceIndexer.apply` back on the index
+    host. A worker process holds one :class:`Embedder`, this one's.
+    """
+
+    def __init__(self, indexer: InstanceIndexer, embedder: Embedder) -> None:
+        self.indexer = indexer
+        self.embedder = embedder
+
+    @classmethod
+    def local(cls, api: OrthancApi, store: IndexStore, encoders: Callable[[str, str | None], Encoder],
+              max_pixels: int) -> "Pipeline":
+        """The whole pipeline in this process, over one Orthanc and one index (``encoders``: see :class:`Embedder`)."""
+        return cls(InstanceIndexer(api, store), Embedder(api, encoders, max_pixels))
+
+    @property
+    def store(self) -> IndexStore:
+        return self.indexer.store
+
+    def index(self, instance_id: str, series_id: str | None = None, study_id: str | None = None, *,
+              missing_only: bool = False, model: tuple[str, str] | None = None) -> Outcome:
+        """Index one instance (:meth:`index_many` of one); Orthanc unreachable raises, for the caller to retry.
+
+        ``missing_only`` (catch-up and retries) skips an instance that is indexed already; the fast path leaves it
+        off, so that an instance Orthanc overwrote is embedded again. ``model`` (encoder name, checkpoint path) is
+        a re-index: the instance is embedded by that checkpoint, beside its vector of the active model; with
+        ``missing_only`` it is not written again if that checkpoint's vector is there already.
+        """
+        [outcome] = self.index_many([Request(instance_id, series_id, study_id, missing_only, model)])
+        if outcome.status == "retry":
+            raise OrthancUnavailableError(outcome.message)
+        return outcome
+
+    def index_many(self, requests: list[Request], ahead: Iterable[Request] = (), *,
+                   settle: Callable[[list[int], list[Result]], list[Result | None]] | None = None,
+                   write: Callable[[list[Result]], list[Outcome]] | None = None) -> list[Outcome]:
+        """Index a batch: one outcome per request, in order.
+
+        ``ahead`` (requests of the next batch) are fetched and decoded while this batch embeds, but for those only
+        missing that are indexed already. ``settle(positions, results)`` sees each embedded result with the
+        position of its request and says, for each, the result to write or None (the worker sends that instance
+        again later: its outcome stays ``retry``). ``write`` writes the results kept and returns their outcomes
+        (default :meth:`InstanceIndexer.apply`).
+        """
+        planned = self.indexer.plan(requests)
+        positions = [i for i, p in enumerate(planned) if isinstance(p, Job)]
+        ahead_jobs = [job for job in self.indexer.plan(ahead) if isinstance(job, Job)] if ahead else []
+        results = self.embedder.run([planned[i] for i in positions], ahead_jobs)
+        settled = settle(positions, results) if settle is not None else results
+        written = iter((write or self.indexer.apply)([r for r in settled if r is not None]))
+        outcomes: list = list(planned)
+        for i, result, kept in zip(positions, results, settled):
+            outcomes[i] = next(written) if kept is not None else result.outcome
+        return outcomes

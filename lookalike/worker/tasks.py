@@ -125,14 +125,18 @@ def embedder():
 
 @functools.cache
 def indexer():
-    """The worker process's indexer (the index host's side): opens the catalogue and the FAISS files."""
-    from lookalike.worker.pipeline import InstanceIndexer
+    """The worker process's index side (the index host's): opens the catalogue and the FAISS files."""
     from lookalike.index.store import IndexStore
+    from lookalike.worker.pipeline import InstanceIndexer
 
-    s = settings()
-    stage = embedder()
-    return InstanceIndexer(stage.api, IndexStore(s.index_dir, snapshot_every=SNAPSHOT_EVERY), load_model,
-                           s.max_pixels)
+    return InstanceIndexer(embedder().api, IndexStore(settings().index_dir, snapshot_every=SNAPSHOT_EVERY))
+
+
+def pipeline():
+    """The worker process's orchestrator of plan -> embed -> apply, over its one embedder and its index."""
+    from lookalike.worker.pipeline import Pipeline
+
+    return Pipeline(indexer(), embedder())
 
 
 def _holds_index() -> bool:
@@ -182,21 +186,25 @@ def _retry_later(task: Task, item: Item, queue: str) -> None:
 
 
 def _settle(task: Task, items: list[Item], results: list, queue: str) -> list:
-    """Send again, later, each instance Orthanc did not answer for, within its budget; past it, a problem."""
+    """Send again, later, each instance Orthanc did not answer for, within its budget; past it, a problem.
+
+    One entry per result: the result to write, or None where the instance was sent again.
+    """
     from lookalike.worker.pipeline import Outcome
 
-    kept = []
+    settled = []
     for item, result in zip(items, results):
         if result.outcome.status != "retry":
-            kept.append(result)
+            settled.append(result)
         elif item.retries < MAX_RETRIES:
             _retry_later(task, item, queue)
+            settled.append(None)
         else:
             log.error("instance %s given up after %d tries: %s", item.args and item.args[0], item.retries + 1,
                       result.outcome.message)
-            kept.append(replace(result, outcome=Outcome("failed", result.job.instance_id, "orthanc-unavailable",
-                                                        result.outcome.message), study_id=result.job.study_id or ""))
-    return kept
+            settled.append(replace(result, outcome=Outcome("failed", result.job.instance_id, "orthanc-unavailable",
+                                                           result.outcome.message), study_id=result.job.study_id or ""))
+    return settled
 
 
 def _given_up(instance_id: str, study_id: str | None, reason: str = DIED):
@@ -234,9 +242,9 @@ def _record_unwritable(results: list, exc: BaseException) -> None:
         log.error("the catalogue refused to record it too: %s: %s", type(again).__name__, again)
 
 
-def _write(results: list) -> None:
-    """Write a batch's results; should the batch fail as a whole, each alone, so that one bad record is recorded
-    on its own instance and the others are written.
+def _write(results: list) -> list:
+    """Write a batch's results and return their outcomes, in order; should the batch fail as a whole, each alone,
+    so that one bad record is recorded on its own instance and the others are written.
 
     Raises
     ------
@@ -245,7 +253,9 @@ def _write(results: list) -> None:
         sends the batch again later.
     """
     if not results:
-        return
+        return []
+    from lookalike.worker.pipeline import Outcome
+
     started = time.perf_counter()
     try:
         outcomes = indexer().apply(results)
@@ -260,17 +270,21 @@ def _write(results: list) -> None:
                 outcomes += indexer().apply([result])
             except Exception as exc:
                 log.exception("instance %s: writing failed", result.job.instance_id)
+                message = f"{type(exc).__name__}: {exc}"
                 indexer().store.catalogue.record_problem(
                     orthanc_instance_id=result.job.instance_id, code="internal-error",
-                    message=f"{type(exc).__name__}: {exc}", sop_instance_uid="", orthanc_study_id=result.job.study_id or "")
+                    message=message, sop_instance_uid="", orthanc_study_id=result.job.study_id or "")
+                outcomes.append(Outcome("failed", result.job.instance_id, "internal-error", message))
     for outcome in outcomes:
         log.info("instance %s %s %s", outcome.orthanc_instance_id, outcome.status,
                  outcome.code or outcome.model_version or outcome.message)
     log.info("batch of %d written in %.3f s", len(results), time.perf_counter() - started)
+    return outcomes
 
 
 def _index(task: Task, items: list[Item], requests: list, ahead: list = ()) -> None:
-    """Plan a batch; embed it here, or send each job to the embedding workers (``remote_embedding``).
+    """A batch through :class:`~lookalike.worker.pipeline.Pipeline` (plan -> embed -> apply), with the worker's
+    retries and writes; or, with ``remote_embedding``, planned here and each job sent to the embedding workers.
 
     ``ahead`` (requests of the next batch) are fetched and decoded while this batch embeds, but for those only
     missing that are indexed already.
@@ -279,23 +293,30 @@ def _index(task: Task, items: list[Item], requests: list, ahead: list = ()) -> N
 
     gone = [_given_up(r.instance_id, r.study_id, item.reason) for item, r in zip(items, requests) if item.given_up]
     live = [(item, request) for item, request in zip(items, requests) if not item.given_up]
-    planned = indexer().plan([request for _, request in live])
-    jobs = [(item, job) for (item, _), job in zip(live, planned) if isinstance(job, Job)]
     if settings().remote_embedding:
-        for _, job in jobs:
-            send(TASK_EMBED, [asdict(job)], queue=EMBED_QUEUE)
+        for job in indexer().plan([request for _, request in live]):
+            if isinstance(job, Job):
+                send(TASK_EMBED, [asdict(job)], queue=EMBED_QUEUE)
         _write(gone)
         return
-    log.info("embedding a batch of %d instance(s)", len(jobs))
-    ahead_jobs = [job for job in indexer().plan(ahead) if isinstance(job, Job)]
-    results = embedder().run([job for _, job in jobs], ahead_jobs)
-    kept = _settle(task, [item for item, _ in jobs], results, task.home_queue)
+    log.info("embedding a batch of %d instance(s)", len(live))
+    sent_again_later: list[Item] = []  # should the index folder refuse the batch
+
+    def settle(positions: list[int], results: list) -> list:
+        items = [live[i][0] for i in positions]
+        settled = _settle(task, items, results, task.home_queue)
+        sent_again_later.extend(item for item, result in zip(items, settled) if result is not None)
+        return settled
+
     try:
-        _write(gone + kept)
+        if live:
+            pipeline().index_many([request for _, request in live], ahead, settle=settle,
+                                  write=lambda kept: _write(gone + kept)[len(gone):])
+        else:
+            _write(gone)
     except IndexUnwritable:
-        by_instance = {job.instance_id: item for item, job in jobs}
-        for result in kept:
-            _again_later(task, by_instance[result.job.instance_id], task.home_queue)
+        for item in sent_again_later:
+            _again_later(task, item, task.home_queue)
 
 
 def _again_later(task: Task, item: Item, queue: str) -> None:
@@ -384,7 +405,7 @@ class _Embed(_Batched):
         live = [item for item in items if not item.given_up]
         log.info("embedding a batch of %d instance(s)", len(live))
         results = embedder().run([job for item, job in zip(items, jobs) if not item.given_up], ahead)
-        results = gone + _settle(self, live, results, EMBED_QUEUE)
+        results = gone + [r for r in _settle(self, live, results, EMBED_QUEUE) if r is not None]
         if results:
             send(TASK_WRITE, [[result.to_dict() for result in results]], queue=WRITE_QUEUE)
 

@@ -1,0 +1,82 @@
+"""What an Orthanc change means for the index, and whether an instance is to be queued: said once, here.
+
+Four paths queue work, and all four ask this module:
+
+- the plugin's change callback (:class:`lookalike.plugin.events.ChangeHandler`, the fast path);
+- the worker's catch-up over Orthanc's change log (:class:`lookalike.worker.change_log.ChangeLogFollower`);
+- the reconcile of a stable study (:meth:`lookalike.worker.pipeline.InstanceIndexer.reconcile_study`);
+- back-indexing (:class:`lookalike.worker.backfill.Backfill`).
+
+An instance is queued when its series' modality is one an encoder takes (US, DX, CR:
+:data:`lookalike.config.ENCODER_FOR_MODALITY`); SR, KO, PR and Lookalike's own reports are not, so writing a
+report back into a study never sets off indexing again. Changes are named as Orthanc's ``/changes`` names them
+(``NewInstance``, ``StableStudy``, ``Deleted``; levels ``Patient`` ... ``Instance``); the plugin maps the
+``orthanc`` module's constants to these names.
+
+Imports the configuration and the REST client alone: the plugin runs it in Orthanc's process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from lookalike.config import ENCODER_FOR_MODALITY, TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY
+from lookalike.orthanc.client import OrthancApi, instance_series, study_series
+
+#: Change types as Orthanc's change log names them.
+NEW_INSTANCE, STABLE_STUDY, DELETED = "NewInstance", "StableStudy", "Deleted"
+
+#: Resource levels as Orthanc's change log names them -> the level ``forget`` takes.
+LEVELS = {"Patient": "patient", "Study": "study", "Series": "series", "Instance": "instance"}
+
+
+def is_image_modality(modality: str | None) -> bool:
+    """Whether instances of this DICOM Modality are embedded (US, DX, CR)."""
+    return modality in ENCODER_FOR_MODALITY
+
+
+def series_modality(series: dict) -> str:
+    """The Modality of a series as Orthanc's JSON of it gives it ("" when absent)."""
+    return series.get("MainDicomTags", {}).get("Modality", "") or ""
+
+
+def series_is_queued(series: dict) -> bool:
+    """Whether the instances of a series (Orthanc's JSON of it) are to be queued for indexing."""
+    return is_image_modality(series_modality(series))
+
+
+def study_is_queued(series: Iterable[dict]) -> bool:
+    """Whether a study (its series, as Orthanc's JSON) holds anything to index."""
+    return any(series_is_queued(s) for s in series)
+
+
+@dataclass(frozen=True)
+class Work:
+    """A task to queue: its name and positional arguments."""
+
+    task: str
+    args: tuple
+
+
+def meaning(api: OrthancApi, change_type: str | None, level: str | None, resource_id: str) -> Work | None:
+    """What one Orthanc change means for the index: the task to queue, or None when it means nothing.
+
+    - ``NewInstance`` of an image modality: index it (with its series and study, so that the worker asks Orthanc
+      for the file alone);
+    - ``StableStudy`` holding an image series: reconcile it (index what an event lost);
+    - ``Deleted`` at any level: forget it (idempotent: a deletion handled twice removes nothing more).
+
+    Raises :class:`~lookalike.orthanc.client.OrthancNotFoundError` when the resource is gone meanwhile (nothing to
+    index), and what Orthanc raises otherwise.
+    """
+    if change_type == NEW_INSTANCE:
+        series = instance_series(api, resource_id)
+        if not series_is_queued(series):
+            return None
+        return Work(TASK_INDEX_INSTANCE, (resource_id, series["ID"], series["ParentStudy"]))
+    if change_type == STABLE_STUDY:
+        return Work(TASK_RECONCILE_STUDY, (resource_id,)) if study_is_queued(study_series(api, resource_id)) else None
+    if change_type == DELETED and level in LEVELS:
+        return Work(TASK_FORGET, (LEVELS[level], resource_id))
+    return None
