@@ -24,6 +24,8 @@ import numpy as np
 
 #: File name of the catalogue inside the index folder.
 CATALOGUE_FILE = "catalogue.sqlite"
+#: The cursor that holds the last Orthanc change the worker's catch-up handled (read by ``/lookalike/status``).
+CHANGES_CURSOR = "orthanc-changes"
 
 _SCHEMA_VERSION = 2
 

@@ -98,7 +98,8 @@ class StudyNotIndexedError(LookupError):
 
 
 def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10, scope: str = "archive",
-                    floors: SimilarityFloors | None = None) -> SimilarStudies:
+                    floors: SimilarityFloors | None = None,
+                    accept: Callable[[list[CatalogueRow]], set[str]] | None = None) -> SimilarStudies:
     """The studies most similar to ``orthanc_study_id``, best first, at most ``limit``, none below the model's floor.
 
     Every live instance of the query study searches the index of its (encoder, model_version) for its
@@ -128,6 +129,11 @@ def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10, s
     floors
         Where the floors are read; default the calibration files of the shipped weights and of the catalogue's
         active models.
+    accept
+        A further filter of studies (the DICOM endpoint's matching keys): given one hit row of each candidate study
+        not judged yet, the Orthanc ids of those to keep. The search widens until ``limit`` accepted studies are
+        certain, so a narrowed lookup widens here, once, and not again around this function. Each study is judged
+        once per lookup.
 
     Raises
     ------
@@ -154,14 +160,31 @@ def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10, s
     if scope == "patient" and (not patient_id or query_date is None):
         return SimilarStudies([], applied)
 
-    def eligible(hit: CatalogueRow) -> bool:
+    judged: dict[str, bool] = {}  # by orthanc_study_id: what ``accept`` said
+
+    def in_scope(hit: CatalogueRow) -> bool:
         return (hit.live and hit.orthanc_study_id != orthanc_study_id
                 and (scope == "archive" or (hit.patient_id == patient_id and is_prior(hit.study_date, query_date))))
+
+    def eligible(hit: CatalogueRow) -> bool:
+        return in_scope(hit) and judged.get(hit.orthanc_study_id, True)
+
+    def judge(hits: list[CatalogueRow]) -> None:
+        """Ask ``accept`` about the studies of ``hits`` it has not judged yet."""
+        if accept is None:
+            return
+        new = {}
+        for hit in hits:
+            if hit.orthanc_study_id not in judged and in_scope(hit):
+                new.setdefault(hit.orthanc_study_id, hit)
+        if new:
+            kept = accept(list(new.values()))
+            judged.update({study: study in kept for study in new})
 
     best: dict[str, _Pair] = {}  # by orthanc_study_id
     for (encoder, model_version), rows in sorted(groups.items()):
         for study, pair in _best_pairs(store, encoder, model_version, rows, limit, eligible,
-                                       applied[model_version]).items():
+                                       applied[model_version], judge).items():
             current = best.get(study)
             if current is None or pair.beats(current):
                 best[study] = pair
@@ -216,7 +239,8 @@ def is_prior(study_date: str | None, query_date: str | None) -> bool:
 
 
 def _best_pairs(store: IndexStore, encoder: str, model_version: str, rows: list[CatalogueRow], limit: int,
-                eligible: Callable[[CatalogueRow], bool], floor: float | None = None) -> dict[str, _Pair]:
+                eligible: Callable[[CatalogueRow], bool], floor: float | None = None,
+                judge: Callable[[list[CatalogueRow]], None] = lambda hits: None) -> dict[str, _Pair]:
     """Per eligible study, its best pair with ``rows`` (the query instances of one index) scoring at least
     ``floor``, searching deep enough.
 
@@ -230,6 +254,7 @@ def _best_pairs(store: IndexStore, encoder: str, model_version: str, rows: list[
     while True:
         scores, ids = store.search(encoder, model_version, vectors, k)
         gallery.update(store.catalogue.rows({int(i) for i in ids.ravel() if i >= 0 and int(i) not in gallery}))
+        judge(list(gallery.values()))
         best: dict[str, _Pair] = {}
         for query_row, row_scores, row_ids in zip(rows, scores, ids):
             for score, hit_id in zip(row_scores.tolist(), row_ids.tolist()):

@@ -50,6 +50,16 @@ def study_series(api: OrthancApi, study_id: str) -> list[dict]:
     return get_json(api, f"/studies/{study_id}/series")
 
 
+def find_by_uids(api: OrthancApi, level: str, study_instance_uids: list[str]) -> list[dict]:
+    """The resources of ``level`` ("Study", "Series") of the studies with these StudyInstanceUIDs, expanded, from
+    Orthanc's database (no file read): one call whatever their number. A study Orthanc no longer has is absent."""
+    if not study_instance_uids:
+        return []
+    query = {"StudyInstanceUID": "\\".join(sorted(set(study_instance_uids)))}
+    return json.loads(api.post_bytes("/tools/find", json.dumps({"Level": level, "Query": query,
+                                                                 "Expand": True}).encode()))
+
+
 def orthanc_resource_id(*dicom_ids: str) -> str:
     """Orthanc's id of a resource from its DICOM identifiers (a patient's: its PatientID alone).
 

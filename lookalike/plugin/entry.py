@@ -3,10 +3,17 @@
 ``deploy/orthanc/lookalike_plugin.py`` (the script Orthanc loads) calls :func:`register` with the ``orthanc``
 module. Settings come from the ``"Lookalike"`` section of Orthanc's own configuration.
 
-Orthanc's process loads neither FAISS nor the index: lookups are the query service's, asked for over its socket
-(:class:`~lookalike.query.lookup_service.LookupClient`), and the catalogue is read here read-only (SQLite alone)
-for the status page, the reason a study is not indexed and a report's evidence. The query service writes the
-audit trail.
+Orthanc's process loads neither FAISS nor the index: every lookup goes over one channel, the query service's
+socket (:class:`~lookalike.query.lookup_service.LookupClient`), and the query service writes the audit trail.
+Three reads of the catalogue are left here, read-only (SQLite alone, no vectors, no FAISS), each for a reason:
+
+- ``/lookalike/status``: it must answer while the query service is down, starting or stuck (it is where an
+  administrator sees that, ``"query_service": {"answering": false}``), so it cannot ask that service;
+- the 409 of a study not indexed: the problems recorded on its instances, read after the query service said
+  "not indexed"; a study that is not indexed is the case where the index has nothing to say, the catalogue does;
+- an SR's or KOS's evidence (the query study's own rows): the document must reference the instances the answer
+  was computed from, and the catalogue rows hold their UIDs and Orthanc ids without a second round trip through
+  the service's socket for data that carries no score.
 """
 
 from __future__ import annotations
@@ -105,6 +112,7 @@ def register(orthanc: Any) -> None:
     app = make_app(settings)
     sender = TaskSender(app.send_task, on_error=orthanc.LogError, on_recovery=orthanc.LogWarning)
     api = InProcessOrthanc(orthanc)
+    # Read-only, for the three reads the module's docstring names and justifies; lookups go to the query service.
     catalogue = Catalogue(Path(settings.index_dir) / CATALOGUE_FILE, readonly=True)
     lookups = LookupClient(settings.lookup_socket, settings.lookup_secret, settings.lookup_timeout, catalogue)
     broker = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)

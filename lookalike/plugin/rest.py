@@ -24,11 +24,10 @@ import pydicom
 
 import lookalike
 from lookalike.encoders.floors import SimilarityFloors
-from lookalike.index.catalogue import Catalogue
-from lookalike.worker.change_log import CURSOR
+from lookalike.index.catalogue import CHANGES_CURSOR as CURSOR, Catalogue
 from lookalike.index.search import SCOPES, SimilarStudy, StudyNotIndexedError
 from lookalike.query.lookup_service import AuditUnavailable, LookupRequest, Lookups, LookupUnavailable
-from lookalike.orthanc.client import OrthancApi, OrthancNotFoundError, get_json, store_instance
+from lookalike.orthanc.client import OrthancApi, OrthancNotFoundError, find_by_uids, get_json, store_instance
 from lookalike.orthanc.ingest import study_is_queued
 
 Response = tuple[int, dict[str, Any]]
@@ -217,15 +216,15 @@ def unavailable(exc: LookupUnavailable) -> Response:
 
 def _answer_entries(api: OrthancApi, matches: list[SimilarStudy], disclose: bool) -> list[dict[str, Any]]:
     """Each match as served: public fields (with the two images of its best pair and their lesion boxes, for
-    previews side by side), and, only where disclosed, the other patient's name and accession number."""
-    entries = []
-    for match in matches:
-        entry = match.as_public_dict(disclose_identity=disclose)
-        if disclose:
-            other = get_json(api, f"/studies/{match.orthanc_study_id}")
+    previews side by side), and, only where disclosed, the other patient's name and accession number (every
+    match's at once: one call to Orthanc, as the query service does)."""
+    entries = [match.as_public_dict(disclose_identity=disclose) for match in matches]
+    if disclose and matches:
+        studies = {s["ID"]: s for s in find_by_uids(api, "Study", [m.study_instance_uid for m in matches])}
+        for entry, match in zip(entries, matches):
+            other = studies.get(match.orthanc_study_id, {})
             entry["patient_name"] = other.get("PatientMainDicomTags", {}).get("PatientName", "")
             entry["accession_number"] = other.get("MainDicomTags", {}).get("AccessionNumber", "")
-        entries.append(entry)
     return entries
 
 

@@ -69,7 +69,7 @@ from pynetdicom.sop_class import (
 
 from lookalike.config import Settings
 from lookalike.encoders.floors import SimilarityFloors
-from lookalike.orthanc.client import HttpOrthanc, OrthancApi, OrthancError, get_json
+from lookalike.orthanc.client import HttpOrthanc, OrthancApi, OrthancError, find_by_uids, get_json
 
 from lookalike.query.audit import AuditLog
 from lookalike.index.search import SimilarStudy, StudyNotIndexedError, similar_studies
@@ -105,8 +105,6 @@ AUDIT_FAILED = 0xC004
 #: Connections whose association is not accepted yet that pynetdicom holds at once, beside the accepted ones: each
 #: is closed within ``query_timeout``, so a burst of half-open connections passes without locking anybody out.
 MAX_PENDING_CONNECTIONS = 256
-#: Widening steps for a narrowed lookup: candidates asked of the index before filtering, times max results.
-_POOL_FACTORS = (1, 4, 16, 64)
 
 
 class QueryRefused(Exception):
@@ -231,13 +229,8 @@ def studies_info(api: OrthancApi, study_instance_uids: list[str]) -> dict[str, S
     Two calls whatever their number (``/tools/find`` with a UID list, at study and at series level), so that an
     answer's cost does not grow with its length. A study Orthanc no longer has is simply absent.
     """
-    if not study_instance_uids:
-        return {}
-    query = {"StudyInstanceUID": "\\".join(sorted(set(study_instance_uids)))}
-    studies = json.loads(api.post_bytes("/tools/find", json.dumps({"Level": "Study", "Query": query,
-                                                                     "Expand": True}).encode()))
-    series = json.loads(api.post_bytes("/tools/find", json.dumps({"Level": "Series", "Query": query,
-                                                                    "Expand": True}).encode()))
+    studies = find_by_uids(api, "Study", study_instance_uids)
+    series = find_by_uids(api, "Series", study_instance_uids)
     by_study: dict[str, list[dict]] = {}
     for s in series:
         by_study.setdefault(s["ParentStudy"], []).append(s)
@@ -280,8 +273,9 @@ def find_similar(api: OrthancApi, store: IndexStore, request: FindRequest, max_r
 
     Only studies at or above their model's similarity floor (``floors``) are answered: with none, no match.
 
-    With narrowing keys the index is asked for more candidates than ``max_results`` (up to 64 times as many), so
-    that filtering does not leave the answer short while better-fitting studies exist.
+    The matching keys (StudyDate, ModalitiesInStudy) filter the candidates inside the search
+    (``similar_studies(accept=...)``), which widens until ``max_results`` matching studies are certain: a narrowed
+    C-FIND gets the best studies that match, not merely those among the first candidates.
 
     A candidate Orthanc no longer has (deleted since it was indexed; the worker forgets it shortly) is left out.
     What Orthanc says of the candidates costs two calls per widening step (:func:`studies_info`).
@@ -299,23 +293,20 @@ def find_similar(api: OrthancApi, store: IndexStore, request: FindRequest, max_r
         if request.patient_id != patient:
             return FindResult(query_id, [])  # the priors of another patient than the study on screen: none
     infos: dict[str, StudyInfo] = {}
-    matches: list[tuple[SimilarStudy, StudyInfo]] = []
-    for factor in _POOL_FACTORS if request.narrowed else (1,):
-        pool = max_results * factor
-        try:
-            candidates = similar_studies(store, query_id, pool, request.scope, floors)
-        except StudyNotIndexedError:
-            raise QueryRefused(STUDY_NOT_INDEXED, "study not indexed (yet): no US, DX or CR image searchable") from None
-        dated = [c for c in candidates if _date_matches(c.study_date, request.study_date)]  # the catalogue's date
-        infos.update(studies_info(api, [c.study_instance_uid for c in dated if c.orthanc_study_id not in infos]))
-        matches = [
-            (c, infos[c.orthanc_study_id]) for c in dated
-            if c.orthanc_study_id in infos  # else deleted from Orthanc since it was indexed
-            and (not request.modalities or request.modalities & set(infos[c.orthanc_study_id].modalities))
-        ][:max_results]
-        if len(matches) == max_results or len(candidates) < pool:
-            break  # enough, or the index has nothing more to offer
-    return FindResult(query_id, matches)
+
+    def accept(hits: list) -> set[str]:
+        """The candidate studies (one hit row each) that Orthanc still has and that match the request's keys."""
+        dated = [h for h in hits if _date_matches(h.study_date, request.study_date)]  # the catalogue's date
+        infos.update(studies_info(api, [h.study_instance_uid for h in dated]))
+        return {h.orthanc_study_id for h in dated
+                if h.orthanc_study_id in infos  # else deleted from Orthanc since it was indexed
+                and (not request.modalities or request.modalities & set(infos[h.orthanc_study_id].modalities))}
+
+    try:
+        candidates = similar_studies(store, query_id, max_results, request.scope, floors, accept)
+    except StudyNotIndexedError:
+        raise QueryRefused(STUDY_NOT_INDEXED, "study not indexed (yet): no US, DX or CR image searchable") from None
+    return FindResult(query_id, [(c, infos[c.orthanc_study_id]) for c in candidates])
 
 
 def _needs_utf8(ds: Dataset) -> bool:

@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from lookalike.config import TASK_INDEX_INSTANCE
-from lookalike.index.catalogue import Catalogue
+from lookalike.index.catalogue import CHANGES_CURSOR, Catalogue
 from lookalike.orthanc.client import OrthancApi, OrthancNotFoundError, get_json
 from lookalike.orthanc.ingest import DELETED, NEW_INSTANCE, meaning
 
 log = logging.getLogger(__name__)
 
 #: Name of the catalogue cursor that holds the last Orthanc change ``Seq`` handled.
-CURSOR = "orthanc-changes"
+CURSOR = CHANGES_CURSOR
 
 #: Problem code of an instance whose vector the index folder refused (permission, disk full, not a folder).
 UNWRITABLE = "index-unwritable"
