@@ -22,7 +22,7 @@ from lookalike.config import QUEUE
 from lookalike.lab.samples import wrap_image
 from lookalike.index.catalogue import CATALOGUE_FILE
 from lookalike.ops.stack import ORTHANC_AET, Stack, StackConfig, free_port, storescu
-from tests.conftest import SAMPLES, live_rows, require_programs, wait_for
+from tests.support import SAMPLES, live_rows, require_programs, wait_for
 
 pytestmark = pytest.mark.stack
 

@@ -17,8 +17,7 @@ from lookalike.lab.samples import wrap_image
 from lookalike.encoders.base import Embedding
 from lookalike.worker.pipeline import Embedder, InstanceIndexer, Job, Pipeline, Request, Result
 from lookalike.index.store import IndexStore
-from tests.conftest import SAMPLES, live_rows, require_programs, wait_for
-from tests.test_pipeline import FakeEncoder, FakeOrthanc, _dicom, _us
+from tests.support import SAMPLES, FakeEncoder, FakeOrthanc, dicom_bytes, live_rows, random_us, require_programs, wait_for
 
 RECORD_FIELDS = ("sop_instance_uid", "sop_class_uid", "series_instance_uid", "study_instance_uid", "patient_id",
                  "study_date", "modality", "orthanc_instance_id", "orthanc_series_id", "orthanc_study_id", "encoder",
@@ -41,7 +40,7 @@ def _cine(seed: int) -> bytes:
                     study_time="090000", accession_number="C1", study_description="cine")
     ds.NumberOfFrames = 5
     ds.PixelData = frames.tobytes()
-    return _dicom(ds)
+    return dicom_bytes(ds)
 
 
 @pytest.fixture
@@ -54,11 +53,11 @@ def archive() -> tuple[FakeOrthanc, list[str]]:
         api.add(path.stem, path.read_bytes())
         ids.append(path.stem)
     api.add("cine", _cine(2))
-    good = _dicom(_us(11))
+    good = dicom_bytes(random_us(11))
     api.add("truncated", good[: len(good) - 1000])
-    no_pixels = _us(12)
+    no_pixels = random_us(12)
     del no_pixels.PixelData
-    api.add("nopixels", _dicom(no_pixels))
+    api.add("nopixels", dicom_bytes(no_pixels))
     ids[3:3] = ["truncated"]
     ids[7:7] = ["cine", "nopixels"]
     return api, ids
@@ -116,7 +115,7 @@ class TestBatchAgainstOneAtATime:
     def test_missing_only_skips_what_is_indexed_and_a_duplicate_is_embedded_once(self, tmp_path: Path) -> None:
         api, encoder = FakeOrthanc(), FakeEncoder()
         for k in range(3):
-            api.add(f"m{k}", _dicom(_us(30 + k)))
+            api.add(f"m{k}", dicom_bytes(random_us(30 + k)))
         with IndexStore(tmp_path) as store:
             indexer = Pipeline.local(api, store, lambda name, weights=None: encoder, 10_000_000)
             indexer.index("m0")
@@ -142,10 +141,10 @@ class TestOneBadImage:
     def test_an_image_the_model_refuses_fails_alone_and_its_batch_mates_are_indexed(self, tmp_path: Path) -> None:
         api, encoder = FakeOrthanc(), RefusingEncoder()
         for k in range(4):
-            api.add(f"b{k}", _dicom(_us(40 + k)))
-        black = _us(44)
+            api.add(f"b{k}", dicom_bytes(random_us(40 + k)))
+        black = random_us(44)
         black.PixelData = np.zeros((64, 80), np.uint8).tobytes()
-        api.add("black", _dicom(black))
+        api.add("black", dicom_bytes(black))
         with IndexStore(tmp_path) as store:
             indexer = Pipeline.local(api, store, lambda name, weights=None: encoder, 10_000_000)
             outcomes = indexer.index_many([Request(i) for i in ("b0", "b1", "black", "b2", "b3")])
@@ -312,7 +311,7 @@ class TestLookAhead:
     def test_the_next_batch_is_fetched_while_this_one_embeds_and_gives_the_same_results(self) -> None:
         api, encoder = CountingOrthanc(), FakeEncoder()
         for k in range(6):
-            api.add(f"a{k}", _dicom(_us(50 + k)))
+            api.add(f"a{k}", dicom_bytes(random_us(50 + k)))
         first, second = [Job(f"a{k}", None, None) for k in range(3)], [Job(f"a{k}", None, None) for k in range(3, 6)]
         embedder = Embedder(api, lambda name, weights=None: encoder, 10_000_000)
         embedder.run(first, ahead=second)
@@ -325,11 +324,11 @@ class TestLookAhead:
     def test_an_instance_twice_in_a_batch_is_fetched_again(self) -> None:
         """Orthanc overwrote it after it was fetched ahead: the second request is what says so."""
         api, encoder = CountingOrthanc(), FakeEncoder()
-        api.add("o1", _dicom(_us(60)))
+        api.add("o1", dicom_bytes(random_us(60)))
         embedder = Embedder(api, lambda name, weights=None: encoder, 10_000_000)
         embedder.run([], ahead=[Job("o1", None, None)])
-        overwritten = _us(61)
-        api.add("o1", _dicom(overwritten))
+        overwritten = random_us(61)
+        api.add("o1", dicom_bytes(overwritten))
         [first, second] = embedder.run([Job("o1", None, None), Job("o1", None, None)])
         assert api.fetched.count("o1") == 3
         assert first.record.sop_instance_uid == second.record.sop_instance_uid == overwritten.SOPInstanceUID

@@ -16,7 +16,7 @@ from lookalike.dicom import instance as instance_module
 from lookalike.ops.check import check_file, main
 from lookalike.worker.pipeline import Pipeline
 from lookalike.index.store import IndexStore
-from tests.test_pipeline import FakeEncoder, FakeOrthanc
+from tests.support import FakeEncoder, FakeOrthanc
 
 
 def _path(name: str) -> Path:

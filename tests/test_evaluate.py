@@ -15,7 +15,7 @@ from lookalike.encoders import load_encoder
 from lookalike.lab.evaluate import figure_queries, protocol_sets
 from lookalike.lab.metrics import rank_gallery, retrieval_metrics
 from lookalike.lab.images import load_image, read_manifest
-from tests.conftest import write_image_set
+from tests.support import write_image_set
 
 # (label, group, split, size (w, h), format) — sizes and aspects differ, PNG 8-bit, PNG 16-bit and JPEG
 ROWS = [

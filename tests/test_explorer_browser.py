@@ -9,101 +9,18 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
 from pathlib import Path
 
-import pydicom
 import pytest
 
 from lookalike.ops.stack import Stack, StackConfig
-from tests.conftest import require_programs
-from tests.test_rest import identities, store_lookup_corpus
+from tests.support import Explorer, identities, store_floor_corpus, store_lookup_corpus
 
 pytestmark = pytest.mark.stack
-
-#: Flags that work headless on these machines (no GPU, no sandbox, nothing fetched in the background).
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-
 
 @pytest.fixture(scope="module")
 def corpus(stack: Stack, tmp_path_factory) -> dict:
     return store_lookup_corpus(stack, tmp_path_factory.mktemp("browser"), "PBRW", 15)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    require_programs("chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_FLAGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser, stack: Stack):
-    context = browser.new_context(http_credentials={"username": "admin", "password": stack.config.admin_password},
-                                  viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    yield page
-    context.close()
-    assert errors == [], f"JavaScript errors on the page: {errors}"
-
-
-class Explorer:
-    """What a user does and sees on Orthanc Explorer's study page."""
-
-    def __init__(self, page, stack: Stack, corpus: dict) -> None:
-        self.page, self.stack, self.corpus = page, stack, corpus
-        self.url = f"{stack.config.orthanc_url}/app/explorer.html"
-
-    def open(self, name: str) -> None:
-        """Type the study's address, as from a bookmark or the address bar."""
-        self.page.goto(f"{self.url}#study?uuid={self.corpus['ids'][name]}")
-        self.wait_shown(name)
-
-    def wait_shown(self, name: str) -> None:
-        """Until Orthanc Explorer's study panel shows that study (its StudyInstanceUID)."""
-        uid = str(self.corpus["ds"][name].StudyInstanceUID)
-        self.page.wait_for_function("uid => $('#study-info').text().indexOf(uid) >= 0", arg=uid)
-
-    def shown_study_uid(self) -> str:
-        return self.page.evaluate("$('#study-info').text()")
-
-    def look_up(self) -> list[str]:
-        self.page.evaluate("$('#lookalike-results').removeAttr('data-answered')")
-        self.page.click("#lookalike-find")
-        self.page.wait_for_function("$('#lookalike-results').attr('data-answered')")
-        return self.rows()
-
-    def rows(self) -> list[str]:
-        """The Orthanc ids of the studies listed, in rank order."""
-        return self.page.eval_on_selector_all(".lookalike-result", "rows => rows.map(r => r.dataset.study)")
-
-    def choose_scope(self, label: str) -> None:
-        self.page.click(f"#lookalike-scopes label:has-text(\"{label}\")")
-
-    def file_report(self) -> dict:
-        """Click the SR button; the report's link as the page shows it."""
-        self.page.click("#lookalike-report")
-        link = self.page.wait_for_selector(".lookalike-report-link")
-        return {"href": link.get_attribute("href"), "status": self.page.inner_text("#lookalike-status")}
-
-    def lookalike_reports(self, name: str) -> list[pydicom.Dataset]:
-        """The Lookalike SR documents Orthanc holds in a study."""
-        http, url = self.stack.http(), self.stack.config.orthanc_url
-        reports = []
-        for instance in http.get(f"{url}/studies/{self.corpus['ids'][name]}/instances", timeout=10).json():
-            data = http.get(f"{url}/instances/{instance['ID']}/file", timeout=10).content
-            ds = pydicom.dcmread(io.BytesIO(data))
-            if ds.Modality == "SR" and ds.Manufacturer == "Lookalike":
-                reports.append(ds)
-        return reports
 
 
 @pytest.fixture
@@ -290,8 +207,6 @@ def test_a_site_that_discloses_other_patients_sees_them(browser, tmp_path: Path)
 
 @pytest.fixture(scope="module")
 def floor_corpus(stack: Stack, tmp_path_factory) -> dict:
-    from tests.test_lookup import store_floor_corpus
-
     return store_floor_corpus(stack, tmp_path_factory.mktemp("browser-floor"), "PBFL")
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from lookalike.lab.samples import wrap_image
 from lookalike.ops.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env, storescu
-from tests.conftest import SAMPLES, live_rows, require_programs, wait_for
+from tests.support import SAMPLES, live_rows, require_programs, wait_for
 
 pytestmark = pytest.mark.stack
 

@@ -24,9 +24,8 @@ from lookalike.index.store import IndexStore
 from lookalike.orthanc.client import HttpOrthanc
 from lookalike.plugin import rest
 from lookalike.ops.stack import Stack
-from tests.test_explorer_browser import Explorer, browser, page  # noqa: F401 (fixtures)
-from tests.test_sr import REPO_ROOT, dciodvfy, require_tool, sr_warnings_unexpected, us_instance
-from tests.test_stack import _noisy, _sample_pixels, _study, store_studies
+from tests.support import (REPO, Explorer, dciodvfy, make_study, noisy, require_tool, sample_pixels, sr_warnings_unexpected,
+                           store_studies, us_instance)
 
 PATIENT = "QUERY-PATIENT-42"
 
@@ -229,7 +228,7 @@ def test_dsrdump_reads_the_identical_documents(selection, tmp_path):
 def test_module_imports_neither_the_indexer_nor_torch():
     code = ("import sys, lookalike.dicom.kos; "
             "print(any(m == 'torch' or m.startswith(('lookalike.index', 'lookalike.worker', 'lookalike.query')) for m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.stdout.strip() == "False", result.stderr
 
 
@@ -242,14 +241,14 @@ def corpus(stack: Stack, tmp_path_factory) -> dict:
     from patient B that outranks A's second prior in the archive. Images flipped upside down, which no other
     module stores, so that other modules' studies do not compete."""
     tmp = tmp_path_factory.mktemp("kos")
-    us = [np.ascontiguousarray(np.flipud(p)) for p in _sample_pixels("US", 18)[15:]]
+    us = [np.ascontiguousarray(np.flipud(p)) for p in sample_pixels("US", 18)[15:]]
     made = {
-        "a": _study(us[0], "US", "PKOSA0001", tmp, "a", "20250301"),
-        "prior_near": _study(_noisy(us[0], 51), "US", "PKOSA0001", tmp, "prior_near", "20240105"),
+        "a": make_study(us[0], "US", "PKOSA0001", tmp, "a", "20250301"),
+        "prior_near": make_study(noisy(us[0], 51), "US", "PKOSA0001", tmp, "prior_near", "20240105"),
         # A's later near copy: the most similar of A's studies, and no prior of ``a`` (issue 17 item 1).
-        "later": _study(_noisy(us[0], 53), "US", "PKOSA0001", tmp, "later", "20251117"),
-        "prior_far": _study(us[1], "US", "PKOSA0001", tmp, "prior_far", "20230105"),
-        "b": _study(_noisy(us[0], 52), "US", "PKOSB0002", tmp, "b", "20240611"),
+        "later": make_study(noisy(us[0], 53), "US", "PKOSA0001", tmp, "later", "20251117"),
+        "prior_far": make_study(us[1], "US", "PKOSA0001", tmp, "prior_far", "20230105"),
+        "b": make_study(noisy(us[0], 52), "US", "PKOSB0002", tmp, "b", "20240611"),
     }
     return store_studies(stack, made, "the KOS corpus")
 

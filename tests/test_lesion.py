@@ -25,7 +25,7 @@ from lookalike.encoders.lesion import (
 )
 from lookalike.encoders.preprocessing import build_preprocess
 from lookalike.lab.lesions import box_iou, load_finder
-from tests.conftest import write_image_set
+from tests.support import write_image_set
 
 
 def scan(rng: np.random.Generator, w: int, h: int, ellipse: tuple[float, float, float, float] | None) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ from lookalike.lab.calibration import write_calibration
 from lookalike.index.catalogue import InstanceRecord
 from lookalike.index.search import IDENTITY_FIELDS, SimilarStudy, StudyNotIndexedError, similar_studies
 from lookalike.index.store import IndexStore
+from tests.support import findscu, store_floor_corpus
 
 
 def record(sop: str, study: str, *, modality: str = "US", encoder: str = "us",
@@ -286,25 +287,6 @@ def test_the_floor_is_applied_over_the_lookup_service(store: IndexStore, tmp_pat
 # --- On the real stack: REST, SR, KOS and C-FIND ----------------------------------------------------------------
 
 
-def store_floor_corpus(stack, tmp: Path, prefix: str) -> dict:
-    """Chest X-rays of two patients. Patient 1's study ``q`` (2025-06-01, normal), a near copy of it made later
-    (``later``, 2025-11-17) and an earlier pneumonia study (``low``, 2024-01-01), which the shipped X-ray model
-    scores far below its floor against ``q``. Patient 2's study ``r`` and an earlier, alike normal study
-    ``r_prior``."""
-    from tests.test_stack import _noisy, _sample_pixels, _study, store_studies
-
-    dx = _sample_pixels("DX", 15)
-    p1, p2 = f"{prefix}10001", f"{prefix}20002"
-    made = {
-        "q": _study(dx[7], "DX", p1, tmp, f"{prefix}q", "20250601"),
-        "later": _study(_noisy(dx[7], 61), "DX", p1, tmp, f"{prefix}later", "20251117"),
-        "low": _study(dx[14], "DX", p1, tmp, f"{prefix}low", "20240101"),
-        "r": _study(dx[8], "DX", p2, tmp, f"{prefix}r", "20250601"),
-        "r_prior": _study(_noisy(dx[10], 62), "DX", p2, tmp, f"{prefix}r_prior", "20240301"),
-    }
-    return {**store_studies(stack, made, "the floor corpus"), "patients": (p1, p2)}
-
-
 class _NoFloors(SimilarityFloors):
     """What the lookup answered before floors: every match, however low."""
 
@@ -369,8 +351,6 @@ class TestOnTheStack:
 
     def test_c_find_of_the_patients_priors_answers_no_match_below_the_floor(self, stack, floor_corpus: dict,
                                                                              tmp_path: Path) -> None:
-        from tests.test_query_scp import findscu
-
         ds, (p1, p2) = floor_corpus["ds"], floor_corpus["patients"]
         result, none = findscu(stack, tmp_path / "q", f"StudyInstanceUID={ds['q'].StudyInstanceUID}",
                                f"PatientID={p1}", "StudyDate")

@@ -36,8 +36,7 @@ from lookalike.query.lookup_service import (
 )
 from lookalike.index.store import IndexStore
 from lookalike.ops.stack import Stack
-from tests.conftest import wait_for
-from tests.test_stack import _noisy, _sample_pixels, _study, store_studies
+from tests.support import make_study, noisy, sample_pixels, store_studies, wait_for
 
 SECRET = "s3cret-for-this-test"
 
@@ -196,9 +195,9 @@ class TestWire:
 def corpus(stack: Stack, tmp_path_factory) -> dict:
     """A US study and a noisy copy of it from another patient; images no other test stores (rotated samples)."""
     tmp = tmp_path_factory.mktemp("lookup-service")
-    pixels = np.ascontiguousarray(np.rot90(_sample_pixels("US", 11)[10]))
-    made = {"query": _study(pixels, "US", "PLKSV0001", tmp, "query"),
-            "copy": _study(_noisy(pixels, 51), "US", "PLKSV0002", tmp, "copy", "20240105")}
+    pixels = np.ascontiguousarray(np.rot90(sample_pixels("US", 11)[10]))
+    made = {"query": make_study(pixels, "US", "PLKSV0001", tmp, "query"),
+            "copy": make_study(noisy(pixels, 51), "US", "PLKSV0002", tmp, "copy", "20240105")}
     return store_studies(stack, made, "the lookup service corpus")
 
 

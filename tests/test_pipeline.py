@@ -3,86 +3,16 @@
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pydicom
 import pytest
 
 from lookalike.lab.samples import wrap_image
-from lookalike.encoders.base import Embedding
-from lookalike.encoders.lesion import LesionBox
 from lookalike.worker.pipeline import Pipeline
 from lookalike.index.store import IndexStore
-from lookalike.orthanc.client import OrthancNotFoundError, OrthancUnavailableError
-
-
-class FakeEncoder:
-    name = "us"
-    model_version = "us-test-1"
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.batches: list[list[np.ndarray]] = []
-
-    def embed_with_boxes(self, images: list[np.ndarray]) -> Embedding:
-        """Vectors from simple statistics; a "lesion" is the box of the pixels brighter than 0.99."""
-        self.calls += 1
-        self.batches.append(images)
-        v = np.array([[img.mean(), img.std(), 1.0] for img in images], np.float32)
-        boxes = []
-        for img in images:
-            ys, xs = np.nonzero(img > 0.99)
-            boxes.append(LesionBox(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1, 0.9)
-                         if xs.size else None)
-        return Embedding(v / np.linalg.norm(v, axis=1, keepdims=True), boxes)
-
-
-class FakeOrthanc:
-    """Instances by Orthanc id, each in its own series and study."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.down = False
-
-    def add(self, instance_id: str, data: bytes) -> None:
-        self.files[instance_id] = data
-
-    def get_bytes(self, path: str) -> bytes:
-        if self.down:
-            raise OrthancUnavailableError("connection refused")
-        parts = path.strip("/").split("/")
-        if parts[0] == "instances" and len(parts) == 3 and parts[1] in self.files:
-            if parts[2] == "file":
-                return self.files[parts[1]]
-            if parts[2] == "series":
-                return json.dumps({"ID": f"se-{parts[1]}", "ParentStudy": f"st-{parts[1]}"}).encode()
-        if parts[0] == "instances" and len(parts) == 2 and parts[1] in self.files:
-            # Orthanc's main tags of a stored instance (it parsed the file when it stored it).
-            try:
-                uid = pydicom.dcmread(io.BytesIO(self.files[parts[1]]), stop_before_pixels=True).SOPInstanceUID
-            except Exception:
-                uid = ""
-            return json.dumps({"MainDicomTags": {"SOPInstanceUID": uid}}).encode()
-        raise OrthancNotFoundError(path)
-
-    def post_bytes(self, path: str, body: bytes) -> bytes:
-        raise AssertionError("indexing never writes to Orthanc")
-
-
-def _dicom(ds: pydicom.Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def _us(seed: int) -> pydicom.Dataset:
-    pixels = np.random.default_rng(seed).integers(0, 255, (64, 80), dtype=np.uint8)
-    return wrap_image(
-        pixels, "US", patient_id=f"P{seed}", patient_name="T^T", patient_birth_date="19700101", patient_sex="F",
-        study_instance_uid=pydicom.uid.generate_uid(), study_date="20250101", study_time="090000",
-        accession_number="A1", study_description="test",
-    )
+from lookalike.orthanc.client import OrthancUnavailableError
+from tests.support import FakeEncoder, FakeOrthanc, dicom_bytes, random_us
 
 
 @pytest.fixture
@@ -96,8 +26,8 @@ def setup(tmp_path):
 class TestInstanceIndexer:
     def test_good_instance_is_indexed_with_its_uids(self, setup) -> None:
         indexer, api, store, _ = setup
-        ds = _us(1)
-        api.add("i1", _dicom(ds))
+        ds = random_us(1)
+        api.add("i1", dicom_bytes(ds))
         outcome = indexer.index("i1")
         assert outcome.status == "indexed" and outcome.model_version == "us-test-1"
         [row] = store.catalogue.rows_for_study("st-i1")
@@ -117,7 +47,7 @@ class TestInstanceIndexer:
         region.RegionLocationMinX0, region.RegionLocationMinY0 = 100, 50
         region.RegionLocationMaxX1, region.RegionLocationMaxY1 = 349, 279
         ds.SequenceOfUltrasoundRegions = [region]
-        api.add("ibox", _dicom(ds))
+        api.add("ibox", dicom_bytes(ds))
         assert indexer.index("ibox").status == "indexed"
         [row] = store.catalogue.rows_for_study("st-ibox")
         assert row.lesion_box == (200, 150, 260, 190, 0.9)
@@ -126,7 +56,7 @@ class TestInstanceIndexer:
                               patient_birth_date="19700101", patient_sex="F",
                               study_instance_uid=pydicom.uid.generate_uid(), study_date="20250101",
                               study_time="090000", accession_number="A2", study_description="test")
-        api.add("iplain", _dicom(plain_ds))  # nothing bright: the whole image, no box
+        api.add("iplain", dicom_bytes(plain_ds))  # nothing bright: the whole image, no box
         indexer.index("iplain")
         [plain] = store.catalogue.rows_for_study("st-iplain")
         assert plain.lesion_box is None
@@ -136,10 +66,10 @@ class TestInstanceIndexer:
         rng = np.random.default_rng(7)
         clip = rng.integers(0, 255, (9, 64, 80), dtype=np.uint8)
         clip[::2] //= 4  # frames unlike each other, so that the mean differs from any one frame
-        ds = _us(8)
+        ds = random_us(8)
         ds.NumberOfFrames = 9
         ds.PixelData = clip.tobytes()
-        api.add("cine", _dicom(ds))
+        api.add("cine", dicom_bytes(ds))
         assert indexer.index("cine").status == "indexed"
         [batch] = encoder.batches
         assert len(batch) == 5  # frames 0, 2, 4, 6, 8 in one call
@@ -151,18 +81,18 @@ class TestInstanceIndexer:
         from lookalike.dicom import decode_image, read_dataset
         from lookalike.worker.pipeline import _instance_vector
 
-        vector, _ = _instance_vector(FakeEncoder(), decode_image(read_dataset(_dicom(ds))))
+        vector, _ = _instance_vector(FakeEncoder(), decode_image(read_dataset(dicom_bytes(ds))))
         np.testing.assert_allclose(vector, expected, atol=1e-6)
         assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-6
         assert not np.allclose(vector, embedded[2], atol=1e-3)  # not just the middle frame
 
     def test_bad_input_is_recorded_and_the_next_instance_still_indexes(self, setup) -> None:
         indexer, api, store, _ = setup
-        good = _dicom(_us(2))
+        good = dicom_bytes(random_us(2))
         api.add("truncated", good[: len(good) - 1000])
-        no_pixels = _us(3)
+        no_pixels = random_us(3)
         del no_pixels.PixelData
-        api.add("nopixels", _dicom(no_pixels))
+        api.add("nopixels", dicom_bytes(no_pixels))
         api.add("good", good)
         assert indexer.index("truncated").code == "invalid-dicom"
         assert indexer.index("nopixels").code == "no-pixel-data"
@@ -174,16 +104,16 @@ class TestInstanceIndexer:
 
     def test_report_is_skipped_with_a_reason(self, setup) -> None:
         indexer, api, store, encoder = setup
-        ds = _us(4)
+        ds = random_us(4)
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
-        api.add("sr", _dicom(ds))
+        api.add("sr", dicom_bytes(ds))
         outcome = indexer.index("sr")
         assert outcome.status == "skipped" and outcome.code == "not-indexable"
         assert encoder.calls == 0 and store.catalogue.counts() == []
 
     def test_orthanc_down_propagates_for_a_retry_and_records_nothing(self, setup) -> None:
         indexer, api, store, _ = setup
-        api.add("i1", _dicom(_us(5)))
+        api.add("i1", dicom_bytes(random_us(5)))
         api.down = True
         with pytest.raises(OrthancUnavailableError):
             indexer.index("i1")
@@ -195,7 +125,7 @@ class TestInstanceIndexer:
 
         indexer, api, store, _ = setup
         for i in (21, 22, 23, 24):
-            api.add(f"f{i}", _dicom(_us(i)))  # patients P21..P24, one study each
+            api.add(f"f{i}", dicom_bytes(random_us(i)))  # patients P21..P24, one study each
             indexer.index(f"f{i}")
         live = lambda: sorted(row.patient_id for study in ("st-f21", "st-f22", "st-f23", "st-f24")  # noqa: E731
                               for row in store.catalogue.rows_for_study(study))
@@ -214,7 +144,7 @@ class TestInstanceIndexer:
 
     def test_a_success_after_a_failure_clears_the_problem(self, setup) -> None:
         indexer, api, store, _ = setup
-        good = _dicom(_us(6))
+        good = dicom_bytes(random_us(6))
         api.add("i1", good[:200])
         assert indexer.index("i1").status == "failed"
         api.add("i1", good)

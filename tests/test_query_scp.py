@@ -37,8 +37,7 @@ from lookalike.query.query_scp import (
     parse_date_range,
 )
 from lookalike.ops.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env, free_port, storescu
-from tests.conftest import wait_for
-from tests.test_stack import _indexed_total, _noisy, _orthanc_study_id, _sample_pixels, _study
+from tests.support import findscu, indexed_total, make_study, noisy, orthanc_study_id, sample_pixels, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -53,20 +52,6 @@ def _private(ds: pydicom.Dataset, offset: int) -> str:
     return value.decode().strip("\x00 ") if isinstance(value, bytes) else str(value)
 
 
-def findscu(stack: Stack, out: Path, *keys: str, aet: str = "FINDSCU", model: str = "-S", log: str = "-v",
-            port: int | None = None) -> tuple[subprocess.CompletedProcess, list[pydicom.Dataset]]:
-    """A C-FIND as a workstation sends it; the responses as DCMTK extracted them (rsp0001.dcm, ...).
-
-    ``log="-d"`` prints the DIMSE command of each response, with its Status and ErrorComment.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    argv = ["findscu", log, model, "-aet", aet, "-aec", "LOOKALIKE", "-X", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
-            *[arg for key in keys for arg in ("-k", key)], "127.0.0.1", str(port or stack.config.query_port)]
-    result = subprocess.run(argv, env=dcmtk_env(), capture_output=True, text=True, timeout=60)
-    assert "Bad override key" not in result.stderr, result.stderr  # findscu exits 0 even then
-    return result, [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
-
-
 RETURN_KEYS = ("StudyDate", "StudyTime", "ModalitiesInStudy", "NumberOfStudyRelatedInstances", "StudyDescription",
                "PatientID", "PatientName", "PatientBirthDate", "AccessionNumber")
 
@@ -76,14 +61,14 @@ def cases(stack: Stack, tmp_path_factory) -> dict:
     """The study on screen (US), a noisy near copy of it from another patient, a prior of the same patient, and a
     third patient's study holding a US and a DX series; images of the samples no other test module stores."""
     tmp = tmp_path_factory.mktemp("scp")
-    us = _sample_pixels("US", 18)[15:]
-    dx = _sample_pixels("DX", 18)[17]
+    us = sample_pixels("US", 18)[15:]
+    dx = sample_pixels("DX", 18)[17]
     files, ds = {}, {}
-    files["query"], ds["query"] = _study(us[0], "US", QUERY_PATIENT, tmp, "query", "20250301")
-    files["copy"], ds["copy"] = _study(_noisy(us[0], 31), "US", OTHER_PATIENT, tmp, "copy", "20240611")
-    files["prior"], ds["prior"] = _study(us[1], "US", QUERY_PATIENT, tmp, "prior", "20230105")
+    files["query"], ds["query"] = make_study(us[0], "US", QUERY_PATIENT, tmp, "query", "20250301")
+    files["copy"], ds["copy"] = make_study(noisy(us[0], 31), "US", OTHER_PATIENT, tmp, "copy", "20240611")
+    files["prior"], ds["prior"] = make_study(us[1], "US", QUERY_PATIENT, tmp, "prior", "20230105")
     uid = pydicom.uid.generate_uid()
-    for name, pixels, modality, number in (("mixed_us", _noisy(us[2], 32), "US", 1), ("mixed_dx", dx, "DX", 2)):
+    for name, pixels, modality, number in (("mixed_us", noisy(us[2], 32), "US", 1), ("mixed_dx", dx, "DX", 2)):
         d = wrap_image(
             pixels.astype(np.uint8), modality, patient_id="PMXSCP0003", patient_name="TEST^PMXSCP0003",
             patient_birth_date="19600101", patient_sex="M", study_instance_uid=uid, study_date="20240920",
@@ -91,10 +76,10 @@ def cases(stack: Stack, tmp_path_factory) -> dict:
         )
         files[name], ds[name] = tmp / f"{name}.dcm", d
         d.save_as(files[name], enforce_file_format=True)
-    before = _indexed_total(stack)
+    before = indexed_total(stack)
     result = storescu(stack.config, list(files.values()))
     assert result.returncode == 0, result.stderr
-    wait_for(lambda: _indexed_total(stack) >= before + len(files), timeout=180, what="indexing of the SCP corpus")
+    wait_for(lambda: indexed_total(stack) >= before + len(files), timeout=180, what="indexing of the SCP corpus")
     return {"files": files, "ds": ds, "tmp": tmp}
 
 
@@ -376,7 +361,7 @@ class TestMove:
 
     def test_move_of_the_report_filed_into_the_study_on_screen(self, stack: Stack, cases: dict, workstation: Stack) -> None:
         http, url = stack.http(), stack.config.orthanc_url
-        query = _orthanc_study_id(stack, cases["ds"]["query"])
+        query = orthanc_study_id(stack, cases["ds"]["query"])
         r = http.post(f"{url}/lookalike/studies/{query}/similar-report", json={}, timeout=60)
         assert r.status_code == 200, r.text
         sop = http.get(f"{url}/instances/{r.json()['report']}", timeout=10).json()["MainDicomTags"]["SOPInstanceUID"]

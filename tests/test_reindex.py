@@ -12,7 +12,7 @@ import torch
 
 from lookalike.encoders.base import WEIGHTS_DIR
 from lookalike.ops.stack import Stack, StackConfig, storescu
-from tests.conftest import SAMPLES, live_rows, require_programs, wait_for
+from tests.support import SAMPLES, live_rows, require_programs, wait_for
 
 pytestmark = pytest.mark.stack
 

@@ -12,7 +12,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 
@@ -22,24 +21,9 @@ from lookalike.index.store import IndexStore
 from lookalike.orthanc.client import HttpOrthanc
 from lookalike.plugin import rest
 from lookalike.ops.stack import Stack
-from tests.test_stack import _noisy, _sample_pixels, _study, store_studies
+from tests.support import identities, store_lookup_corpus
 
 pytestmark = pytest.mark.stack
-
-
-def store_lookup_corpus(stack: Stack, tmp: Path, prefix: str, first_image: int) -> dict:
-    """Four US studies: ``a`` (the query), ``b`` a noisy near copy of it from another patient, ``prior`` an earlier
-    study of ``a``'s patient, ``other`` a third patient's. The images are mirrored sample images, so that other
-    modules' near copies of the same samples do not compete with ``b``."""
-    us = [np.ascontiguousarray(np.fliplr(p)) for p in _sample_pixels("US", first_image + 3)[first_image:]]
-    patient_a, patient_b, patient_d = f"{prefix}A0001", f"{prefix}B0002", f"{prefix}D0004"
-    made = {
-        "a": _study(us[0], "US", patient_a, tmp, f"{prefix}a", "20250301"),
-        "b": _study(_noisy(us[0], 41), "US", patient_b, tmp, f"{prefix}b", "20240611"),
-        "prior": _study(us[1], "US", patient_a, tmp, f"{prefix}prior", "20230105"),
-        "other": _study(us[2], "US", patient_d, tmp, f"{prefix}other", "20241120"),
-    }
-    return store_studies(stack, made, "the corpus")
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +46,6 @@ def index(stack: Stack):
 def lookups(index: IndexStore) -> LocalLookups:
     """Lookups in this process, recording nothing: the answers alone."""
     return LocalLookups(index)
-
-
-def identities(corpus: dict, *names: str) -> list[str]:
-    """PatientID, PatientName and AccessionNumber of the named studies, as they were stored."""
-    return [str(value) for name in names for value in (
-        corpus["ds"][name].PatientID, corpus["ds"][name].PatientName, corpus["ds"][name].AccessionNumber)]
 
 
 class TestSimilar:

@@ -31,8 +31,7 @@ from lookalike.config import QUEUE, WRITE_QUEUE, Settings
 from lookalike.lab.samples import wrap_image
 from lookalike.index.catalogue import CATALOGUE_FILE
 from lookalike.ops.stack import ORTHANC_DB, Stack, StackConfig, as_postgres_account, postgres_program, storescu
-from tests.conftest import SAMPLES, require_programs, wait_for
-from tests.test_service_units import UNITS, _command
+from tests.support import SAMPLES, UNITS, indexed_total, require_programs, unit_command, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -62,7 +61,7 @@ def _embedding_host(config: StackConfig, folder: Path, instance: str) -> subproc
     path = folder / "lookalike.json"
     path.touch(mode=0o600)
     path.write_text(json.dumps(settings.to_dict(), indent=2))
-    argv, env = _command(UNITS / "lookalike-embed@.service", folder, instance)
+    argv, env = unit_command(UNITS / "lookalike-embed@.service", folder, instance)
     return subprocess.Popen(argv, env=env, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             umask=0o077, start_new_session=True)
 
@@ -129,11 +128,6 @@ def _batch(folder: Path) -> list[Path]:
     return files
 
 
-def _indexed_total(stack: Stack) -> int:
-    status = stack.http().get(f"{stack.config.orthanc_url}/lookalike/status", timeout=10).json()
-    return sum(c["instances"] for c in status["indexed"])
-
-
 def _catalogue_uids(stack: Stack) -> list[str]:
     path = stack.config.state_dir / "index" / CATALOGUE_FILE
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as conn:
@@ -178,13 +172,13 @@ def test_two_embedding_hosts_index_a_batch_once_with_orthanc_on_postgresql(scale
     assert len(sent) == len(files) == STUDIES * PER_STUDY
     result = storescu(cfg, files)
     assert result.returncode == 0, result.stderr
-    wait_for(lambda: _indexed_total(stack) >= len(files), timeout=300, what="indexing of the batch")
+    wait_for(lambda: indexed_total(stack) >= len(files), timeout=300, what="indexing of the batch")
 
     # Orthanc, its database, the status page and the catalogue agree: every instance once, none lost, none extra.
     stats = http.get(f"{cfg.orthanc_url}/statistics", timeout=10).json()
     assert stats["CountInstances"] == len(files)
     assert int(_orthanc_sql(cfg, "SELECT count(*) FROM resources WHERE resourcetype = 3", tmp_path)) == len(files)
-    assert _indexed_total(stack) == len(files)
+    assert indexed_total(stack) == len(files)
     counted = Counter(_catalogue_uids(stack))
     assert set(counted) == sent
     assert max(counted.values()) == 1
@@ -220,7 +214,7 @@ def test_configure_makes_the_cluster_the_postgres_unit_starts(tmp_path: Path) ->
         config = StackConfig.load_or_create(stack_json, state)
         assert config.postgres_port
         assert json.loads((state / "orthanc.json").read_text())["PostgreSQL"]["Port"] == config.postgres_port
-        argv, env = _command(UNITS / "lookalike-postgres.service", state)
+        argv, env = unit_command(UNITS / "lookalike-postgres.service", state)
         proc = subprocess.Popen(as_postgres_account(argv), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True, umask=0o077)
         wait_for(lambda: subprocess.run([postgres_program("pg_isready"), "-q", "-h", "127.0.0.1", "-p",

@@ -20,17 +20,12 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Ver
 from lookalike.config import QUEUE, TASK_FORGET
 from lookalike.index.catalogue import CATALOGUE_FILE
 from lookalike.ops.stack import ORTHANC_AET, Stack, StackConfig
-from tests.conftest import require_programs, wait_for
+from tests.support import indexed_total, make_study, require_programs, sample_pixels, wait_for
 
 #: Another loopback address: Orthanc and the query endpoint take a peer calling from it as a remote host.
 REMOTE = "127.0.0.2"
 
 pytestmark = pytest.mark.stack
-
-
-def _indexed_total(stack: Stack) -> int:
-    status = stack.http().get(f"{stack.config.orthanc_url}/lookalike/status", timeout=10).json()
-    return sum(c["instances"] for c in status["indexed"])
 
 
 class TestRedis:
@@ -55,15 +50,14 @@ class TestRedis:
 
 class TestFilesHoldingPhi:
     def test_catalogue_and_orthanc_storage_are_owner_only(self, stack: Stack, tmp_path: Path) -> None:
-        from tests.test_stack import _sample_pixels, _study
         from lookalike.ops.stack import storescu
 
         # Turned upside down: no near copy of an image the shared stack's lookup tests rank.
-        pixels = np.ascontiguousarray(np.rot90(_sample_pixels("US", 9)[8], 2))
-        path, _ = _study(pixels, "US", "PPERMS0001", tmp_path, "perms")
-        before = _indexed_total(stack)
+        pixels = np.ascontiguousarray(np.rot90(sample_pixels("US", 9)[8], 2))
+        path, _ = make_study(pixels, "US", "PPERMS0001", tmp_path, "perms")
+        before = indexed_total(stack)
         assert storescu(stack.config, [path]).returncode == 0
-        wait_for(lambda: _indexed_total(stack) > before, timeout=90, what="indexing")
+        wait_for(lambda: indexed_total(stack) > before, timeout=90, what="indexing")
         state = stack.config.state_dir
         files = [state / "index" / CATALOGUE_FILE, *[p for p in (state / "orthanc-storage").rglob("*") if p.is_file()]]
         assert len(files) > 2
@@ -76,18 +70,17 @@ class TestFilesHoldingPhi:
 
     def test_no_file_is_open_to_others_and_no_log_names_a_patient(self, stack: Stack, tmp_path: Path) -> None:
         """A single-component PatientName makes highdicom warn, quoting it, when the SR and the KOS are built."""
-        from tests.test_stack import _sample_pixels, _study
 
         name, patient = "ZQXLOOKNAME", "ZQXLOOKPID7"
-        pixels = np.ascontiguousarray(np.flipud(_sample_pixels("DX", 10)[9]))
-        path, ds = _study(pixels, "DX", patient, tmp_path, "named")
+        pixels = np.ascontiguousarray(np.flipud(sample_pixels("DX", 10)[9]))
+        path, ds = make_study(pixels, "DX", patient, tmp_path, "named")
         ds.PatientName = name
         ds.save_as(path, enforce_file_format=True)
-        before = _indexed_total(stack)
+        before = indexed_total(stack)
         from lookalike.ops.stack import storescu
 
         assert storescu(stack.config, [path]).returncode == 0
-        wait_for(lambda: _indexed_total(stack) > before, timeout=90, what="indexing")
+        wait_for(lambda: indexed_total(stack) > before, timeout=90, what="indexing")
         url, http = stack.config.orthanc_url, stack.http()
         study = next(x["ID"] for x in http.post(f"{url}/tools/lookup", data=str(ds.StudyInstanceUID), timeout=10)
                      .json() if x["Type"] == "Study")

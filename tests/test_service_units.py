@@ -3,11 +3,8 @@ as written (paths moved to a temporary folder), on the files ``lookalike configu
 
 from __future__ import annotations
 
-import configparser
 import json
 import os
-import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,43 +15,13 @@ import pytest
 import requests
 
 from lookalike.ops.stack import StackConfig, storescu
-from tests.conftest import REPO, SAMPLES, require_programs, wait_for
+from tests.support import SAMPLES, UNITS, require_programs, unit_command, unit_section, wait_for
 
 pytestmark = pytest.mark.stack
 
-UNITS = REPO / "deploy" / "systemd"
 #: Start order; the worker is a template, started as instance 1.
 ORDER = ["lookalike-redis.service", "lookalike-orthanc.service", "lookalike-worker@.service",
          "lookalike-query.service"]
-
-
-def _section(unit: Path, name: str) -> configparser.SectionProxy:
-    parser = configparser.ConfigParser(strict=False, interpolation=None)
-    parser.optionxform = str
-    parser.read(unit)
-    return parser[name]
-
-
-def _service(unit: Path) -> configparser.SectionProxy:
-    return _section(unit, "Service")
-
-
-def _command(unit: Path, state: Path, instance: str = "1") -> tuple[list[str], dict[str, str]]:
-    """The unit's ExecStart and Environment with this machine's paths: state folder, venv, Orthanc; a template
-    unit as ``instance``."""
-    service = _service(unit)
-
-    def local(text: str) -> str:
-        text = text.replace("/var/lib/lookalike", str(state)).replace("%i", instance).replace("%%", "%")
-        return text.replace("/opt/lookalike/.venv/bin/python", sys.executable).replace(
-            "/usr/sbin/Orthanc", shutil.which("Orthanc") or "/usr/sbin/Orthanc")
-
-    env = dict(os.environ)
-    for line in service.get("Environment", "").splitlines():
-        for assignment in shlex.split(local(line)):  # systemd: several KEY=VALUE on one line
-            key, value = assignment.split("=", 1)
-            env[key] = value
-    return shlex.split(local(service["ExecStart"])), env
 
 
 @pytest.fixture
@@ -68,10 +35,10 @@ def configured(tmp_path: Path) -> tuple[Path, StackConfig]:
 
 def test_every_unit_keeps_phi_owner_only_and_restarts_alone() -> None:
     for unit in sorted(UNITS.glob("*.service")):
-        service = _service(unit)
+        service = unit_section(unit, "Service")
         assert service["UMask"] == "0077" and service["Restart"] == "always", unit.name
         # systemd gives up on a unit restarted 5 times in 10 s unless told not to: a failing part is retried for ever.
-        assert _section(unit, "Unit").get("StartLimitIntervalSec") == "0", unit.name
+        assert unit_section(unit, "Unit").get("StartLimitIntervalSec") == "0", unit.name
     orthanc_unit = (UNITS / "lookalike-orthanc.service").read_text()
     assert "Requires=" not in orthanc_unit and "BindsTo=" not in orthanc_unit, "Orthanc must not stop with Redis"
 
@@ -82,7 +49,7 @@ def test_units_start_a_stack_that_indexes_and_answers(configured, tmp_path: Path
     procs = []
     try:
         for name in ORDER:
-            argv, env = _command(UNITS / name, state)
+            argv, env = unit_command(UNITS / name, state)
             procs.append(subprocess.Popen(argv, env=env, cwd=state, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL, umask=0o077, start_new_session=True))
         http = requests.Session()

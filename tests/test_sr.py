@@ -8,7 +8,6 @@ building a document without complaint does not mean a PACS or viewer will accept
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -19,10 +18,8 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
     ComprehensiveSRStorage,
-    ExplicitVRLittleEndian,
     UltrasoundImageStorage,
     generate_uid,
 )
@@ -36,55 +33,11 @@ from lookalike.dicom.sr import (
     build_similarity_report,
     is_lookalike_document,
 )
+from tests.support import REPO, dciodvfy, require_tool, sr_warnings_unexpected, us_instance
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 OTHER_PATIENT_ID = "OTHER-PATIENT-7731"
 MODEL_VERSION = "us-vaediff-1-3f2a9c1b"
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
-
-
-def us_instance(
-    study_uid: str,
-    series_uid: str,
-    *,
-    patient_id: str = "QUERY-PATIENT-42",
-    with_pixels: bool = True,
-) -> Dataset:
-    """A minimal Ultrasound Image Storage instance of the query patient."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = UltrasoundImageStorage
-    ds.SOPClassUID = UltrasoundImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.PatientName = "Query^Patient"
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = "19800214"
-    ds.PatientSex = "F"
-    ds.StudyInstanceUID = study_uid
-    ds.StudyDate = "20240305"
-    ds.StudyTime = "101500"
-    ds.AccessionNumber = "ACC0001"
-    ds.StudyID = "S1"
-    ds.ReferringPhysicianName = "Referrer^Rita"
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = 1
-    ds.Modality = "US"
-    ds.Manufacturer = "Acme Ultrasound"
-    ds.InstanceNumber = 1
-    if with_pixels:
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = 8
-        ds.Columns = 8
-        ds.BitsAllocated = 8
-        ds.BitsStored = 8
-        ds.HighBit = 7
-        ds.PixelRepresentation = 0
-        ds.PixelData = np.arange(64, dtype=np.uint8).tobytes()
-    return ds
 
 
 @pytest.fixture
@@ -395,13 +348,6 @@ def test_saved_report_reads_back_as_comprehensive_sr(evidence, tmp_path):
 # --- Conformance: DCMTK and dicom3tools --------------------------------------------------
 
 
-def require_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed")
-    return path
-
-
 @pytest.mark.parametrize("n_matches", [0, 3])
 def test_dsrdump_parses_the_report(evidence, tmp_path, n_matches):
     dsrdump = require_tool("dsrdump")
@@ -417,22 +363,6 @@ def test_dsrdump_parses_the_report(evidence, tmp_path, n_matches):
         assert match.study_instance_uid in result.stdout
     assert result.stdout.count('"Similar case")') == n_matches
     assert "error" not in result.stderr.lower(), result.stderr
-
-
-def dciodvfy(path: Path, iod: str) -> tuple[list[str], list[str]]:
-    """dicom3tools' verdict on a file: its Error and Warning lines, after checking that it recognised ``iod``
-    (dciodvfy names the IOD it checked against on its first line) and so really checked the file."""
-    result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
-    lines = (result.stdout + result.stderr).splitlines()
-    assert lines and iod in lines[0], "\n".join(lines)
-    return ([line for line in lines if line.startswith("Error")],
-            [line for line in lines if line.startswith("Warning")])
-
-
-def sr_warnings_unexpected(warnings: list[str]) -> list[str]:
-    """Known, accepted warning: the private coding scheme designator (declared in the Coding Scheme Identification
-    Sequence, which dciodvfy does not consult). Any other warning is unexpected."""
-    return [line for line in warnings if f"<{CODING_SCHEME_DESIGNATOR}>" not in line]
 
 
 @pytest.mark.parametrize("n_matches", [0, 3])
@@ -548,6 +478,6 @@ def test_an_answer_entry_without_its_best_match_is_refused():
 def test_module_imports_neither_the_indexer_nor_torch():
     code = ("import sys, lookalike.dicom.sr; "
             "sys.exit(1 if {'torch', 'lookalike.index', 'lookalike.worker', 'lookalike.query', 'faiss'} & set(sys.modules) else 0)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr or "lookalike.dicom.sr imported the indexer or torch"
 

@@ -13,85 +13,28 @@ import pydicom
 import pytest
 import requests
 
-from lookalike.lab.samples import wrap_image
 from lookalike.index.store import IndexStore
 from lookalike.orthanc.client import HttpOrthanc, OrthancAuthError, orthanc_resource_id
 from lookalike.ops.stack import ORTHANC_AET, Stack, dcmtk_env, storescu
-from tests.conftest import SAMPLES, wait_for
+from tests.support import indexed_total, lookalike_status, make_study, noisy, orthanc_study_id, sample_pixels, store_studies, wait_for
 
 pytestmark = pytest.mark.stack
-
-
-def _sample_pixels(modality: str, n: int) -> list[np.ndarray]:
-    files = sorted(SAMPLES.glob("*.dcm"))
-    out = []
-    for f in files:
-        ds = pydicom.dcmread(f)
-        if ds.Modality == modality:
-            out.append(ds.pixel_array)
-        if len(out) == n:
-            break
-    assert len(out) == n, f"need {n} {modality} samples in {SAMPLES}"
-    return out
-
-
-def _study(pixels: np.ndarray, modality: str, patient: str, tmp: Path, name: str, date: str = "20250301") -> tuple[Path, pydicom.Dataset]:
-    ds = wrap_image(
-        pixels.astype(np.uint8), modality,
-        patient_id=patient, patient_name=f"TEST^{patient}", patient_birth_date="19700101", patient_sex="F",
-        study_instance_uid=pydicom.uid.generate_uid(), study_date=date, study_time="101500",
-        accession_number=patient[-8:], study_description=f"test {modality}",
-    )
-    path = tmp / f"{name}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path, ds
-
-
-def _noisy(pixels: np.ndarray, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.clip(pixels.astype(np.int16) + rng.integers(-6, 7, pixels.shape), 0, 255).astype(np.uint8)
-
-
-def _orthanc_study_id(stack: Stack, ds: pydicom.Dataset) -> str:
-    found = stack.http().post(
-        f"{stack.config.orthanc_url}/tools/lookup", data=str(ds.StudyInstanceUID), timeout=10
-    ).json()
-    return next(x["ID"] for x in found if x["Type"] == "Study")
-
-
-def _status(stack: Stack) -> dict:
-    return stack.http().get(f"{stack.config.orthanc_url}/lookalike/status", timeout=10).json()
-
-
-def _indexed_total(stack: Stack) -> int:
-    return sum(c["instances"] for c in _status(stack)["indexed"])
-
-
-def store_studies(stack: Stack, made: dict[str, tuple[Path, pydicom.Dataset]], what: str) -> dict:
-    """Send ``made`` (name -> (file, dataset)) with storescu and wait until all are indexed: their datasets and
-    Orthanc study ids by name."""
-    before = _indexed_total(stack)
-    result = storescu(stack.config, [path for path, _ in made.values()])
-    assert result.returncode == 0, result.stderr
-    wait_for(lambda: _indexed_total(stack) >= before + len(made), timeout=180, what=f"indexing of {what}")
-    ds = {name: d for name, (_, d) in made.items()}
-    return {"ds": ds, "ids": {name: _orthanc_study_id(stack, d) for name, d in ds.items()}}
 
 
 @pytest.fixture(scope="module")
 def corpus(stack: Stack, tmp_path_factory) -> dict:
     """A US and a DX query study, a near-copy of each in another patient's study, and unrelated studies."""
     tmp = tmp_path_factory.mktemp("corpus")
-    us = _sample_pixels("US", 4)
-    dx = _sample_pixels("DX", 4)
+    us = sample_pixels("US", 4)
+    dx = sample_pixels("DX", 4)
     files, ds = {}, {}
-    files["us_query"], ds["us_query"] = _study(us[0], "US", "PQUS0001", tmp, "us_query")
-    files["us_copy"], ds["us_copy"] = _study(_noisy(us[0], 1), "US", "PCUS0002", tmp, "us_copy", "20240611")
-    files["dx_query"], ds["dx_query"] = _study(dx[0], "DX", "PQDX0003", tmp, "dx_query")
-    files["dx_copy"], ds["dx_copy"] = _study(_noisy(dx[0], 2), "DX", "PCDX0004", tmp, "dx_copy", "20231120")
+    files["us_query"], ds["us_query"] = make_study(us[0], "US", "PQUS0001", tmp, "us_query")
+    files["us_copy"], ds["us_copy"] = make_study(noisy(us[0], 1), "US", "PCUS0002", tmp, "us_copy", "20240611")
+    files["dx_query"], ds["dx_query"] = make_study(dx[0], "DX", "PQDX0003", tmp, "dx_query")
+    files["dx_copy"], ds["dx_copy"] = make_study(noisy(dx[0], 2), "DX", "PCDX0004", tmp, "dx_copy", "20231120")
     for i in range(1, 4):
-        files[f"us_other{i}"], ds[f"us_other{i}"] = _study(us[i], "US", f"POUS{i:04d}", tmp, f"us_other{i}")
-        files[f"dx_other{i}"], ds[f"dx_other{i}"] = _study(dx[i], "DX", f"PODX{i:04d}", tmp, f"dx_other{i}")
+        files[f"us_other{i}"], ds[f"us_other{i}"] = make_study(us[i], "US", f"POUS{i:04d}", tmp, f"us_other{i}")
+        files[f"dx_other{i}"], ds[f"dx_other{i}"] = make_study(dx[i], "DX", f"PODX{i:04d}", tmp, f"dx_other{i}")
     stored = store_studies(stack, {name: (files[name], ds[name]) for name in files}, "the corpus")
     return {"files": files, **stored}
 
@@ -113,7 +56,7 @@ class TestAuthentication:
             api.get_bytes("/system")
 
     def test_unknown_calling_ae_title_cannot_store(self, stack: Stack, tmp_path: Path) -> None:
-        path, _ = _study(_sample_pixels("US", 1)[0], "US", "PUNKNOWNAE", tmp_path, "unknown_ae")
+        path, _ = make_study(sample_pixels("US", 1)[0], "US", "PUNKNOWNAE", tmp_path, "unknown_ae")
         result = storescu(stack.config, [path], aet="INTRUDER")
         assert result.returncode != 0 or "Association Rejected" in result.stderr + result.stdout
         assert stack.http().post(f"{stack.config.orthanc_url}/tools/lookup", data="PUNKNOWNAE", timeout=10).json() == []
@@ -148,7 +91,7 @@ class TestLookup:
         store = IndexStore(stack.config.settings().index_dir, readonly=True)
         sop = corpus["ds"]["us_other1"].SOPInstanceUID
         [before] = [r for r in store.catalogue.rows_for_study(corpus["ids"]["us_other1"]) if r.sop_instance_uid == sop]
-        total = _indexed_total(stack)
+        total = indexed_total(stack)
         assert storescu(stack.config, [corpus["files"]["us_other1"]]).returncode == 0
 
         def reindexed():
@@ -157,14 +100,14 @@ class TestLookup:
 
         rows = wait_for(reindexed, timeout=60, what="re-indexing of the re-sent instance")
         assert len(rows) == 1 and rows[0].id == before.id
-        assert _indexed_total(stack) == total
+        assert indexed_total(stack) == total
 
 
 class TestSimilarityReport:
     def test_report_round_trips_and_is_not_indexed(self, stack: Stack, corpus: dict, tmp_path: Path) -> None:
         http, url = stack.http(), stack.config.orthanc_url
         query = corpus["ids"]["us_query"]
-        total = _indexed_total(stack)
+        total = indexed_total(stack)
         r = http.post(f"{url}/lookalike/studies/{query}/similar-report", json={}, timeout=60)
         assert r.status_code == 200, r.text
         report_id = r.json()["report"]
@@ -184,10 +127,10 @@ class TestSimilarityReport:
         seen = log.read_text().count(line)
         wait_for(lambda: _stable_after(stack, report_id, query), timeout=30, what="STABLE_STUDY after the report")
         wait_for(lambda: log.read_text().count(line) > seen, timeout=30, what="the worker's reconciliation")
-        assert _indexed_total(stack) == total
+        assert indexed_total(stack) == total
         last = [entry for entry in log.read_text().splitlines() if line in entry][-1]
         assert last.endswith(f"{line}: 0 instance(s) caught up")
-        assert all(p["instance"] != report_id for p in _status(stack)["problems"])
+        assert all(p["instance"] != report_id for p in lookalike_status(stack)["problems"])
 
 
 def _stable_after(stack: Stack, instance_id: str, study_id: str) -> bool:
@@ -202,23 +145,23 @@ def _stable_after(stack: Stack, instance_id: str, study_id: str) -> bool:
 class TestBadInput:
     def test_instance_without_pixels_is_reported_and_the_worker_goes_on(self, stack: Stack, corpus: dict, tmp_path: Path) -> None:
         url, http = stack.config.orthanc_url, stack.http()
-        pixels = _sample_pixels("DX", 5)[4]  # not an image of the corpus: its near copies must stay unique
-        bad_path, bad = _study(pixels, "DX", "PBADPIX01", tmp_path, "bad")
+        pixels = sample_pixels("DX", 5)[4]  # not an image of the corpus: its near copies must stay unique
+        bad_path, bad = make_study(pixels, "DX", "PBADPIX01", tmp_path, "bad")
         del bad.PixelData
         bad.save_as(bad_path, enforce_file_format=True)
-        good_path, good = _study(_noisy(pixels, 9), "DX", "PGOOD0001", tmp_path, "good")
+        good_path, good = make_study(noisy(pixels, 9), "DX", "PGOOD0001", tmp_path, "good")
         assert storescu(stack.config, [bad_path, good_path]).returncode == 0
-        bad_id = _orthanc_study_id(stack, bad)
+        bad_id = orthanc_study_id(stack, bad)
 
         problem = wait_for(
-            lambda: next((p for p in _status(stack)["problems"] if p["study"] == bad_id), None),
+            lambda: next((p for p in lookalike_status(stack)["problems"] if p["study"] == bad_id), None),
             timeout=60, what="the problem to be recorded",
         )
         assert problem["code"] == "no-pixel-data" and problem["sop_instance_uid"] == bad.SOPInstanceUID
         r = http.get(f"{url}/lookalike/studies/{bad_id}/similar", timeout=10)
         assert r.status_code == 409
         assert r.json()["problems"][0]["code"] == "no-pixel-data"
-        good_id = _orthanc_study_id(stack, good)
+        good_id = orthanc_study_id(stack, good)
         wait_for(lambda: http.get(f"{url}/lookalike/studies/{good_id}/similar", timeout=10).status_code == 200,
                  timeout=60, what="the good instance after the bad one")
         assert stack.procs["worker"].poll() is None
@@ -248,31 +191,31 @@ class TestMixedBatch:
 
     def test_good_instances_are_indexed_and_broken_ones_listed_by_code(self, stack: Stack, tmp_path: Path) -> None:
         url, http = stack.config.orthanc_url, stack.http()
-        us, dx = _sample_pixels("US", 7)[5:], _sample_pixels("DX", 6)[5:]  # images the corpus does not use
+        us, dx = sample_pixels("US", 7)[5:], sample_pixels("DX", 6)[5:]  # images the corpus does not use
         good = [
-            _study(_noisy(us[0], 21), "US", "PMIXGOOD1", tmp_path, "good1"),
-            _study(_noisy(us[1], 22), "US", "PMIXGOOD2", tmp_path, "good2"),
-            _study(_noisy(dx[0], 23), "DX", "PMIXGOOD3", tmp_path, "good3"),
+            make_study(noisy(us[0], 21), "US", "PMIXGOOD1", tmp_path, "good1"),
+            make_study(noisy(us[1], 22), "US", "PMIXGOOD2", tmp_path, "good2"),
+            make_study(noisy(dx[0], 23), "DX", "PMIXGOOD3", tmp_path, "good3"),
         ]
         broken: dict[str, tuple[Path, pydicom.Dataset]] = {}
 
-        path, ds = _study(_noisy(us[0], 24), "US", "PMIXROWS1", tmp_path, "wrong_rows")
+        path, ds = make_study(noisy(us[0], 24), "US", "PMIXROWS1", tmp_path, "wrong_rows")
         ds.Rows = ds.Rows * 2  # twice the rows the Pixel Data holds
         ds.save_as(path, enforce_file_format=True)
         broken["inconsistent-attributes"] = (path, ds)
 
-        path, ds = _study(_noisy(dx[0], 25), "DX", "PMIXTRUNC", tmp_path, "truncated_pixels")
+        path, ds = make_study(noisy(dx[0], 25), "DX", "PMIXTRUNC", tmp_path, "truncated_pixels")
         ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3 * 2]  # a transfer cut short, re-wrapped
         ds.save_as(path, enforce_file_format=True)
         broken["inconsistent-attributes-truncated"] = (path, ds)
 
-        path, ds = _study(_noisy(us[1], 27), "US", "PMIXHUGE", tmp_path, "memory_bomb")
+        path, ds = make_study(noisy(us[1], 27), "US", "PMIXHUGE", tmp_path, "memory_bomb")
         ds.Rows = ds.Columns = 60000  # claims 3.6 G pixels per frame over a few kB of data
         ds.NumberOfFrames = 50
         ds.save_as(path, enforce_file_format=True)
         broken["image-too-large"] = (path, ds)
 
-        path, ds = _study(_noisy(us[1], 26), "US", "PMIXMPEG4", tmp_path, "mpeg4")
+        path, ds = make_study(noisy(us[1], 26), "US", "PMIXMPEG4", tmp_path, "mpeg4")
         ds.PixelData = pydicom.encaps.encapsulate([bytes(range(256)) * 64])  # an MPEG-4 stream, as far as Orthanc knows
         ds["PixelData"].VR = "OB"
         ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG4HP41
@@ -291,29 +234,29 @@ class TestMixedBatch:
             assert http.post(f"{url}/tools/lookup", data=str(ds.SOPInstanceUID), timeout=10).json(), ds.PatientID
 
         for expected, (_, ds) in broken.items():
-            study = _orthanc_study_id(stack, ds)
+            study = orthanc_study_id(stack, ds)
             problem = wait_for(
-                lambda: next((p for p in _status(stack)["problems"] if p["study"] == study), None),
+                lambda: next((p for p in lookalike_status(stack)["problems"] if p["study"] == study), None),
                 timeout=90, what=f"the problem of {ds.PatientID}",
             )
             assert problem["code"] == expected.removesuffix("-truncated"), problem
             assert problem["sop_instance_uid"] == ds.SOPInstanceUID
         for _, ds in good:
-            study = _orthanc_study_id(stack, ds)
+            study = orthanc_study_id(stack, ds)
             wait_for(lambda: http.get(f"{url}/lookalike/studies/{study}/similar", timeout=10).status_code == 200,
                      timeout=90, what=f"indexing of {ds.PatientID}")
-            assert not [p for p in _status(stack)["problems"] if p["study"] == study]
+            assert not [p for p in lookalike_status(stack)["problems"] if p["study"] == study]
         assert stack.procs["worker"].poll() is None
 
 
 class TestDeletion:
     def test_deleting_a_patient_in_orthanc_removes_its_instances_from_the_index(self, stack: Stack, corpus: dict, tmp_path: Path) -> None:
         url, http = stack.config.orthanc_url, stack.http()
-        path, ds = _study(_noisy(_sample_pixels("US", 8)[7], 21), "US", "PDELETE01", tmp_path, "to_delete")
-        total = _indexed_total(stack)
+        path, ds = make_study(noisy(sample_pixels("US", 8)[7], 21), "US", "PDELETE01", tmp_path, "to_delete")
+        total = indexed_total(stack)
         assert storescu(stack.config, [path]).returncode == 0
-        study_id = _orthanc_study_id(stack, ds)
-        wait_for(lambda: _indexed_total(stack) == total + 1, timeout=60, what="indexing")
+        study_id = orthanc_study_id(stack, ds)
+        wait_for(lambda: indexed_total(stack) == total + 1, timeout=60, what="indexing")
         query = corpus["ids"]["us_query"]
         hits = http.get(f"{url}/lookalike/studies/{query}/similar?limit=100", timeout=10).json()["similar"]
         assert study_id in {s["orthanc_study_id"] for s in hits}
@@ -321,7 +264,7 @@ class TestDeletion:
         patient_id = http.get(f"{url}/studies/{study_id}", timeout=10).json()["ParentPatient"]
         assert orthanc_resource_id(str(ds.PatientID)) == patient_id  # how the worker finds a deleted patient
         assert http.delete(f"{url}/patients/{patient_id}", timeout=10).ok
-        wait_for(lambda: _indexed_total(stack) == total, timeout=60, what="the deletion to reach the index")
+        wait_for(lambda: indexed_total(stack) == total, timeout=60, what="the deletion to reach the index")
         hits = http.get(f"{url}/lookalike/studies/{query}/similar?limit=100", timeout=10).json()["similar"]
         assert study_id not in {s["orthanc_study_id"] for s in hits}
 

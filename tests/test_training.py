@@ -24,7 +24,7 @@ from lookalike.encoders.preprocessing import build_preprocess
 from lookalike.lab.train import train
 from lookalike.lab.training import balanced_batches
 from lookalike.lab.training_us import fit_head
-from tests.conftest import write_image_set
+from tests.support import write_image_set
 
 PER_CLASS = {"train": 10, "val": 4}
 
