@@ -8,7 +8,9 @@ import configparser
 import csv
 import io
 import json
+import logging
 import os
+import re
 import shlex
 import shutil
 import sqlite3
@@ -341,6 +343,32 @@ def findscu(stack: "Stack", out: Path, *keys: str, aet: str = "FINDSCU", model: 
     result = subprocess.run(argv, env=dcmtk_env(), capture_output=True, text=True, timeout=60)
     assert "Bad override key" not in result.stderr, result.stderr  # findscu exits 0 even then
     return result, [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def dimse_failure(stderr: str) -> tuple[int, str]:
+    """The Status and Error Comment of the last response DCMTK printed with ``-d`` (the comment "" where none)."""
+    statuses = re.findall(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", stderr)
+    comments = re.findall(r"\(0000,0902\) LO \[(.*?)\]", stderr)
+    assert statuses, stderr
+    return int(statuses[-1], 16), comments[-1] if comments else ""
+
+
+# --- logs -------------------------------------------------------------------------------------------------------
+
+#: A line of the services' own logs (``%(asctime)s %(levelname)s %(name)s: %(message)s``).
+LOG_LINE = re.compile(r"^\S+ \S+ (?P<level>[A-Z]+) (?P<name>[\w.]+): (?P<message>.*)$")
+
+
+def log_lines(text: str, level: str, *names: str) -> list[str]:
+    """The messages of a service log's lines at ``level`` that name each of ``names``: what a log line must say
+    (the identifiers an administrator acts on) without its wording."""
+    found = (LOG_LINE.match(line) for line in text.splitlines())
+    return [m["message"] for m in found if m and m["level"] == level and all(n in m["message"] for n in names)]
+
+
+def log_records(records: list[logging.LogRecord], level: int, *names: str) -> list[str]:
+    """As :func:`log_lines`, of the records pytest's ``caplog`` captured."""
+    return [r.getMessage() for r in records if r.levelno == level and all(n in r.getMessage() for n in names)]
 
 
 # --- dicom3tools --------------------------------------------------------------------------------------------------

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
@@ -53,35 +55,83 @@ def _by_name(lines: list[str]) -> dict[str, str]:
     return {Path(line.split(": ", 1)[0]).name: line.split(": ", 1)[1] for line in lines[:-1]}
 
 
+OK_LINE = re.compile(r"OK encoder=(?P<encoder>\S+) shape=(?P<h>\d+)x(?P<w>\d+) frames=(?P<frames>[\d,]+) of (?P<total>\d+) "
+                     r"region=(?P<region>\S+) downsampling=(?P<ds>\d+) photometric=(?P<photometric>\S+)")
+
+
+def _ok(text: str) -> dict:
+    """The fields of an OK line: encoder, shape, frames used and their total, region, downsampling."""
+    found = OK_LINE.fullmatch(text)
+    assert found, text
+    return {"encoder": found["encoder"], "shape": (int(found["h"]), int(found["w"])),
+            "frames": [int(i) for i in found["frames"].split(",")], "total": int(found["total"]),
+            "region": None if found["region"] == "none" else tuple(int(v) for v in found["region"].split(",")),
+            "downsampling": int(found["ds"]), "photometric": found["photometric"]}
+
+
+def _summary(lines: list[str]) -> dict[str, int]:
+    """The counts of the last line: files, then each outcome."""
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (?:file\(s\)|)(\w*)", lines[-1])}
+    return {"files": counts.pop(""), **counts}
+
+
+def _lit(path: Path) -> np.ndarray:
+    """Where the middle frame of a file shows something (not the black background)."""
+    pixels = pydicom.dcmread(path).pixel_array
+    frames = int(pydicom.dcmread(path, stop_before_pixels=True).get("NumberOfFrames", 1) or 1)
+    frame = pixels[frames // 2] if frames > 1 else pixels
+    return (frame.mean(axis=-1) if frame.ndim == 3 else frame) > 20
+
+
+def _assert_crop_holds_the_image(path: Path, fields: dict) -> tuple[int, int, int, int]:
+    """The region lies within the frame, the encoder gets the region (at its downsampling), and the region holds
+    the image: more of it lit than of what it leaves out."""
+    lit = _lit(path)
+    x0, y0, x1, y1 = fields["region"]
+    assert 0 <= x0 < x1 <= lit.shape[1] and 0 <= y0 < y1 <= lit.shape[0], (fields["region"], lit.shape)
+    assert fields["shape"] == ((y1 - y0) // fields["downsampling"], (x1 - x0) // fields["downsampling"])
+    inside = np.zeros(lit.shape, bool)
+    inside[y0:y1, x0:x1] = True
+    assert lit[inside].mean() > lit[~inside].mean(), path.name
+    return x0, y0, x1, y1
+
+
 def test_walks_directories_and_reports_each_file(folder: Path) -> None:
     status, lines = _run(folder)
     assert status == 1
+    assert len(lines) == 8  # exactly one line per file, even for multi-line error texts, and the summary
     found = _by_name(lines)
     assert set(found) == {"good_us.dcm", "IM0001", "ct.dcm", "cine.dcm", "truncated.dcm", "wrong_rows.dcm", "notes.txt"}
-    # US without declared regions: the image area found; text lines above and below are left out.
-    assert found["good_us.dcm"] == (
-        "OK encoder=us shape=275x630 frames=0 of 1 region=5,65,635,340 downsampling=1 photometric=RGB"
-    )
-    assert found["IM0001"] == (
-        "OK encoder=us shape=721x997 frames=0 of 1 region=14,38,1011,759 downsampling=1 photometric=MONOCHROME2"
-    )
-    assert found["cine.dcm"] == (
-        "OK encoder=us shape=384x512 frames=0,30,60,89,119 of 120 region=84,31,596,415 downsampling=1 "
-        "photometric=YBR_FULL_422"
-    )
-    assert found["ct.dcm"].startswith("SKIPPED not-indexable: Modality CT is not indexed")
-    assert found["truncated.dcm"].startswith("FAILED invalid-dicom: ") and "truncated" in found["truncated.dcm"]
-    assert found["wrong_rows.dcm"].startswith("FAILED inconsistent-attributes: Pixel Data holds 921600 bytes")
-    assert found["notes.txt"].startswith("IGNORED not-dicom: ")  # in a folder: Orthanc would refuse it
-    assert lines[-1] == "7 file(s): 3 ok, 1 skipped, 2 failed, 1 ignored (not DICOM)"
-    assert len(lines) == 8  # exactly one line per file, even for multi-line error texts
+    stills = {"good_us.dcm": folder / "good_us.dcm", "IM0001": folder / "sub" / "deeper" / "IM0001"}
+    for name, path in {**stills, "cine.dcm": folder / "sub" / "cine.dcm"}.items():
+        fields = _ok(found[name])
+        assert fields["encoder"] == "us"
+        assert fields["photometric"] == pydicom.dcmread(path, stop_before_pixels=True).PhotometricInterpretation
+        _assert_crop_holds_the_image(path, fields)
+    for name in stills:
+        assert (_ok(found[name])["frames"], _ok(found[name])["total"]) == ([0], 1)
+    # US without declared regions: the image area found; the burned-in text lines above it are left out.
+    lit = _lit(folder / "good_us.dcm")
+    _, y0, _, _ = _ok(found["good_us.dcm"])["region"]
+    assert y0 > 0 and lit[:y0].any(), "the text band above the image is not left out"
+    # A cine clip: several frames spread over it, the first, middle and last among them.
+    cine = _ok(found["cine.dcm"])
+    assert cine["total"] == 120 and 1 < len(cine["frames"]) <= 120 and {0, 60, 119} <= set(cine["frames"])
+    assert cine["frames"] == sorted(set(cine["frames"]))
+
+    codes = {name: text.split(":", 1)[0].split() for name, text in found.items() if not text.startswith("OK ")}
+    assert codes == {"ct.dcm": ["SKIPPED", "not-indexable"], "truncated.dcm": ["FAILED", "invalid-dicom"],
+                     "wrong_rows.dcm": ["FAILED", "inconsistent-attributes"], "notes.txt": ["IGNORED", "not-dicom"]}
+    # Each reason names what an administrator needs: the modality, the declared size against the data's.
+    assert "CT" in found["ct.dcm"] and "960" in found["wrong_rows.dcm"] and "921600" in found["wrong_rows.dcm"]
+    assert _summary(lines) == {"files": 7, "ok": 3, "skipped": 1, "failed": 2, "ignored": 1}
 
 
 def test_skipped_and_ignored_files_are_not_failures(folder: Path) -> None:
     (folder / "sub" / "index.csv").write_text("file,label\n")
     status, lines = _run(folder / "good_us.dcm", folder / "sub")
     assert status == 0
-    assert lines[-1] == "5 file(s): 3 ok, 1 skipped, 0 failed, 1 ignored (not DICOM)"
+    assert _summary(lines) == {"files": 5, "ok": 3, "skipped": 1, "failed": 0, "ignored": 1}
     status, lines = _run(folder / "notes.txt")  # named on the command line: checked, and not DICOM
     assert status == 1 and _by_name(lines)["notes.txt"].startswith("FAILED invalid-dicom: ")
 
@@ -129,7 +179,9 @@ def test_console_command(folder: Path) -> None:
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "lookalike.cli"]
     ok = subprocess.run([*command, "check", str(folder / "good_us.dcm")], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.splitlines()[0].endswith(" OK encoder=us shape=275x630 frames=0 of 1 region=5,65,635,340 downsampling=1 photometric=RGB")
+    [line] = ok.stdout.splitlines()[:-1]
+    assert line.startswith(f"{folder / 'good_us.dcm'}: ")
+    _assert_crop_holds_the_image(folder / "good_us.dcm", _ok(line.split(": ", 1)[1]))
     bad = subprocess.run([*command, "check", str(folder / "truncated.dcm")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "FAILED invalid-dicom" in bad.stdout
     usage = subprocess.run([*command, "check"], capture_output=True, text=True, timeout=60)

@@ -10,6 +10,7 @@ Orthanc keeps serving, until ``Stack.restart`` brings lookups back.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -36,7 +37,7 @@ from lookalike.query.lookup_service import (
 )
 from lookalike.index.store import IndexStore
 from lookalike.ops.stack import Stack
-from tests.support import make_study, noisy, sample_pixels, store_studies, wait_for
+from tests.support import log_records, make_study, noisy, sample_pixels, store_studies, wait_for
 
 SECRET = "s3cret-for-this-test"
 
@@ -129,7 +130,8 @@ class TestEnds:
         for wrong in ("", "guess"):
             with pytest.raises(LookupUnavailable, match="401"):
                 LookupClient(server.path, wrong, 5.0).lookup(_request(2))
-        assert "lookup request without the right secret refused (uid" in caplog.text
+        # A warning per refused request, naming the process that sent it (the socket's peer: this one).
+        assert len(log_records(caplog.records, logging.WARNING, f"uid {os.getuid()}", f"pid {os.getpid()}")) == 2
         assert not (tmp_path / "audit.jsonl").exists() or list(read_entries(tmp_path / "audit.jsonl")) == []
 
     def test_a_killed_services_socket_is_replaced_and_a_live_one_kept(self, index_dir, tmp_path) -> None:

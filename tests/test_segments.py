@@ -97,10 +97,28 @@ def test_adds_replacements_deletions_and_compaction_match_an_exact_reference(tmp
                 assert merges > 0 or segments_before < SMALL.merge_factor
                 check_against_reference(store, reference, seed=100 + step)
         store.flush()
-        assert store.compact() >= 0
+        # merge_factor saves in a row, each sealing 5 new vectors into a segment of its own: segments of one size
+        # class, enough of them for a merge to be due.
+        segments_before = len(manifest(store).segments)
+        for _ in range(SMALL.merge_factor):
+            new = list(range(len(instance_ids), len(instance_ids) + 5))
+            vectors = rng.standard_normal((len(new), DIM)).astype(np.float32)
+            for i, cid in zip(new, store.add_many([record(i) for i in new], vectors)):
+                instance_ids[i] = cid
+            reference.update({instance_ids[i]: unit(v) for i, v in zip(new, vectors)})
+            store.flush()
+        before = manifest(store)
+        assert len(before.segments) == segments_before + SMALL.merge_factor
+        # Compaction merges them into fewer segments, stores no vector twice, leaves nothing its merge policy would
+        # merge (at most merge_factor - 1 segments per size class, no segment past purge_share of tombstones), and
+        # answers as brute force does.
+        assert store.compact() > 0
         saved = manifest(store)
-        # Compaction kept the segments few and dropped most tombstones; graphs on the large ones.
-        assert len(saved.segments) <= 2 * SMALL.merge_factor
+        assert len(saved.segments) < len(before.segments)
+        assert len(reference) <= sum(e.count for e in saved.segments) <= sum(e.count for e in before.segments)
+        assert store.compact() == 0 and manifest(store).segments == saved.segments
+        check_against_reference(store, reference, seed=500)
+        # Graphs on the large segments only.
         folder = store.index_path("us", "v1")
         opened = [Segment.open(folder, e.name, e.count) for e in saved.segments]
         assert any(s.graph for s in opened) and all(s.graph == (s.count >= SMALL.graph_min) for s in opened)
