@@ -12,9 +12,16 @@ from pathlib import Path
 from typing import Callable
 
 import requests
+from tqdm import tqdm
 
-from lookalike.config import Settings, SettingsError
-from lookalike.ops.stack import SOURCE_ROOT
+from lookalike.config import ENCODER_FOR_MODALITY, QUEUE, Settings, SettingsError
+from lookalike.encoders import load_encoder
+from lookalike.index.catalogue import CATALOGUE_FILE, Catalogue
+from lookalike.ops.demo import sample_labels, show_example, store_samples
+from lookalike.ops.stack import SOURCE_ROOT, Stack, StackConfig, write_configs
+from lookalike.orthanc.client import HttpOrthanc, OrthancError, get_json
+from lookalike.query.audit import show
+from lookalike.worker.celery_app import make_app
 
 DEFAULT_STATE = SOURCE_ROOT / "var"
 DEFAULT_STACK_CONFIG = SOURCE_ROOT / "deploy" / "local" / "stack.json"
@@ -29,14 +36,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _api(settings: Settings):
-    from lookalike.orthanc.client import HttpOrthanc
-
     return HttpOrthanc(settings.orthanc_url, settings.orthanc_user, settings.orthanc_password)
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:
-    from lookalike.orthanc.client import OrthancError, get_json
-
     api = _api(_settings(args))
     try:
         answer = get_json(api, f"/lookalike/studies/{args.study}/similar?limit={args.limit}")
@@ -48,28 +51,21 @@ def cmd_lookup(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from lookalike.orthanc.client import get_json
-
     print(json.dumps(get_json(_api(_settings(args)), "/lookalike/status"), indent=2))
     return 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from lookalike.query.audit import show
-
     return show(args.file or _settings(args).audit_log, args.since)
 
 
 def cmd_query_scp(args: argparse.Namespace) -> int:
-    from lookalike.query.query_scp import serve
+    from lookalike.query.query_scp import serve  # here, not above: FAISS only in the query service's process
 
     return serve(_settings(args), args.logfile)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lookalike.ops.stack import Stack, StackConfig
-    from lookalike.ops.demo import sample_labels, show_example, store_samples
-
     config = StackConfig.load_or_create(args.stack_config, args.state)
     config.move_taken_ports()  # held by another program since they were saved: moved before anything is printed
     # Supervised: Redis, the worker and the query endpoint are restarted whenever they exit; Orthanc keeps running.
@@ -114,8 +110,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_configure(args: argparse.Namespace) -> int:
-    from lookalike.ops.stack import StackConfig, write_configs
-
     config = StackConfig.load_or_create(args.stack_config, args.state)
     for path in write_configs(config):
         print(path)
@@ -125,14 +119,9 @@ def cmd_configure(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from lookalike.config import ENCODER_FOR_MODALITY, QUEUE
+    # here, not above: FAISS (the backfill's checkpoint writes with index.vector_index) only where it runs
     from lookalike.worker.backfill import (Backfill, BackfillReport, Checkpoint, RemotePacs, StudyFilter,
                                             local_studies, remote_walk)
-    from lookalike.index.catalogue import CATALOGUE_FILE, Catalogue
-    from lookalike.worker.celery_app import make_app
-    from lookalike.orthanc.client import get_json
 
     settings = _settings(args)
     api = _api(settings)
@@ -140,8 +129,6 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     report = BackfillReport()
     source = f"remote-{args.remote}" if args.remote else "local"
     if args.remote:
-        from lookalike.orthanc.client import HttpOrthanc
-
         # Orthanc answers a C-MOVE once it is over: a whole study must fit in the HTTP timeout.
         mover = HttpOrthanc(settings.orthanc_url, settings.orthanc_user, settings.orthanc_password,
                             timeout=args.move_timeout)
@@ -171,13 +158,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from lookalike.config import QUEUE
-    from lookalike.encoders import load_encoder
-    from lookalike.worker.celery_app import make_app
+    from lookalike.index.store import IndexStore  # here and below, not above: FAISS only where a reindex runs
     from lookalike.worker.reindex import ReindexRefused, reindex
-    from lookalike.index.store import IndexStore
 
     settings = _settings(args)
     weights = str(Path(args.model).resolve())

@@ -112,7 +112,7 @@ class Encoder:
         #: VAE), else float16; None on the CPU.
         self._half = None
         if device.startswith("cuda"):
-            import torch
+            import torch  # here, not above: torch only once a model is loaded (module docstring)
 
             self._half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self._preprocess = build_preprocess(self.image_size)
@@ -142,7 +142,7 @@ class Encoder:
         The lesion finder (when the checkpoint has one) runs here, in batches of ``batch_size``, so that
         every caller gets the same crop for the same pixels.
         """
-        import torch
+        import torch  # here, not above: torch only once a model is loaded (module docstring)
 
         if len(images) == 0:
             return Embedding(np.zeros((0, self.dim), dtype=np.float32), [])
@@ -163,7 +163,7 @@ class Encoder:
 
     def _forward(self, batch: Any) -> np.ndarray:
         """L2-normalised float32 rows of the network's output for a CPU batch, computed on this encoder's device."""
-        import torch.nn.functional as F
+        import torch.nn.functional as F  # here, not above: torch only once a model is loaded (module docstring)
 
         if self.device != "cpu":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
@@ -171,7 +171,7 @@ class Encoder:
 
     def _autocast(self) -> Any:
         """Mixed precision on a GPU (:attr:`_half`), none on the CPU."""
-        import torch
+        import torch  # here, not above: torch only once a model is loaded (module docstring)
 
         return contextlib.nullcontext() if self._half is None else torch.autocast("cuda", dtype=self._half)
 
@@ -185,15 +185,15 @@ def centre_vectors(vectors: np.ndarray, center: np.ndarray) -> np.ndarray:
 def build_net(arch: dict[str, Any]) -> Any:
     """Rebuild the network a checkpoint's ``arch`` describes."""
     if arch.get("name") == "us" and "base" in arch:
-        from lookalike.encoders.fused import FusedUltrasoundNet
+        from lookalike.encoders.fused import FusedUltrasoundNet  # brings torch: only once a model is loaded
 
         return FusedUltrasoundNet(arch)
     if arch.get("name") == "us":
-        from lookalike.encoders.ultrasound import UltrasoundNet
+        from lookalike.encoders.ultrasound import UltrasoundNet  # brings torch: only once a model is loaded
 
         return UltrasoundNet(arch)
     if arch.get("name") == "xr":
-        from lookalike.encoders.xray import XrayNet
+        from lookalike.encoders.xray import XrayNet  # brings torch: only once a model is loaded
 
         return XrayNet(arch)
     raise ValueError(f"unknown encoder architecture {arch.get('name')!r}")
@@ -212,7 +212,7 @@ def resolve_device(setting: str, process_index: int = 0) -> str:
     ValueError
         A setting of none of these forms, or a GPU this machine does not have.
     """
-    import torch
+    import torch  # here, not above: torch only once a model is loaded (module docstring)
 
     if setting == "cpu":
         return "cpu"
@@ -230,7 +230,7 @@ def resolve_device(setting: str, process_index: int = 0) -> str:
 def _on_device(net: Any, device: str) -> Any:
     """``net`` on ``device``, taking CPU tensors and giving float32 CPU tensors back: for the lesion finder, whose
     code builds its batches on the CPU (one finder serves training, evaluation and the worker)."""
-    import torch
+    import torch  # here, not above: torch only once a model is loaded (module docstring)
 
     class OnDevice(torch.nn.Module):
         def __init__(self) -> None:
@@ -278,7 +278,7 @@ def load_encoder(name: str, weights: str | Path | None = None, device: str = "cp
         hit = _CACHE.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-        import torch
+        import torch  # here, not above: torch only once a model is loaded (module docstring)
 
         sha = file_sha256(path)
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

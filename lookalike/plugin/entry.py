@@ -25,11 +25,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+import redis
+
 from lookalike.config import QUEUE, Settings
+from lookalike.index.catalogue import CATALOGUE_FILE, Catalogue
 from lookalike.orthanc.client import OrthancError, OrthancNotFoundError
 from lookalike.plugin import rest
 from lookalike.plugin.events import ChangeHandler
 from lookalike.plugin.sender import TaskSender
+from lookalike.query.lookup_service import LookupClient, LookupUnavailable
+from lookalike.worker.celery_app import make_app
 
 
 class InProcessOrthanc:
@@ -102,12 +107,6 @@ def register(orthanc: Any) -> None:
     section = json.loads(orthanc.GetConfiguration()).get("Lookalike", {})
     # The two paths are the loader script's (deploy/orthanc/lookalike_plugin.py); every other key is a setting.
     settings = Settings.from_dict({k: v for k, v in section.items() if k not in ("site_packages", "source_root")})
-
-    from lookalike.index.catalogue import CATALOGUE_FILE, Catalogue
-    from lookalike.worker.celery_app import make_app
-    from lookalike.query.lookup_service import LookupClient, LookupUnavailable
-
-    import redis
 
     app = make_app(settings)
     sender = TaskSender(app.send_task, on_error=orthanc.LogError, on_recovery=orthanc.LogWarning)

@@ -23,6 +23,8 @@ from urllib.parse import unquote_plus, urlsplit
 import pydicom
 
 import lookalike
+from lookalike.dicom.kos import build_prior_selection
+from lookalike.dicom.sr import SimilarCase, build_similarity_report
 from lookalike.encoders.floors import SimilarityFloors
 from lookalike.index.catalogue import CHANGES_CURSOR as CURSOR, Catalogue
 from lookalike.index.search import SCOPES, SimilarStudy, StudyNotIndexedError
@@ -296,8 +298,6 @@ def similar_report(api: OrthancApi, lookups: Lookups, study_id: str, limit: int,
     Asked again for the same study, limit and scope with nothing new (same models, same answer), it returns the
     report filed before (``"existing": true``) rather than a second copy.
     """
-    from lookalike.dicom.sr import SimilarCase, build_similarity_report
-
     study, matches, error = _lookup(api, lookups, study_id, limit, scope, pending, who, "report", host)
     if error:
         return error
@@ -355,9 +355,6 @@ def similar_kos(api: OrthancApi, lookups: Lookups, study_id: str, limit: int, *,
     it references (see :mod:`lookalike.dicom.kos`). Asked again with nothing new, it returns the documents
     filed before (``"existing": true``) and files only a copy that went missing.
     """
-    from lookalike.dicom.kos import build_prior_selection
-    from lookalike.dicom.sr import SimilarCase
-
     scope = "patient"
     study, matches, error = _lookup(api, lookups, study_id, limit, scope, pending, who, "kos", host)
     if error:

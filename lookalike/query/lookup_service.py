@@ -42,10 +42,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from lookalike.index.search import MatchedInstance, SimilarStudies, SimilarStudy, StudyNotIndexedError, similar_studies
 
-if TYPE_CHECKING:  # both pull in FAISS; the client side (Orthanc's process) must not
-    from lookalike.encoders.floors import SimilarityFloors
+from lookalike.encoders.floors import SimilarityFloors
+from lookalike.query.audit import AuditLog
 
-    from lookalike.query.audit import AuditLog
+if TYPE_CHECKING:  # the store pulls in FAISS; the client side (Orthanc's process) must not
     from lookalike.index.catalogue import Catalogue
     from lookalike.index.store import IndexStore
 
@@ -154,8 +154,6 @@ class LocalLookups:
 
     def __init__(self, store: "IndexStore", audit: "AuditLog | None" = None,
                  floors: "SimilarityFloors | None" = None) -> None:
-        from lookalike.encoders.floors import SimilarityFloors
-
         self.store = store
         self.audit = audit
         self.catalogue = store.catalogue

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
-from celery import Task
+from celery import Task, current_app
 from celery.utils.imports import symbol_by_name
 from celery.worker.request import create_request_cls
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
@@ -65,8 +65,6 @@ DIED = "the worker process died on this instance, each time it tried"
 
 def run_batch(task_name: str, items: list[Item], lookahead: list[Item]) -> None:
     """What the pool process runs: the named task's :meth:`BatchTask.run_batch` (a module function: picklable)."""
-    from celery import current_app
-
     current_app.tasks[task_name].run_batch(items, lookahead)
 
 

@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 import numpy as np
 
@@ -34,10 +34,12 @@ from lookalike.dicom.errors import LookalikeDicomError, NotIndexableError
 from lookalike.dicom.instance import PreparedInstance, prepare_instance
 from lookalike.encoders.base import Embedding
 from lookalike.index.catalogue import InstanceRecord
-from lookalike.index.store import IndexStore
 from lookalike.orthanc.client import (OrthancApi, OrthancAuthError, OrthancError, OrthancNotFoundError,
                                       OrthancUnavailableError, get_json, instance_series, orthanc_resource_id)
 from lookalike.orthanc.ingest import series_is_queued
+
+if TYPE_CHECKING:  # FAISS: embedding hosts and the worker's main process import this module, and open no index
+    from lookalike.index.store import IndexStore
 
 log = logging.getLogger(__name__)
 

@@ -45,16 +45,20 @@ import sqlite3
 import time
 from dataclasses import asdict, replace
 
+import billiard.process
 from celery import Task, bootsteps
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 from celery.utils.time import get_exponential_backoff_interval
 
 from lookalike.config import (EMBED_QUEUE, QUEUE, TASK_CATCH_UP, TASK_EMBED, TASK_FORGET, TASK_INDEX_INSTANCE,
                               TASK_RECONCILE_STUDY, TASK_REINDEX_INSTANCE, TASK_WRITE, WRITE_QUEUE, Settings)
+from lookalike.encoders import load_encoder
+from lookalike.encoders.base import resolve_device
+from lookalike.orthanc.client import HttpOrthanc, OrthancError
 from lookalike.worker.batching import DIED, BatchTask, Item
 from lookalike.worker.celery_app import app
-from lookalike.worker.change_log import UNWRITABLE
-from lookalike.orthanc.client import OrthancError
+from lookalike.worker.change_log import UNWRITABLE, ChangeLogFollower
+from lookalike.worker.pipeline import Embedder, InstanceIndexer, Job, Outcome, Pipeline, Request, Result
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +88,6 @@ def load_model(name: str, weights: str | None = None):
     """
     if os.getpid() == _MAIN_PID:
         raise RuntimeError("the worker's main process must not load a model: only its pool processes embed")
-    from lookalike.encoders import load_encoder
-
     device = _device()
     encoder = load_encoder(name, weights=weights or settings().weights.get(name), device=device)
     if (encoder.model_version, device) not in _announced:
@@ -100,10 +102,7 @@ _announced: set[tuple[str, str]] = set()
 @functools.cache
 def _device() -> str:
     """This pool process's torch device (see ``Settings.device``); torch's threads set once."""
-    import billiard.process
-    import torch
-
-    from lookalike.encoders.base import resolve_device
+    import torch  # here, not above: torch only in pool processes, never in the main process before it forks
 
     torch.set_num_threads(settings().torch_threads)
     return resolve_device(settings().device, getattr(billiard.process.current_process(), "index", None) or 0)
@@ -112,9 +111,6 @@ def _device() -> str:
 @functools.cache
 def embedder():
     """The worker process's embedding stage: Orthanc and the models, no index (what an embedding host has)."""
-    from lookalike.worker.pipeline import Embedder
-    from lookalike.orthanc.client import HttpOrthanc
-
     s = settings()
     api = HttpOrthanc(s.orthanc_url, s.orthanc_user, s.orthanc_password)
     # DICOM files as stored: Orthanc gzips them otherwise, which costs it (and us) more CPU than a LAN saves (a
@@ -126,16 +122,13 @@ def embedder():
 @functools.cache
 def indexer():
     """The worker process's index side (the index host's): opens the catalogue and the FAISS files."""
-    from lookalike.index.store import IndexStore
-    from lookalike.worker.pipeline import InstanceIndexer
+    from lookalike.index.store import IndexStore  # here, not above: FAISS only in the index host's pool process
 
     return InstanceIndexer(embedder().api, IndexStore(settings().index_dir, snapshot_every=SNAPSHOT_EVERY))
 
 
 def pipeline():
     """The worker process's orchestrator of plan -> embed -> apply, over its one embedder and its index."""
-    from lookalike.worker.pipeline import Pipeline
-
     return Pipeline(indexer(), embedder())
 
 
@@ -190,8 +183,6 @@ def _settle(task: Task, items: list[Item], results: list, queue: str) -> list:
 
     One entry per result: the result to write, or None where the instance was sent again.
     """
-    from lookalike.worker.pipeline import Outcome
-
     settled = []
     for item, result in zip(items, results):
         if result.outcome.status != "retry":
@@ -209,8 +200,6 @@ def _settle(task: Task, items: list[Item], results: list, queue: str) -> list:
 
 def _given_up(instance_id: str, study_id: str | None, reason: str = DIED):
     """The problem of an instance whose batches killed the pool process, or failed, again and again."""
-    from lookalike.worker.pipeline import Job, Outcome, Result
-
     return Result(Job(instance_id, None, study_id), Outcome("failed", instance_id, "internal-error",
                   reason or DIED), study_id=study_id or "")
 
@@ -254,8 +243,6 @@ def _write(results: list) -> list:
     """
     if not results:
         return []
-    from lookalike.worker.pipeline import Outcome
-
     started = time.perf_counter()
     try:
         outcomes = indexer().apply(results)
@@ -289,8 +276,6 @@ def _index(task: Task, items: list[Item], requests: list, ahead: list = ()) -> N
     ``ahead`` (requests of the next batch) are fetched and decoded while this batch embeds, but for those only
     missing that are indexed already.
     """
-    from lookalike.worker.pipeline import Job
-
     gone = [_given_up(r.instance_id, r.study_id, item.reason) for item, r in zip(items, requests) if item.given_up]
     live = [(item, request) for item, request in zip(items, requests) if not item.given_up]
     if settings().remote_embedding:
@@ -373,8 +358,6 @@ class IndexBatch(_Batched):
 class _IndexInstance(IndexBatch):
     def request_of(self, item: Item):
         """``(instance_id, series_id=None, study_id=None, missing_only=False)``, by position or name."""
-        from lookalike.worker.pipeline import Request
-
         return Request(*item.args, **item.kwargs)
 
 
@@ -382,8 +365,6 @@ class _ReindexInstance(IndexBatch):
     def request_of(self, item: Item):
         """``(instance_id, series_id, study_id, encoder, weights)``: embedded again by another checkpoint
         (``lookalike reindex``), beside its current vector; not written if that checkpoint's vector is there."""
-        from lookalike.worker.pipeline import Request
-
         names = ("instance_id", "series_id", "study_id", "encoder", "weights")
         a = {**dict(zip(names, item.args)), **item.kwargs}
         return Request(a["instance_id"], a["series_id"], a["study_id"], missing_only=True,
@@ -396,8 +377,6 @@ class _Embed(_Batched):
     home_queue = EMBED_QUEUE
 
     def run_batch(self, items: list[Item], lookahead: list[Item] = ()) -> None:
-        from lookalike.worker.pipeline import Job
-
         jobs = [Job.from_dict(item.args[0]) for item in items]
         ahead = [Job.from_dict(item.args[0]) for item in lookahead]
         gone = [_given_up(job.instance_id, job.study_id, item.reason) for item, job in zip(items, jobs)
@@ -434,8 +413,6 @@ def embed(self, *args, **kwargs) -> None:
 def write(self, results: list[dict]) -> None:
     """On the index host: one embedded batch (``Result.to_dict`` each) written with one ``add_many``; sent again
     with back-off while the index folder refuses it (past the budget, the catch-up finds its instances)."""
-    from lookalike.worker.pipeline import Result
-
     try:
         _write([Result.from_dict(r) for r in results])
     except IndexUnwritable as exc:
@@ -468,8 +445,6 @@ def forget(level: str, resource_id: str) -> None:
 @functools.cache
 def follower():
     """The worker process's reader of Orthanc's change log (it remembers where the previous pass stopped)."""
-    from lookalike.worker.change_log import ChangeLogFollower
-
     def queue(name: str, args: list, kwargs: dict) -> None:
         app.send_task(name, args=args, kwargs=kwargs, queue=QUEUE, retry=False)
 
