@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -249,3 +253,114 @@ def test_the_background_thread_merges_while_adds_go_on(tmp_path: Path) -> None:
         check_against_reference(store, reference, seed=12)
     with IndexStore(tmp_path, readonly=True, params=SMALL) as reader:
         check_against_reference(reader, reference, seed=13)
+
+
+# -- settling: an index that is fast whenever it is read ----------------------------------------------------------
+
+#: Small enough that a test's few hundred vectors make graphs; the idle time short enough to wait for.
+SETTLE = IndexParams(ann_above=None, graph_min=48, merge_factor=3, purge_share=0.3, settle_idle_s=0.2)
+
+
+def bulk_fill(store: IndexStore, sizes: list[int], vectors: np.ndarray) -> dict[int, np.ndarray]:
+    """One saved segment per batch of ``sizes``, as a back-fill's batches leave them; returns id -> vector."""
+    reference, start = {}, 0
+    for size in sizes:
+        rows = range(start, start + size)
+        reference.update(zip(store.add_many([record(i) for i in rows], vectors[start:start + size]),
+                             vectors[start:start + size]))
+        store.flush()
+        start += size
+    return reference
+
+
+def settled(layout: dict, params: IndexParams) -> bool:
+    """The shape a settle leaves: nothing left to merge, at most one segment without a graph."""
+    return layout["pending_merges"] == 0 and layout["segments"] - layout["graph_segments"] <= 1
+
+
+# Five batches of 40 and two of 5: the merge policy alone merges three of the 40s and leaves two 40s and two 5s
+# flat, searched exactly by every lookup.
+BURST = [40, 5, 40, 40, 5, 40, 40]
+
+
+def test_a_writer_that_closes_after_a_bulk_fill_leaves_the_index_settled(tmp_path: Path) -> None:
+    vectors = clustered(sum(BURST), DIM, seed=20)
+    with IndexStore(tmp_path, snapshot_every=10_000, params=SETTLE) as store:
+        reference = bulk_fill(store, BURST, vectors)
+    with IndexStore(tmp_path, readonly=True, params=SETTLE) as reader:  # the next reader, another process's view
+        [layout] = reader.layout()
+        assert settled(layout, SETTLE), layout
+        assert layout["segments"] <= 2 and layout["vectors"] == sum(BURST)
+        check_against_reference(reader, reference, seed=21)
+    folder = tmp_path / "us-v1"
+    assert {p.name for p in folder.iterdir()} == {"manifest.json"} | {
+        f"{e.name}{x}" for e in manifest(store).segments for x in (".faiss", ".ids.npy")}
+
+
+def test_a_writer_gone_idle_settles_its_index_while_it_stays_open(tmp_path: Path) -> None:
+    vectors = clustered(sum(BURST), DIM, seed=22)
+    with IndexStore(tmp_path, snapshot_every=10_000, params=SETTLE) as store, \
+            IndexStore(tmp_path, readonly=True, params=SETTLE) as reader:
+        reference = bulk_fill(store, BURST, vectors)
+        deadline = time.monotonic() + 60
+        while not settled(reader.layout()[0], SETTLE) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert settled(reader.layout()[0], SETTLE), reader.layout()
+        check_against_reference(reader, reference, seed=23)
+        # Indexing goes on after the settle; the next idle spell settles again.
+        more = clustered(60, DIM, seed=24)
+        reference.update(zip(store.add_many([record(1000 + i) for i in range(60)], more), more))
+        assert store.delete_instance("inst-3") == 1
+        del reference[list(reference)[3]]  # ids in the order of the records
+        store.flush()
+        deadline = time.monotonic() + 60
+        while not settled(reader.layout()[0], SETTLE) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert settled(reader.layout()[0], SETTLE), reader.layout()
+        check_against_reference(reader, reference, seed=25)
+
+
+def lookalike_cli(config: Path, *args: str) -> tuple[int, dict]:
+    """The real command line, as a site runs it; its exit status and the JSON it prints."""
+    exe = Path(sys.executable).with_name("lookalike")
+    done = subprocess.run([str(exe), "--config", str(config), *args], capture_output=True, text=True, timeout=300)
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_lookalike_compact_merges_beside_a_running_writer_and_status_shows_it(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # Orthanc is not running: status still shows the index, read from its folder
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    config = tmp_path / "lookalike.json"
+    config.write_text(json.dumps({"index_dir": str(tmp_path / "index"), "orthanc_url": f"http://127.0.0.1:{closed_port}"}))
+    sizes = [30] * 6
+    vectors = clustered(sum(sizes) + 20, DIM, seed=30)
+    # A writer that never merges by itself, kept open while the command runs (the worker of a site).
+    with IndexStore(tmp_path / "index", snapshot_every=10_000, background_compaction=False) as writer:
+        reference = bulk_fill(writer, sizes, vectors)
+        code, status = lookalike_cli(config, "status")
+        assert code == 1 and "error" in status  # the plugin did not answer
+        [before] = status["index_segments"]
+        assert (before["encoder"], before["model_version"], before["vectors"]) == ("us", "v1", sum(sizes))
+        assert before["segments"] == len(sizes) and before["pending_merges"] > 0
+        check_against_reference(writer, reference, seed=31)
+
+        code, compacted = lookalike_cli(config, "compact")
+        assert code == 0 and compacted["merges"] == before["pending_merges"]
+        [after] = compacted["index_segments"]
+        assert after["segments"] == 1 and after["pending_merges"] == 0 and after["vectors"] == sum(sizes)
+
+        # The writer follows the new manifest: its next changes land on the merged index, nothing lost.
+        check_against_reference(writer, reference, seed=32)
+        extra = list(range(sum(sizes), sum(sizes) + 20))
+        reference.update(zip(writer.add_many([record(i) for i in extra], vectors[extra]), vectors[extra]))
+        assert writer.delete_instance("inst-0") == 1
+        del reference[list(reference)[0]]
+        writer.flush()
+        check_against_reference(writer, reference, seed=33)
+    code, status = lookalike_cli(config, "status")
+    [now] = status["index_segments"]
+    assert now["segments"] == 2 and now["vectors"] == len(reference) and now["tombstones"] == 1
+    with IndexStore(tmp_path / "index", readonly=True) as reader:
+        check_against_reference(reader, reference, seed=34)

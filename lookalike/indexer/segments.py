@@ -67,6 +67,9 @@ class IndexParams:
     merge_factor: int = 4
     #: Compaction rewrites a segment alone once this share of its vectors are tombstones.
     purge_share: float = 0.2
+    #: A writer with no change for this many seconds *settles* its indexes (see :func:`plan_merge`), as it does
+    #: when it closes: a reader that opens the index later finds a few segments with graphs, not a burst's many.
+    settle_idle_s: float = 5.0
 
 
 class SegmentError(ValueError):
@@ -393,26 +396,72 @@ def size_class(live: int, factor: int) -> int:
     return int(math.log(max(live, 1), factor))
 
 
-def plan_merge(parts: list[Part], params: IndexParams) -> list[Part]:
-    """The segments the next compaction step should merge into one (empty: nothing to do).
+@dataclass(frozen=True)
+class SegmentShape:
+    """What the merge policy looks at in a segment: its size, its tombstones, whether it has a graph."""
+
+    count: int
+    deleted: int
+    graph: bool
+
+    @property
+    def live(self) -> int:
+        return self.count - self.deleted
+
+    @classmethod
+    def of(cls, part: Part) -> SegmentShape:
+        return cls(part.tombstones.count, part.tombstones.deleted, part.segment.graph)
+
+
+def plan_merge(parts: list[Part], params: IndexParams, settle: bool = False) -> list[Part]:
+    """The segments the next compaction step should merge into one (empty: nothing to do); see :func:`plan_shapes`."""
+    return [parts[i] for i in plan_shapes([SegmentShape.of(p) for p in parts], params, settle)]
+
+
+def plan_shapes(shapes: list[SegmentShape], params: IndexParams, settle: bool = False) -> list[int]:
+    """Positions in ``shapes`` of the segments the next compaction step should merge into one (empty: none).
 
     In order: a segment whose tombstones reached ``purge_share`` (rewritten alone, without them); else
     ``merge_factor`` segments of one size class, smallest class first; else a segment of at least ``graph_min``
     without a graph, alone in its class (given one). Merging like sizes writes each vector about ``log(n) / log(merge_factor)`` times
     in all and keeps at most ``merge_factor - 1`` segments per class, so a search visits a few dozen at most.
+
+    ``settle`` (a writer gone idle or closing, ``lookalike compact``): then every segment without a graph is merged
+    into one, as soon as there are two. The small segments a trickle of saves leaves, and the large flat ones a
+    bulk fill leaves short of ``merge_factor`` in their class, are each searched exactly; merged, the index is a
+    few graph segments and at most one small flat one, whichever reader opens it next.
     """
-    for part in parts:
-        t = part.tombstones
-        if t.deleted and t.deleted >= params.purge_share * t.count:
-            return [part]
-    classes: dict[int, list[Part]] = {}
-    for part in parts:
-        classes.setdefault(size_class(part.tombstones.live, params.merge_factor), []).append(part)
+    for i, shape in enumerate(shapes):
+        if shape.deleted and shape.deleted >= params.purge_share * shape.count:
+            return [i]
+    classes: dict[int, list[int]] = {}
+    for i, shape in enumerate(shapes):
+        classes.setdefault(size_class(shape.live, params.merge_factor), []).append(i)
     for _, members in sorted(classes.items()):
         if len(members) >= params.merge_factor:
-            return sorted(members, key=lambda p: p.tombstones.live)[: params.merge_factor]
+            return sorted(members, key=lambda i: shapes[i].live)[: params.merge_factor]
     for members in classes.values():
         # Alone in its class: no merge will give it a graph soon (a bulk import's batches wait for their merge).
-        if len(members) == 1 and not members[0].segment.graph and members[0].tombstones.live >= params.graph_min:
+        if len(members) == 1 and not shapes[members[0]].graph and shapes[members[0]].live >= params.graph_min:
             return members
+    if settle:
+        flat = [i for i, shape in enumerate(shapes) if not shape.graph]
+        if len(flat) >= 2:
+            return flat
     return []
+
+
+def pending_merges(shapes: list[SegmentShape], params: IndexParams, settle: bool = True) -> int:
+    """How many merges compaction would run on ``shapes`` before it stops (what ``lookalike status`` shows)."""
+    shapes = list(shapes)
+    merges = 0
+    while merges <= 4 * len(shapes) + 4:  # each merge removes a segment, a graph-less one or tombstones: it ends
+        chosen = plan_shapes(shapes, params, settle)
+        if not chosen:
+            return merges
+        live = sum(shapes[i].live for i in chosen)
+        shapes = [s for i, s in enumerate(shapes) if i not in chosen]
+        if live:
+            shapes.append(SegmentShape(live, 0, live >= params.graph_min))
+        merges += 1
+    return merges
