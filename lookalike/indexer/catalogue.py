@@ -25,7 +25,8 @@ import numpy as np
 #: File name of the catalogue inside the index folder.
 CATALOGUE_FILE = "catalogue.sqlite"
 
-_SCHEMA_VERSION = 2
+#: 3: ``study_time`` (rows of an older catalogue keep it NULL, read as unknown); 2: ``lesion_box``.
+_SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -47,6 +48,7 @@ CREATE TABLE IF NOT EXISTS instances (
     indexed_at          TEXT NOT NULL,
     seq                 INTEGER NOT NULL,
     lesion_box          TEXT,
+    study_time          TEXT,
     UNIQUE (sop_instance_uid, model_version)
 );
 CREATE INDEX IF NOT EXISTS instances_by_study ON instances (orthanc_study_id);
@@ -101,6 +103,9 @@ class InstanceRecord:
     #: The lesion the vector was made from, ``(x0, y0, x1, y1, confidence)`` in the stored pixels of the full frame
     #: (``x1``, ``y1`` exclusive), so that a viewer can draw it on the image Orthanc serves; None: the whole image.
     lesion_box: tuple[int, int, int, int, float] | None = None
+    #: StudyTime as the instance has it (DICOM TM); "" when it has none or the row predates schema 3: what orders
+    #: two studies of one day (:func:`lookalike.indexer.lookup.is_prior`).
+    study_time: str = ""
 
 
 _RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(InstanceRecord))
@@ -168,6 +173,7 @@ def _vector_from(blob: bytes | None, dim: int) -> np.ndarray | None:
 
 
 _BOX_FIELD = _RECORD_FIELDS.index("lesion_box")
+_TIME_FIELD = _RECORD_FIELDS.index("study_time")
 
 
 def _box_text(box: tuple | None) -> str | None:
@@ -251,6 +257,8 @@ class Catalogue:
             columns = {row[1] for row in conn.execute("PRAGMA table_info(instances)")}
             if "lesion_box" not in columns:  # a catalogue of schema 1: the boxes came in schema 2
                 conn.execute("ALTER TABLE instances ADD COLUMN lesion_box TEXT")
+            if "study_time" not in columns:  # before schema 3: its rows' StudyTime stays unknown (NULL)
+                conn.execute("ALTER TABLE instances ADD COLUMN study_time TEXT")
             conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             conn.execute("COMMIT")
         conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
@@ -287,6 +295,7 @@ class Catalogue:
         id_, *rest = values
         record_values = rest[: len(_RECORD_FIELDS)]
         record_values[_BOX_FIELD] = _box_from(record_values[_BOX_FIELD])
+        record_values[_TIME_FIELD] = record_values[_TIME_FIELD] or ""
         dim, indexed_at, seq, live = rest[len(_RECORD_FIELDS):]
         return CatalogueRow(*record_values, id=int(id_), vector=vector, dim=int(dim), indexed_at=indexed_at,
                             seq=int(seq), live=bool(live))
