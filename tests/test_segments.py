@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -364,3 +367,71 @@ def test_lookalike_compact_merges_beside_a_running_writer_and_status_shows_it(tm
     assert now["segments"] == 2 and now["vectors"] == len(reference) and now["tombstones"] == 1
     with IndexStore(tmp_path / "index", readonly=True) as reader:
         check_against_reference(reader, reference, seed=34)
+
+
+def test_half_precision_storage_halves_the_vectors_bytes_and_keeps_the_ranking(tmp_path: Path) -> None:
+    vectors = clustered(900, DIM, seed=40)
+    sizes = {}
+    for storage in ("float32", "fp16"):
+        folder = tmp_path / storage
+        folder.mkdir()
+        segment = Segment.write(folder, np.arange(900), vectors, IndexParams(storage=storage), graph=False)
+        sizes[storage] = (folder / f"{segment.name}.faiss").stat().st_size
+        np.testing.assert_allclose(segment.vectors(np.arange(900)), vectors, atol=1e-3)
+    assert sizes["fp16"] < 0.6 * sizes["float32"]
+
+    # An index saved in float32 and switched to fp16: merges rewrite its segments in half precision.
+    exact32 = IndexParams(ann_above=0, graph_min=200, merge_factor=3)
+    half = IndexParams(ann_above=0, graph_min=200, merge_factor=3, storage="fp16")
+    with IndexStore(tmp_path / "index", snapshot_every=10_000, params=exact32, background_compaction=False) as store:
+        reference = bulk_fill(store, [150, 150, 150], vectors)
+    with IndexStore(tmp_path / "index", snapshot_every=10_000, params=half, background_compaction=False) as store:
+        more = range(450, 900)
+        reference.update(zip(store.add_many([record(i) for i in more], vectors[450:]), vectors[450:]))
+        store.flush()
+        assert store.compact(settle=True) > 0
+        folder = store.index_path("us", "v1")
+        opened = [Segment.open(folder, e.name, e.count) for e in manifest(store).segments]
+        assert opened and all(isinstance(s.index, (faiss.IndexHNSWSQ, faiss.IndexScalarQuantizer)) for s in opened)
+    with IndexStore(tmp_path / "index", readonly=True, params=half) as reader:
+        queries = clustered(50, DIM, seed=41)
+        want_scores, want_ids = exact(reference, queries, 10)
+        scores, ids = reader.search("us", "v1", queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), want_ids.tolist())])
+    assert recall >= 0.95, recall
+    np.testing.assert_allclose(scores, want_scores, atol=2e-3)
+
+
+def resident_bytes(path: Path) -> int:
+    """How much of ``path`` the page cache holds (util-linux's fincore)."""
+    done = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], capture_output=True,
+                          text=True, check=True)
+    return int(done.stdout.split()[0])
+
+
+def evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_reader_reads_the_segments_into_the_page_cache_when_it_opens_them(tmp_path: Path) -> None:
+    """After a reboot or memory pressure, a fresh reader's first lookups would fault pages in one at a time."""
+    if shutil.which("fincore") is None:
+        pytest.skip("fincore (util-linux) is not installed")
+    with IndexStore(tmp_path, snapshot_every=100_000, params=SMALL, background_compaction=False) as store:
+        store.add_many([record(i) for i in range(20_000)], clustered(20_000, DIM, seed=50))
+    files = [p for p in store.index_path("us", "v1").glob("seg-*")]
+    for path in files:
+        evict(path)
+    if sum(resident_bytes(p) for p in files) > sum(p.stat().st_size for p in files) // 2:
+        pytest.skip("this file system keeps the files cached whatever it is told (tmpfs)")
+    with IndexStore(tmp_path, readonly=True, params=SMALL) as reader:
+        assert reader.size("us", "v1") == 20_000  # opens the segment; no lookup yet
+        deadline = time.monotonic() + 30
+        while (time.monotonic() < deadline
+               and any(resident_bytes(p) < p.stat().st_size - 4096 for p in files)):
+            time.sleep(0.1)
+        assert all(resident_bytes(p) >= p.stat().st_size - 4096 for p in files)

@@ -58,6 +58,7 @@ from .segments import (
     pending_merges,
     plan_merge,
     read_deleted,
+    read_into_page_cache,
     write_deleted,
 )
 from .vector_index import normalise
@@ -312,9 +313,12 @@ class IndexStore:
                     state.file_signature = signature
                     return
                 open_segments = {p.segment.name: p.segment for p in state.index.parts} if state.index else {}
-                parts = []
+                parts, opened = [], []
                 for entry in manifest.segments:
-                    segment = open_segments.get(entry.name) or Segment.open(folder, entry.name, entry.count)
+                    segment = open_segments.get(entry.name)
+                    if segment is None:
+                        segment = Segment.open(folder, entry.name, entry.count)
+                        opened.append(entry.name)
                     if segment.dim != manifest.dim:
                         raise SegmentError(f"segment {entry.name} has dim {segment.dim}, manifest {manifest.dim}")
                     parts.append(Part(segment, read_deleted(folder, entry.deleted_file, entry.count)))
@@ -327,11 +331,24 @@ class IndexStore:
                     state.seq = 0
                 return
             state.index = SegmentedIndex(manifest.dim, parts)
+            if self.readonly and opened:
+                self._prefetch(folder, opened)
             state.seq, state.file_signature, state.snapshot_bad = manifest.seq, signature, False
             state.generation, state.manifest_seq, state.entries = manifest.generation, manifest.seq, manifest.segments
             return
         log.warning("saved index %s kept changing while read: rebuilding from the catalogue", folder)
         state.snapshot_bad = True
+
+    def _prefetch(self, folder: Path, names: list[str]) -> None:
+        """Read newly opened segments into the page cache in a background thread (see
+        :func:`~lookalike.indexer.segments.read_into_page_cache`); lookups go on meanwhile."""
+        def read() -> None:
+            try:
+                read_into_page_cache(folder, names)
+            except OSError as error:  # the lookups read the pages themselves
+                log.warning("could not read the segments of %s ahead: %s", folder, error)
+
+        threading.Thread(target=read, name="index-prefetch", daemon=True).start()
 
     def _replay(self, key: Key, state: _Loaded) -> int:
         """Apply catalogue changes after ``state.seq``: drop each changed id, re-add it if live and ours."""
