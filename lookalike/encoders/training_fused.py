@@ -192,14 +192,21 @@ def labels(cache: dict[str, Any], idx: np.ndarray) -> np.ndarray:
 
 
 def leave_one_hospital_out(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], trained: bool, seed: int,
-                           epochs: int = HEAD["epochs"]) -> dict[str, float]:
-    """The selection rule: head trained on one hospital's train rows, P@5 of the other's val rows vs its train rows."""
+                           epochs: int = HEAD["epochs"], only_labels: tuple[str, ...] = ()) -> dict[str, float]:
+    """The selection rule: head trained on one hospital's train rows, P@5 of the other's val rows vs its train rows.
+
+    ``only_labels`` keeps only rows of those labels everywhere (a diagnostic; the rule uses every row).
+    """
+    def rows(c: dict[str, Any], split: str) -> np.ndarray:
+        idx = rows_of(c, (split,))
+        return idx[np.isin(c["label"][idx], only_labels)] if only_labels else idx
+
     out = {}
     for src, dst in (("busi", "bus_bra"), ("bus_bra", "busi")):
         s, d = caches[src], caches[dst]
         xs = joined(s, blocks)
-        tr = rows_of(s, ("train",))
-        dv, dt = rows_of(d, ("val",)), rows_of(d, ("train",))
+        tr = rows(s, "train")
+        dv, dt = rows(d, "val"), rows(d, "train")
         xd = joined(d, blocks)
         head = None
         if trained:
@@ -255,7 +262,7 @@ def load_caches(cache_dir: Path) -> dict[str, dict[str, Any]]:
     return {p.stem: dict(np.load(p)) for p in sorted(cache_dir.glob("*.npz"))}
 
 
-def select(cache_dir: Path, seed: int = 0, only: list[str] | None = None) -> dict[str, Any]:
+def select(cache_dir: Path, seed: int = 0, only: list[str] | None = None, loho_labels: tuple[str, ...] = ()) -> dict[str, Any]:
     """Every candidate: selection score (leave one hospital out), final head's val and test figures."""
     caches = load_caches(cache_dir)
     report = {}
@@ -263,7 +270,7 @@ def select(cache_dir: Path, seed: int = 0, only: list[str] | None = None) -> dic
         if only and name not in only:
             continue
         t0 = time.time()
-        loho = leave_one_hospital_out(caches, blocks, trained, seed, epochs_of(name))
+        loho = leave_one_hospital_out(caches, blocks, trained, seed, epochs_of(name), loho_labels)
         head, center = final_head(caches, blocks, seed, epochs_of(name)) if trained else (None, None)
         report[name] = {"blocks": list(blocks), "trained": trained, "loho": loho,
                         "figures": figures(caches, blocks, head, center)}
@@ -325,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--cache", type=Path, required=True)
     s.add_argument("--only", nargs="*")
     s.add_argument("--out-json", type=Path)
+    s.add_argument("--loho-labels", nargs="*", default=[], help="diagnostic: LOHO on rows of these labels only")
     f = sub.add_parser("fit")
     f.add_argument("--cache", type=Path, required=True)
     f.add_argument("--candidate", required=True, choices=sorted(k for k, v in CANDIDATES.items() if v[1]))
@@ -343,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         for d in a.data:
             cache_set(d, a.base, a.cache / f"{d.resolve().name}.npz")
     elif a.cmd == "select":
-        report = select(a.cache, a.seed, a.only)
+        report = select(a.cache, a.seed, a.only, tuple(a.loho_labels))
         if a.out_json:
             a.out_json.write_text(json.dumps(report, indent=1))
     else:
