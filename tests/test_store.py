@@ -423,8 +423,8 @@ def test_a_catalogue_of_schema_2_gains_study_time_and_keeps_its_rows(tmp_path) -
         conn.execute("INSERT INTO instances (sop_instance_uid, sop_class_uid, series_instance_uid, study_instance_uid,"
                      " patient_id, study_date, modality, orthanc_instance_id, orthanc_series_id, orthanc_study_id,"
                      " encoder, model_version, vector, dim, indexed_at, seq) VALUES ('1.2.3.1', '1.2', '1.2.3.1.1',"
-                     " '1.2.3.1', 'P1', '20240102', 'US', 'inst-1', 'series-1', 'study-1', 'us', 'v1', ?, 2, 'then', 1)",
-                     (np.ones(2, "<f4").tobytes(),))
+                     " '1.2.3.1', 'P1', '20240102', 'US', 'inst-1', 'series-1', 'study-1', 'us', 'v1', ?, 2,"
+                     " 'then', 1)", (np.ones(2, "<f4").tobytes(),))
         conn.execute("PRAGMA user_version=2")
     conn.close()
     with Catalogue(path) as catalogue:
