@@ -8,6 +8,7 @@ VAE encoder over every view, refinement, head). Goal: >= 20 US images/s at batch
 
     .venv/bin/python bench/encoder_throughput.py [--threads 1] [--images 96] [--repeats 3] [--device cpu]
         [--us-weights us.pt candidate.pt ...]   # several ultrasound checkpoints timed in one run
+        [--batch32-only]                        # only the goal's figure; prints each one's ratio to the first
 
 ``--device`` is the worker's setting (``cpu``, ``cuda``, ``cuda:N``, ``auto``); on a GPU the forward runs under
 autocast (float16) as in the worker, and the per-stage split (CPU only) is left out.
@@ -16,6 +17,7 @@ autocast (float16) as in the worker, and the per-stage split (CPU only) is left 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -95,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--us-weights", type=Path, nargs="+", default=[None],
                    help="ultrasound checkpoints to time in this one run (default: the shipped one)")
     p.add_argument("--no-xr", action="store_true", help="time the ultrasound checkpoints only")
+    p.add_argument("--batch32-only", action="store_true",
+                   help="only batch 32 on the data set's images (the cost goal's figure): no batch 1, no large frames, "
+                        "no stages; for comparing checkpoints on a loaded machine")
     a = p.parse_args(argv)
 
     import torch
@@ -106,16 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(a.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {device}, {a.images} images per "
           f"pass, median of {a.repeats}")
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{'encoder':24s} {'batch':>5s} {'ms/image':>9s} {'images/s':>9s}  images")
     stages: dict[str, dict[str, float]] = {}
+    rates: dict[str, float] = {}  # images/s at batch 32 on the data set's images, per ultrasound encoder
     for name, weights in [*(("us", w) for w in a.us_weights), *((("xr", None),) if not a.no_xr else ())]:
         enc = load_encoder(name, weights=weights, device=device)
         images, what = sample_images(name, a.images)
-        for batch in (1, 32):
+        for batch in ((32,) if a.batch32_only else (1, 32)):
             enc.batch_size = batch
             n = a.images if batch > 1 else min(a.images, 32)
             t = best_of(lambda: enc.embed(images[:n]), a.repeats)
             print(f"{enc.model_version:24s} {batch:5d} {1000 * t / n:9.2f} {n / t:9.1f}  {what}")
+            if name == "us" and batch == 32:
+                rates[f"{enc.model_version} ({weights or 'shipped'})"] = n / t
+        if a.batch32_only:
+            continue
         from PIL import Image
 
         rows, cols = CLINICAL[name]
@@ -150,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
                 if set(net.blocks) & {"m", "zr"}:
                     split["DDIM refinement"] = best_of(lambda: net.refine(z), a.repeats)
                 split["head"] = best_of(lambda: net.head(feats), a.repeats)
+    if len(rates) > 1:  # the machine is shared: compare encoders by their ratio within this one run
+        first, base = next(iter(rates.items()))
+        print(f"\nbatch 32, images/s relative to the first ultrasound encoder ({first}):")
+        for version, r in rates.items():
+            print(f"  {version:60s} {r:7.1f} images/s  ratio {r / base:5.2f}")
+    print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     for version, split in stages.items():
         total = sum(split.values())
         print(f"\n{version} at batch 32, per image, by stage:")

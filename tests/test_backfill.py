@@ -238,6 +238,35 @@ class TestRemotePacs:
         assert report["studies"] == 1 and report["incomplete_studies"] == []
         assert report["moved_from_remote"] == 1 and report["instances_moved_from_remote"] == 2
 
+    def test_a_report_lookalike_filed_does_not_make_up_for_a_missing_image(self, archive: dict, pacs: dict) -> None:
+        """Orthanc holds two of a remote study's three images and a Lookalike SR filed into the study: three
+        instances, as many as the PACS counts. The missing image is moved all the same, and all three indexed."""
+        import io
+
+        from lookalike.dicom.sr import build_similarity_report
+
+        stack = archive["stack"]
+        files = _write_studies(pacs["files"], [("US", "20200105", 3)], seed=14, prefix="PSR")
+        _store(pacs["stack"], files)
+        _store(stack, files[:2])
+        report_sr = build_similarity_report([pydicom.dcmread(files[0], stop_before_pixels=True)], [],
+                                            algorithm_version="test", model_version="test")
+        buffer = io.BytesIO()
+        report_sr.save_as(buffer, enforce_file_format=True)
+        assert stack.http().post(f"{stack.config.orthanc_url}/instances", data=buffer.getvalue(), timeout=30).ok
+        uid = _uid(files[0])
+        study_id = stack.http().post(f"{stack.config.orthanc_url}/tools/lookup", data=uid, timeout=10).json()[0]["ID"]
+        held = stack.http().get(f"{stack.config.orthanc_url}/studies/{study_id}/instances", timeout=10).json()
+        assert len(held) == 3  # the count alone cannot tell this study from a complete one
+
+        report = _backfill(archive["settings"], "--remote", "pacs", "--from", "20200101", "--to", "20201231")
+        assert report["incomplete_studies"] == [] and report["instances_moved_from_remote"] == 1
+        assert report["indexed"] == 3 and report["still_waiting"] == 0
+        assert _indexed_studies(stack)[uid] == 3
+        sops = {i["MainDicomTags"]["SOPInstanceUID"] for i in stack.http().get(
+            f"{stack.config.orthanc_url}/studies/{study_id}/instances", timeout=10).json()}
+        assert {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files} <= sops
+
     def test_a_cut_move_is_reported_and_finished_by_the_rerun(self, archive: dict, pacs: dict,
                                                              tmp_path: Path) -> None:
         """A series holds 8 of its 10 instances, as a C-MOVE cut by a crash leaves it. While the PACS cannot

@@ -10,20 +10,21 @@ import pytest
 from lookalike.encoders.floors import SimilarityFloors
 from lookalike.lab.calibration import write_calibration
 from lookalike.index.catalogue import InstanceRecord
-from lookalike.index.search import IDENTITY_FIELDS, SimilarStudy, StudyNotIndexedError, similar_studies
+from lookalike.index.search import (IDENTITY_FIELDS, SimilarStudy, StudyNotIndexedError, is_prior,
+                                    similar_studies)
 from lookalike.index.store import IndexStore
-from tests.support import findscu, store_floor_corpus
+from tests.support import findscu, make_study, noisy, sample_pixels, store_floor_corpus, store_studies
 
 
 def record(sop: str, study: str, *, modality: str = "US", encoder: str = "us",
-           patient: str | None = None, date: str = "20240102") -> InstanceRecord:
+           patient: str | None = None, date: str = "20240102", time: str = "") -> InstanceRecord:
     return InstanceRecord(
         sop_instance_uid=f"1.2.3.{study}.{sop}", sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
         series_instance_uid=f"1.2.3.{study}.0", study_instance_uid=f"1.2.3.{study}",
         patient_id=f"P-{study}" if patient is None else patient,
         study_date=date, modality=modality, orthanc_instance_id=f"inst-{study}-{sop}",
         orthanc_series_id=f"series-{study}", orthanc_study_id=f"study-{study}", encoder=encoder,
-        model_version="v1")
+        model_version="v1", study_time=time)
 
 
 def cos(a, b) -> float:
@@ -92,13 +93,13 @@ def test_a_study_without_live_instances_is_not_indexed(store: IndexStore) -> Non
     with pytest.raises(StudyNotIndexedError) as raised:
         similar_studies(store, "study-unknown")
     assert isinstance(raised.value, LookupError) and raised.value.orthanc_study_id == "study-unknown"
-    store.delete_study("study-9")
+    store.deletemake_study("study-9")
     with pytest.raises(StudyNotIndexedError):
         similar_studies(store, "study-9")
 
 
 def test_deleted_studies_drop_out_of_the_answers(store: IndexStore) -> None:
-    store.delete_study("study-1")
+    store.deletemake_study("study-1")
     assert [r.orthanc_study_id for r in similar_studies(store, "study-9")] == ["study-2", "study-3"]
 
 
@@ -228,6 +229,54 @@ def test_patient_scope_lists_earlier_studies_only(tmp_path: Path) -> None:
         assert len(similar_studies(s, "study-1")) == 4
 
 
+def test_a_same_day_study_is_a_prior_when_both_times_say_it_came_first(tmp_path: Path) -> None:
+    """Opened on the afternoon study of 2025-06-01: that morning's study of the patient is a prior; the evening
+    one, one of that day without a time, and any study of that day seen from a query without a time are not."""
+    with IndexStore(tmp_path / "index") as s:
+        s.add(record("1", "afternoon", patient="P-1", date="20250601", time="143000"), Q1)
+        s.add(record("1", "morning", patient="P-1", date="20250601", time="0815"), N1)  # TM may stop at minutes
+        s.add(record("1", "evening", patient="P-1", date="20250601", time="18:00:00"), Q1)  # ACR-NEMA form
+        s.add(record("1", "untimed", patient="P-1", date="20250601"), Q1)
+        s.add(record("1", "earlier", patient="P-1", date="20250531", time="235959"), N1)
+        s.add(record("1", "query-untimed", patient="P-1", date="20250601"), Q1)
+
+        def priors(study: str) -> list[str]:
+            return [r.orthanc_study_id for r in similar_studies(s, f"study-{study}", scope="patient")]
+
+        assert sorted(priors("afternoon")) == ["study-earlier", "study-morning"]
+        assert priors("morning") == ["study-earlier"]
+        assert sorted(priors("evening")) == ["study-afternoon", "study-earlier", "study-morning"]
+        assert priors("untimed") == priors("query-untimed") == ["study-earlier"]
+
+
+@pytest.mark.parametrize("prior, query, expected", [
+    (("20250601", "081500"), ("20250601", "143000"), True),
+    (("20250601", "143000"), ("20250601", "081500"), False),
+    (("20250601", "1430"), ("20250601", "143000.000"), False),  # the same moment is not earlier
+    (("20250601", "143000.25"), ("20250601", "143000.3"), True),  # fractions compare padded
+    (("20250601", ""), ("20250601", "143000"), False),
+    (("20250601", "081500"), ("20250601", ""), False),
+    (("20250601", "8:15"), ("20250601", "143000"), False),  # not a time: unknown
+    (("20250531", ""), ("20250601", ""), True),
+    (("20250602", "000000"), ("20250601", "235959"), False),
+    (("", "081500"), ("20250601", "143000"), False),
+])
+def test_a_prior_is_earlier_by_date_then_by_time(prior: tuple[str, str], query: tuple[str, str],
+                                                 expected: bool) -> None:
+    """The lookup's rule, and the Key Object Selection's check of its priors, give the same answer."""
+    from pydicom import Dataset
+
+    from lookalike.dicom.kos import _earlier
+
+    assert is_prior(prior[0], query[0], prior[1], query[1]) is expected
+    headers = []
+    for date, time in (prior, query):
+        ds = Dataset()
+        ds.StudyDate, ds.StudyTime = date, time
+        headers.append(ds)
+    assert _earlier(*headers) is expected
+
+
 def test_a_study_without_a_date_has_no_prior(tmp_path: Path) -> None:
     with IndexStore(tmp_path / "index") as s:
         s.add(record("1", "1", patient="P-1", date=""), Q1)
@@ -321,6 +370,30 @@ class TestOnTheStack:
                           timeout=30).json()
         assert [s["orthanc_study_id"] for s in priors["similar"]] == [ids["r_prior"]]
 
+    def test_a_same_day_study_is_a_prior_of_the_afternoon_study_only(self, stack, tmp_path: Path) -> None:
+        """Two studies of one patient on one day, stored through DICOM: from the afternoon study the morning one is
+        a prior; from the morning study, nothing is."""
+
+        dx = sample_pixels("DX", 8)
+        made = {}
+        for name, image, time in (("morning", dx[5], "081500"), ("afternoon", noisy(dx[5], 63), "143000")):
+            path, ds = make_study(image, "DX", "PSAMEDAY01", tmp_path, name, "20250915")
+            ds.StudyTime = time
+            ds.save_as(path, enforce_file_format=True)
+            made[name] = (path, ds)
+        ids = store_studies(stack, made, "two studies of one day")["ids"]
+        http, url = stack.http(), stack.config.orthanc_url
+
+        def priors(name: str) -> list[str]:
+            r = http.get(f"{url}/lookalike/studies/{ids[name]}/similar", params={"scope": "patient"}, timeout=30)
+            assert r.status_code == 200, r.text
+            return [s["orthanc_study_id"] for s in r.json()["similar"]]
+
+        assert priors("afternoon") == [ids["morning"]]
+        assert priors("morning") == []
+        archive = http.get(f"{url}/lookalike/studies/{ids['morning']}/similar", timeout=30).json()["similar"]
+        assert ids["afternoon"] in [s["orthanc_study_id"] for s in archive]  # similar, only not a prior
+
     def test_the_status_gives_each_models_floor(self, stack, floor_corpus: dict) -> None:
         status = stack.http().get(f"{stack.config.orthanc_url}/lookalike/status", timeout=10).json()
         xr = [c for c in status["indexed"] if c["encoder"] == "xr"]
@@ -343,7 +416,7 @@ class TestOnTheStack:
         assert summary.lower().startswith("no similar earlier study")
         assert all(f"{floor:.4f}" in summary for floor in floors.values())
 
-    def test_the_key_images_never_show_a_later_study(self, stack, floor_corpus: dict) -> None:
+    def test_the_key_images_never_show_a_latermake_study(self, stack, floor_corpus: dict) -> None:
         r = stack.http().post(f"{stack.config.orthanc_url}/lookalike/studies/{floor_corpus['ids']['q']}/similar-kos",
                               json={}, timeout=60)
         assert r.status_code == 200, r.text

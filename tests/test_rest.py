@@ -24,7 +24,8 @@ from lookalike.index.store import IndexStore
 from lookalike.orthanc.client import HttpOrthanc
 from lookalike.plugin import rest
 from lookalike.ops.stack import Stack
-from tests.support import identities, store_lookup_corpus
+from tests.support import (identities, make_study, sample_pixels, store_lookup_corpus, store_studies,
+                           wait_for)
 
 pytestmark = pytest.mark.stack
 
@@ -236,9 +237,126 @@ class TestRoutes:
         assert [(e["who"], e["via"], e["host"], e["orthanc_study_id"], e["results"]) for e in entries] == [
             ("admin", "rest", "127.0.0.1", corpus["ids"]["other"], [r.json()["similar"][0]["study_instance_uid"]])]
 
+    def test_refused_requests_are_in_the_audit_trail(self, stack: Stack, corpus: dict, tmp_path: Path) -> None:
+        """A lookup, report or key-image request turned down (400, 404, 409, 415) is traced like an answered one:
+        who, from where, which study, the outcome and the reason, and no patient's name."""
+        path, url = Path(stack.config.settings().audit_log), stack.config.orthanc_url
+        other, ds = make_study(sample_pixels("DX", 1)[0], "DX", "PREFUSED01", tmp_path, "not-an-image")
+        ds.Modality, ds.SOPClassUID = "OT", pydicom.uid.SecondaryCaptureImageStorage  # never indexed
+        ds.save_as(other, enforce_file_format=True)
+        assert stack.http().post(f"{url}/instances", data=other.read_bytes(), timeout=30).ok
+        not_indexed = stack.http().post(f"{url}/tools/lookup", data=str(ds.StudyInstanceUID), timeout=10).json()
+        not_indexed = next(x["ID"] for x in not_indexed if x["Type"] == "Study")
+        unknown = "00000000-00000000-00000000-00000000-00000000"
+        seen = len(list(read_entries(path))) if path.exists() else 0
+
+        asked = [
+            (stack.http().get(f"{url}/lookalike/studies/{corpus['ids']['a']}/similar?limit=0", timeout=30), "lookup"),
+            (stack.http().get(f"{url}/lookalike/studies/{unknown}/similar", timeout=30), "lookup"),
+            (stack.http().get(f"{url}/lookalike/studies/{not_indexed}/similar", timeout=30), "lookup"),
+            (stack.http().post(f"{url}/lookalike/studies/{corpus['ids']['a']}/similar-report", data="limit=2",
+                               timeout=30), "report"),
+            (stack.http().post(f"{url}/lookalike/studies/{not_indexed}/similar-kos", json={}, timeout=30), "kos"),
+        ]
+        assert [r.status_code for r, _ in asked] == [400, 404, 409, 415, 409]
+        lines = path.read_text(encoding="utf-8").splitlines()
+        entries = [e for e in list(read_entries(path))[seen:] if e["outcome"] == "refused"]
+        assert [(e["action"], e["details"]["status"], e["who"], e["via"], e["host"]) for e in entries] == [
+            (action, r.status_code, "admin", "rest", "127.0.0.1") for r, action in asked]
+        assert [e["details"]["orthanc_study_id"] for e in entries] == [
+            corpus["ids"]["a"], unknown, not_indexed, corpus["ids"]["a"], not_indexed]
+        assert all(e["reason"] for e in entries)
+        assert "limit" in entries[0]["reason"] and "US, DX or CR" in entries[2]["reason"]
+        assert entries[2]["study"] == entries[4]["study"] == ds.StudyInstanceUID
+        assert not any(str(ds.PatientName) in line or "PREFUSED01" in line for line in lines[-len(entries):])
+
     def test_the_default_answer_names_no_other_patient(self, stack: Stack, corpus: dict) -> None:
         r = stack.http().get(f"{stack.config.orthanc_url}/lookalike/studies/{corpus['ids']['a']}/similar?limit=100",
                              timeout=30)
         assert r.status_code == 200
         for identity in identities(corpus, "b", "other"):
             assert identity not in r.text
+
+
+# --- A site's own weights, and Orthanc's database reset: the status tells what the lookups and the catch-up do ---
+
+
+#: The floor a site measured for its copy of the shipped X-ray model (the shipped file says -0.7679).
+SITE_FLOOR = -0.25
+
+
+@pytest.fixture(scope="module")
+def site_stack(tmp_path_factory):
+    """A stack whose X-ray weights are the site's copy of the shipped checkpoint (same model version), with the
+    site's own calibration beside it; the catch-up runs every second."""
+    from lookalike.encoders.base import WEIGHTS_DIR
+    from lookalike.encoders.floors import calibration_path, read_calibrations
+    from lookalike.lab.calibration import write_calibration
+    from lookalike.ops.stack import StackConfig
+    from tests.conftest import require_programs
+
+    require_programs("Orthanc", "redis-server", "storescu")
+    tmp = tmp_path_factory.mktemp("site")
+    weights = tmp / "site-weights" / "xr.pt"
+    weights.parent.mkdir()
+    shutil.copyfile(WEIGHTS_DIR / "xr.pt", weights)
+    for calibration in read_calibrations(calibration_path(WEIGHTS_DIR / "xr.pt")).values():
+        write_calibration(weights, {**calibration, "floor": SITE_FLOOR})
+    config = StackConfig.create(tmp / "stack", weights={"xr": str(weights)}, extra_settings={"catch_up_interval": 1})
+    with Stack(config) as running:
+        yield running
+
+
+def _site_status(stack: Stack) -> dict:
+    r = stack.http().get(f"{stack.config.orthanc_url}/lookalike/status", timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+class TestStatusOfASite:
+    def test_the_status_gives_the_floor_the_lookups_apply_from_the_sites_weights(self, site_stack: Stack,
+                                                                                 tmp_path: Path) -> None:
+        dx = sample_pixels("DX", 3)
+        made = {f"s{i}": make_study(dx[i], "DX", f"PSITE{i:04d}", tmp_path, f"site{i}") for i in range(2)}
+        ids = store_studies(site_stack, made, "the site's studies")["ids"]
+        [xr] = [c for c in _site_status(site_stack)["indexed"] if c["encoder"] == "xr"]
+        answer = site_stack.http().get(f"{site_stack.config.orthanc_url}/lookalike/studies/{ids['s0']}/similar",
+                                       timeout=30).json()
+        assert answer["floors"] == {xr["model_version"]: SITE_FLOOR}  # the query service reads the site's file
+        assert xr["similarity_floor"] == SITE_FLOOR and "warning" not in xr
+
+    def test_after_a_database_reset_the_status_says_the_catch_up_is_behind(self, site_stack: Stack,
+                                                                           tmp_path: Path) -> None:
+        """The catch-up has read Orthanc's change log to its end; the worker is stopped, and Orthanc restarted on a
+        new, shorter database. Until the worker's next pass the status must not say that nothing is behind."""
+        dx = sample_pixels("DX", 4)
+        made = {f"r{i}": make_study(dx[i], "DX", f"PRESET{i:04d}", tmp_path, f"reset{i}") for i in range(2)}
+        store_studies(site_stack, made, "studies before the reset")
+        wait_for(lambda: _caught_up(site_stack), timeout=60, what="the catch-up to read the whole change log")
+        old_cursor = _site_status(site_stack)["catch_up"]["cursor"]
+
+        site_stack.stop_process("worker")
+        site_stack.stop_process("orthanc")
+        storage = site_stack.config.state_dir / "orthanc-storage"
+        storage.rename(storage.with_name("orthanc-storage.reset"))
+        site_stack.restart("orthanc")
+        path, _ = make_study(dx[3], "DX", "PRESET0009", tmp_path, "after")
+        _store_file(site_stack, path)
+        catch_up = _site_status(site_stack)["catch_up"]
+        assert 0 < catch_up["orthanc_last_change"] < old_cursor == catch_up["cursor"]
+        assert catch_up["reset_detected"] is True
+        assert catch_up["behind"] == catch_up["orthanc_last_change"]  # all of the new log is still to read
+
+        site_stack.restart("worker")
+        wait_for(lambda: _caught_up(site_stack), timeout=120, interval=1.0, what="the catch-up of the new log")
+
+
+def _caught_up(stack: Stack) -> bool:
+    """The catch-up has read the change log Orthanc has now to its end."""
+    catch_up = _site_status(stack)["catch_up"]
+    return catch_up["cursor"] > 0 and catch_up["behind"] == 0 and not catch_up["reset_detected"]
+
+
+def _store_file(stack: Stack, path: Path) -> None:
+    r = stack.http().post(f"{stack.config.orthanc_url}/instances", data=path.read_bytes(), timeout=30)
+    assert r.ok, r.text

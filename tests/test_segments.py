@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -267,3 +274,182 @@ def test_the_background_thread_merges_while_adds_go_on(tmp_path: Path) -> None:
         check_against_reference(store, reference, seed=12)
     with IndexStore(tmp_path, readonly=True, params=SMALL) as reader:
         check_against_reference(reader, reference, seed=13)
+
+
+# -- settling: an index that is fast whenever it is read ----------------------------------------------------------
+
+#: Small enough that a test's few hundred vectors make graphs; the idle time short enough to wait for.
+SETTLE = IndexParams(ann_above=None, graph_min=48, merge_factor=3, purge_share=0.3, settle_idle_s=0.2)
+
+
+def bulk_fill(store: IndexStore, sizes: list[int], vectors: np.ndarray) -> dict[int, np.ndarray]:
+    """One saved segment per batch of ``sizes``, as a back-fill's batches leave them; returns id -> vector."""
+    reference, start = {}, 0
+    for size in sizes:
+        rows = range(start, start + size)
+        reference.update(zip(store.add_many([record(i) for i in rows], vectors[start:start + size]),
+                             vectors[start:start + size]))
+        store.flush()
+        start += size
+    return reference
+
+
+def settled(layout: dict, params: IndexParams) -> bool:
+    """The shape a settle leaves: nothing left to merge, at most one segment without a graph."""
+    return layout["pending_merges"] == 0 and layout["segments"] - layout["graph_segments"] <= 1
+
+
+# Five batches of 40 and two of 5: the merge policy alone merges three of the 40s and leaves two 40s and two 5s
+# flat, searched exactly by every lookup.
+BURST = [40, 5, 40, 40, 5, 40, 40]
+
+
+def test_a_writer_that_closes_after_a_bulk_fill_leaves_the_index_settled(tmp_path: Path) -> None:
+    vectors = clustered(sum(BURST), DIM, seed=20)
+    with IndexStore(tmp_path, snapshot_every=10_000, params=SETTLE) as store:
+        reference = bulk_fill(store, BURST, vectors)
+    with IndexStore(tmp_path, readonly=True, params=SETTLE) as reader:  # the next reader, another process's view
+        [layout] = reader.layout()
+        assert settled(layout, SETTLE), layout
+        assert layout["segments"] <= 2 and layout["vectors"] == sum(BURST)
+        check_against_reference(reader, reference, seed=21)
+    folder = tmp_path / "us-v1"
+    assert {p.name for p in folder.iterdir()} == {"manifest.json"} | {
+        f"{e.name}{x}" for e in manifest(store).segments for x in (".faiss", ".ids.npy")}
+
+
+def test_a_writer_gone_idle_settles_its_index_while_it_stays_open(tmp_path: Path) -> None:
+    vectors = clustered(sum(BURST), DIM, seed=22)
+    with IndexStore(tmp_path, snapshot_every=10_000, params=SETTLE) as store, \
+            IndexStore(tmp_path, readonly=True, params=SETTLE) as reader:
+        reference = bulk_fill(store, BURST, vectors)
+        deadline = time.monotonic() + 60
+        while not settled(reader.layout()[0], SETTLE) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert settled(reader.layout()[0], SETTLE), reader.layout()
+        check_against_reference(reader, reference, seed=23)
+        # Indexing goes on after the settle; the next idle spell settles again.
+        more = clustered(60, DIM, seed=24)
+        reference.update(zip(store.add_many([record(1000 + i) for i in range(60)], more), more))
+        assert store.delete_instance("inst-3") == 1
+        del reference[list(reference)[3]]  # ids in the order of the records
+        store.flush()
+        deadline = time.monotonic() + 60
+        while not settled(reader.layout()[0], SETTLE) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert settled(reader.layout()[0], SETTLE), reader.layout()
+        check_against_reference(reader, reference, seed=25)
+
+
+def lookalike_cli(config: Path, *args: str) -> tuple[int, dict]:
+    """The real command line, as a site runs it; its exit status and the JSON it prints."""
+    exe = Path(sys.executable).with_name("lookalike")
+    done = subprocess.run([str(exe), "--config", str(config), *args], capture_output=True, text=True, timeout=300)
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_lookalike_compact_merges_beside_a_running_writer_and_status_shows_it(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # Orthanc is not running: status still shows the index, read from its folder
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    config = tmp_path / "lookalike.json"
+    config.write_text(json.dumps({"index_dir": str(tmp_path / "index"), "orthanc_url": f"http://127.0.0.1:{closed_port}"}))
+    sizes = [30] * 6
+    vectors = clustered(sum(sizes) + 20, DIM, seed=30)
+    # A writer that never merges by itself, kept open while the command runs (the worker of a site).
+    with IndexStore(tmp_path / "index", snapshot_every=10_000, background_compaction=False) as writer:
+        reference = bulk_fill(writer, sizes, vectors)
+        code, status = lookalike_cli(config, "status")
+        assert code == 1 and "error" in status  # the plugin did not answer
+        [before] = status["index_segments"]
+        assert (before["encoder"], before["model_version"], before["vectors"]) == ("us", "v1", sum(sizes))
+        assert before["segments"] == len(sizes) and before["pending_merges"] > 0
+        check_against_reference(writer, reference, seed=31)
+
+        code, compacted = lookalike_cli(config, "compact")
+        assert code == 0 and compacted["merges"] == before["pending_merges"]
+        [after] = compacted["index_segments"]
+        assert after["segments"] == 1 and after["pending_merges"] == 0 and after["vectors"] == sum(sizes)
+
+        # The writer follows the new manifest: its next changes land on the merged index, nothing lost.
+        check_against_reference(writer, reference, seed=32)
+        extra = list(range(sum(sizes), sum(sizes) + 20))
+        reference.update(zip(writer.add_many([record(i) for i in extra], vectors[extra]), vectors[extra]))
+        assert writer.delete_instance("inst-0") == 1
+        del reference[list(reference)[0]]
+        writer.flush()
+        check_against_reference(writer, reference, seed=33)
+    code, status = lookalike_cli(config, "status")
+    [now] = status["index_segments"]
+    assert now["segments"] == 2 and now["vectors"] == len(reference) and now["tombstones"] == 1
+    with IndexStore(tmp_path / "index", readonly=True) as reader:
+        check_against_reference(reader, reference, seed=34)
+
+
+def test_half_precision_storage_halves_the_vectors_bytes_and_keeps_the_ranking(tmp_path: Path) -> None:
+    vectors = clustered(900, DIM, seed=40)
+    sizes = {}
+    for storage in ("float32", "fp16"):
+        folder = tmp_path / storage
+        folder.mkdir()
+        segment = Segment.write(folder, np.arange(900), vectors, IndexParams(storage=storage), graph=False)
+        sizes[storage] = (folder / f"{segment.name}.faiss").stat().st_size
+        np.testing.assert_allclose(segment.vectors(np.arange(900)), vectors, atol=1e-3)
+    assert sizes["fp16"] < 0.6 * sizes["float32"]
+
+    # An index saved in float32 and switched to fp16: merges rewrite its segments in half precision.
+    exact32 = IndexParams(ann_above=0, graph_min=200, merge_factor=3)
+    half = IndexParams(ann_above=0, graph_min=200, merge_factor=3, storage="fp16")
+    with IndexStore(tmp_path / "index", snapshot_every=10_000, params=exact32, background_compaction=False) as store:
+        reference = bulk_fill(store, [150, 150, 150], vectors)
+    with IndexStore(tmp_path / "index", snapshot_every=10_000, params=half, background_compaction=False) as store:
+        more = range(450, 900)
+        reference.update(zip(store.add_many([record(i) for i in more], vectors[450:]), vectors[450:]))
+        store.flush()
+        assert store.compact(settle=True) > 0
+        folder = store.index_path("us", "v1")
+        opened = [Segment.open(folder, e.name, e.count) for e in manifest(store).segments]
+        assert opened and all(isinstance(s.index, (faiss.IndexHNSWSQ, faiss.IndexScalarQuantizer)) for s in opened)
+    with IndexStore(tmp_path / "index", readonly=True, params=half) as reader:
+        queries = clustered(50, DIM, seed=41)
+        want_scores, want_ids = exact(reference, queries, 10)
+        scores, ids = reader.search("us", "v1", queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), want_ids.tolist())])
+    assert recall >= 0.95, recall
+    np.testing.assert_allclose(scores, want_scores, atol=2e-3)
+
+
+def resident_bytes(path: Path) -> int:
+    """How much of ``path`` the page cache holds (util-linux's fincore)."""
+    done = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], capture_output=True,
+                          text=True, check=True)
+    return int(done.stdout.split()[0])
+
+
+def evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_reader_reads_the_segments_into_the_page_cache_when_it_opens_them(tmp_path: Path) -> None:
+    """After a reboot or memory pressure, a fresh reader's first lookups would fault pages in one at a time."""
+    if shutil.which("fincore") is None:
+        pytest.skip("fincore (util-linux) is not installed")
+    with IndexStore(tmp_path, snapshot_every=100_000, params=SMALL, background_compaction=False) as store:
+        store.add_many([record(i) for i in range(20_000)], clustered(20_000, DIM, seed=50))
+    files = [p for p in store.index_path("us", "v1").glob("seg-*")]
+    for path in files:
+        evict(path)
+    if sum(resident_bytes(p) for p in files) > sum(p.stat().st_size for p in files) // 2:
+        pytest.skip("this file system keeps the files cached whatever it is told (tmpfs)")
+    with IndexStore(tmp_path, readonly=True, params=SMALL) as reader:
+        assert reader.size("us", "v1") == 20_000  # opens the segment; no lookup yet
+        deadline = time.monotonic() + 30
+        while (time.monotonic() < deadline
+               and any(resident_bytes(p) < p.stat().st_size - 4096 for p in files)):
+            time.sleep(0.1)
+        assert all(resident_bytes(p) >= p.stat().st_size - 4096 for p in files)

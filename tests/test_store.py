@@ -408,6 +408,39 @@ def test_reader_sees_an_empty_catalogue_while_the_writer_has_not_committed_its_s
     reader.close()
 
 
+def test_a_catalogue_of_schema_2_gains_study_time_and_keeps_its_rows(tmp_path) -> None:
+    """A catalogue written before StudyTime was kept: opened by the writer, it gets the column; its rows read with an
+    unknown time ("") and keep their ids, and new rows keep theirs."""
+    import sqlite3
+
+    from lookalike.indexer import catalogue as module
+
+    path = tmp_path / "catalogue.sqlite"
+    old_schema = module._SCHEMA.replace("    study_time          TEXT,\n", "")
+    assert old_schema != module._SCHEMA
+    with sqlite3.connect(path) as conn:
+        conn.executescript(old_schema)
+        conn.execute("INSERT INTO instances (sop_instance_uid, sop_class_uid, series_instance_uid, study_instance_uid,"
+                     " patient_id, study_date, modality, orthanc_instance_id, orthanc_series_id, orthanc_study_id,"
+                     " encoder, model_version, vector, dim, indexed_at, seq) VALUES ('1.2.3.1', '1.2', '1.2.3.1.1',"
+                     " '1.2.3.1', 'P1', '20240102', 'US', 'inst-1', 'series-1', 'study-1', 'us', 'v1', ?, 2,"
+                     " 'then', 1)", (np.ones(2, "<f4").tobytes(),))
+        conn.execute("PRAGMA user_version=2")
+    conn.close()
+    with Catalogue(path) as catalogue:
+        [old] = catalogue.rows_for_study("study-1")
+        assert old.study_time == "" and old.id == 1
+        catalogue.upsert(InstanceRecord(**{**old.record.__dict__, "sop_instance_uid": "1.2.3.2",
+                                           "orthanc_instance_id": "inst-2", "study_time": "101500"}), np.ones(2))
+        assert sorted(r.study_time for r in catalogue.rows_for_study("study-1")) == ["", "101500"]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == module._SCHEMA_VERSION > 2
+    conn.close()
+    reader = Catalogue(path, readonly=True)
+    assert sorted(r.study_time for r in reader.rows_for_study("study-1", with_vectors=False)) == ["", "101500"]
+    reader.close()
+
+
 def test_problems_of_one_study(tmp_path) -> None:
     from lookalike.index.catalogue import Catalogue
 

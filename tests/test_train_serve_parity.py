@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pydicom
+import pytest
 from PIL import Image
 
 from lookalike.dicom.decode import decode_image
@@ -81,3 +82,43 @@ def test_fused_ultrasound_encoder_serves_what_training_cached(tmp_path) -> None:
     served = enc.embed([load_image(tmp_path / f"{i}.png", "us") for i in range(3)])
     trained = apply(net.head.eval(), joined(cached, ("vec", "crop160")), center)
     np.testing.assert_allclose(served, trained, atol=1e-5)
+
+
+@pytest.mark.parametrize(("blocks", "base_input", "side"), [(("vec128", "crop128"), "vector", 128),
+                                                            (("vae160", "crop160"), "features", 160)])
+def test_fused_encoder_at_a_smaller_side_serves_what_round3_cached(tmp_path, blocks, base_input, side) -> None:
+    """Round 3 makes both views once at the ImageNet side (128 or 160) from one finder pass, the VAE-diffusion branch
+    resizing them to 64: a checkpoint whose views are made at that side serves exactly the cached blocks' vectors."""
+    import torch
+
+    from lookalike.encoders import load_encoder
+    from lookalike.encoders.base import WEIGHTS_DIR
+    from lookalike.encoders.fused import FusedUltrasoundNet, fused_arch
+    from lookalike.lab.training_fused import apply, cache_set_sides, joined
+
+    rng = np.random.default_rng(3)
+    lines = ["path,label,group,split"]
+    for i, shape in enumerate([(300, 400), (256, 256), (180, 240)]):
+        img = (rng.random(shape) * 255).astype(np.uint8)
+        img[shape[0] // 3 : shape[0] // 2, shape[1] // 3 : shape[1] // 2] //= 4
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,benign,g{i},train")
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    cached = dict(np.load(cache_set_sides(tmp_path, WEIGHTS_DIR / "us.pt", tmp_path / "c.npz", sides=(side,))))
+
+    shipped = torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True)
+    base_arch = dict(shipped["arch"])
+    if base_input == "features":
+        base_arch["features"] = ["h", "z"]
+    arch = fused_arch(base_arch, base_input, ("lesion",), side, side)
+    torch.manual_seed(0)
+    net = FusedUltrasoundNet(arch)
+    state = shipped["state_dict"] if base_input == "vector" else {
+        k: v for k, v in shipped["state_dict"].items() if not k.startswith("head.")}
+    net.base.load_state_dict(state, strict=False)
+    torch.save({"arch": arch, "state_dict": net.state_dict(), "lesion": shipped["lesion"]}, tmp_path / "fused.pt")
+
+    enc = load_encoder("us", weights=tmp_path / "fused.pt")
+    assert enc.image_size == side
+    served = enc.embed([load_image(tmp_path / f"{i}.png", "us") for i in range(3)])
+    np.testing.assert_allclose(served, apply(net.head.eval(), joined(cached, blocks)), atol=1e-5)

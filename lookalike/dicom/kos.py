@@ -212,7 +212,10 @@ def _when(ds: Dataset) -> tuple[str, str] | None:
         return None
     time = str(ds.get("StudyTime", "") or "").strip().replace(":", "")
     whole, _, fraction = time.partition(".")  # TM: HH, HHMM, HHMMSS or HHMMSS.F... all compare once padded
-    return date, (whole.ljust(6, "0") + fraction.ljust(6, "0")) if whole else ""
+    fraction_ok = fraction.isdigit() and len(fraction) <= 6 if fraction else True
+    if not (whole.isdigit() and len(whole) in (2, 4, 6) and fraction_ok):
+        return date, ""  # no time, or none that reads as one: unknown, as the lookup's is_prior takes it
+    return date, whole.ljust(6, "0") + fraction.ljust(6, "0")
 
 
 def _earlier(prior: Dataset, query: Dataset) -> bool:

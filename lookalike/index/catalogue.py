@@ -27,7 +27,8 @@ CATALOGUE_FILE = "catalogue.sqlite"
 #: The cursor that holds the last Orthanc change the worker's catch-up handled (read by ``/lookalike/status``).
 CHANGES_CURSOR = "orthanc-changes"
 
-_SCHEMA_VERSION = 2
+#: 3: ``study_time`` (rows of an older catalogue keep it NULL, read as unknown); 2: ``lesion_box``.
+_SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -49,6 +50,7 @@ CREATE TABLE IF NOT EXISTS instances (
     indexed_at          TEXT NOT NULL,
     seq                 INTEGER NOT NULL,
     lesion_box          TEXT,
+    study_time          TEXT,
     UNIQUE (sop_instance_uid, model_version)
 );
 CREATE INDEX IF NOT EXISTS instances_by_study ON instances (orthanc_study_id);
@@ -103,6 +105,9 @@ class InstanceRecord:
     #: The lesion the vector was made from, ``(x0, y0, x1, y1, confidence)`` in the stored pixels of the full frame
     #: (``x1``, ``y1`` exclusive), so that a viewer can draw it on the image Orthanc serves; None: the whole image.
     lesion_box: tuple[int, int, int, int, float] | None = None
+    #: StudyTime as the instance has it (DICOM TM); "" when it has none or the row predates schema 3: what orders
+    #: two studies of one day (:func:`lookalike.index.search.is_prior`).
+    study_time: str = ""
 
 
 _RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(InstanceRecord))
@@ -170,6 +175,7 @@ def _vector_from(blob: bytes | None, dim: int) -> np.ndarray | None:
 
 
 _BOX_FIELD = _RECORD_FIELDS.index("lesion_box")
+_TIME_FIELD = _RECORD_FIELDS.index("study_time")
 
 
 def _box_text(box: tuple | None) -> str | None:
@@ -253,6 +259,8 @@ class Catalogue:
             columns = {row[1] for row in conn.execute("PRAGMA table_info(instances)")}
             if "lesion_box" not in columns:  # a catalogue of schema 1: the boxes came in schema 2
                 conn.execute("ALTER TABLE instances ADD COLUMN lesion_box TEXT")
+            if "study_time" not in columns:  # before schema 3: its rows' StudyTime stays unknown (NULL)
+                conn.execute("ALTER TABLE instances ADD COLUMN study_time TEXT")
             conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             conn.execute("COMMIT")
         conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
@@ -289,6 +297,7 @@ class Catalogue:
         id_, *rest = values
         record_values = rest[: len(_RECORD_FIELDS)]
         record_values[_BOX_FIELD] = _box_from(record_values[_BOX_FIELD])
+        record_values[_TIME_FIELD] = record_values[_TIME_FIELD] or ""
         dim, indexed_at, seq, live = rest[len(_RECORD_FIELDS):]
         return CatalogueRow(*record_values, id=int(id_), vector=vector, dim=int(dim), indexed_at=indexed_at,
                             seq=int(seq), live=bool(live))

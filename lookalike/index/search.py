@@ -123,9 +123,10 @@ def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10, s
     ----------
     scope
         ``"archive"``: every other study. ``"patient"``: the query patient's **priors**, the studies with the query
-        study's PatientID and an earlier StudyDate (none when that PatientID is empty, since an empty ID identifies
-        no one). A study without a valid StudyDate, or on the query study's own date, cannot be shown to be earlier
-        (the catalogue keeps no StudyTime) and is left out, and a query study without a date has no prior.
+        study's PatientID made earlier (:func:`is_prior`: StudyDate, then StudyTime on the same day; none when that
+        PatientID is empty, since an empty ID identifies no one). A study without a valid StudyDate, or of the
+        query study's own date where either StudyTime is unknown, cannot be shown to be earlier and is left out,
+        and a query study without a date has no prior.
     floors
         Where the floors are read; default the calibration files of the shipped weights and of the catalogue's
         active models.
@@ -151,7 +152,7 @@ def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10, s
     if not query_rows:
         raise StudyNotIndexedError(orthanc_study_id)
     patient_id = query_rows[0].patient_id  # an Orthanc study belongs to one patient
-    query_date = study_date_key(query_rows[0].study_date)
+    query_date, query_time = study_date_key(query_rows[0].study_date), query_rows[0].study_time
     groups: dict[tuple[str, str], list[CatalogueRow]] = {}
     for row in query_rows:
         groups.setdefault((row.encoder, row.model_version), []).append(row)
@@ -164,7 +165,9 @@ def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10, s
 
     def in_scope(hit: CatalogueRow) -> bool:
         return (hit.live and hit.orthanc_study_id != orthanc_study_id
-                and (scope == "archive" or (hit.patient_id == patient_id and is_prior(hit.study_date, query_date))))
+                and (scope == "archive"
+                     or (hit.patient_id == patient_id
+                         and is_prior(hit.study_date, query_date, hit.study_time, query_time))))
 
     def eligible(hit: CatalogueRow) -> bool:
         return in_scope(hit) and judged.get(hit.orthanc_study_id, True)
@@ -220,6 +223,8 @@ def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10, s
 
 #: A DICOM DA (YYYYMMDD); the ACR-NEMA form YYYY.MM.DD is read too.
 _DATE = re.compile(r"\d{8}")
+#: A DICOM TM: HH, HHMM or HHMMSS, then an optional fraction of up to six digits; the ACR-NEMA form HH:MM:SS too.
+_TIME = re.compile(r"(\d{2}|\d{4}|\d{6})(?:\.(\d{1,6}))?")
 
 
 def study_date_key(value: str | None) -> str | None:
@@ -228,14 +233,30 @@ def study_date_key(value: str | None) -> str | None:
     return text if _DATE.fullmatch(text) else None
 
 
-def is_prior(study_date: str | None, query_date: str | None) -> bool:
-    """Whether a study of ``study_date`` is a prior of the query study of ``query_date``: strictly earlier.
+def study_time_key(value: str | None) -> str | None:
+    """A StudyTime as HHMMSSffffff, comparable as text (HH and HHMM padded); None when it is empty or no time."""
+    found = _TIME.fullmatch((value or "").strip().replace(":", ""))
+    if found is None:
+        return None
+    return found.group(1).ljust(6, "0") + (found.group(2) or "").ljust(6, "0")
 
-    Without both dates nothing can be called earlier; on the same date the catalogue has no StudyTime to tell
-    which came first, so a study of that day is not called a prior.
+
+def is_prior(study_date: str | None, query_date: str | None, study_time: str | None = None,
+             query_time: str | None = None) -> bool:
+    """Whether a study of ``study_date`` (and ``study_time``) is a prior of the query study: strictly earlier.
+
+    By StudyDate, then, on the same day, by StudyTime: a study of that day is a prior only when both times are
+    known and it is the earlier one. Without both dates nothing can be called earlier, and neither can a study of
+    the same day whose time (or the query's) is unknown. The Key Object Selection checks its priors by the same
+    rule (``lookalike.dicom.kos``, which may not import the index; the tests hold the two to one answer).
     """
     date, query = study_date_key(study_date), study_date_key(query_date)
-    return date is not None and query is not None and date < query
+    if date is None or query is None:
+        return False
+    if date != query:
+        return date < query
+    time, query_clock = study_time_key(study_time), study_time_key(query_time)
+    return time is not None and query_clock is not None and time < query_clock
 
 
 def _best_pairs(store: IndexStore, encoder: str, model_version: str, rows: list[CatalogueRow], limit: int,

@@ -12,7 +12,9 @@ by scanning every entry, so both costs grow with the archive. Here a change cost
 
 A segment of at least ``graph_min`` vectors carries an HNSW graph (``IndexHNSWFlat``): the graph proposes the
 candidates and the segment's stored float32 vectors score them, so every score returned is the exact cosine. Smaller
-segments are flat (exact). Segment files are opened memory-mapped (``IO_FLAG_MMAP_IFC``: zero-copy for flat and HNSW
+segments are flat (exact). With ``IndexParams.storage="fp16"`` new segments store half-precision vectors
+(``IndexHNSWSQ``/``IndexScalarQuantizer`` with ``QT_fp16``): the vectors take half the memory and disk, and scores are
+the cosines of the rounded vectors (within about 1e-3). Segment files are opened memory-mapped (``IO_FLAG_MMAP_IFC``: zero-copy for flat and HNSW
 indexes in faiss 1.15), so a reader that starts loads nothing but the file headers.
 
 Files in the key's folder (``<index_dir>/<encoder>-<model_version>/``), all written once under a fresh name and never
@@ -67,6 +69,16 @@ class IndexParams:
     merge_factor: int = 4
     #: Compaction rewrites a segment alone once this share of its vectors are tombstones.
     purge_share: float = 0.2
+    #: How segments written from now on store their vectors: "float32" (exact scores) or "fp16" (half the bytes).
+    storage: str = "float32"
+    #: A writer with no change for this many seconds *settles* its indexes (see :func:`plan_merge`), as it does
+    #: when it closes: a reader that opens the index later finds a few segments with graphs, not a burst's many.
+    settle_idle_s: float = 5.0
+
+
+#: The FAISS index types a segment file may hold: flat or HNSW, over float32 or half-precision vectors.
+_SEGMENT_TYPES = (faiss.IndexFlatIP, faiss.IndexHNSWFlat, faiss.IndexScalarQuantizer, faiss.IndexHNSWSQ)
+_STORAGES = ("float32", "fp16")
 
 
 class SegmentError(ValueError):
@@ -88,7 +100,7 @@ class Segment:
 
     @property
     def graph(self) -> bool:
-        return isinstance(self.index, faiss.IndexHNSWFlat)
+        return isinstance(self.index, faiss.IndexHNSW)
 
     @property
     def dim(self) -> int:
@@ -102,8 +114,10 @@ class Segment:
         return pos[self.ids[pos] == ids].astype(np.int64)
 
     def vectors(self, positions: np.ndarray) -> np.ndarray:
-        """The stored (unit) vectors at ``positions``."""
+        """The stored (unit) vectors at ``positions``, as float32."""
         storage = self._exact()
+        if not isinstance(storage, faiss.IndexFlat):  # half precision: decoded
+            return storage.reconstruct_batch(np.ascontiguousarray(positions, dtype=np.int64))
         stored = faiss.rev_swig_ptr(storage.get_xb(), self.count * self.dim).reshape(self.count, self.dim)
         return stored[positions]  # a copy: fancy indexing
 
@@ -142,11 +156,16 @@ class Segment:
             raise ValueError("a segment's ids must be distinct")
         vectors = np.ascontiguousarray(vectors[order], dtype=np.float32)
         dim = vectors.shape[1]
+        if params.storage not in _STORAGES:
+            raise ValueError(f"storage {params.storage!r} is none of {', '.join(_STORAGES)}")
+        half = params.storage == "fp16"
         if graph:
-            index = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index = (faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+                     if half else faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT))
             index.hnsw.efConstruction = params.ef_construction
         else:
-            index = faiss.IndexFlatIP(dim)
+            index = (faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+                     if half else faiss.IndexFlatIP(dim))
         index.add(vectors)
         name = f"seg-{secrets.token_hex(6)}"
         atomic_write(folder / f"{name}.faiss", lambda temp: faiss.write_index(index, temp))
@@ -163,11 +182,33 @@ class Segment:
             raise
         except (RuntimeError, ValueError, OSError) as error:
             raise SegmentError(f"segment {name} unreadable: {error}") from error
-        if not isinstance(index, (faiss.IndexFlatIP, faiss.IndexHNSWFlat)):
+        if not isinstance(index, _SEGMENT_TYPES) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise SegmentError(f"segment {name} holds a {type(index).__name__}")
         if ids.dtype != np.int64 or ids.ndim != 1 or ids.shape[0] != index.ntotal or index.ntotal != count:
             raise SegmentError(f"segment {name}: {ids.shape} ids for {index.ntotal} vectors, manifest says {count}")
         return cls(name, index, ids)
+
+
+def read_into_page_cache(folder: Path, names: list[str]) -> int:
+    """Read the files of segments ``names`` front to back, so that the page cache holds them; returns bytes read.
+
+    A search touches pages all over a segment's file: a reader started after the cache lost the files (a reboot,
+    memory pressure) would otherwise fault them in one random read at a time during its first lookups (100 ms a
+    lookup at 1M vectors, against 3 ms warm). A sequential read takes seconds for a million vectors, and the memory
+    mapping then finds every page in the cache. (``posix_fadvise(WILLNEED)`` would say the same, but some file
+    systems ignore it.) Files replaced meanwhile are skipped.
+    """
+    done = 0
+    buffer = bytearray(4 << 20)
+    for name in names:
+        for suffix in (".faiss", ".ids.npy"):
+            try:
+                with open(folder / f"{name}{suffix}", "rb", buffering=0) as handle:
+                    while (read := handle.readinto(buffer)):
+                        done += read
+            except FileNotFoundError:
+                continue
+    return done
 
 
 def _save_array(path: str, array: np.ndarray) -> None:
@@ -393,26 +434,72 @@ def size_class(live: int, factor: int) -> int:
     return int(math.log(max(live, 1), factor))
 
 
-def plan_merge(parts: list[Part], params: IndexParams) -> list[Part]:
-    """The segments the next compaction step should merge into one (empty: nothing to do).
+@dataclass(frozen=True)
+class SegmentShape:
+    """What the merge policy looks at in a segment: its size, its tombstones, whether it has a graph."""
+
+    count: int
+    deleted: int
+    graph: bool
+
+    @property
+    def live(self) -> int:
+        return self.count - self.deleted
+
+    @classmethod
+    def of(cls, part: Part) -> SegmentShape:
+        return cls(part.tombstones.count, part.tombstones.deleted, part.segment.graph)
+
+
+def plan_merge(parts: list[Part], params: IndexParams, settle: bool = False) -> list[Part]:
+    """The segments the next compaction step should merge into one (empty: nothing to do); see :func:`plan_shapes`."""
+    return [parts[i] for i in plan_shapes([SegmentShape.of(p) for p in parts], params, settle)]
+
+
+def plan_shapes(shapes: list[SegmentShape], params: IndexParams, settle: bool = False) -> list[int]:
+    """Positions in ``shapes`` of the segments the next compaction step should merge into one (empty: none).
 
     In order: a segment whose tombstones reached ``purge_share`` (rewritten alone, without them); else
     ``merge_factor`` segments of one size class, smallest class first; else a segment of at least ``graph_min``
     without a graph, alone in its class (given one). Merging like sizes writes each vector about ``log(n) / log(merge_factor)`` times
     in all and keeps at most ``merge_factor - 1`` segments per class, so a search visits a few dozen at most.
+
+    ``settle`` (a writer gone idle or closing, ``lookalike compact``): then every segment without a graph is merged
+    into one, as soon as there are two. The small segments a trickle of saves leaves, and the large flat ones a
+    bulk fill leaves short of ``merge_factor`` in their class, are each searched exactly; merged, the index is a
+    few graph segments and at most one small flat one, whichever reader opens it next.
     """
-    for part in parts:
-        t = part.tombstones
-        if t.deleted and t.deleted >= params.purge_share * t.count:
-            return [part]
-    classes: dict[int, list[Part]] = {}
-    for part in parts:
-        classes.setdefault(size_class(part.tombstones.live, params.merge_factor), []).append(part)
+    for i, shape in enumerate(shapes):
+        if shape.deleted and shape.deleted >= params.purge_share * shape.count:
+            return [i]
+    classes: dict[int, list[int]] = {}
+    for i, shape in enumerate(shapes):
+        classes.setdefault(size_class(shape.live, params.merge_factor), []).append(i)
     for _, members in sorted(classes.items()):
         if len(members) >= params.merge_factor:
-            return sorted(members, key=lambda p: p.tombstones.live)[: params.merge_factor]
+            return sorted(members, key=lambda i: shapes[i].live)[: params.merge_factor]
     for members in classes.values():
         # Alone in its class: no merge will give it a graph soon (a bulk import's batches wait for their merge).
-        if len(members) == 1 and not members[0].segment.graph and members[0].tombstones.live >= params.graph_min:
+        if len(members) == 1 and not shapes[members[0]].graph and shapes[members[0]].live >= params.graph_min:
             return members
+    if settle:
+        flat = [i for i, shape in enumerate(shapes) if not shape.graph]
+        if len(flat) >= 2:
+            return flat
     return []
+
+
+def pending_merges(shapes: list[SegmentShape], params: IndexParams, settle: bool = True) -> int:
+    """How many merges compaction would run on ``shapes`` before it stops (what ``lookalike status`` shows)."""
+    shapes = list(shapes)
+    merges = 0
+    while merges <= 4 * len(shapes) + 4:  # each merge removes a segment, a graph-less one or tombstones: it ends
+        chosen = plan_shapes(shapes, params, settle)
+        if not chosen:
+            return merges
+        live = sum(shapes[i].live for i in chosen)
+        shapes = [s for i, s in enumerate(shapes) if i not in chosen]
+        if live:
+            shapes.append(SegmentShape(live, 0, live >= params.graph_min))
+        merges += 1
+    return merges

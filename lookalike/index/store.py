@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +53,12 @@ from .segments import (
     SegmentedIndex,
     SegmentEntry,
     SegmentError,
+    SegmentShape,
     Tombstones,
+    pending_merges,
     plan_merge,
     read_deleted,
+    read_into_page_cache,
     write_deleted,
 )
 from .vector_index import normalise
@@ -68,9 +72,6 @@ COMPACT_LOCK_FILE = "compact.lock"
 
 #: Rows fetched per catalogue query while replaying, to bound memory on a full rebuild.
 _REPLAY_BATCH = 10_000
-
-#: How long :meth:`IndexStore.close` waits for a running merge before leaving it to the next start.
-_CLOSE_WAIT_S = 10.0
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -146,8 +147,9 @@ class IndexStore:
     params
         The shape of the indexes: exact below ``ann_above`` live vectors, HNSW graphs on large segments above.
     background_compaction
-        A writer merges segments in a background thread after a save that leaves work for it; False leaves it
-        to explicit :meth:`compact` calls (a maintenance step).
+        A writer merges segments in a background thread after a save that leaves work for it, settles its indexes
+        once no change came for ``params.settle_idle_s`` seconds, and settles them when it closes (see
+        :meth:`close`); False leaves all of it to explicit :meth:`compact` calls (a maintenance step).
 
     Notes
     -----
@@ -175,16 +177,33 @@ class IndexStore:
         self._closing = False
         self._compactor: threading.Thread | None = None
         self._compaction_wanted = threading.Event()
+        self._stop_background = threading.Event()
+        #: When this writer last changed an index, and whether it saved anything (what its close settles).
+        self._last_change = time.monotonic()
+        self._saved = False
 
     def close(self) -> None:
-        """Save what the saved indexes lack (a writer), let a running merge finish or drop it, close the catalogue."""
+        """Save what the saved indexes lack (a writer), settle the indexes it changed, close the catalogue.
+
+        Settling (:meth:`compact` with ``settle``) merges what the background thread had not yet merged, so that
+        the next reader opens a few segments with graphs rather than a bulk fill's dozens; the background thread
+        stops after its current merge and this thread finishes the work. A process killed meanwhile loses nothing
+        (see :meth:`compact`): the next writer's background thread, or ``lookalike compact``, finishes it.
+        """
         if not self.readonly and not self._closing and any(s.unsaved() for s in self._loaded.values()):
             self.flush()
+        self._stop_background.set()
+        self._compaction_wanted.set()  # wakes the background thread from its idle wait
+        if self.background_compaction and self._saved and not self._closing:
+            try:
+                self.compact(settle=True)
+            except Exception:  # the saved index is intact; the next writer or `lookalike compact` merges
+                log.exception("index compaction on close failed")
         with self._lock:
             self._closing = True
         compactor = self._compactor
         if compactor is not None:
-            compactor.join(_CLOSE_WAIT_S)
+            compactor.join()  # it stops after its current merge, and settling waited for that merge already
         with self._lock:
             self.catalogue.close()
 
@@ -294,9 +313,12 @@ class IndexStore:
                     state.file_signature = signature
                     return
                 open_segments = {p.segment.name: p.segment for p in state.index.parts} if state.index else {}
-                parts = []
+                parts, opened = [], []
                 for entry in manifest.segments:
-                    segment = open_segments.get(entry.name) or Segment.open(folder, entry.name, entry.count)
+                    segment = open_segments.get(entry.name)
+                    if segment is None:
+                        segment = Segment.open(folder, entry.name, entry.count)
+                        opened.append(entry.name)
                     if segment.dim != manifest.dim:
                         raise SegmentError(f"segment {entry.name} has dim {segment.dim}, manifest {manifest.dim}")
                     parts.append(Part(segment, read_deleted(folder, entry.deleted_file, entry.count)))
@@ -309,11 +331,24 @@ class IndexStore:
                     state.seq = 0
                 return
             state.index = SegmentedIndex(manifest.dim, parts)
+            if self.readonly and opened:
+                self._prefetch(folder, opened)
             state.seq, state.file_signature, state.snapshot_bad = manifest.seq, signature, False
             state.generation, state.manifest_seq, state.entries = manifest.generation, manifest.seq, manifest.segments
             return
         log.warning("saved index %s kept changing while read: rebuilding from the catalogue", folder)
         state.snapshot_bad = True
+
+    def _prefetch(self, folder: Path, names: list[str]) -> None:
+        """Read newly opened segments into the page cache in a background thread (see
+        :func:`~lookalike.index.segments.read_into_page_cache`); lookups go on meanwhile."""
+        def read() -> None:
+            try:
+                read_into_page_cache(folder, names)
+            except OSError as error:  # the lookups read the pages themselves
+                log.warning("could not read the segments of %s ahead: %s", folder, error)
+
+        threading.Thread(target=read, name="index-prefetch", daemon=True).start()
 
     def _replay(self, key: Key, state: _Loaded) -> int:
         """Apply catalogue changes after ``state.seq``: drop each changed id, re-add it if live and ours."""
@@ -361,6 +396,25 @@ class IndexStore:
         with self._lock:
             state = self._refresh_key(_check_key(encoder, model_version))
             return len(state.index) if state.index is not None else 0
+
+    def layout(self) -> list[dict]:
+        """Per index, after a refresh: its segments (with an HNSW graph or not), vectors, tombstones, the vectors
+        only the catalogue holds yet (replayed into memory), and the merges compaction would still run when
+        settling; what ``lookalike status`` shows. 0 pending merges: settled, as fast as it gets to read."""
+        with self._lock:
+            described = []
+            for key in sorted(self.catalogue.index_keys()):
+                state = self._refresh_key(_check_key(*key))
+                parts = state.index.parts if state.index is not None else []
+                shapes = [SegmentShape.of(p) for p in parts]
+                described.append({
+                    "encoder": key[0], "model_version": key[1], "segments": len(shapes),
+                    "graph_segments": sum(s.graph for s in shapes),
+                    "vectors": len(state.index) if state.index is not None else 0,
+                    "tombstones": sum(s.deleted for s in shapes),
+                    "unsaved": len(state.index.tail) if state.index is not None else 0,
+                    "pending_merges": pending_merges(shapes, self.params)})
+            return described
 
     def search(self, encoder: str, model_version: str, vectors: np.ndarray,
                k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -442,6 +496,7 @@ class IndexStore:
     def _changed(self, n: int) -> None:
         """Count changes not yet saved; save once there are ``snapshot_every`` of them."""
         self._unsaved += n
+        self._last_change = time.monotonic()
         if self._unsaved >= self.snapshot_every:
             self.flush()
 
@@ -458,7 +513,8 @@ class IndexStore:
                 state = self._refresh_key(key)
                 if state.unsaved():
                     self._save(key, state)
-                merge_due |= state.index is not None and bool(plan_merge(state.index.parts, self.params))
+                merge_due |= state.index is not None and bool(plan_merge(state.index.parts, self.params,
+                                                                         settle=True))
         if merge_due:
             self._wake_compactor()
 
@@ -501,20 +557,28 @@ class IndexStore:
             (folder / name).unlink(missing_ok=True)
         for legacy in (self.index_dir / f"{folder.name}.faiss", self.index_dir / f"{folder.name}.faiss.json"):
             legacy.unlink(missing_ok=True)  # the single-file snapshot of earlier versions
+        self._saved = True
 
     # -- compaction -------------------------------------------------------------------------------------------
 
     def compact(self, encoder: str | None = None, model_version: str | None = None, *,
-                blocking: bool = True) -> int:
+                blocking: bool = True, settle: bool = False) -> int:
         """Merge segments until the merge policy is satisfied (see :func:`~lookalike.index.segments.plan_merge`).
 
-        Runs in the background thread after saves, and as a maintenance step. Each merge builds its segment
+        ``settle``: merge further, into the shape a reader searches fastest (what a writer does when it goes idle
+        or closes, and ``lookalike compact``). Runs in the background thread after saves, on close, and as a
+        maintenance step. Each merge builds its segment
         (with an HNSW graph once large) holding no lock, so adds and searches go on; it then takes ``write.lock``
         briefly to swap the segment in, carrying over the deletions made meanwhile. A crash at any point loses
         nothing: the old manifest still names complete files, and the catalogue holds every vector anyway. Also
         removes files no manifest names (left by a crash). Returns the number of merges; 0 at once when another
         thread or process is compacting and ``blocking`` is False.
         """
+        return self._compact(encoder, model_version, blocking=blocking, settle=settle)
+
+    def _compact(self, encoder: str | None = None, model_version: str | None = None, *, blocking: bool,
+                 settle: bool, stop: threading.Event | None = None) -> int:
+        """:meth:`compact`; ``stop``: the background thread's signal to end after the merge under way."""
         if self.readonly:
             raise PermissionError(f"index store {self.index_dir} is open read-only")
         with self._flock(COMPACT_LOCK_FILE, blocking) as held:
@@ -528,11 +592,11 @@ class IndexStore:
             for key in keys:
                 key = _check_key(*key)
                 self._collect_garbage(key)
-                while not self._closing and self._merge_once(key):
+                while not self._closing and not (stop and stop.is_set()) and self._merge_once(key, settle):
                     merges += 1
             return merges
 
-    def _merge_once(self, key: Key) -> bool:
+    def _merge_once(self, key: Key, settle: bool = False) -> bool:
         """Plan one merge, build its segment without locks, swap it in; False when there was nothing to do."""
         with self._writing():
             if self._closing:
@@ -542,7 +606,7 @@ class IndexStore:
                 self._save(key, state)
             if state.index is None:
                 return False
-            inputs = plan_merge(state.index.parts, self.params)
+            inputs = plan_merge(state.index.parts, self.params, settle)
             if not inputs:
                 return False
             planned = {p.segment.name: (p.segment, p.tombstones.copy()) for p in inputs}
@@ -595,7 +659,7 @@ class IndexStore:
         if not self.background_compaction:
             return
         with self._lock:
-            if self._closing:
+            if self._closing or self._stop_background.is_set():
                 return
             self._compaction_wanted.set()
             if self._compactor is None or not self._compactor.is_alive():
@@ -604,13 +668,36 @@ class IndexStore:
                 self._compactor.start()
 
     def _compact_in_background(self) -> None:
+        """Merge after each save that leaves work; once no change came for ``settle_idle_s``, settle, then end.
+
+        A burst or a back-fill is thus merged while the writer is idle, before any reader needs it; the thread
+        ends when all is settled and the next save that leaves work starts another.
+        """
         if hasattr(os, "SCHED_IDLE"):  # this thread only (and the OpenMP threads it starts): lookups come first
             with contextlib.suppress(OSError):
                 os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-        while self._compaction_wanted.is_set() and not self._closing:
-            self._compaction_wanted.clear()
+        stop = self._stop_background
+        settled = False
+        while not stop.is_set():
+            idle = time.monotonic() - self._last_change
+            if self._compaction_wanted.wait(max(0.0, self.params.settle_idle_s - idle)):
+                self._compaction_wanted.clear()
+                settle = settled = False
+            elif time.monotonic() - self._last_change < self.params.settle_idle_s:
+                continue  # a change came while waiting: wait until it is as old as the idle time
+            elif settled:
+                with self._lock:  # under the lock _wake_compactor takes: a wake now starts a new thread
+                    if not self._compaction_wanted.is_set():
+                        self._compactor = None
+                        return
+                continue
+            else:
+                settle = True
+            if stop.is_set():
+                return
             try:
-                self.compact(blocking=False)
+                self._compact(blocking=False, settle=settle, stop=stop)
             except Exception:
                 log.exception("index compaction failed")
                 return
+            settled = settle

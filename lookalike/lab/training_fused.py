@@ -68,6 +68,21 @@ CANDIDATES.update({
     "head_vec_crop224_e10": (("vec", "crop224"), True),
 })
 
+#: Round 3 (rule of the model card written before its runs): views made once at side S (128 or 160) from one finder
+#: box, the VAE-diffusion branch on them resized S -> 64, the ImageNet branch on the crop at S. Blocks carry
+#: their S: ``vecS``, ``featS``, ``vaeS``, ``cropS``; ``vec64`` is the shipped encoder as it serves (views at 64).
+#: ``baselines`` are heads on the shipped encoder's own blocks, the rule's same-split yardsticks.
+ROUND3_SIDES = (128, 160)
+ROUND3: dict[str, tuple[tuple[str, ...], bool]] = {"shipped_served": (("vec64",), False)}
+for _s in ROUND3_SIDES:
+    ROUND3[f"concat_vec{_s}_crop{_s}"] = ((f"vec{_s}", f"crop{_s}"), False)
+    ROUND3[f"imnet_crop{_s}"] = ((f"crop{_s}",), False)
+    for _e in (10, 30):
+        for _b in ("vec", "feat", "vae"):
+            ROUND3[f"baseline_{_b}{_s}_e{_e}"] = ((f"{_b}{_s}",), True)
+        for _b in ("vec", "vae"):
+            ROUND3[f"head_{_b}{_s}_crop{_s}_e{_e}"] = ((f"{_b}{_s}", f"crop{_s}"), True)
+
 HEAD = {"hidden": 256, "dim": 128, "epochs": 30, "lr": 1e-3, "per_class": 16, "margin": 0.2, "ce_weight": 1.0}
 
 
@@ -123,10 +138,70 @@ def cache_set(data: Path, base_path: Path, out: Path, chunk: int = 32) -> Path:
     return out
 
 
+class FixedBoxes:
+    """A finder that hands back boxes already found: one finder pass makes the views at every side."""
+
+    def __init__(self, boxes: list[Any]) -> None:
+        self.boxes = boxes
+
+    def find(self, images: list[Any]) -> list[Any]:
+        return self.boxes[: len(images)]
+
+
+def cache_set_sides(data: Path, base_path: Path, out: Path, sides: tuple[int, ...] = ROUND3_SIDES,
+                    chunk: int = 32) -> Path:
+    """Round 3's blocks of every image (module ``ROUND3``), each computed as the served network at that side would.
+
+    The finder runs once per image; its boxes make the views at 64 (the shipped encoder's own input: ``vec64``)
+    and at each side S, where the base branch sees the views resized S -> 64 and the ImageNet trunk the crop at S.
+    """
+    import torch
+
+    from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch, rescale
+    from lookalike.encoders.lesion import finder_from_checkpoint, prepare_views
+    from lookalike.encoders.pretrained import build_trunk
+    from lookalike.encoders.preprocessing import build_preprocess, load_image, read_manifest
+
+    ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
+    net = FusedUltrasoundNet(fused_arch(ckpt["arch"], "vector", (), 64, 64))
+    load_base(net, ckpt)
+    net.eval()
+    finder = finder_from_checkpoint(ckpt)
+    trunks = {s: build_trunk(s) for s in sides}
+    pres = {s: build_preprocess(s) for s in (64, *sides)}
+    rows = read_manifest(data)
+    parts: dict[str, list[np.ndarray]] = {}
+    t0 = time.time()
+    with torch.no_grad():
+        for i in range(0, len(rows), chunk):
+            images = [load_image(r["path"], "us") for r in rows[i : i + chunk]]
+            boxes = finder.find(images)
+            got = {}
+            for s, pre in pres.items():
+                x, _ = prepare_views(images, pre, net.views, FixedBoxes(boxes), net.arch["lesion_margin"])
+                feat, vec = net.base_outputs(x)
+                got[f"vec{s}"] = vec
+                if s != 64:
+                    got[f"feat{s}"] = feat
+                    got[f"crop{s}"] = trunks[s](rescale(x[:, [net.views.index("lesion")]], s))
+            for k, v in got.items():
+                parts.setdefault(k, []).append(v.float().numpy())
+            print(f"[cache3] {data.name} {min(i + chunk, len(rows))}/{len(rows)} ({time.time() - t0:.0f} s)", flush=True)
+    meta = {c: np.array([r.get(c, "") for r in rows]) for c in ("path", "label", "group", "split", "device")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **{k: np.concatenate(v) for k, v in parts.items()}, **meta)
+    return out
+
+
+def side_of(name: str) -> int:
+    """The side a block was computed at: ``crop160`` -> 160."""
+    return int(name.lstrip("abcdefghijklmnopqrstuvwxyz"))
+
+
 def block(cache: dict[str, Any], name: str) -> np.ndarray:
-    """One cached block; ``vae`` is the VAE part (h and z, 192 of each view's 320) of ``feat``."""
-    if name == "vae":
-        f = cache["feat"]
+    """One cached block; ``vae[S]`` is the VAE part (h and z, 192 of each view's 320) of ``feat[S]``."""
+    if name.startswith("vae"):
+        f = cache["feat" + name[3:]]
         per = f.shape[1] // 2
         return np.concatenate([f[:, :192], f[:, per : per + 192]], axis=1)
     return cache[name]
@@ -193,14 +268,21 @@ def labels(cache: dict[str, Any], idx: np.ndarray) -> np.ndarray:
 
 
 def leave_one_hospital_out(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], trained: bool, seed: int,
-                           epochs: int = HEAD["epochs"]) -> dict[str, float]:
-    """The selection rule: head trained on one hospital's train rows, P@5 of the other's val rows vs its train rows."""
+                           epochs: int = HEAD["epochs"], only_labels: tuple[str, ...] = ()) -> dict[str, float]:
+    """The selection rule: head trained on one hospital's train rows, P@5 of the other's val rows vs its train rows.
+
+    ``only_labels`` keeps only rows of those labels everywhere (a diagnostic; the rule uses every row).
+    """
+    def rows(c: dict[str, Any], split: str) -> np.ndarray:
+        idx = rows_of(c, (split,))
+        return idx[np.isin(c["label"][idx], only_labels)] if only_labels else idx
+
     out = {}
     for src, dst in (("busi", "bus_bra"), ("bus_bra", "busi")):
         s, d = caches[src], caches[dst]
         xs = joined(s, blocks)
-        tr = rows_of(s, ("train",))
-        dv, dt = rows_of(d, ("val",)), rows_of(d, ("train",))
+        tr = rows(s, "train")
+        dv, dt = rows(d, "val"), rows(d, "train")
         xd = joined(d, blocks)
         head = None
         if trained:
@@ -234,7 +316,7 @@ def final_head(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], seed:
 
 def figures(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], head: Any, center: np.ndarray | None) -> dict[str, Any]:
     """Val (val vs train) and test (protocol) figures of one candidate on every cached set, per bus_bra scanner too."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"pooled_val": pooled_val(caches, blocks, head, center)}
     for name, c in caches.items():
         v = apply(head, joined(c, blocks), center)
         lab, grp = c["label"], c["group"]
@@ -251,20 +333,59 @@ def figures(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], head: An
     return out
 
 
+def pooled_val(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], head: Any,
+               center: np.ndarray | None) -> dict[str, float]:
+    """P@5 of busi + bus_bra ``val`` rows against busi + bus_bra ``train`` rows (the rule's second test)."""
+    vs, ls, gs, sp = [], [], [], []
+    for name in TRAIN_SETS:
+        c = caches[name]
+        vs.append(apply(head, joined(c, blocks), center))
+        ls += list(c["label"])
+        gs += [f"{name}/{g}" for g in c["group"]]  # group ids of two hospitals must not collide
+        sp += list(c["split"])
+    v, lab, grp, split = np.concatenate(vs), np.array(ls), np.array(gs), np.array(sp)
+    va, tr = np.flatnonzero(split == "val"), np.flatnonzero(split == "train")
+    return p_at_5(v[va], lab[va], grp[va], v[tr], lab[tr], grp[tr])
+
+
+def round3_decision(report: dict[str, Any]) -> dict[str, Any]:
+    """The rule's tests 1 (LOHO >= best same-split baseline) and 2 (pooled val >= shipped as served) per candidate.
+
+    Test 3 (cost) is the bench's; a candidate that fails 1 or 2 is refused whatever its cost.
+    """
+    shipped = report["shipped_served"]["figures"]["pooled_val"]["P@5"]
+    out = {}
+    for name, r in report.items():
+        if not name.startswith("head_"):
+            continue
+        side, epochs = side_of(r["blocks"][-1]), epochs_of(name)
+        base = {b: report[f"baseline_{b}{side}_e{epochs}"]["loho"]["score"] for b in ("vec", "feat", "vae")
+                if f"baseline_{b}{side}_e{epochs}" in report}
+        best = max(base.values()) if base else float("nan")
+        pv = r["figures"]["pooled_val"]["P@5"]
+        out[name] = {"loho": r["loho"]["score"], "best_baseline": best, "pooled_val": pv, "shipped_pooled_val": shipped,
+                     "passes_1": bool(base) and r["loho"]["score"] >= best, "passes_2": pv >= shipped}
+        print(f"[rule] {name:28s} LOHO {r['loho']['score']:.3f} vs baselines {best:.3f}  pooled val {pv:.3f} vs "
+              f"shipped {shipped:.3f}  -> {'pass' if out[name]['passes_1'] and out[name]['passes_2'] else 'refused'}"
+              " (before cost)", flush=True)
+    return out
+
+
 def load_caches(cache_dir: Path) -> dict[str, dict[str, Any]]:
     """The cached sets, by data set name."""
     return {p.stem: dict(np.load(p)) for p in sorted(cache_dir.glob("*.npz"))}
 
 
-def select(cache_dir: Path, seed: int = 0, only: list[str] | None = None) -> dict[str, Any]:
+def select(cache_dir: Path, seed: int = 0, only: list[str] | None = None, loho_labels: tuple[str, ...] = (),
+           candidates: dict[str, tuple[tuple[str, ...], bool]] = CANDIDATES) -> dict[str, Any]:
     """Every candidate: selection score (leave one hospital out), final head's val and test figures."""
     caches = load_caches(cache_dir)
     report = {}
-    for name, (blocks, trained) in CANDIDATES.items():
+    for name, (blocks, trained) in candidates.items():
         if only and name not in only:
             continue
         t0 = time.time()
-        loho = leave_one_hospital_out(caches, blocks, trained, seed, epochs_of(name))
+        loho = leave_one_hospital_out(caches, blocks, trained, seed, epochs_of(name), loho_labels)
         head, center = final_head(caches, blocks, seed, epochs_of(name)) if trained else (None, None)
         report[name] = {"blocks": list(blocks), "trained": trained, "loho": loho,
                         "figures": figures(caches, blocks, head, center)}
@@ -272,6 +393,7 @@ def select(cache_dir: Path, seed: int = 0, only: list[str] | None = None) -> dic
         print(f"[select] {name:28s} LOHO {loho['score']:.3f} ({loho['busi->bus_bra']:.3f}/{loho['bus_bra->busi']:.3f})"
               f"  val busi {f['busi_val']['P@5']:.3f} bus_bra {f['bus_bra_val']['P@5']:.3f}  test busi "
               f"{f['busi']['P@5']:.3f} bus_bra {f['bus_bra']['P@5']:.3f} cross {f[CROSS_SET]['P@5']:.3f}"
+              f"  pooled val {f['pooled_val']['P@5']:.3f}"
               f"  ({time.time() - t0:.0f} s)", flush=True)
     return report
 
@@ -283,26 +405,29 @@ def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int =
     from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch
     from lookalike.lab.training import run_command, save_checkpoint
 
-    blocks, trained = CANDIDATES[candidate]
+    blocks, trained = {**CANDIDATES, **ROUND3}[candidate]
     if not trained:
         raise ValueError(f"{candidate} has no head to ship")
     caches = load_caches(cache_dir)
     head, center = final_head(caches, blocks, seed, epochs_of(candidate))
-    base_input = "vector" if "vec" in blocks else ("features" if {"feat", "vae"} & set(blocks) else "none")
+    kinds = {b.rstrip("0123456789") for b in blocks}
+    base_input = "vector" if "vec" in kinds else ("features" if {"feat", "vae"} & kinds else "none")
     im = [b for b in blocks if b.startswith(("crop", "whole"))]
-    sizes = {int(b[-3:]) for b in im}
+    sizes = {side_of(b) for b in im}
+    # round 3: views made at the blocks' side S (round 1 made them at VIEW_SIZE whatever the ImageNet side)
+    view_size = side_of(blocks[0]) if candidate in ROUND3 else VIEW_SIZE
     if len(sizes) > 1:
         raise ValueError("one ImageNet side per encoder")
     ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
     base_arch = dict(ckpt["arch"])
-    if "vae" in blocks:
+    if "vae" in kinds:
         base_arch["features"] = ["h", "z"]
     views = tuple("lesion" if b.startswith("crop") else "whole" for b in im)
-    arch = fused_arch(base_arch, base_input, views, sizes.pop() if sizes else VIEW_SIZE, VIEW_SIZE,
+    arch = fused_arch(base_arch, base_input, views, sizes.pop() if sizes else view_size, view_size,
                       HEAD["dim"], HEAD["hidden"])
     arch["center"] = [float(v) for v in center]
     net = FusedUltrasoundNet(arch)
-    if "vae" in blocks:  # the base head is not used (features only): keep the trunk's weights
+    if "vae" in kinds:  # the base head is not used (features only): keep the trunk's weights
         state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("head.")}
         net.base.load_state_dict(state, strict=False)
     else:
@@ -322,13 +447,16 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("cache")
     c.add_argument("--data", nargs="+", type=Path, required=True)
     c.add_argument("--cache", type=Path, required=True)
+    c.add_argument("--round3", action="store_true", help="round 3's blocks: views at 128 and 160 px, one finder pass")
     s = sub.add_parser("select")
+    s.add_argument("--round3", action="store_true", help="round 3's candidates and the rule's tests 1-2")
     s.add_argument("--cache", type=Path, required=True)
     s.add_argument("--only", nargs="*")
     s.add_argument("--out-json", type=Path)
+    s.add_argument("--loho-labels", nargs="*", default=[], help="diagnostic: LOHO on rows of these labels only")
     f = sub.add_parser("fit")
     f.add_argument("--cache", type=Path, required=True)
-    f.add_argument("--candidate", required=True, choices=sorted(k for k, v in CANDIDATES.items() if v[1]))
+    f.add_argument("--candidate", required=True, choices=sorted(k for k, v in {**CANDIDATES, **ROUND3}.items() if v[1]))
     f.add_argument("--out", type=Path, required=True)
     for q in (c, f):
         q.add_argument("--base", type=Path, default=WEIGHTS_DIR / "us.pt", help="the VAE-diffusion checkpoint")
@@ -342,9 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(a.seed)
     if a.cmd == "cache":
         for d in a.data:
-            cache_set(d, a.base, a.cache / f"{d.resolve().name}.npz")
+            (cache_set_sides if a.round3 else cache_set)(d, a.base, a.cache / f"{d.resolve().name}.npz")
     elif a.cmd == "select":
-        report = select(a.cache, a.seed, a.only)
+        report = select(a.cache, a.seed, a.only, tuple(a.loho_labels), ROUND3 if a.round3 else CANDIDATES)
+        if a.round3 and "shipped_served" in report:
+            report["rule"] = round3_decision(report)
         if a.out_json:
             a.out_json.write_text(json.dumps(report, indent=1))
     else:

@@ -80,3 +80,9 @@ def meaning(api: OrthancApi, change_type: str | None, level: str | None, resourc
     if change_type == DELETED and level in LEVELS:
         return Work(TASK_FORGET, (LEVELS[level], resource_id))
     return None
+
+
+def change_anchor(change: dict) -> str:
+    """A change of Orthanc's log as the catch-up cursor's anchor: its number, type, resource and date (a new
+    database repeats the number, hardly the rest); the catch-up and the status route judge a reset by it."""
+    return f"{int(change['Seq'])} {change.get('ChangeType', '')} {change.get('ID', '')} {change.get('Date', '')}"

@@ -4,7 +4,8 @@
 module. Settings come from the ``"Lookalike"`` section of Orthanc's own configuration.
 
 Orthanc's process loads neither FAISS nor the index: every lookup goes over one channel, the query service's
-socket (:class:`~lookalike.query.lookup_service.LookupClient`), and the query service writes the audit trail.
+socket (:class:`~lookalike.query.lookup_service.LookupClient`), and the query service records the lookups it
+answers in the audit trail (the routes here record the requests they refuse).
 Three reads of the catalogue are left here, read-only (SQLite alone, no vectors, no FAISS), each for a reason:
 
 - ``/lookalike/status``: it must answer while the query service is down, starting or stuck (it is where an
@@ -28,11 +29,13 @@ from typing import Any, Callable
 import redis
 
 from lookalike.config import QUEUE, Settings
+from lookalike.encoders.floors import SimilarityFloors
 from lookalike.index.catalogue import CATALOGUE_FILE, Catalogue
 from lookalike.orthanc.client import OrthancError, OrthancNotFoundError
 from lookalike.plugin import rest
 from lookalike.plugin.events import ChangeHandler
 from lookalike.plugin.sender import TaskSender
+from lookalike.query.audit import AuditLog
 from lookalike.query.lookup_service import LookupClient, LookupUnavailable
 from lookalike.worker.celery_app import make_app
 
@@ -113,6 +116,9 @@ def register(orthanc: Any) -> None:
     api = InProcessOrthanc(orthanc)
     # Read-only, for the three reads the module's docstring names and justifies; lookups go to the query service.
     catalogue = Catalogue(Path(settings.index_dir) / CATALOGUE_FILE, readonly=True)
+    # The floors the query service applies to the lookups, read where it reads them (beside the site's weights
+    # first), so that the status page shows the floor the answers actually use.
+    floors = SimilarityFloors(settings.weights.values(), catalogue)
     lookups = LookupClient(settings.lookup_socket, settings.lookup_secret, settings.lookup_timeout, catalogue)
     broker = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
 
@@ -124,26 +130,45 @@ def register(orthanc: Any) -> None:
         orthanc.LogWarning("Lookalike: this Python plugin has no incoming-request filter: the audit trail records "
                            "REST lookups without the caller's address")
 
-    def route(handler: Callable[..., rest.Response], methods: tuple[str, ...]) -> Callable[..., None]:
+    try:
+        audit: AuditLog | None = AuditLog(settings.audit_log)
+    except OSError as exc:
+        audit = None
+        orthanc.LogError(f"Lookalike: the audit trail {settings.audit_log} cannot be opened ({exc}): refused REST "
+                         "requests are not recorded")
+
+    def record_refusal(response: rest.Response, action: str | None, groups: tuple, who: str, host: str) -> None:
+        """A lookup route's refusal into the audit trail; one it cannot take is said in Orthanc's log."""
+        if action is None or audit is None:
+            return
+        try:
+            rest.audit_refusal(audit, response, action=action, study_id=groups[0] if groups else "", who=who,
+                               host=host)
+        except OSError as exc:
+            orthanc.LogError(f"Lookalike: a refused {action} request was not recorded in the audit trail: {exc}")
+
+    def route(handler: Callable[..., rest.Response], methods: tuple[str, ...],
+              action: str | None = None) -> Callable[..., None]:
+        """The Orthanc callback of one route; ``action`` names a lookup route's requests in the audit trail."""
         def callback(output: Any, uri: str, **request: Any) -> None:
             host = callers.take()
             if request.get("method") not in methods:
                 output.SendMethodNotAllowed(",".join(methods))
                 return
+            headers = request.get("headers", {})
+            who = rest.http_user(headers)
             try:
-                headers = request.get("headers", {})
                 refusal = rest.post_refusal(headers) if request.get("method") == "POST" else None
                 if refusal is not None:
                     orthanc.LogWarning(f"Lookalike: POST {uri} from {host or '?'} refused: {refusal[1]['error']}")
-                    _answer(output, *refusal)
-                    return
-                # Orthanc hands a GET its query string (undecoded), and a POST only its body.
-                if request.get("method") == "POST":
-                    query = rest.parse_post_body(request.get("body", b""))
+                    status, body = refusal
                 else:
-                    query = rest.decode_query(request.get("get", {}))
-                who = rest.http_user(headers)
-                status, body = handler(*request.get("groups", ()), query=query, who=who, host=host)
+                    # Orthanc hands a GET its query string (undecoded), and a POST only its body.
+                    if request.get("method") == "POST":
+                        query = rest.parse_post_body(request.get("body", b""))
+                    else:
+                        query = rest.decode_query(request.get("get", {}))
+                    status, body = handler(*request.get("groups", ()), query=query, who=who, host=host)
             except ValueError as exc:
                 status, body = 400, {"error": str(exc)}
             except LookupUnavailable as exc:
@@ -152,6 +177,7 @@ def register(orthanc: Any) -> None:
             except Exception:
                 orthanc.LogError(f"Lookalike: {uri} failed: {traceback.format_exc()}")
                 status, body = 500, {"error": "internal error; see Orthanc's log"}
+            record_refusal((status, body), action, tuple(request.get("groups", ())), who, host)
             _answer(output, status, body)
 
         return callback
@@ -173,15 +199,16 @@ def register(orthanc: Any) -> None:
                                 pending=sender.pending(), who=who, host=host)
 
     def status(query: dict, who: str, host: str) -> rest.Response:
-        code, body = rest.status(catalogue, lambda: broker.llen(QUEUE), sender.pending(), api, lookups)
+        code, body = rest.status(catalogue, lambda: broker.llen(QUEUE), sender.pending(), api, lookups, floors)
         components = _components(settings.components_file)
         if components is not None:  # `lookalike run`'s supervisor: each process's state, restarts, last exit
             body["components"] = components
         return code, body
 
-    orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar", route(similar, ("GET",)))
-    orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar-report", route(similar_report, ("POST",)))
-    orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar-kos", route(similar_kos, ("POST",)))
+    orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar", route(similar, ("GET",), "lookup"))
+    orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar-report",
+                                 route(similar_report, ("POST",), "report"))
+    orthanc.RegisterRestCallback("/lookalike/studies/([^/]+)/similar-kos", route(similar_kos, ("POST",), "kos"))
     orthanc.RegisterRestCallback("/lookalike/status", route(status, ("GET",)))
     orthanc.ExtendOrthancExplorer(resources.files("lookalike.plugin").joinpath("explorer.js").read_text())
     broker_at = redis.connection.parse_url(settings.redis_url)  # the URL holds Redis's password: not for the log

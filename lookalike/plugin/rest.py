@@ -3,7 +3,8 @@
 The lookups themselves are the query service's (:mod:`lookalike.query.lookup_service`): in Orthanc's process
 the handlers get a :class:`~lookalike.query.lookup_service.LookupClient`, so that neither FAISS nor the index is
 ever loaded there, and read the catalogue read-only for what needs no index (why a study is not indexed, a report's
-evidence, the status). The query service records each lookup in the audit trail before it answers. Every answer
+evidence, the status). The query service records each lookup in the audit trail before it answers; a request the
+routes refuse is recorded by the plugin (:func:`audit_refusal`). Every answer
 goes through :meth:`SimilarStudy.as_public_dict`, so another patient's identity leaves the server only where the
 site's settings disclose it.
 """
@@ -28,9 +29,10 @@ from lookalike.dicom.sr import SimilarCase, build_similarity_report
 from lookalike.encoders.floors import SimilarityFloors
 from lookalike.index.catalogue import CHANGES_CURSOR as CURSOR, Catalogue
 from lookalike.index.search import SCOPES, SimilarStudy, StudyNotIndexedError
+from lookalike.query.audit import AuditLog
 from lookalike.query.lookup_service import AuditUnavailable, LookupRequest, Lookups, LookupUnavailable
 from lookalike.orthanc.client import OrthancApi, OrthancNotFoundError, find_by_uids, get_json, store_instance
-from lookalike.orthanc.ingest import study_is_queued
+from lookalike.orthanc.ingest import change_anchor, study_is_queued
 
 Response = tuple[int, dict[str, Any]]
 
@@ -159,7 +161,8 @@ def parse_scope(raw: str | None) -> str:
     return raw
 
 
-def _not_indexed(api: OrthancApi, catalogue: Catalogue, study_id: str, pending: int) -> Response:
+def _not_indexed(api: OrthancApi, catalogue: Catalogue, study_id: str, pending: int,
+                 study_instance_uid: str = "") -> Response:
     """409 with the reason a known study has nothing to search with yet."""
     series = get_json(api, f"/studies/{study_id}/series")
     modalities = sorted({s.get("MainDicomTags", {}).get("Modality", "") for s in series})
@@ -174,6 +177,7 @@ def _not_indexed(api: OrthancApi, catalogue: Catalogue, study_id: str, pending: 
         "error": "study not indexed",
         "reason": reason,
         "study": study_id,
+        "study_instance_uid": study_instance_uid,
         "modalities": modalities,
         "queued_tasks": pending,
         "problems": [{"instance": p.orthanc_instance_id, "code": p.code, "message": p.message} for p in problems],
@@ -203,11 +207,38 @@ def _lookup(api: OrthancApi, lookups: Lookups, study_id: str, limit: int, scope:
     try:
         matches = lookups.lookup(request)
     except StudyNotIndexedError:
-        return None, None, _not_indexed(api, lookups.catalogue, study_id, pending)
+        return None, None, _not_indexed(api, lookups.catalogue, study_id, pending, request.study_instance_uid)
     except AuditUnavailable as exc:
         return None, None, (503, {"error": "audit trail unavailable; the lookup is not answered unrecorded",
                                   "reason": str(exc)})
     return study, matches, None
+
+
+#: Statuses of a lookup route that turn a request down for what it asked (bad parameters, a cross-site POST, an
+#: unknown or not-indexed study, a body that is not JSON): recorded in the audit trail as refused.
+REFUSALS = (400, 403, 404, 409, 415)
+#: Longest study id from a request's path that a refusal records: the path is the caller's, not Orthanc's.
+_MAX_AUDITED_ID = 128
+
+
+def audit_refusal(audit: AuditLog, response: Response, *, action: str, study_id: str, who: str,
+                  host: str = "") -> dict | None:
+    """Record a lookup route's refusal (outcome "refused", the HTTP status and the reason it answered), or None
+    where ``response`` is no refusal. The reason is the answer's own error text, which names no patient: a
+    refused lookup is traced like an answered one, without writing down more than was asked.
+
+    Raises
+    ------
+    OSError
+        The line could not be written (the request is refused all the same).
+    """
+    status, body = response
+    if status not in REFUSALS:
+        return None
+    reason = str(body.get("error", "")) + (f": {body['reason']}" if body.get("reason") else "")
+    return audit.refused(who=who, via="rest", host=host or None, action=action, reason=reason,
+                         study=body.get("study_instance_uid") or None, status=status,
+                         orthanc_study_id=study_id[:_MAX_AUDITED_ID])
 
 
 def unavailable(exc: LookupUnavailable) -> Response:
@@ -408,24 +439,44 @@ def similar_kos(api: OrthancApi, lookups: Lookups, study_id: str, limit: int, *,
     }
 
 
+def catch_up_state(catalogue: Catalogue, api: OrthancApi) -> dict[str, Any]:
+    """How far the worker's catch-up is behind Orthanc's change log, judged as its next pass will judge it.
+
+    A cursor kept for another change log (Orthanc's database reset or replaced: the cursor is beyond Orthanc's
+    last change, or the change it last read is no longer there as read) is no progress: the next pass reads the
+    new log from its start, so every change of it is behind (``reset_detected``), not none.
+    """
+    cursor, anchor = catalogue.cursor(CURSOR), catalogue.cursor_anchor(CURSOR)
+    last = int(get_json(api, "/changes?last")["Last"])
+    reset = cursor > last
+    if not reset and cursor and anchor:
+        changes = get_json(api, f"/changes?since={int(anchor.split()[0]) - 1}&limit=1").get("Changes", [])
+        reset = not changes or change_anchor(changes[0]) != anchor
+    state: dict[str, Any] = {"cursor": cursor, "orthanc_last_change": last, "behind": last if reset else
+                             max(0, last - cursor), "reset_detected": reset}
+    if reset:
+        state["note"] = ("the cursor was kept for another Orthanc change log (database reset or replaced): the "
+                         "catch-up reads this one again from its start")
+    return state
+
+
 def status(catalogue: Catalogue, queue_length: Callable[[], int | None], pending: int = 0,
-           api: OrthancApi | None = None, lookups: Lookups | None = None) -> Response:
+           api: OrthancApi | None = None, lookups: Lookups | None = None,
+           floors: SimilarityFloors | None = None) -> Response:
     """``GET /lookalike/status``: what is indexed, what waits, what went wrong lately, how far the catch-up is,
     and whether the query service answers lookups.
 
     Read from the catalogue alone, so that it answers while the query service is down. ``catch_up`` compares
-    Orthanc's newest change with the last one the worker's catch-up has handled: a gap that does not close says
-    the worker is not running or cannot keep up.
+    Orthanc's newest change with the last one the worker's catch-up has handled (:func:`catch_up_state`): a gap
+    that does not close says the worker is not running or cannot keep up. ``floors`` are the floors the lookups
+    apply (the query service's: beside ``Settings.weights`` first); default the shipped and reindexed models' only.
     """
-    catch_up: dict[str, Any] = {"cursor": catalogue.cursor(CURSOR)}
-    if api is not None:
-        catch_up["orthanc_last_change"] = int(get_json(api, "/changes?last")["Last"])
-        catch_up["behind"] = max(0, catch_up["orthanc_last_change"] - catch_up["cursor"])
+    catch_up: dict[str, Any] = {"cursor": catalogue.cursor(CURSOR)} if api is None else catch_up_state(catalogue, api)
     counts = [
         {"modality": modality, "encoder": encoder, "model_version": version, "instances": n}
         for modality, encoder, version, n in catalogue.counts()
     ]
-    floors = SimilarityFloors(catalogue=catalogue)
+    floors = floors if floors is not None else SimilarityFloors(catalogue=catalogue)
     for count in counts:
         # The score below which a lookup drops a match; null: the model has no calibration, and every study is
         # answered however low it scores.

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
 from lookalike.config import ENCODER_FOR_MODALITY, TASK_INDEX_INSTANCE
+from lookalike.dicom.sr import MANUFACTURER
 from lookalike.index.catalogue import Catalogue
 from lookalike.index.vector_index import atomic_write
 from lookalike.orthanc.client import OrthancApi, OrthancError, OrthancNotFoundError, get_json
@@ -210,15 +211,30 @@ def orthanc_study_id(api: OrthancApi, study_uid: str) -> str | None:
     return next((x["ID"] for x in found if x.get("Type") == "Study"), None)
 
 
+#: Modalities of the documents Lookalike files into a study (the SR of similar studies, the KOS of priors).
+OWN_DOCUMENT_MODALITIES = ("SR", "KO")
+
+
+def is_own_series(series: dict) -> bool:
+    """Whether an Orthanc series holds Lookalike's own documents (Manufacturer "Lookalike", SR or KO), filed into
+    the local study after it was received: they are not the PACS's instances, and must not stand in for one."""
+    tags = series.get("MainDicomTags", {})
+    return tags.get("Manufacturer", "").strip() == MANUFACTURER and tags.get("Modality") in OWN_DOCUMENT_MODALITIES
+
+
 def plan_move(api: OrthancApi, pacs: RemotePacs, study: RemoteStudy) -> MovePlan:
     """Compare Orthanc's copy of a remote study with the PACS's: equal instance counts mean held; otherwise series
-    by series, then instance by instance where a series' counts differ, so that only what is missing moves."""
+    by series, then instance by instance where a series' counts differ, so that only what is missing moves.
+
+    The local count leaves out the series of Lookalike's own documents (:func:`is_own_series`): a report filed into a
+    study that lacks an image would otherwise make up the count and pass the study for complete.
+    """
     orthanc_id = orthanc_study_id(api, study.uid)
     if orthanc_id is None:
         return MovePlan(None, 0, [("Study", {"StudyInstanceUID": study.uid})])
     local = {s.get("MainDicomTags", {}).get("SeriesInstanceUID", ""): s
              for s in get_json(api, f"/studies/{orthanc_id}/series")}
-    held = sum(len(s.get("Instances", [])) for s in local.values())
+    held = sum(len(s.get("Instances", [])) for s in local.values() if not is_own_series(s))
     if study.instances is not None and held == study.instances:
         return MovePlan(orthanc_id, held, [])
     requests: list[tuple[str, dict[str, str]]] = []

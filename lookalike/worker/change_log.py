@@ -25,7 +25,7 @@ from typing import Callable
 from lookalike.config import TASK_INDEX_INSTANCE
 from lookalike.index.catalogue import CHANGES_CURSOR, Catalogue
 from lookalike.orthanc.client import OrthancApi, OrthancNotFoundError, get_json
-from lookalike.orthanc.ingest import DELETED, NEW_INSTANCE, meaning
+from lookalike.orthanc.ingest import DELETED, NEW_INSTANCE, change_anchor, meaning
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,6 @@ class CatchUpReport:
     queued: list[str] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
-
-
-def _anchor_of(change: dict) -> str:
-    """A change as the cursor's anchor: its number, type, resource and date (a new database repeats the number,
-    hardly the rest)."""
-    return f"{int(change['Seq'])} {change.get('ChangeType', '')} {change.get('ID', '')} {change.get('Date', '')}"
 
 
 class ChangeLogFollower:
@@ -129,7 +123,7 @@ class ChangeLogFollower:
                     if not self._handle(change, report) and pending_from is None:
                         pending_from = seq - 1
                     if pending_from is None:
-                        anchor = _anchor_of(change)
+                        anchor = change_anchor(change)
                     report.changes_read += 1
                     since = seq
                     report.cursor_after = since if pending_from is None else pending_from
@@ -165,7 +159,7 @@ class ChangeLogFollower:
         """Whether Orthanc's log still holds the change ``anchor`` describes, as it was read."""
         seq = int(anchor.split()[0])
         changes = get_json(self.api, f"/changes?since={seq - 1}&limit=1").get("Changes", [])
-        return bool(changes) and _anchor_of(changes[0]) == anchor
+        return bool(changes) and change_anchor(changes[0]) == anchor
 
     def _handle(self, change: dict, report: CatchUpReport) -> bool:
         """Queue what one change means (:func:`~lookalike.orthanc.ingest.meaning`, as for the plugin's event);

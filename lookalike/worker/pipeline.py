@@ -331,6 +331,7 @@ class Embedder:
             study_instance_uid=_text(ds, "StudyInstanceUID"),
             patient_id=_text(ds, "PatientID"),
             study_date=_text(ds, "StudyDate"),
+            study_time=_text(ds, "StudyTime"),
             modality=_text(ds, "Modality"),
             orthanc_instance_id=job.instance_id,
             orthanc_series_id=job.series_id or "",
