@@ -93,13 +93,13 @@ def test_a_study_without_live_instances_is_not_indexed(store: IndexStore) -> Non
     with pytest.raises(StudyNotIndexedError) as raised:
         similar_studies(store, "study-unknown")
     assert isinstance(raised.value, LookupError) and raised.value.orthanc_study_id == "study-unknown"
-    store.deletemake_study("study-9")
+    store.delete_study("study-9")
     with pytest.raises(StudyNotIndexedError):
         similar_studies(store, "study-9")
 
 
 def test_deleted_studies_drop_out_of_the_answers(store: IndexStore) -> None:
-    store.deletemake_study("study-1")
+    store.delete_study("study-1")
     assert [r.orthanc_study_id for r in similar_studies(store, "study-9")] == ["study-2", "study-3"]
 
 
@@ -416,7 +416,7 @@ class TestOnTheStack:
         assert summary.lower().startswith("no similar earlier study")
         assert all(f"{floor:.4f}" in summary for floor in floors.values())
 
-    def test_the_key_images_never_show_a_latermake_study(self, stack, floor_corpus: dict) -> None:
+    def test_the_key_images_never_show_a_later_study(self, stack, floor_corpus: dict) -> None:
         r = stack.http().post(f"{stack.config.orthanc_url}/lookalike/studies/{floor_corpus['ids']['q']}/similar-kos",
                               json={}, timeout=60)
         assert r.status_code == 200, r.text

@@ -472,4 +472,6 @@ class TestRoutes:
         status = orthanc.call("status", "GET")
         assert status.status == 200 and status.body["query_service"]["answering"] is False
         assert status.body["queue"]["broker"] is None and status.body["queue"]["broker_error"]
-        assert status.body["catch_up"] == {"cursor": 0, "orthanc_last_change": 12, "behind": 12}
+        catch_up = status.body["catch_up"]
+        assert (catch_up["cursor"], catch_up["orthanc_last_change"], catch_up["behind"]) == (0, 12, 12)
+        assert catch_up["reset_detected"] is False

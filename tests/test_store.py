@@ -413,7 +413,7 @@ def test_a_catalogue_of_schema_2_gains_study_time_and_keeps_its_rows(tmp_path) -
     unknown time ("") and keep their ids, and new rows keep theirs."""
     import sqlite3
 
-    from lookalike.indexer import catalogue as module
+    from lookalike.index import catalogue as module
 
     path = tmp_path / "catalogue.sqlite"
     old_schema = module._SCHEMA.replace("    study_time          TEXT,\n", "")

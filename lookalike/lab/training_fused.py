@@ -160,7 +160,8 @@ def cache_set_sides(data: Path, base_path: Path, out: Path, sides: tuple[int, ..
     from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch, rescale
     from lookalike.encoders.lesion import finder_from_checkpoint, prepare_views
     from lookalike.encoders.pretrained import build_trunk
-    from lookalike.encoders.preprocessing import build_preprocess, load_image, read_manifest
+    from lookalike.encoders.preprocessing import build_preprocess
+    from lookalike.lab.images import load_image, read_manifest
 
     ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
     net = FusedUltrasoundNet(fused_arch(ckpt["arch"], "vector", (), 64, 64))
