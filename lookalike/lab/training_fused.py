@@ -187,7 +187,8 @@ def cache_set_sides(data: Path, base_path: Path, out: Path, sides: tuple[int, ..
                     got[f"crop{s}"] = trunks[s](rescale(x[:, [net.views.index("lesion")]], s))
             for k, v in got.items():
                 parts.setdefault(k, []).append(v.float().numpy())
-            print(f"[cache3] {data.name} {min(i + chunk, len(rows))}/{len(rows)} ({time.time() - t0:.0f} s)", flush=True)
+            done = min(i + chunk, len(rows))
+            print(f"[cache3] {data.name} {done}/{len(rows)} ({time.time() - t0:.0f} s)", flush=True)
     meta = {c: np.array([r.get(c, "") for r in rows]) for c in ("path", "label", "group", "split", "device")}
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, **{k: np.concatenate(v) for k, v in parts.items()}, **meta)
