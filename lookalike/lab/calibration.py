@@ -26,9 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.optimize import isotonic_regression
 
+from lookalike.encoders import load_encoder
 from lookalike.encoders.base import ENCODER_NAMES, WEIGHTS_DIR
 from lookalike.encoders.floors import CALIBRATION_SUFFIX, calibration_path, read_calibrations  # noqa: F401 (re-exported)
+from lookalike.lab.embed import ImageReadError, embed_paths
+from lookalike.lab.images import read_manifest
 
 #: Score bands of the table a calibration keeps (for the model card): precision of same-label pairs per band.
 BANDS: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -53,8 +57,6 @@ def fit_floor(scores: np.ndarray, same_label: np.ndarray) -> dict[str, Any]:
         pairs), ``pairs``, ``precision_above_floor`` (share of same-label pairs scoring at or above the floor) and
         ``bands`` (per score band of :data:`BANDS`: pairs and share of same label), for the model card.
     """
-    from scipy.optimize import isotonic_regression
-
     scores = np.asarray(scores, dtype=np.float64)
     same = np.asarray(same_label, dtype=np.float64)
     if scores.shape != same.shape or scores.ndim != 1 or scores.size == 0:
@@ -105,10 +107,6 @@ def calibrate(modality: str, data: Sequence[str | os.PathLike], model: str | os.
     ValueError
         Fewer than two images of ``split`` or a manifest without label/group/split columns.
     """
-    from lookalike.encoders import load_encoder
-    from lookalike.lab.embed import embed_paths
-    from lookalike.lab.images import read_manifest
-
     rows: list[dict[str, str]] = []
     for folder in data:
         found = read_manifest(folder)
@@ -169,11 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the calibration; write nothing")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = p.parse_args(argv)
-    from lookalike.lab.embed import ImageReadError
-
     try:
         if a.threads:
-            import torch
+            import torch  # torch only where a run starts: calibrate --help and callers of fit_floor stay light
 
             torch.set_num_threads(a.threads)
         found = calibrate(a.modality, a.data, a.model)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from lookalike.encoders import load_encoder
 from lookalike.lab.images import load_image, read_manifest
 
 #: Images read into memory at a time: full-resolution radiographs are large, vectors are not.
@@ -79,12 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = p.parse_args(argv)
 
-    from lookalike.encoders import load_encoder
-
     try:
         rows = read_manifest(a.data)
         if a.threads:
-            import torch
+            import torch  # torch only where a run starts: embed --help and importers of embed_paths stay light
 
             torch.set_num_threads(a.threads)
         enc = load_encoder(a.modality, a.model)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from lookalike.encoders import load_encoder
 from lookalike.lab.embed import ImageReadError, embed_paths
 from lookalike.lab.metrics import rank_gallery, raw_pixel_embeddings, retrieval_metrics
 from lookalike.lab.images import load_image, read_manifest
@@ -92,8 +93,6 @@ def evaluate(
     k : int
         Cut-off of the @k metrics.
     """
-    from lookalike.encoders import load_encoder
-
     enc = load_encoder(modality, model)
     rows = read_manifest(data)
     qi, gi, loo = protocol_sets(rows, cross_domain)
@@ -186,7 +185,7 @@ def save_figure(ev: Evaluation, path: str | Path, n_rows: int = 6) -> Path:
 
     The neighbours are exactly those scored (same ranking, same exclusions).
     """
-    import matplotlib
+    import matplotlib  # matplotlib only for --out-png: evaluations without a figure stay light
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -270,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--k and --rows must be >= 1")
     try:
         if a.threads:
-            import torch
+            import torch  # torch only where a run starts: evaluate --help and importers of its helpers stay light
 
             torch.set_num_threads(a.threads)
         ev = evaluate(a.modality, a.data, a.model, a.cross_domain, a.k)

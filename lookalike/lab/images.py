@@ -8,9 +8,11 @@ serving see the same input.
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from lookalike.dicom.imaging_region import find_imaging_region
 
@@ -43,8 +45,6 @@ def load_image_with_region(
     The region is what turns a lesion box found on the cropped image back into the file's own pixels
     (``lookalike lesions``) and crops a mask the same way as its image (lesion finder training).
     """
-    from PIL import Image
-
     with Image.open(path) as im:
         if im.mode in ("I", "I;16", "I;16B", "F"):
             arr = np.asarray(im, dtype=np.float32)
@@ -78,8 +78,6 @@ def read_manifest(data: str | Path) -> list[dict[str, str]]:
     ValueError
         The CSV has no ``path`` column.
     """
-    import csv
-
     data = Path(data)
     csv_path = data / "manifest.csv" if data.is_dir() else data
     if not csv_path.is_file():

@@ -18,9 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from monai.transforms import Compose, EnsureTyped, Lambdad, RandAffined, RandFlipd, ScaleIntensityRanged
 
-from lookalike.encoders.lesion import component_box, default_arch
+from lookalike.encoders.lesion import build_net, component_box, default_arch
 from lookalike.encoders.preprocessing import build_preprocess
+from lookalike.lab.augment import scanner_intensity_steps
 from lookalike.lab.images import load_image_with_region
 from lookalike.lab.lesions import dice, load_mask
 from lookalike.lab.training import (Log, plain_tensors, print_log, run_command, save_checkpoint, split_rows,
@@ -33,9 +38,6 @@ def load_pairs(rows: Sequence[dict[str, str]], size: int) -> tuple[Any, Any]:
     The image goes through the serving preprocessing; the mask (empty where the row has none) is cropped to
     the same imaging region and area-resized, so its values are the lesion's share of each pixel.
     """
-    import torch
-    import torch.nn.functional as F
-
     pre = build_preprocess(size)
     xs, ms = [], []
     for r in rows:
@@ -51,10 +53,6 @@ def load_pairs(rows: Sequence[dict[str, str]], size: int) -> tuple[Any, Any]:
 
 def build_pair_augment(size: int) -> Any:
     """Spatial augmentation of image and mask together, then scanner intensity variation of the image."""
-    from monai.transforms import Compose, EnsureTyped, Lambdad, RandAffined, RandFlipd, ScaleIntensityRanged
-
-    from lookalike.lab.augment import scanner_intensity_steps
-
     intensity = Compose(scanner_intensity_steps())
     return Compose(
         [
@@ -76,8 +74,6 @@ def build_pair_augment(size: int) -> Any:
 
 def val_dice(net: Any, x: Any, m: Any, arch: dict[str, Any], batch: int = 128) -> float:
     """Mean Dice on the rows that have a lesion, with the finder's component rule, at the training size."""
-    import torch
-
     net.eval()
     with torch.no_grad():
         probs = torch.cat([torch.sigmoid(net(x[i : i + batch])) for i in range(0, len(x), batch)])[:, 0].numpy()
@@ -122,11 +118,6 @@ def train_finder(
     dict
         The checkpoint's ``meta``.
     """
-    import torch
-    from monai.losses import DiceCELoss
-
-    from lookalike.encoders.lesion import build_net
-
     t_begin = time.time()
     device, amp = start_run(seed, threads)
     rng = np.random.default_rng(seed)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from lookalike.encoders.base import WEIGHTS_DIR
 from lookalike.encoders.lesion import LesionFinder, finder_from_checkpoint
@@ -25,7 +26,7 @@ from lookalike.lab.images import load_image_with_region, read_manifest
 
 def load_finder(path: str | Path | None = None) -> LesionFinder:
     """The shipped finder (inside the shipped ``us.pt``), or the one in ``path``."""
-    import torch
+    import torch  # torch only where a finder loads: lesions --help and importers of dice/load_mask stay light
 
     path = Path(path) if path is not None else WEIGHTS_DIR / "us.pt"
     return finder_from_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
@@ -58,8 +59,6 @@ def box_iou(a: tuple[int, int, int, int] | None, b: tuple[int, int, int, int] | 
 
 def load_mask(path: str | Path, region: tuple[int, int, int, int] | None) -> np.ndarray:
     """A lesion mask PNG (255 = lesion) as booleans, cropped to the image's imaging region like its image."""
-    from PIL import Image
-
     with Image.open(path) as im:
         m = np.asarray(im.convert("L")) > 127
     if region is not None:
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         if a.threads:
-            import torch
+            import torch  # torch only where a run starts: lookalike lesions --help stays light
 
             torch.set_num_threads(a.threads)
         rows = read_manifest(a.data)

@@ -1,7 +1,7 @@
 """Retrieval metrics as defined in ``shared/eval/PROTOCOL.md`` (beside the checkout), and the raw-pixel floor.
 
-numpy only, so that scoring can run without torch once embeddings exist; the command that embeds a data set
-and scores it is ``lookalike evaluate`` (:mod:`lookalike.lab.evaluate`).
+numpy (and PIL, for the raw-pixel floor) only, so that scoring can run without torch once embeddings exist;
+the command that embeds a data set and scores it is ``lookalike evaluate`` (:mod:`lookalike.lab.evaluate`).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:
@@ -150,8 +151,6 @@ def retrieval_metrics(
 
 def raw_pixel_embeddings(images: Sequence[np.ndarray], size: int = 32) -> np.ndarray:
     """Raw-pixel floor: resize to size x size grayscale (PIL bilinear), subtract the image mean, L2-normalise."""
-    from PIL import Image
-
     rows = []
     for im in images:
         arr = np.asarray(im, dtype=np.float32)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -321,8 +322,6 @@ def _pick_kermany(root: Path, n: int, rng: np.random.Generator, n_follow_up: int
 
 def _load_gray(path: Path) -> np.ndarray:
     """The source image as a 2-D uint8 array (the datasets are already grayscale)."""
-    from PIL import Image  # only needed to build the samples
-
     with Image.open(path) as image:
         return np.asarray(image.convert("L"), dtype=np.uint8)
 

@@ -18,6 +18,7 @@ the recipe by modality; the recipes import this module, never the other way roun
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import sys
@@ -28,11 +29,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import get_track_meta, set_track_meta
+from monai.transforms import (
+    Compose,
+    EnsureType,
+    RandAdjustContrast,
+    RandAffine,
+    RandFlip,
+    RandGaussianNoise,
+    RandGaussianSmooth,
+    RandHistogramShift,
+    ScaleIntensityRange,
+)
+from monai.utils import set_determinism
 from tqdm import tqdm
 
 from lookalike.encoders.base import centre_vectors
+from lookalike.encoders.lesion import prepare_views
 from lookalike.encoders.preprocessing import build_preprocess
+from lookalike.lab.augment import scanner_intensity_steps
 from lookalike.lab.images import load_image, read_manifest
+from lookalike.lab.metrics import retrieval_metrics
 
 #: Square input side per encoder, chosen for CPU cost (see ``shared/notes/ml.md`` beside the checkout).
 IMAGE_SIZE: dict[str, int] = {"us": 64, "xr": 96}
@@ -47,9 +66,6 @@ def print_log(line: str) -> None:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy, torch (and MONAI's global determinism)."""
-    import torch
-    from monai.utils import set_determinism
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -61,8 +77,6 @@ def start_run(seed: int, threads: int | None):
 
     Returns ``(device, amp)``: CUDA with mixed precision when there is a GPU, else the CPU in float32.
     """
-    import torch
-
     seed_everything(seed)
     if threads:
         torch.set_num_threads(threads)
@@ -72,12 +86,8 @@ def start_run(seed: int, threads: int | None):
 
 def plain_tensors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run ``fn`` with MONAI's metadata tracking off: augmenting plain tensors is about three times faster."""
-    import functools
-
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        from monai.data import get_track_meta, set_track_meta
-
         tracked = get_track_meta()
         set_track_meta(False)
         try:
@@ -104,8 +114,6 @@ def starting_point(init: Path | None, image_size: int | None, default_size: int)
     ValueError
         ``image_size`` is given and differs from the checkpoint's.
     """
-    import torch
-
     if init is None:
         return None, image_size or default_size
     start = torch.load(init, map_location="cpu", weights_only=True)
@@ -144,10 +152,6 @@ def preprocess_all(
     The views (whole image, lesion crop) are made by :func:`lookalike.encoders.lesion.prepare_views`, the
     function :meth:`lookalike.encoders.base.Encoder.embed_with_boxes` calls, with the same finder.
     """
-    import torch
-
-    from lookalike.encoders.lesion import prepare_views
-
     pre = build_preprocess(size)
     parts = [
         prepare_views([load_image(p, modality) for p in paths[i : i + chunk]], pre, views, finder, margin)[0]
@@ -228,9 +232,6 @@ def balanced_batches(labels: np.ndarray, per_class: int, n_batches: int, rng: np
 
 def embed_tensor(net: Any, x: Any, device: Any, batch: int = 128) -> np.ndarray:
     """Eval-mode L2-normalised embeddings of preprocessed images."""
-    import torch
-    import torch.nn.functional as F
-
     net.eval()
     outs = []
     with torch.no_grad():
@@ -241,8 +242,6 @@ def embed_tensor(net: Any, x: Any, device: Any, batch: int = 128) -> np.ndarray:
 
 def augment_batch(aug: Any, x: Any) -> Any:
     """One independent draw of ``aug`` per image of the batch."""
-    import torch
-
     return torch.stack([aug(img) for img in x])
 
 
@@ -260,8 +259,6 @@ class Validation:
 
     def score(self, net: Any, center: np.ndarray | None = None) -> dict[str, float]:
         """Metrics of ``net`` (optionally centred on ``center``) as :func:`~lookalike.lab.metrics.retrieval_metrics` gives them."""
-        from lookalike.lab.metrics import retrieval_metrics
-
         tr, va, gal = self.data.train, self.data.val, self.gallery
         q, g = embed_tensor(net, va.x, self.device), embed_tensor(net, tr.x[gal], self.device)
         if center is not None:
@@ -299,8 +296,6 @@ def metric_stage(
     tuple
         The best epoch's val metrics (with ``"epoch"``) and the per-epoch history.
     """
-    import torch
-
     groups = [(list(params), lr) for params, lr in groups]
     groups[-1] = (groups[-1][0] + list(clf.parameters()), groups[-1][1])
     opt = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in groups], weight_decay=0.05)
@@ -368,8 +363,6 @@ def save_checkpoint(out: Path, arch: dict[str, Any], state_dict: dict[str, Any],
 
     Floating tensors are stored as float32 on the CPU whatever the device and precision of training.
     """
-    import torch
-
     state = {k: v.detach().cpu().float() if v.is_floating_point() else v.cpu() for k, v in state_dict.items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -400,18 +393,6 @@ def build_augment(size: int, flip: bool = True, field_of_view: bool = False, sca
         Add :func:`lookalike.lab.augment.scanner_intensity_steps` (gain, depth-dependent gain, lateral gain field, speckle, blur,
         gamma) in place of the plain gamma and noise; works on multi-channel views too (one draw for all).
     """
-    from monai.transforms import (
-        Compose,
-        EnsureType,
-        RandAdjustContrast,
-        RandAffine,
-        RandFlip,
-        RandGaussianNoise,
-        RandGaussianSmooth,
-        RandHistogramShift,
-        ScaleIntensityRange,
-    )
-
     steps: list[Any] = []
     if flip:
         steps.append(RandFlip(prob=0.5, spatial_axis=1))
@@ -437,8 +418,6 @@ def build_augment(size: int, flip: bool = True, field_of_view: bool = False, sca
                 padding_mode="zeros",
             )
         )
-    from lookalike.lab.augment import scanner_intensity_steps
-
     steps += (
         scanner_intensity_steps() if scanner
         else [RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5)), RandGaussianNoise(prob=0.3, std=0.03)]

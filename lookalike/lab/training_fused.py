@@ -28,9 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from lookalike.encoders.base import WEIGHTS_DIR
+from lookalike.encoders.base import WEIGHTS_DIR, centre_vectors
+from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch, join_blocks, rescale
+from lookalike.encoders.lesion import finder_from_checkpoint, prepare_views
+from lookalike.encoders.preprocessing import build_preprocess
+from lookalike.encoders.pretrained import build_trunk
 from lookalike.lab.evaluate import CROSS_DOMAIN_LABELS
+from lookalike.lab.images import load_image, read_manifest
+from lookalike.lab.metrics import retrieval_metrics
+from lookalike.lab.training import run_command, save_checkpoint
+from lookalike.lab.training_us import fit_head
 
 #: Side the views are prepared at; the base branch is resized down from it, the ImageNet branch to its own side.
 VIEW_SIZE = 224
@@ -88,12 +98,6 @@ HEAD = {"hidden": 256, "dim": 128, "epochs": 30, "lr": 1e-3, "per_class": 16, "m
 
 def cache_net(base_path: Path) -> tuple[Any, Any, Any]:
     """(fused net over the base checkpoint with the 224 px ImageNet branch, a 160 px trunk, the lesion finder)."""
-    import torch
-
-    from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch
-    from lookalike.encoders.lesion import finder_from_checkpoint
-    from lookalike.encoders.pretrained import build_trunk
-
     ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
     net = FusedUltrasoundNet(fused_arch(ckpt["arch"], "vector", ("lesion",), VIEW_SIZE, VIEW_SIZE))
     load_base(net, ckpt)
@@ -110,13 +114,6 @@ def load_base(net: Any, ckpt: dict[str, Any]) -> None:
 
 def cache_set(data: Path, base_path: Path, out: Path, chunk: int = 32) -> Path:
     """Every block of every image of one data set, as the served network computes it, into ``out`` (.npz)."""
-    import torch
-
-    from lookalike.encoders.fused import rescale
-    from lookalike.encoders.lesion import prepare_views
-    from lookalike.encoders.preprocessing import build_preprocess
-    from lookalike.lab.images import load_image, read_manifest
-
     net, trunk160, finder = cache_net(base_path)
     rows = read_manifest(data)
     pre = build_preprocess(VIEW_SIZE)
@@ -155,14 +152,6 @@ def cache_set_sides(data: Path, base_path: Path, out: Path, sides: tuple[int, ..
     The finder runs once per image; its boxes make the views at 64 (the shipped encoder's own input: ``vec64``)
     and at each side S, where the base branch sees the views resized S -> 64 and the ImageNet trunk the crop at S.
     """
-    import torch
-
-    from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch, rescale
-    from lookalike.encoders.lesion import finder_from_checkpoint, prepare_views
-    from lookalike.encoders.pretrained import build_trunk
-    from lookalike.encoders.preprocessing import build_preprocess
-    from lookalike.lab.images import load_image, read_manifest
-
     ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
     net = FusedUltrasoundNet(fused_arch(ckpt["arch"], "vector", (), 64, 64))
     load_base(net, ckpt)
@@ -211,10 +200,6 @@ def block(cache: dict[str, Any], name: str) -> np.ndarray:
 
 def joined(cache: dict[str, Any], blocks: tuple[str, ...]) -> np.ndarray:
     """The head's input for cached blocks: :func:`lookalike.encoders.fused.join_blocks`."""
-    import torch
-
-    from lookalike.encoders.fused import join_blocks
-
     return join_blocks([torch.from_numpy(block(cache, b)) for b in blocks]).numpy()
 
 
@@ -232,8 +217,6 @@ def epochs_of(candidate: str) -> int:
 def train_head(x: np.ndarray, y: np.ndarray, groups: list[str], seed: int, epochs: int,
                val: tuple[np.ndarray, np.ndarray, list[str]], gallery: tuple[np.ndarray, np.ndarray, list[str]]) -> tuple[float, Any]:
     """A fresh head on ``x`` for a fixed number of epochs (the last is kept: val chooses nothing here)."""
-    from lookalike.lab.training_us import fit_head
-
     h = HEAD
     return fit_head(x[None], y, val[0], val[1], val[2], x, groups, hidden=h["hidden"], dim=h["dim"], epochs=epochs,
                     seed=seed, per_class=h["per_class"], lr=h["lr"], margin=h["margin"], ce_weight=h["ce_weight"],
@@ -242,11 +225,6 @@ def train_head(x: np.ndarray, y: np.ndarray, groups: list[str], seed: int, epoch
 
 def apply(head: Any, x: np.ndarray, center: np.ndarray | None = None) -> np.ndarray:
     """L2-normalised (and centred, when a centre is given) vectors of a head on joined blocks."""
-    import torch
-    import torch.nn.functional as F
-
-    from lookalike.encoders.base import centre_vectors
-
     if head is None:
         v = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     else:
@@ -258,8 +236,6 @@ def apply(head: Any, x: np.ndarray, center: np.ndarray | None = None) -> np.ndar
 def p_at_5(q: np.ndarray, yq: np.ndarray, gq: np.ndarray, g: np.ndarray, yg: np.ndarray, gg: np.ndarray,
            loo: bool = False) -> dict[str, float]:
     """P@5 and macro-P@5 under the protocol (own group excluded; leave-one-out when ``loo``)."""
-    from lookalike.lab.metrics import retrieval_metrics
-
     m = retrieval_metrics(q, list(yq), list(gq), g, list(yg), list(gg), k=5, exclude_self=loo)
     return {"P@5": round(m["P@5"], 4), "macro-P@5": round(m["macro-P@5"], 4)}
 
@@ -402,11 +378,6 @@ def select(cache_dir: Path, seed: int = 0, only: list[str] | None = None, loho_l
 
 def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int = 0) -> Path:
     """Write ``candidate`` (a trained one) as a servable ultrasound checkpoint over the base checkpoint."""
-    import torch
-
-    from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch
-    from lookalike.lab.training import run_command, save_checkpoint
-
     blocks, trained = {**CANDIDATES, **ROUND3}[candidate]
     if not trained:
         raise ValueError(f"{candidate} has no head to ship")
@@ -466,8 +437,6 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--threads", type=int, default=2)
         q.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    import torch
-
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     if a.cmd == "cache":

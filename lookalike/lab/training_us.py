@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from lookalike.encoders.lesion import finder_from_checkpoint
+from lookalike.encoders.ultrasound import (UltrasoundNet, build_scheduler, build_unet, build_vae, default_arch,
+                                           projection_head)
+from lookalike.lab.losses import batch_hard_triplet_loss
+from lookalike.lab.metrics import retrieval_metrics
 from lookalike.lab.training import (
     IMAGE_SIZE,
     build_augment,
@@ -59,11 +66,6 @@ def pretrain(
     set to 1 / std of the latents. B: :class:`DiffusionModelUNet` predicting the noise added to the scaled
     latents at timesteps in [0, 300). Last losses go into ``figures``.
     """
-    import torch
-    import torch.nn.functional as F
-
-    from lookalike.encoders.ultrasound import build_scheduler, build_unet, build_vae
-
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
@@ -127,8 +129,6 @@ def trunk_from(
     The checkpoint's arch is kept except what this run decides (feature blocks, centre, views, margin, and
     the keys named in ``decided``).
     """
-    from lookalike.encoders.ultrasound import UltrasoundNet
-
     keep = ("features", "center", "views", "lesion_margin", *decided)
     arch = {**arch, **{k: v for k, v in start["arch"].items() if k not in keep}}
     net = UltrasoundNet(arch).to(device)
@@ -142,8 +142,6 @@ def trunk_from(
 
 def frozen_features(net: Any, x: Any, device: Any, batch: int = 64) -> np.ndarray:
     """Fused trunk features (before the head) of preprocessed images, eval mode."""
-    import torch
-
     net.eval()
     with torch.no_grad():
         parts = [net.features(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)]
@@ -180,13 +178,6 @@ def fit_head(
     another hospital's images when val is that hospital's; ``keep_best=False`` keeps the last epoch instead
     (val then chooses nothing) and returns its val P@5.
     """
-    import torch
-    import torch.nn.functional as F
-
-    from lookalike.lab.losses import batch_hard_triplet_loss
-    from lookalike.lab.metrics import retrieval_metrics
-    from lookalike.encoders.ultrasound import projection_head
-
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n_classes = int(y.max()) + 1
@@ -322,20 +313,12 @@ def train_us(
     dict
         The checkpoint's ``meta``.
     """
-    import torch
-    import torch.nn.functional as F
-
-    from lookalike.lab.losses import batch_hard_triplet_loss
-    from lookalike.encoders.ultrasound import UltrasoundNet, default_arch
-
     t_begin = time.time()
     device, amp = start_run(seed, threads)
     rng = np.random.default_rng(seed)
     start, size = starting_point(init, image_size, IMAGE_SIZE["us"])
     finder, finder_ckpt, views = None, None, ("whole",)
     if lesion_finder is not None:
-        from lookalike.encoders.lesion import finder_from_checkpoint
-
         finder_ckpt = torch.load(lesion_finder, map_location="cpu", weights_only=True)
         finder_ckpt = finder_ckpt.get("lesion", finder_ckpt)
         finder = finder_from_checkpoint(finder_ckpt)

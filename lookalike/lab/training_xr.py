@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from lookalike.encoders.xray import XrayNet, default_arch
+from lookalike.lab.losses import supervised_contrastive_loss
 from lookalike.lab.training import (
     IMAGE_SIZE,
     build_augment,
@@ -87,12 +91,6 @@ def train_xr(
     dict
         The checkpoint's ``meta``.
     """
-    import torch
-    import torch.nn.functional as F
-
-    from lookalike.lab.losses import supervised_contrastive_loss
-    from lookalike.encoders.xray import XrayNet, default_arch
-
     t_begin = time.time()
     device, amp = start_run(seed, threads)
     rng = np.random.default_rng(seed)
