@@ -10,8 +10,8 @@ import pytest
 from lookalike.encoders.floors import SimilarityFloors
 from lookalike.lab.calibration import write_calibration
 from lookalike.index.catalogue import InstanceRecord
-from lookalike.index.search import (IDENTITY_FIELDS, SimilarStudy, StudyNotIndexedError, is_prior,
-                                    similar_studies)
+from lookalike.dicom.study_order import is_prior
+from lookalike.index.search import IDENTITY_FIELDS, SimilarStudy, StudyNotIndexedError, similar_studies
 from lookalike.index.store import IndexStore
 from tests.support import findscu, make_study, noisy, sample_pixels, store_floor_corpus, store_studies
 
@@ -263,7 +263,7 @@ def test_a_same_day_study_is_a_prior_when_both_times_say_it_came_first(tmp_path:
 ])
 def test_a_prior_is_earlier_by_date_then_by_time(prior: tuple[str, str], query: tuple[str, str],
                                                  expected: bool) -> None:
-    """The lookup's rule, and the Key Object Selection's check of its priors, give the same answer."""
+    """The rule, as the lookup and as the Key Object Selection (reading the headers) apply it."""
     from pydicom import Dataset
 
     from lookalike.dicom.kos import _earlier

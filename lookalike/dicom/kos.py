@@ -37,6 +37,7 @@ from highdicom.sr.utils import collect_evidence
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, KeyObjectSelectionDocumentStorage
 
+from lookalike.dicom.study_order import is_prior
 from lookalike.dicom.sr import (
     DEVICE_OBSERVER_UID,
     MANUFACTURER,
@@ -205,28 +206,13 @@ def build_prior_selection(
     return documents
 
 
-def _when(ds: Dataset) -> tuple[str, str] | None:
-    """(StudyDate as YYYYMMDD, StudyTime as HHMMSS.ffffff) of a header; None when it has no valid date."""
-    date = str(ds.get("StudyDate", "") or "").strip().replace(".", "")
-    if len(date) != 8 or not date.isdigit():
-        return None
-    time = str(ds.get("StudyTime", "") or "").strip().replace(":", "")
-    whole, _, fraction = time.partition(".")  # TM: HH, HHMM, HHMMSS or HHMMSS.F... all compare once padded
-    fraction_ok = fraction.isdigit() and len(fraction) <= 6 if fraction else True
-    if not (whole.isdigit() and len(whole) in (2, 4, 6) and fraction_ok):
-        return date, ""  # no time, or none that reads as one: unknown, as the lookup's is_prior takes it
-    return date, whole.ljust(6, "0") + fraction.ljust(6, "0")
-
-
 def _earlier(prior: Dataset, query: Dataset) -> bool:
-    """Whether ``prior``'s study was made before ``query``'s: by StudyDate, then, on one day, by StudyTime when
-    both have one; undated or same-moment studies cannot be shown to be earlier."""
-    a, b = _when(prior), _when(query)
-    if a is None or b is None:
-        return False
-    if a[0] != b[0]:
-        return a[0] < b[0]
-    return bool(a[1]) and bool(b[1]) and a[1] < b[1]
+    """Whether ``prior``'s study was made before ``query``'s, by the lookup's own rule (:func:`is_prior`)."""
+    def when(ds: Dataset) -> tuple[str, str]:
+        return str(ds.get("StudyDate", "") or ""), str(ds.get("StudyTime", "") or "")
+
+    (date, time), (query_date, query_time) = when(prior), when(query)
+    return is_prior(date, query_date, time, query_time)
 
 
 def _patient_key(ds: Dataset) -> tuple[str, str]:

@@ -106,7 +106,7 @@ class InstanceRecord:
     #: (``x1``, ``y1`` exclusive), so that a viewer can draw it on the image Orthanc serves; None: the whole image.
     lesion_box: tuple[int, int, int, int, float] | None = None
     #: StudyTime as the instance has it (DICOM TM); "" when it has none or the row predates schema 3: what orders
-    #: two studies of one day (:func:`lookalike.index.search.is_prior`).
+    #: two studies of one day (:func:`lookalike.dicom.study_order.is_prior`).
     study_time: str = ""
 
 
