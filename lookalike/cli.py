@@ -61,11 +61,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return code
 
 
+def _has_index(settings: Settings) -> bool:
+    """Whether the index folder on this host holds a catalogue (what ``status`` and ``compact`` open)."""
+    return (Path(settings.index_dir) / CATALOGUE_FILE).exists()
+
+
 def _index_layout(settings: Settings) -> list[dict]:
     """Per index, read from the index folder on this host: segments, vectors, merges still pending."""
     from lookalike.index.store import IndexStore  # FAISS only where the index is opened
 
-    if not (Path(settings.index_dir) / CATALOGUE_FILE).exists():
+    if not _has_index(settings):
         return []
     with IndexStore(settings.index_dir, readonly=True) as store:
         return store.layout()
@@ -75,7 +80,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     from lookalike.index.store import IndexStore  # FAISS only where the index is opened
 
     settings = _settings(args)
-    if not (Path(settings.index_dir) / CATALOGUE_FILE).exists():
+    if not _has_index(settings):
         print(f"lookalike compact: no index at {settings.index_dir}", file=sys.stderr)
         return 1
     print(f"lookalike compact: merging the segments of {settings.index_dir}; waits for a merge the worker has under"

@@ -222,8 +222,8 @@ def similar_studies(store: IndexStore, orthanc_study_id: str, limit: int = 10, s
 
 
 def _best_pairs(store: IndexStore, encoder: str, model_version: str, rows: list[CatalogueRow], limit: int,
-                eligible: Callable[[CatalogueRow], bool], floor: float | None = None,
-                judge: Callable[[list[CatalogueRow]], None] = lambda hits: None) -> dict[str, _Pair]:
+                eligible: Callable[[CatalogueRow], bool], floor: float | None,
+                judge: Callable[[list[CatalogueRow]], None]) -> dict[str, _Pair]:
     """Per eligible study, its best pair with ``rows`` (the query instances of one index) scoring at least
     ``floor``, searching deep enough.
 
