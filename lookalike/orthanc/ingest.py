@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lookalike.config import ENCODER_FOR_MODALITY, TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY
-from lookalike.orthanc.client import OrthancApi, instance_series, study_series
+from lookalike.orthanc.client import OrthancApi, get_json, instance_series, study_series
 
 #: Change types as Orthanc's change log names them.
 NEW_INSTANCE, STABLE_STUDY, DELETED = "NewInstance", "StableStudy", "Deleted"
@@ -86,3 +86,20 @@ def change_anchor(change: dict) -> str:
     """A change of Orthanc's log as the catch-up cursor's anchor: its number, type, resource and date (a new
     database repeats the number, hardly the rest); the catch-up and the status route judge a reset by it."""
     return f"{int(change['Seq'])} {change.get('ChangeType', '')} {change.get('ID', '')} {change.get('Date', '')}"
+
+
+def cursor_reset_reason(api: OrthancApi, cursor: int, anchor: str, last: int) -> str | None:
+    """Why the catch-up's ``cursor`` (kept with ``anchor``, :func:`change_anchor`) was kept for another change log
+    than Orthanc's, whose last change is ``last`` (its database reset or replaced); None where it is this log's, or
+    where nothing was read yet. The one judgement of a reset: the catch-up's and the status route's."""
+    if cursor == 0:
+        return None
+    if cursor > last:
+        return f"the cursor is at change {cursor}, Orthanc's last change is {last}"
+    if not anchor:
+        return None
+    seq = int(anchor.split()[0])
+    changes = get_json(api, f"/changes?since={seq - 1}&limit=1").get("Changes", [])
+    if changes and change_anchor(changes[0]) == anchor:
+        return None
+    return f"change {seq} is not the one read there (then: {anchor})"

@@ -32,7 +32,7 @@ from lookalike.index.search import SCOPES, SimilarStudy, StudyNotIndexedError
 from lookalike.query.audit import AuditLog
 from lookalike.query.lookup_service import AuditUnavailable, LookupRequest, Lookups, LookupUnavailable
 from lookalike.orthanc.client import OrthancApi, OrthancNotFoundError, find_by_uids, get_json, store_instance
-from lookalike.orthanc.ingest import change_anchor, study_is_queued
+from lookalike.orthanc.ingest import cursor_reset_reason, study_is_queued
 
 Response = tuple[int, dict[str, Any]]
 
@@ -446,12 +446,9 @@ def catch_up_state(catalogue: Catalogue, api: OrthancApi) -> dict[str, Any]:
     last change, or the change it last read is no longer there as read) is no progress: the next pass reads the
     new log from its start, so every change of it is behind (``reset_detected``), not none.
     """
-    cursor, anchor = catalogue.cursor(CURSOR), catalogue.cursor_anchor(CURSOR)
+    cursor = catalogue.cursor(CURSOR)
     last = int(get_json(api, "/changes?last")["Last"])
-    reset = cursor > last
-    if not reset and cursor and anchor:
-        changes = get_json(api, f"/changes?since={int(anchor.split()[0]) - 1}&limit=1").get("Changes", [])
-        reset = not changes or change_anchor(changes[0]) != anchor
+    reset = cursor_reset_reason(api, cursor, catalogue.cursor_anchor(CURSOR), last) is not None
     state: dict[str, Any] = {"cursor": cursor, "orthanc_last_change": last, "behind": last if reset else
                              max(0, last - cursor), "reset_detected": reset}
     if reset:
