@@ -64,6 +64,17 @@ def embed_paths(
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
 
+def set_torch_threads(threads: int | None) -> None:
+    """Cap torch's CPU threads when a command line asks (``--threads``); nothing when it does not.
+
+    torch is imported here, where a run starts, so that ``--help`` and importers of these modules stay light.
+    """
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``lookalike embed --modality us|xr [--model FILE] --data DIR|manifest.csv --out FILE.npy``.
 
@@ -82,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rows = read_manifest(a.data)
-        if a.threads:
-            import torch  # torch only where a run starts: embed --help and importers of embed_paths stay light
-
-            torch.set_num_threads(a.threads)
+        set_torch_threads(a.threads)
         enc = load_encoder(a.modality, a.model)
         vectors = embed_paths(enc, [r["path"] for r in rows])
     except (OSError, ValueError, ImageReadError) as exc:

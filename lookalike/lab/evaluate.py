@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from lookalike.encoders import load_encoder
-from lookalike.lab.embed import ImageReadError, embed_paths
+from lookalike.lab.embed import ImageReadError, embed_paths, set_torch_threads
 from lookalike.lab.metrics import rank_gallery, raw_pixel_embeddings, retrieval_metrics
 from lookalike.lab.images import load_image, read_manifest
 
@@ -268,10 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.k < 1 or a.rows < 1:
         p.error("--k and --rows must be >= 1")
     try:
-        if a.threads:
-            import torch  # torch only where a run starts: evaluate --help and importers of its helpers stay light
-
-            torch.set_num_threads(a.threads)
+        set_torch_threads(a.threads)
         ev = evaluate(a.modality, a.data, a.model, a.cross_domain, a.k)
         ev.report["command"] = " ".join(["lookalike evaluate", *(argv if argv is not None else sys.argv[1:])])
         if a.out_png:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from lookalike.encoders.base import WEIGHTS_DIR
 from lookalike.encoders.lesion import LesionFinder, finder_from_checkpoint
+from lookalike.lab.embed import set_torch_threads
 from lookalike.lab.images import load_image_with_region, read_manifest
 
 
@@ -135,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = p.parse_args(argv)
     try:
-        if a.threads:
-            import torch  # torch only where a run starts: lookalike lesions --help stays light
-
-            torch.set_num_threads(a.threads)
+        set_torch_threads(a.threads)
         rows = read_manifest(a.data)
         finder = load_finder(a.model)
         n = write_boxes(finder, [r["path"] for r in rows], a.out)

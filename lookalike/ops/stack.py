@@ -714,14 +714,9 @@ class Stack:
     # -- readiness ---------------------------------------------------------------------------------------
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        self._wait(lambda: self._redis_ping(), deadline, "redis")
-        if "postgres" in self.procs:
-            self._wait(self._postgres_ready, deadline, "postgres")
-        self._wait(self._orthanc_ready, deadline, "orthanc")
-        if "worker" in self.procs:
-            self._wait(self.worker_ready, deadline, "worker")
-        if "query-scp" in self.procs:
-            self._wait(self._query_scp_ready, deadline, "query-scp")
+        for name in ("redis", "postgres", "orthanc", "worker", "query-scp"):
+            if name in self.procs:
+                self._wait(lambda: self._ready(name), deadline, name)
 
     def _wait(self, probe, deadline: float, name: str) -> None:
         while time.monotonic() < deadline:
