@@ -477,10 +477,6 @@ class Pipeline:
         """The whole pipeline in this process, over one Orthanc and one index (``encoders``: see :class:`Embedder`)."""
         return cls(InstanceIndexer(api, store), Embedder(api, encoders, max_pixels))
 
-    @property
-    def store(self) -> IndexStore:
-        return self.indexer.store
-
     def index(self, instance_id: str, series_id: str | None = None, study_id: str | None = None, *,
               missing_only: bool = False, model: tuple[str, str] | None = None) -> Outcome:
         """Index one instance (:meth:`index_many` of one); Orthanc unreachable raises, for the caller to retry.

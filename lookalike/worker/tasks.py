@@ -173,9 +173,18 @@ def send(name: str, args: list, kwargs: dict | None = None, **options) -> None:
     app.send_task(name, args=args, kwargs=kwargs or {}, **options)
 
 
-def _retry_later(task: Task, item: Item, queue: str) -> None:
-    countdown = get_exponential_backoff_interval(1, item.retries + 1, RETRY_BACKOFF_MAX, True)
-    send(task.name, list(item.args), item.kwargs, queue=queue, countdown=countdown, retries=item.retries + 1)
+def _backoff(retries: int) -> float:
+    """Seconds before the try after ``retries`` retries: 2, 4, 8... at most ``RETRY_BACKOFF_MAX``, jittered."""
+    return get_exponential_backoff_interval(1, retries + 1, RETRY_BACKOFF_MAX, True)
+
+
+def _retry_later(task: Task, item: Item, queue: str) -> bool:
+    """Send an instance again after its back-off, within ``MAX_RETRIES``; False (nothing sent) past it."""
+    if item.retries >= MAX_RETRIES:
+        return False
+    send(task.name, list(item.args), item.kwargs, queue=queue, countdown=_backoff(item.retries),
+         retries=item.retries + 1)
+    return True
 
 
 def _settle(task: Task, items: list[Item], results: list, queue: str) -> list:
@@ -187,8 +196,7 @@ def _settle(task: Task, items: list[Item], results: list, queue: str) -> list:
     for item, result in zip(items, results):
         if result.outcome.status != "retry":
             settled.append(result)
-        elif item.retries < MAX_RETRIES:
-            _retry_later(task, item, queue)
+        elif _retry_later(task, item, queue):
             settled.append(None)
         else:
             log.error("instance %s given up after %d tries: %s", item.args and item.args[0], item.retries + 1,
@@ -285,12 +293,12 @@ def _index(task: Task, items: list[Item], requests: list, ahead: list = ()) -> N
         _write(gone)
         return
     log.info("embedding a batch of %d instance(s)", len(live))
-    sent_again_later: list[Item] = []  # should the index folder refuse the batch
+    to_write: list[Item] = []  # sent again later should the index folder refuse their write
 
     def settle(positions: list[int], results: list) -> list:
         items = [live[i][0] for i in positions]
         settled = _settle(task, items, results, task.home_queue)
-        sent_again_later.extend(item for item, result in zip(items, settled) if result is not None)
+        to_write.extend(item for item, result in zip(items, settled) if result is not None)
         return settled
 
     try:
@@ -300,18 +308,11 @@ def _index(task: Task, items: list[Item], requests: list, ahead: list = ()) -> N
         else:
             _write(gone)
     except IndexUnwritable:
-        for item in sent_again_later:
-            _again_later(task, item, task.home_queue)
-
-
-def _again_later(task: Task, item: Item, queue: str) -> None:
-    """An instance the index folder refused: sent again with back-off, within the retry budget; past it, its
-    recorded problem stays (``index-unwritable``), and the catch-up queues it again."""
-    if item.retries < MAX_RETRIES:
-        _retry_later(task, item, queue)
-    else:
-        log.error("instance %s given up after %d tries: the index folder refuses writes; the catch-up tries again",
-                  item.args and item.args[0], item.retries + 1)
+        # Past the budget, the recorded problem (``index-unwritable``) stays, and the catch-up queues it again.
+        for item in to_write:
+            if not _retry_later(task, item, task.home_queue):
+                log.error("instance %s given up after %d tries: the index folder refuses writes; the catch-up tries"
+                          " again", item.args and item.args[0], item.retries + 1)
 
 
 class _Batched(BatchTask):
@@ -419,8 +420,7 @@ def write(self, results: list[dict]) -> None:
         if self.request.retries >= MAX_RETRIES:
             log.error("a batch of %d given up: %s; the catch-up tries again", len(results), exc)
             return
-        raise self.retry(countdown=get_exponential_backoff_interval(1, self.request.retries + 1,
-                                                                    RETRY_BACKOFF_MAX, True))
+        raise self.retry(countdown=_backoff(self.request.retries))
 
 
 @app.task(name=TASK_RECONCILE_STUDY)
