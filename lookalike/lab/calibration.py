@@ -31,7 +31,7 @@ from scipy.optimize import isotonic_regression
 from lookalike.encoders import load_encoder
 from lookalike.encoders.base import ENCODER_NAMES, WEIGHTS_DIR
 from lookalike.encoders.floors import CALIBRATION_SUFFIX, calibration_path, read_calibrations  # noqa: F401 (re-exported)
-from lookalike.lab.embed import ImageReadError, embed_paths
+from lookalike.lab.embed import ImageReadError, embed_paths, set_torch_threads
 from lookalike.lab.images import read_manifest
 
 #: Score bands of the table a calibration keeps (for the model card): precision of same-label pairs per band.
@@ -168,10 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = p.parse_args(argv)
     try:
-        if a.threads:
-            import torch  # torch only where a run starts: calibrate --help and callers of fit_floor stay light
-
-            torch.set_num_threads(a.threads)
+        set_torch_threads(a.threads)
         found = calibrate(a.modality, a.data, a.model)
     except (OSError, ValueError, ImageReadError) as exc:
         print(f"lookalike calibrate: {exc}", file=sys.stderr)
