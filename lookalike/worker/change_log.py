@@ -25,7 +25,7 @@ from typing import Callable
 from lookalike.config import TASK_INDEX_INSTANCE
 from lookalike.index.catalogue import CHANGES_CURSOR, Catalogue
 from lookalike.orthanc.client import OrthancApi, OrthancNotFoundError, get_json
-from lookalike.orthanc.ingest import DELETED, NEW_INSTANCE, change_anchor, meaning
+from lookalike.orthanc.ingest import DELETED, NEW_INSTANCE, change_anchor, cursor_reset_reason, meaning
 
 log = logging.getLogger(__name__)
 
@@ -140,26 +140,15 @@ class ChangeLogFollower:
         cursor = self.catalogue.cursor(CURSOR)
         if cursor == 0:
             return 0
-        last = self.last_change()
-        if cursor > last:
-            reason = f"the cursor is at change {cursor}, Orthanc's last change is {last}"
-        else:
-            anchor = self.catalogue.cursor_anchor(CURSOR)
-            if not anchor or self._in_log(anchor):
-                return cursor
-            reason = f"change {anchor.split()[0]} is not the one read there (then: {anchor})"
+        reason = cursor_reset_reason(self.api, cursor, self.catalogue.cursor_anchor(CURSOR), self.last_change())
+        if reason is None:
+            return cursor
         log.warning("catch-up: Orthanc's change log is not the one the cursor was kept for (%s): its database was"
                     " reset or replaced; reading its change log again from the start", reason)
         self.catalogue.set_cursor(CURSOR, 0, "")
         self._queued.clear()
         self._horizon = None
         return 0
-
-    def _in_log(self, anchor: str) -> bool:
-        """Whether Orthanc's log still holds the change ``anchor`` describes, as it was read."""
-        seq = int(anchor.split()[0])
-        changes = get_json(self.api, f"/changes?since={seq - 1}&limit=1").get("Changes", [])
-        return bool(changes) and change_anchor(changes[0]) == anchor
 
     def _handle(self, change: dict, report: CatchUpReport) -> bool:
         """Queue what one change means (:func:`~lookalike.orthanc.ingest.meaning`, as for the plugin's event);
