@@ -21,6 +21,8 @@ from lookalike.ops.demo import sample_labels, show_example, store_samples
 from lookalike.ops.stack import SOURCE_ROOT, Stack, StackConfig, write_configs
 from lookalike.orthanc.client import HttpOrthanc, OrthancError, get_json
 from lookalike.query.audit import show
+from lookalike.worker.backfill import (Backfill, BackfillReport, Checkpoint, RemotePacs, StudyFilter, local_studies,
+                                        remote_walk)
 from lookalike.worker.celery_app import make_app
 
 DEFAULT_STATE = SOURCE_ROOT / "var"
@@ -157,10 +159,6 @@ def cmd_configure(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    # here, not above: FAISS (the backfill's checkpoint writes with index.vector_index) only where it runs
-    from lookalike.worker.backfill import (Backfill, BackfillReport, Checkpoint, RemotePacs, StudyFilter,
-                                            local_studies, remote_walk)
-
     settings = _settings(args)
     api = _api(settings)
     which = StudyFilter(tuple(args.modality or ENCODER_FOR_MODALITY), args.date_from, args.date_to)

@@ -41,8 +41,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from lookalike.files import atomic_write
+
 from .catalogue import utc_now
-from .vector_index import VectorIndex, atomic_write, normalise
+from .vector_index import VectorIndex, normalise
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from typing import Callable, Iterable, Iterator, Protocol
 
 from lookalike.config import ENCODER_FOR_MODALITY, TASK_INDEX_INSTANCE
 from lookalike.dicom.sr import MANUFACTURER
+from lookalike.files import atomic_write
 from lookalike.index.catalogue import Catalogue
-from lookalike.index.vector_index import atomic_write
 from lookalike.orthanc.client import OrthancApi, OrthancError, OrthancNotFoundError, get_json
 from lookalike.orthanc.ingest import is_image_modality, series_modality
 
