@@ -8,6 +8,7 @@ VAE encoder over every view, refinement, head). Goal: >= 20 US images/s at batch
 
     .venv/bin/python bench/encoder_throughput.py [--threads 1] [--images 96] [--repeats 3] [--device cpu]
         [--us-weights us.pt candidate.pt ...]   # several ultrasound checkpoints timed in one run
+        [--xr-weights xr.pt candidate.pt ...]   # several X-ray checkpoints timed in one run
         [--batch32-only]                        # only the goal's figure; prints each one's ratio to the first
 
 ``--device`` is the worker's setting (``cpu``, ``cuda``, ``cuda:N``, ``auto``); on a GPU the forward runs under
@@ -96,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (the worker's setting)")
     p.add_argument("--us-weights", type=Path, nargs="+", default=[None],
                    help="ultrasound checkpoints to time in this one run (default: the shipped one)")
+    p.add_argument("--xr-weights", type=Path, nargs="+", default=[None],
+                   help="X-ray checkpoints to time in this one run (default: the shipped one)")
     p.add_argument("--no-xr", action="store_true", help="time the ultrasound checkpoints only")
+    p.add_argument("--no-us", action="store_true", help="time the X-ray checkpoints only")
     p.add_argument("--batch32-only", action="store_true",
                    help="only batch 32 on the data set's images (the cost goal's figure): no batch 1, no large frames, "
                         "no stages; for comparing checkpoints on a loaded machine")
@@ -114,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{'encoder':24s} {'batch':>5s} {'ms/image':>9s} {'images/s':>9s}  images")
     stages: dict[str, dict[str, float]] = {}
-    rates: dict[str, float] = {}  # images/s at batch 32 on the data set's images, per ultrasound encoder
-    for name, weights in [*(("us", w) for w in a.us_weights), *((("xr", None),) if not a.no_xr else ())]:
+    rates: dict[str, dict[str, float]] = {"us": {}, "xr": {}}  # images/s at batch 32 on the data set's images
+    for name, weights in [*(("us", w) for w in a.us_weights if not a.no_us),
+                          *(("xr", w) for w in a.xr_weights if not a.no_xr)]:
         enc = load_encoder(name, weights=weights, device=device)
         images, what = sample_images(name, a.images)
         for batch in ((32,) if a.batch32_only else (1, 32)):
@@ -123,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             n = a.images if batch > 1 else min(a.images, 32)
             t = best_of(lambda: enc.embed(images[:n]), a.repeats)
             print(f"{enc.model_version:24s} {batch:5d} {1000 * t / n:9.2f} {n / t:9.1f}  {what}")
-            if name == "us" and batch == 32:
-                rates[f"{enc.model_version} ({weights or 'shipped'})"] = n / t
+            if batch == 32:
+                rates[name][f"{enc.model_version} ({weights or 'shipped'})"] = n / t
         if a.batch32_only:
             continue
         from PIL import Image
@@ -161,10 +166,12 @@ def main(argv: list[str] | None = None) -> int:
                 if set(net.blocks) & {"m", "zr"}:
                     split["DDIM refinement"] = best_of(lambda: net.refine(z), a.repeats)
                 split["head"] = best_of(lambda: net.head(feats), a.repeats)
-    if len(rates) > 1:  # the machine is shared: compare encoders by their ratio within this one run
-        first, base = next(iter(rates.items()))
-        print(f"\nbatch 32, images/s relative to the first ultrasound encoder ({first}):")
-        for version, r in rates.items():
+    for name, by_version in rates.items():  # the machine is shared: compare encoders by their ratio in this run
+        if len(by_version) < 2:
+            continue
+        first, base = next(iter(by_version.items()))
+        print(f"\nbatch 32, images/s relative to the first {name} encoder ({first}):")
+        for version, r in by_version.items():
             print(f"  {version:60s} {r:7.1f} images/s  ratio {r / base:5.2f}")
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     for version, split in stages.items():

@@ -192,6 +192,10 @@ def build_net(arch: dict[str, Any]) -> Any:
         from lookalike.encoders.ultrasound import UltrasoundNet  # brings torch: only once a model is loaded
 
         return UltrasoundNet(arch)
+    if arch.get("name") == "xr" and "base" in arch:
+        from lookalike.encoders.fused import FusedXrayNet  # brings torch: only once a model is loaded
+
+        return FusedXrayNet(arch)
     if arch.get("name") == "xr":
         from lookalike.encoders.xray import XrayNet  # brings torch: only once a model is loaded
 

