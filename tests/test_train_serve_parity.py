@@ -122,3 +122,39 @@ def test_fused_encoder_at_a_smaller_side_serves_what_round3_cached(tmp_path, blo
     assert enc.image_size == side
     served = enc.embed([load_image(tmp_path / f"{i}.png", "us") for i in range(3)])
     np.testing.assert_allclose(served, apply(net.head.eval(), joined(cached, blocks)), atol=1e-5)
+
+
+@pytest.mark.parametrize("hidden", [256, 0])
+def test_fused_xray_encoder_serves_what_training_cached(tmp_path, hidden) -> None:
+    """``lab.training_fused_xr`` caches the ViT's served vector and the ImageNet block per image; a checkpoint that
+    ``fit`` writes (a trained head, or plain cosine over both blocks) serves exactly the vectors the head gives on
+    those cached blocks, and the ViT branch's block is the shipped ViT's own vector for the same pixels."""
+    import torch
+
+    from lookalike.encoders import load_encoder
+    from lookalike.encoders.base import WEIGHTS_DIR
+    from lookalike.lab.training_fused import apply
+    from lookalike.lab.training_fused_xr import cache_set, joined, load_net
+
+    rng = np.random.default_rng(5)
+    lines = ["path,label,group,split"]
+    for i, shape in enumerate([(224, 224), (300, 260), (96, 96)]):
+        img = (rng.random(shape) * 255).astype(np.uint8)
+        img[shape[0] // 4 : shape[0] // 2, :] //= 3  # something for the networks to see
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,{'normal' if i else 'pneumonia'},g{i},train")
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    cached = dict(np.load(cache_set(tmp_path, WEIGHTS_DIR / "xr.pt", tmp_path / "c.npz", sides=(128,), chunk=2)))
+    images = [load_image(tmp_path / f"{i}.png", "xr") for i in range(3)]
+
+    np.testing.assert_allclose(cached["vec96"], load_encoder("xr").embed(images), atol=1e-5)
+
+    torch.manual_seed(0)
+    net, _ = load_net(WEIGHTS_DIR / "xr.pt", 128, hidden)
+    torch.save({"arch": net.arch, "state_dict": net.state_dict()}, tmp_path / "fused.pt")
+    enc = load_encoder("xr", weights=tmp_path / "fused.pt")
+    assert enc.image_size == 128 and enc.model_version.startswith("xr-vit-imnet-1-")
+    head = net.head.eval() if hidden else None
+    expected = apply(head, joined(cached, ("vec128", "whole128")))
+    np.testing.assert_allclose(enc.embed(images), expected, atol=1e-5)
+    assert enc.dim == expected.shape[1] == (128 if hidden else 128 + 1280)
