@@ -134,6 +134,9 @@ class UltrasoundNet(nn.Module):
         self.head = projection_head(self.feat_dim, arch["head_hidden"], arch["dim"])
         self._mid: list[torch.Tensor] = []
         self.unet.middle_block.register_forward_hook(lambda _m, _i, out: self._mid.append(out))
+        # channels-last: the VAE encoder and the refinement UNet run about 1.4x faster on the CPU (oneDNN), the
+        # same values to float rounding; loading weights copies into these tensors and keeps their layout
+        self.to(memory_format=torch.channels_last)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the VAE encoder's last feature map and the scaled latent mean."""
@@ -169,7 +172,7 @@ class UltrasoundNet(nn.Module):
 
     def view_features(self, x: torch.Tensor) -> torch.Tensor:
         """Fused features of single-channel images (B, 1, S, S): VAE blocks, then refinement blocks if named."""
-        h, z = self.encode(x)
+        h, z = self.encode(x.contiguous(memory_format=torch.channels_last))
         parts = {"h": torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1), "z": F.adaptive_avg_pool2d(z, 4).flatten(1)}
         if "m" in self.blocks or "zr" in self.blocks:
             zr, parts["m"] = self.refine(z)
