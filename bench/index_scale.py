@@ -303,7 +303,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--dir", default=None, help="folder for the indexes (default: a temporary one)")
-    parser.add_argument("--storage", default="float32", choices=("float32", "fp16"), help="how segments store vectors")
+    parser.add_argument("--storage", default="fp32", choices=("fp32", "fp16"), help="how segments store vectors")
     args = parser.parse_args()
     params = IndexParams(storage=args.storage)
     counter = WriteCounter()

@@ -69,12 +69,13 @@ def _has_index(settings: Settings) -> bool:
 
 
 def _index_layout(settings: Settings) -> list[dict]:
-    """Per index, read from the index folder on this host: segments, vectors, merges still pending."""
+    """Per index, read from the index folder on this host: segments, vectors, storage, merges still pending."""
     from lookalike.index.store import IndexStore  # FAISS only where the index is opened
 
     if not _has_index(settings):
         return []
-    with IndexStore(settings.index_dir, readonly=True) as store:
+    # No prefetch: a report has no lookups to warm up, and would read the whole index into the page cache.
+    with IndexStore.from_settings(settings, readonly=True, prefetch=False) as store:
         return store.layout()
 
 
@@ -85,12 +86,13 @@ def cmd_compact(args: argparse.Namespace) -> int:
     if not _has_index(settings):
         print(f"lookalike compact: no index at {settings.index_dir}", file=sys.stderr)
         return 1
-    print(f"lookalike compact: merging the segments of {settings.index_dir}; waits for a merge the worker has under"
-          " way, and lookups and indexing go on meanwhile", file=sys.stderr)
+    print(f"lookalike compact: merging the segments of {settings.index_dir} and rewriting any not in"
+          f" {settings.index_storage} (index_storage); waits for a merge the worker has under way, and lookups and"
+          " indexing go on meanwhile", file=sys.stderr)
     # Beside a running worker: each merge takes the write lock only to swap its segment in (compact.lock orders
     # the merges of both processes).
-    with IndexStore(settings.index_dir, background_compaction=False) as store:
-        merges = store.compact(settle=True)
+    with IndexStore.from_settings(settings, background_compaction=False) as store:
+        merges = store.compact(settle=True, convert=True)
         print(json.dumps({"merges": merges, "index_segments": store.layout()}, indent=2))
     return 0
 
@@ -207,7 +209,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
     print(f"lookalike: re-indexing {args.encoder} with {model_version} ({weights}); lookups keep the current model"
           " until every instance has its new vector", file=sys.stderr)
-    with IndexStore(settings.index_dir) as store:
+    with IndexStore.from_settings(settings) as store:
         default_weights = settings.weights.get(args.encoder, "")
         # With no active model recorded, the settings' checkpoint is the active one.
         default_model = ("" if store.catalogue.active_model(args.encoder)
@@ -263,10 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=10)
     p.set_defaults(func=cmd_lookup)
 
-    p = sub.add_parser("status", help="what is indexed, queued and failed; the index's segments and pending merges")
+    p = sub.add_parser("status", help="what is indexed, queued and failed; the index's segments, storage and pending"
+                       " merges")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("compact", help="merge the index's segments now (safe beside a running worker)")
+    p = sub.add_parser("compact", help="merge the index's segments now and rewrite those not in index_storage (safe"
+                       " beside a running worker)")
     p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("audit", help="who looked up which study, and what came back (JSON lines)")

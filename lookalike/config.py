@@ -37,6 +37,9 @@ WRITE_QUEUE = "lookalike.write"
 TASK_EMBED = "lookalike.embed"
 TASK_WRITE = "lookalike.write"
 
+#: How the index may store its vectors (``Settings.index_storage``, ``lookalike.index.segments.IndexParams``).
+INDEX_STORAGES = ("fp32", "fp16")
+
 
 @dataclass
 class Settings:
@@ -48,6 +51,11 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     #: Folder that holds the catalogue (SQLite) and the FAISS files.
     index_dir: str = "var/index"
+    #: How index segments written from now on store their vectors: "fp32" (exact cosines) or "fp16" (half the
+    #: memory and disk per vector; cosines within about 1e-3, recall: ``bench/index_scale.py --storage fp16``).
+    #: Segments already written keep their storage and stay searchable, so changing it loses nothing; merges write
+    #: the new one, and ``lookalike compact`` rewrites the rest (see :mod:`lookalike.index.segments`).
+    index_storage: str = "fp32"
     #: Optional paths to encoder checkpoints that replace the shipped weights, keyed by encoder name.
     weights: dict[str, str] = field(default_factory=dict)
     #: Instances whose decoded pixels exceed this many are refused before decoding.
@@ -98,6 +106,11 @@ class Settings:
     #: Where ``lookalike run`` keeps the state of the processes it supervises (JSON, 0600), for ``/lookalike/status``
     #: to show; empty where systemd supervises them.
     components_file: str = ""
+
+    def __post_init__(self) -> None:
+        if self.index_storage not in INDEX_STORAGES:  # a value check: the type checks are from_dict's
+            raise SettingsError(f"setting 'index_storage' must be one of {', '.join(map(repr, INDEX_STORAGES))}, "
+                                f"not {self.index_storage!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "Settings":

@@ -390,13 +390,13 @@ def test_lookalike_compact_merges_beside_a_running_writer_and_status_shows_it(tm
 def test_half_precision_storage_halves_the_vectors_bytes_and_keeps_the_ranking(tmp_path: Path) -> None:
     vectors = clustered(900, DIM, seed=40)
     sizes = {}
-    for storage in ("float32", "fp16"):
+    for storage in ("fp32", "fp16"):
         folder = tmp_path / storage
         folder.mkdir()
         segment = Segment.write(folder, np.arange(900), vectors, IndexParams(storage=storage), graph=False)
         sizes[storage] = (folder / f"{segment.name}.faiss").stat().st_size
         np.testing.assert_allclose(segment.vectors(np.arange(900)), vectors, atol=1e-3)
-    assert sizes["fp16"] < 0.6 * sizes["float32"]
+    assert sizes["fp16"] < 0.6 * sizes["fp32"]
 
     # An index saved in float32 and switched to fp16: merges rewrite its segments in half precision.
     exact32 = IndexParams(ann_above=0, graph_min=200, merge_factor=3)

@@ -12,10 +12,14 @@ by scanning every entry, so both costs grow with the archive. Here a change cost
 
 A segment of at least ``graph_min`` vectors carries an HNSW graph (``IndexHNSWFlat``): the graph proposes the
 candidates and the segment's stored float32 vectors score them, so every score returned is the exact cosine. Smaller
-segments are flat (exact). With ``IndexParams.storage="fp16"`` new segments store half-precision vectors
-(``IndexHNSWSQ``/``IndexScalarQuantizer`` with ``QT_fp16``): the vectors take half the memory and disk, and scores are
-the cosines of the rounded vectors (within about 1e-3). Segment files are opened memory-mapped (``IO_FLAG_MMAP_IFC``: zero-copy for flat and HNSW
-indexes in faiss 1.15), so a reader that starts loads nothing but the file headers.
+segments are flat (exact). With ``IndexParams.storage="fp16"`` (``Settings.index_storage``) new segments store
+half-precision vectors (``IndexHNSWSQ``/``IndexScalarQuantizer`` with ``QT_fp16``): the vectors take half the memory
+and disk, and scores are the cosines of the rounded vectors (within about 1e-3). Each segment file records its own
+storage (its FAISS type), so an index written in one storage stays readable after the setting changes: old segments
+are searched as they are, new segments and merges are written in the new storage, and ``lookalike compact``
+(:func:`plan_shapes` with ``convert``) rewrites what is left. Segment files are opened memory-mapped
+(``IO_FLAG_MMAP_IFC``: zero-copy for flat and HNSW indexes in faiss 1.15), so a reader that starts loads nothing but
+the file headers.
 
 Files in the key's folder (``<index_dir>/<encoder>-<model_version>/``), all written once under a fresh name and never
 changed:
@@ -41,6 +45,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from lookalike.config import INDEX_STORAGES
 from lookalike.files import atomic_write
 
 from .catalogue import utc_now
@@ -71,16 +76,20 @@ class IndexParams:
     merge_factor: int = 4
     #: Compaction rewrites a segment alone once this share of its vectors are tombstones.
     purge_share: float = 0.2
-    #: How segments written from now on store their vectors: "float32" (exact scores) or "fp16" (half the bytes).
-    storage: str = "float32"
+    #: How segments written from now on store their vectors: "fp32" (exact scores) or "fp16" (half the bytes); those
+    #: already written keep theirs until a merge or a conversion (:func:`plan_shapes`) rewrites them.
+    storage: str = "fp32"
     #: A writer with no change for this many seconds *settles* its indexes (see :func:`plan_merge`), as it does
     #: when it closes: a reader that opens the index later finds a few segments with graphs, not a burst's many.
     settle_idle_s: float = 5.0
 
+    def __post_init__(self) -> None:
+        if self.storage not in INDEX_STORAGES:  # refused here, not at the first save, minutes into a back-fill
+            raise ValueError(f"index storage {self.storage!r} is none of {', '.join(map(repr, INDEX_STORAGES))}")
+
 
 #: The FAISS index types a segment file may hold: flat or HNSW, over float32 or half-precision vectors.
 _SEGMENT_TYPES = (faiss.IndexFlatIP, faiss.IndexHNSWFlat, faiss.IndexScalarQuantizer, faiss.IndexHNSWSQ)
-_STORAGES = ("float32", "fp16")
 
 
 class SegmentError(ValueError):
@@ -107,6 +116,11 @@ class Segment:
     @property
     def dim(self) -> int:
         return int(self.index.d)
+
+    @property
+    def storage(self) -> str:
+        """How this segment's file stores its vectors ("fp32" or "fp16"), whatever the settings say now."""
+        return "fp32" if isinstance(self._exact(), faiss.IndexFlat) else "fp16"
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Positions of those of ``ids`` this segment holds."""
@@ -158,8 +172,6 @@ class Segment:
             raise ValueError("a segment's ids must be distinct")
         vectors = np.ascontiguousarray(vectors[order], dtype=np.float32)
         dim = vectors.shape[1]
-        if params.storage not in _STORAGES:
-            raise ValueError(f"storage {params.storage!r} is none of {', '.join(_STORAGES)}")
         half = params.storage == "fp16"
         if graph:
             index = (faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -438,11 +450,12 @@ def size_class(live: int, factor: int) -> int:
 
 @dataclass(frozen=True)
 class SegmentShape:
-    """What the merge policy looks at in a segment: its size, its tombstones, whether it has a graph."""
+    """What the merge policy looks at in a segment: its size, its tombstones, whether it has a graph, its storage."""
 
     count: int
     deleted: int
     graph: bool
+    storage: str = "fp32"
 
     @property
     def live(self) -> int:
@@ -450,15 +463,16 @@ class SegmentShape:
 
     @classmethod
     def of(cls, part: Part) -> SegmentShape:
-        return cls(part.tombstones.count, part.tombstones.deleted, part.segment.graph)
+        return cls(part.tombstones.count, part.tombstones.deleted, part.segment.graph, part.segment.storage)
 
 
-def plan_merge(parts: list[Part], params: IndexParams, settle: bool = False) -> list[Part]:
+def plan_merge(parts: list[Part], params: IndexParams, settle: bool = False, convert: bool = False) -> list[Part]:
     """The segments the next compaction step should merge into one (empty: nothing to do); see :func:`plan_shapes`."""
-    return [parts[i] for i in plan_shapes([SegmentShape.of(p) for p in parts], params, settle)]
+    return [parts[i] for i in plan_shapes([SegmentShape.of(p) for p in parts], params, settle, convert)]
 
 
-def plan_shapes(shapes: list[SegmentShape], params: IndexParams, settle: bool = False) -> list[int]:
+def plan_shapes(shapes: list[SegmentShape], params: IndexParams, settle: bool = False,
+                convert: bool = False) -> list[int]:
     """Positions in ``shapes`` of the segments the next compaction step should merge into one (empty: none).
 
     In order: a segment whose tombstones reached ``purge_share`` (rewritten alone, without them); else
@@ -470,6 +484,11 @@ def plan_shapes(shapes: list[SegmentShape], params: IndexParams, settle: bool = 
     into one, as soon as there are two. The small segments a trickle of saves leaves, and the large flat ones a
     bulk fill leaves short of ``merge_factor`` in their class, are each searched exactly; merged, the index is a
     few graph segments and at most one small flat one, whichever reader opens it next.
+
+    ``convert`` (``lookalike compact``): last, a segment whose storage is not ``params.storage`` is rewritten alone,
+    so that a site that changed ``index_storage`` ends with every vector in the new storage. Never while a writer
+    settles by itself: rewriting a large index's graphs is a maintenance step (minutes per million vectors), and
+    a writer closing would otherwise wait for it; merges convert what they rewrite anyway.
     """
     for i, shape in enumerate(shapes):
         if shape.deleted and shape.deleted >= params.purge_share * shape.count:
@@ -488,20 +507,25 @@ def plan_shapes(shapes: list[SegmentShape], params: IndexParams, settle: bool = 
         flat = [i for i, shape in enumerate(shapes) if not shape.graph]
         if len(flat) >= 2:
             return flat
+    if convert:
+        for i, shape in enumerate(shapes):
+            if shape.storage != params.storage and shape.live:
+                return [i]
     return []
 
 
-def pending_merges(shapes: list[SegmentShape], params: IndexParams, settle: bool = True) -> int:
+def pending_merges(shapes: list[SegmentShape], params: IndexParams, settle: bool = True,
+                   convert: bool = False) -> int:
     """How many merges compaction would run on ``shapes`` before it stops (what ``lookalike status`` shows)."""
     shapes = list(shapes)
     merges = 0
     while merges <= 4 * len(shapes) + 4:  # each merge removes a segment, a graph-less one or tombstones: it ends
-        chosen = plan_shapes(shapes, params, settle)
+        chosen = plan_shapes(shapes, params, settle, convert)
         if not chosen:
             return merges
         live = sum(shapes[i].live for i in chosen)
         shapes = [s for i, s in enumerate(shapes) if i not in chosen]
         if live:
-            shapes.append(SegmentShape(live, 0, live >= params.graph_min))
+            shapes.append(SegmentShape(live, 0, live >= params.graph_min, params.storage))
         merges += 1
     return merges

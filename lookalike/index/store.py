@@ -40,8 +40,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from lookalike.config import INDEX_STORAGES, Settings
 
 from .catalogue import CATALOGUE_FILE, Catalogue, InstanceRecord
 from .segments import (
@@ -98,6 +101,14 @@ def _signature(path: Path) -> FileSignature | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def _storage_layout(shapes: list[SegmentShape], params: IndexParams) -> dict[str, Any]:
+    """What :meth:`IndexStore.layout` says of an index's storage (see there)."""
+    counts = {storage: sum(s.storage == storage for s in shapes) for storage in INDEX_STORAGES}
+    held = "+".join(storage for storage, n in counts.items() if n) or params.storage
+    return {"storage": held, "configured_storage": params.storage, "segments_by_storage": counts,
+            "convert_pending": sum(s.storage != params.storage and s.live > 0 for s in shapes)}
+
+
 def _entry_files(entries: tuple[SegmentEntry, ...]) -> set[str]:
     names = set()
     for entry in entries:
@@ -150,6 +161,13 @@ class IndexStore:
         A writer merges segments in a background thread after a save that leaves work for it, settles its indexes
         once no change came for ``params.settle_idle_s`` seconds, and settles them when it closes (see
         :meth:`close`); False leaves all of it to explicit :meth:`compact` calls (a maintenance step).
+    prefetch
+        A reader reads each segment it opens into the page cache in a background thread, so that its first lookups
+        are as fast as warm ones; False for a reader that only reports (``lookalike status``): it would start
+        threads reading the whole index for nothing.
+
+    The programs open it with :meth:`from_settings`, so that the worker (the writer), the query service and the
+    command line shape the index alike.
 
     Notes
     -----
@@ -159,7 +177,8 @@ class IndexStore:
     """
 
     def __init__(self, index_dir: str | os.PathLike, readonly: bool = False, snapshot_every: int = 1,
-                 params: IndexParams | None = None, background_compaction: bool = True) -> None:
+                 params: IndexParams | None = None, background_compaction: bool = True,
+                 prefetch: bool = True) -> None:
         if snapshot_every < 1:
             raise ValueError("snapshot_every must be at least 1")
         self.index_dir = Path(index_dir)
@@ -167,6 +186,7 @@ class IndexStore:
         self.snapshot_every = snapshot_every
         self.params = params or IndexParams()
         self.background_compaction = background_compaction and not readonly
+        self.prefetch = prefetch
         self._unsaved = 0
         if not readonly:
             self.index_dir.mkdir(parents=True, exist_ok=True)
@@ -181,6 +201,12 @@ class IndexStore:
         #: When this writer last changed an index, and whether it saved anything (what its close settles).
         self._last_change = time.monotonic()
         self._saved = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **options: Any) -> IndexStore:
+        """The store of ``settings.index_dir``, its indexes shaped by the settings (``index_storage``); ``options``
+        are the other parameters (``readonly``, ``snapshot_every``, ...)."""
+        return cls(settings.index_dir, params=IndexParams(storage=settings.index_storage), **options)
 
     def close(self) -> None:
         """Save what the saved indexes lack (a writer), settle the indexes it changed, close the catalogue.
@@ -331,7 +357,7 @@ class IndexStore:
                     state.seq = 0
                 return
             state.index = SegmentedIndex(manifest.dim, parts)
-            if self.readonly and opened:
+            if self.readonly and self.prefetch and opened:
                 self._prefetch(folder, opened)
             state.seq, state.file_signature, state.snapshot_bad = manifest.seq, signature, False
             state.generation, state.manifest_seq, state.entries = manifest.generation, manifest.seq, manifest.segments
@@ -400,7 +426,12 @@ class IndexStore:
     def layout(self) -> list[dict]:
         """Per index, after a refresh: its segments (with an HNSW graph or not), vectors, tombstones, the vectors
         only the catalogue holds yet (replayed into memory), and the merges compaction would still run when
-        settling; what ``lookalike status`` shows. 0 pending merges: settled, as fast as it gets to read."""
+        settling; what ``lookalike status`` shows. 0 pending merges: settled, as fast as it gets to read.
+
+        ``storage``: how its segments store their vectors, "fp32", "fp16", or "fp32+fp16" (written before and after
+        a change of ``index_storage``); ``configured_storage``: what new segments and merges are written in;
+        ``segments_by_storage`` counts the segments, and ``convert_pending`` those not in the configured storage
+        (``lookalike compact`` rewrites them)."""
         with self._lock:
             described = []
             for key in sorted(self.catalogue.index_keys()):
@@ -413,7 +444,8 @@ class IndexStore:
                     "vectors": len(state.index) if state.index is not None else 0,
                     "tombstones": sum(s.deleted for s in shapes),
                     "unsaved": len(state.index.tail) if state.index is not None else 0,
-                    "pending_merges": pending_merges(shapes, self.params)})
+                    "pending_merges": pending_merges(shapes, self.params),
+                    **_storage_layout(shapes, self.params)})
             return described
 
     def search(self, encoder: str, model_version: str, vectors: np.ndarray,
@@ -562,22 +594,23 @@ class IndexStore:
     # -- compaction -------------------------------------------------------------------------------------------
 
     def compact(self, encoder: str | None = None, model_version: str | None = None, *,
-                blocking: bool = True, settle: bool = False) -> int:
+                blocking: bool = True, settle: bool = False, convert: bool = False) -> int:
         """Merge segments until the merge policy is satisfied (see :func:`~lookalike.index.segments.plan_merge`).
 
         ``settle``: merge further, into the shape a reader searches fastest (what a writer does when it goes idle
-        or closes, and ``lookalike compact``). Runs in the background thread after saves, on close, and as a
-        maintenance step. Each merge builds its segment
+        or closes, and ``lookalike compact``). ``convert`` (``lookalike compact``): then rewrite, one at a time,
+        the segments whose storage is not ``params.storage`` (written before ``index_storage`` changed). Runs in the
+        background thread after saves, on close, and as a maintenance step. Each merge builds its segment
         (with an HNSW graph once large) holding no lock, so adds and searches go on; it then takes ``write.lock``
         briefly to swap the segment in, carrying over the deletions made meanwhile. A crash at any point loses
         nothing: the old manifest still names complete files, and the catalogue holds every vector anyway. Also
         removes files no manifest names (left by a crash). Returns the number of merges; 0 at once when another
         thread or process is compacting and ``blocking`` is False.
         """
-        return self._compact(encoder, model_version, blocking=blocking, settle=settle)
+        return self._compact(encoder, model_version, blocking=blocking, settle=settle, convert=convert)
 
     def _compact(self, encoder: str | None = None, model_version: str | None = None, *, blocking: bool,
-                 settle: bool, stop: threading.Event | None = None) -> int:
+                 settle: bool, convert: bool = False, stop: threading.Event | None = None) -> int:
         """:meth:`compact`; ``stop``: the background thread's signal to end after the merge under way."""
         if self.readonly:
             raise PermissionError(f"index store {self.index_dir} is open read-only")
@@ -592,11 +625,11 @@ class IndexStore:
             for key in keys:
                 key = _check_key(*key)
                 self._collect_garbage(key)
-                while not self._closing and not (stop and stop.is_set()) and self._merge_once(key, settle):
+                while not self._closing and not (stop and stop.is_set()) and self._merge_once(key, settle, convert):
                     merges += 1
             return merges
 
-    def _merge_once(self, key: Key, settle: bool = False) -> bool:
+    def _merge_once(self, key: Key, settle: bool = False, convert: bool = False) -> bool:
         """Plan one merge, build its segment without locks, swap it in; False when there was nothing to do."""
         with self._writing():
             if self._closing:
@@ -606,7 +639,7 @@ class IndexStore:
                 self._save(key, state)
             if state.index is None:
                 return False
-            inputs = plan_merge(state.index.parts, self.params, settle)
+            inputs = plan_merge(state.index.parts, self.params, settle, convert)
             if not inputs:
                 return False
             planned = {p.segment.name: (p.segment, p.tombstones.copy()) for p in inputs}
@@ -634,8 +667,9 @@ class IndexStore:
                 tombstones.delete(merged.positions(np.concatenate(gone)))
                 parts.append(Part(merged, tombstones))
             self._save(key, state, parts)
-            log.info("index %s-%s: merged %d segments into %d vectors%s", *key, len(planned),
-                     merged.count if merged else 0, " with a graph" if merged is not None and merged.graph else "")
+            log.info("index %s-%s: merged %d segments into %d %s vectors%s", *key, len(planned),
+                     merged.count if merged else 0, self.params.storage,
+                     " with a graph" if merged is not None and merged.graph else "")
             return True
 
     def _collect_garbage(self, key: Key) -> None:

@@ -410,7 +410,7 @@ class QueryEndpoint:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = IndexStore(settings.index_dir, readonly=True)
+        self.store = IndexStore.from_settings(settings, readonly=True)
         self.audit = AuditLog(settings.audit_log)
         # One reader of the models' similarity floors for the C-FIND service and the REST routes' lookups.
         self.floors = SimilarityFloors(settings.weights.values(), self.store.catalogue)
