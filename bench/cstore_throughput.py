@@ -1,17 +1,28 @@
-"""C-STORE throughput into Orthanc with the Lookalike plugin against Orthanc alone.
+"""C-STORE throughput into Orthanc with the Lookalike plugin against Orthanc alone, and where the CPU goes.
 
 Three Orthancs run in this one process run, alternately, on the same instances (fresh UIDs each round): without
 the plugin; with the plugin and no worker (tasks wait in Redis: the cost of the Orthanc side alone); with the
 plugin and its worker indexing while the instances arrive, on the same cores (it finishes its backlog before the
-next round starts). The figures are ratios of instances/s to Orthanc without the plugin (goal: >= 0.9). DCMTK's storescu sends, one association
-per round, ``TCP_NODELAY=1`` on both sides.
+next round starts). The figures are ratios of instances/s to Orthanc without the plugin (goal: >= 0.9). DCMTK's
+storescu sends, one association per round, ``TCP_NODELAY=1`` on both sides.
 
-    .venv/bin/python bench/cstore_throughput.py [--instances 200] [--rounds 3]
+The split: CPU seconds each process of a stack used while storescu sent (``/proc/<pid>/stat``, all threads; the
+worker with its pool processes; storescu from the children's rusage), per 100 instances, and how many instances
+the worker had indexed (or fetched, for those then pending) by the time the last C-STORE was answered. Orthanc's
+CPU with the worker minus without it is what the worker's fetches (and its catch-up) cost inside Orthanc, at
+Orthanc's own priority.
+
+    .venv/bin/python bench/cstore_throughput.py [--instances 1000] [--rounds 3]
+
+``--instances`` far above what the worker's deferral cap covers (``ingest_quiet_max`` seconds of sending) shows
+sustained ingest: the worker then indexes one batch per cap while Orthanc receives.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -25,19 +36,62 @@ from corpus import make_instances  # noqa: E402
 from lookalike.ops.demo import wait_indexed  # noqa: E402
 from lookalike.ops.stack import Stack, StackConfig, storescu  # noqa: E402
 
+_TICK = os.sysconf("SC_CLK_TCK")
+PARTS = ("orthanc", "redis", "worker", "storescu")
 
-def store_rate(stack: Stack, files: list[Path]) -> float:
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (a Celery worker's pool processes)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return found
+
+
+def _cpu(pid: int) -> float:
+    """User + system CPU seconds of one process, all its threads."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def cpu_by_part(stack: Stack) -> dict[str, float]:
+    """CPU seconds so far of Orthanc, Redis, the worker (with its pool) and the storescu runs."""
+    procs = stack.procs
+    usage = {"orthanc": _cpu(procs["orthanc"].pid), "redis": _cpu(procs["redis"].pid) if "redis" in procs else 0.0,
+             "worker": sum(_cpu(p) for p in _descendants(procs["worker"].pid)) if "worker" in procs else 0.0}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    usage["storescu"] = children.ru_utime + children.ru_stime
+    return usage
+
+
+def store_round(stack: Stack, files: list[Path]) -> tuple[float, dict[str, float], int]:
+    """Instances/s of one storescu run, the CPU seconds each part used meanwhile, instances indexed by its end."""
+    before = cpu_by_part(stack)
     start = time.perf_counter()
-    result = storescu(stack.config, files, timeout=600)
+    result = storescu(stack.config, files, timeout=1800)
     elapsed = time.perf_counter() - start
+    after = cpu_by_part(stack)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
-    return len(files) / elapsed
+    indexed = 0
+    if stack.with_worker:
+        status = stack.http().get(f"{stack.config.orthanc_url}/lookalike/status", timeout=30).json()
+        indexed = sum(c["instances"] for c in status["indexed"]) + len(status["problems"])
+    return len(files) / elapsed, {k: after[k] - before[k] for k in PARTS}, indexed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--instances", type=int, default=200)
+    parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,17 +101,29 @@ def main() -> None:
             "plugin, no worker": Stack(StackConfig.create(tmp / "plugin"), worker=False),
             "plugin and worker": Stack(StackConfig.create(tmp / "full")),
         }
+        rates: dict[str, list[float]] = {name: [] for name in stacks}
+        cpu: dict[str, list[dict[str, float]]] = {name: [] for name in stacks}
+        during: list[int] = []
         try:
             for stack in stacks.values():
                 stack.start()
-            rates: dict[str, list[float]] = {name: [] for name in stacks}
             for r in range(args.rounds):
                 for i, (name, stack) in enumerate(stacks.items()):
                     files = make_instances(tmp / f"{i}-{r}", args.instances, prefix=f"R{r}S{i}")
-                    rates[name].append(store_rate(stack, files))
-                    print(f"round {r + 1}: {name:18s} {rates[name][-1]:7.1f} instances/s", flush=True)
+                    indexed_before = args.instances * r
+                    rate, used, indexed = store_round(stack, files)
+                    rates[name].append(rate)
+                    cpu[name].append(used)
+                    line = "  ".join(f"{k} {used[k] * 100 / args.instances:5.2f}" for k in PARTS)
+                    extra = ""
+                    if stack.with_worker:
+                        during.append(indexed - indexed_before)
+                        extra = f"  indexed while storing {during[-1]}/{args.instances}"
+                    print(f"round {r + 1}: {name:18s} {rate:7.1f} instances/s  CPU s/100: {line}{extra}", flush=True)
                     if stack.with_worker:  # let the worker finish, so that its backlog does not slow the next round
-                        wait_indexed(stack, args.instances * (r + 1), timeout=600)
+                        wait_indexed(stack, args.instances * (r + 1), timeout=1800)
+                    for f in files:
+                        f.unlink()
         finally:
             for stack in stacks.values():
                 stack.stop()
@@ -65,7 +131,10 @@ def main() -> None:
     print(f"\nC-STORE of {args.instances} US instances, {args.rounds} rounds, medians (goal: ratio >= 0.9):")
     for name, values in rates.items():
         rate = statistics.median(values)
-        print(f"  {name:18s} {rate:7.1f} instances/s  ratio {rate / base:.2f}")
+        split = "  ".join(f"{k} {statistics.median(u[k] for u in cpu[name]) * 100 / args.instances:5.2f}"
+                          for k in PARTS)
+        print(f"  {name:18s} {rate:7.1f} instances/s  ratio {rate / base:.2f}   CPU s per 100 instances: {split}")
+    print(f"  indexed by the worker while storescu sent (median): {statistics.median(during)}/{args.instances}")
 
 
 if __name__ == "__main__":
