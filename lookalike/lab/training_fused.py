@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lookalike.encoders.base import WEIGHTS_DIR, centre_vectors
+from lookalike.encoders.base import WEIGHTS_DIR, file_sha256, centre_vectors
 from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch, join_blocks, rescale
 from lookalike.encoders.lesion import finder_from_checkpoint, prepare_views
 from lookalike.encoders.preprocessing import build_preprocess
@@ -407,7 +407,7 @@ def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int =
         load_base(net, ckpt)
     net.head.load_state_dict(head.state_dict())
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("base.vae.decoder.")}
-    meta = {"candidate": candidate, "blocks": list(blocks), "head": {**HEAD, "epochs": epochs_of(candidate)}, "seed": seed, "base": str(base_path),
+    meta = {"candidate": candidate, "blocks": list(blocks), "head": {**HEAD, "epochs": epochs_of(candidate)}, "seed": seed, "base": f"{base_path.name} sha256 {file_sha256(base_path)[:8]}",
             "command": run_command(None), "torch": torch.__version__,
             "figures": figures(caches, blocks, head, center)}
     return save_checkpoint(out, arch, state, meta, lesion=ckpt["lesion"])

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lookalike.encoders.base import WEIGHTS_DIR
+from lookalike.encoders.base import WEIGHTS_DIR, file_sha256
 from lookalike.encoders.fused import FusedXrayNet, fused_xray_arch, join_blocks
 from lookalike.encoders.preprocessing import build_preprocess
 from lookalike.lab.images import load_image, read_manifest
@@ -151,7 +151,7 @@ def fit(cache_path: Path, name: str, base_path: Path, out: Path, seed: int = 0) 
     if trained:
         net.head.load_state_dict(r["head"].state_dict())
     meta = {"candidate": name, "blocks": list(blocks), "head": {**HEAD, "epochs": epochs_of(name)} if trained else None,
-            "seed": seed, "base": str(base_path), "command": run_command(None), "torch": torch.__version__,
+            "seed": seed, "base": f"{base_path.name} sha256 {file_sha256(base_path)[:8]}", "command": run_command(None), "torch": torch.__version__,
             "figures": {"val": r["val"], "test": r["test"]}}
     return save_checkpoint(out, net.arch, net.state_dict(), meta)
 
