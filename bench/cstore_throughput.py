@@ -12,10 +12,11 @@ the worker had indexed (or fetched, for those then pending) by the time the last
 CPU with the worker minus without it is what the worker's fetches (and its catch-up) cost inside Orthanc, at
 Orthanc's own priority.
 
-    .venv/bin/python bench/cstore_throughput.py [--instances 1000] [--rounds 3]
+    .venv/bin/python bench/cstore_throughput.py [--instances 1000] [--rounds 3] [--ingest-quiet-max S]
 
-``--instances`` far above what the worker's deferral cap covers (``ingest_quiet_max`` seconds of sending) shows
-sustained ingest: the worker then indexes one batch per cap while Orthanc receives.
+``--instances`` far above what the worker's deferral cap covers (``ingest_quiet_max`` seconds of sending, 20 by
+default; ``--ingest-quiet-max`` sets it for the worker's stack) shows sustained ingest: the worker then indexes
+one batch per cap while Orthanc receives.
 """
 
 from __future__ import annotations
@@ -93,13 +94,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ingest-quiet-max", type=float, default=None,
+                        help="the worker's ingest_quiet_max (default: the settings' own)")
     args = parser.parse_args()
+    worker_settings = {} if args.ingest_quiet_max is None else {"ingest_quiet_max": args.ingest_quiet_max}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         stacks = {
             "without plugin": Stack(StackConfig.create(tmp / "plain", with_plugin=False), worker=False),
             "plugin, no worker": Stack(StackConfig.create(tmp / "plugin"), worker=False),
-            "plugin and worker": Stack(StackConfig.create(tmp / "full")),
+            "plugin and worker": Stack(StackConfig.create(tmp / "full", extra_settings=worker_settings)),
         }
         rates: dict[str, list[float]] = {name: [] for name in stacks}
         cpu: dict[str, list[dict[str, float]]] = {name: [] for name in stacks}

@@ -37,6 +37,10 @@ WRITE_QUEUE = "lookalike.write"
 TASK_EMBED = "lookalike.embed"
 TASK_WRITE = "lookalike.write"
 
+#: Redis key where the plugin notes when Orthanc last received an instance to index (``time.time()``, written at most
+#: every ``lookalike.plugin.sender.MARK_EVERY`` seconds): the worker fetches once it is old enough (``ingest_quiet``).
+INGEST_MARK_KEY = "lookalike:last-stored"
+
 #: How the index may store its vectors (``Settings.index_storage``, ``lookalike.index.segments.IndexParams``).
 INDEX_STORAGES = ("fp32", "fp16")
 
@@ -71,6 +75,12 @@ class Settings:
     #: for a batch to fill (only while a pool process is free: a busy one lets the next batch grow).
     batch_size: int = 32
     batch_wait: float = 0.05
+    #: The PACS first: before fetching a batch from Orthanc, the worker waits until Orthanc has received no instance to
+    #: index for ``ingest_quiet`` seconds (fetching is Orthanc's own work, at its priority, beside its C-STOREs),
+    #: but never more than ``ingest_quiet_max`` seconds per batch, so that sustained ingest is still indexed, one
+    #: batch per ``ingest_quiet_max``. 0 s: fetch at once (see :mod:`lookalike.worker.ingest_gate`).
+    ingest_quiet: float = 1.0
+    ingest_quiet_max: float = 20.0
     #: Where the encoders run: "cpu", "cuda", "cuda:N", or "auto" (the N-th pool process of a worker takes GPU N, so
     #: ``--concurrency`` equal to the GPU count puts one process on each; the CPU where there is none).
     device: str = "cpu"

@@ -172,6 +172,37 @@ class TestBadInput:
         assert stack.procs["worker"].poll() is None
 
 
+class TestIngestFirst:
+    """The PACS first: the worker fetches an instance only once Orthanc has received nothing for ``ingest_quiet``."""
+
+    def test_instances_are_fetched_after_the_stores_quiet_down_and_all_indexed(self, stack: Stack,
+                                                                              tmp_path: Path) -> None:
+        import sqlite3
+        from datetime import datetime
+
+        import redis
+
+        from lookalike.config import INGEST_MARK_KEY
+        from lookalike.index.catalogue import CATALOGUE_FILE
+
+        pixels = sample_pixels("US", 8)[7]  # an image the corpus does not use
+        made = {f"quiet{i}": make_study(noisy(pixels, 70 + i), "US", f"PQUIET{i:03d}", tmp_path, f"quiet{i}")
+                for i in range(6)}
+        store_studies(stack, made, "a burst of six studies")
+        broker = redis.Redis.from_url(stack.config.settings().redis_url)
+        mark = float(broker.get(INGEST_MARK_KEY))  # the plugin's note of the burst's last store (or one just before)
+        sops = [ds.SOPInstanceUID for _, ds in made.values()]
+        path = stack.config.state_dir / "index" / CATALOGUE_FILE
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as conn:
+            times = [row[0] for row in conn.execute(
+                f"SELECT indexed_at FROM instances WHERE sop_instance_uid IN ({','.join('?' * len(sops))})", sops)]
+        assert len(times) == len(sops)
+        quiet = stack.config.settings().ingest_quiet
+        assert quiet > 0
+        # Each was written after the worker waited out the quiet window that followed the last store it saw marked.
+        assert all(datetime.fromisoformat(t).timestamp() >= mark + quiet for t in times), (times, mark)
+
+
 class TestCommandLine:
     def _lookalike(self, stack: Stack, *args: str) -> subprocess.CompletedProcess:
         exe = Path(sys.executable).with_name("lookalike")

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import redis
 
-from lookalike.config import QUEUE, Settings
+from lookalike.config import INGEST_MARK_KEY, QUEUE, Settings
 from lookalike.encoders.floors import SimilarityFloors
 from lookalike.index.catalogue import CATALOGUE_FILE, Catalogue
 from lookalike.orthanc.client import OrthancError, OrthancNotFoundError
@@ -112,7 +112,6 @@ def register(orthanc: Any) -> None:
     settings = Settings.from_dict({k: v for k, v in section.items() if k not in ("site_packages", "source_root")})
 
     app = make_app(settings)
-    sender = TaskSender(app.send_task, on_error=orthanc.LogError, on_recovery=orthanc.LogWarning)
     api = InProcessOrthanc(orthanc)
     # Read-only, for the three reads the module's docstring names and justifies; lookups go to the query service.
     catalogue = Catalogue(Path(settings.index_dir) / CATALOGUE_FILE, readonly=True)
@@ -121,6 +120,10 @@ def register(orthanc: Any) -> None:
     floors = SimilarityFloors(settings.weights.values(), catalogue)
     lookups = LookupClient(settings.lookup_socket, settings.lookup_secret, settings.lookup_timeout, catalogue)
     broker = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
+    # The worker waits for a quiet moment before fetching from Orthanc (lookalike.worker.ingest_gate): the sender
+    # marks when instances arrive, from its own thread, a few times a second at most.
+    sender = TaskSender(app.send_task, on_error=orthanc.LogError, on_recovery=orthanc.LogWarning,
+                        mark_ingest=lambda at: broker.set(INGEST_MARK_KEY, repr(at)))
 
     orthanc.RegisterOnChangeCallback(ChangeHandler(orthanc, api, sender.send, orthanc.LogError))
     callers = CallerAddresses()

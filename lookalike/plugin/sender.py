@@ -8,9 +8,13 @@ import threading
 import time
 from typing import Any, Callable
 
-from lookalike.config import QUEUE
+from lookalike.config import QUEUE, TASK_INDEX_INSTANCE
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two marks of "Orthanc received an instance" (``mark_ingest``): a Redis write a few times a
+#: second during a burst, not one per instance.
+MARK_EVERY = 0.25
 
 
 class TaskSender:
@@ -25,12 +29,19 @@ class TaskSender:
         long it lasts and however many tasks it drops, and without a traceback (a broker outage is not a bug).
     on_recovery
         Called with one line when a task goes through again after an outage, saying how many were dropped.
+    mark_ingest
+        Called with ``time.time()`` after an ``index_instance`` task went through, at most every
+        :data:`MARK_EVERY` seconds: the mark the worker waits on before fetching (see
+        :mod:`lookalike.worker.ingest_gate`); its failure is ignored (the worker then fetches at once).
     """
 
     def __init__(self, send_task: Callable[..., Any], on_error: Callable[[str], None] | None = None,
                  pause_after_failure: float = 5.0, clock: Callable[[], float] = time.monotonic,
-                 on_recovery: Callable[[str], None] | None = None) -> None:
+                 on_recovery: Callable[[str], None] | None = None,
+                 mark_ingest: Callable[[float], Any] | None = None) -> None:
         self._send_task = send_task
+        self._mark_ingest = mark_ingest
+        self._marked = -1e9
         self._on_error = on_error or log.error
         self._on_recovery = on_recovery or log.warning
         self._queue: queue.Queue[tuple[str, tuple] | None] = queue.Queue()
@@ -79,8 +90,20 @@ class TaskSender:
                     self._failed(exc)
                 else:
                     self._sent()
+                    if name == TASK_INDEX_INSTANCE:
+                        self._mark()
             finally:
                 self._queue.task_done()
+
+    def _mark(self) -> None:
+        """Note in Redis that Orthanc is receiving, unless noted less than :data:`MARK_EVERY` seconds ago."""
+        if self._mark_ingest is None or self._clock() - self._marked < MARK_EVERY:
+            return
+        self._marked = self._clock()
+        try:
+            self._mark_ingest(time.time())
+        except Exception as exc:  # noqa: BLE001 (the task went through; a lost mark only lets the worker fetch)
+            log.debug("ingest mark not written: %s: %s", type(exc).__name__, exc)
 
     def _dropped(self) -> None:
         self.failed += 1

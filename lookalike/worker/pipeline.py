@@ -37,6 +37,7 @@ from lookalike.index.catalogue import InstanceRecord
 from lookalike.orthanc.client import (OrthancApi, OrthancAuthError, OrthancError, OrthancNotFoundError,
                                       OrthancUnavailableError, get_json, instance_series, orthanc_resource_id)
 from lookalike.orthanc.ingest import series_is_queued
+from lookalike.worker.ingest_gate import IngestGate
 
 if TYPE_CHECKING:  # FAISS: embedding hosts and the worker's main process import this module, and open no index
     from lookalike.index.store import IndexStore
@@ -184,14 +185,18 @@ class Embedder:
         Instances claiming more pixels than this are refused before any decoding.
     threads
         Instances of a batch fetched and decoded at once: waiting for Orthanc, and the decoders' C code, overlap.
+    gate
+        Holds each batch's fetching back while Orthanc receives instances (see
+        :mod:`lookalike.worker.ingest_gate`); None: fetch at once.
     """
 
     def __init__(self, api: OrthancApi, encoders: Callable[[str, str | None], Encoder], max_pixels: int,
-                 threads: int = 4) -> None:
+                 threads: int = 4, gate: IngestGate | None = None) -> None:
         self.api = api
         self.encoders = encoders
         self.max_pixels = max_pixels
         self.threads = threads
+        self.gate = gate
         #: Instances of the next batch fetched and decoded while this one embeds: instance id -> (decoded, series,
         #: study), filled by a thread of their own, used once by the next :meth:`run` and then dropped.
         self._ahead: dict[str, tuple[PreparedInstance, str | None, str | None]] = {}
@@ -210,6 +215,10 @@ class Embedder:
         fetched, self._ahead, self._ahead_thread = self._ahead, {}, None
         twice = {i for i, n in Counter(job.instance_id for job in jobs).items() if n > 1}
         fetched = {i: v for i, v in fetched.items() if i not in twice}
+        waited = 0.0
+        if self.gate is not None and any(job.instance_id not in fetched for job in jobs):
+            waited = self.gate.wait()  # the PACS first: no fetch while Orthanc receives, up to a cap
+            started += waited
         results: list[Result | None] = [None] * len(jobs)
         ready: dict[int, tuple[Encoder, PreparedInstance, Job]] = {}
         with ThreadPoolExecutor(max(1, min(self.threads, len(jobs)))) as threads:
@@ -232,14 +241,18 @@ class Embedder:
         for members in by_encoder.values():
             for i, result in zip(members, self._embed_group([ready[i] for i in members])):
                 results[i] = result
-        log.info("batch of %d: fetched and decoded in %.3f s (%d ahead), %d embedded in %.3f s", len(jobs),
-                 prepared_at - started, sum(job.instance_id in fetched for job in jobs), len(ready),
-                 time.perf_counter() - prepared_at)
+        log.info("batch of %d: waited %.3f s for Orthanc's ingest, fetched and decoded in %.3f s (%d ahead), %d"
+                 " embedded in %.3f s", len(jobs), waited, prepared_at - started,
+                 sum(job.instance_id in fetched for job in jobs), len(ready), time.perf_counter() - prepared_at)
         return results  # type: ignore[return-value]
 
     def _fetch_ahead(self, jobs: list[Job]) -> None:
-        """Fetch and decode instances of the next batch; whatever fails here is done again, and reported, then."""
+        """Fetch and decode instances of the next batch; whatever fails here is done again, and reported, then.
+
+        Stops as soon as Orthanc receives instances: the next batch then waits for its quiet window itself."""
         for job in jobs:
+            if self.gate is not None and not self.gate.is_quiet():
+                return
             try:
                 self._ahead[job.instance_id] = self._fetch(job)
             except Exception:  # noqa: BLE001 (Orthanc away, bad input, anything: the batch itself says what)

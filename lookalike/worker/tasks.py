@@ -46,18 +46,21 @@ import time
 from dataclasses import asdict, replace
 
 import billiard.process
+import redis
 from celery import Task, bootsteps
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 from celery.utils.time import get_exponential_backoff_interval
 
-from lookalike.config import (EMBED_QUEUE, QUEUE, TASK_CATCH_UP, TASK_EMBED, TASK_FORGET, TASK_INDEX_INSTANCE,
-                              TASK_RECONCILE_STUDY, TASK_REINDEX_INSTANCE, TASK_WRITE, WRITE_QUEUE, Settings)
+from lookalike.config import (EMBED_QUEUE, INGEST_MARK_KEY, QUEUE, TASK_CATCH_UP, TASK_EMBED, TASK_FORGET,
+                              TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY, TASK_REINDEX_INSTANCE, TASK_WRITE, WRITE_QUEUE,
+                              Settings)
 from lookalike.encoders import load_encoder
 from lookalike.encoders.base import resolve_device
 from lookalike.orthanc.client import HttpOrthanc, OrthancError
 from lookalike.worker.batching import DIED, BatchTask, Item
 from lookalike.worker.celery_app import app
 from lookalike.worker.change_log import UNWRITABLE, ChangeLogFollower
+from lookalike.worker.ingest_gate import IngestGate
 from lookalike.worker.pipeline import Embedder, InstanceIndexer, Job, Outcome, Pipeline, Request, Result
 
 log = logging.getLogger(__name__)
@@ -116,7 +119,19 @@ def embedder():
     # DICOM files as stored: Orthanc gzips them otherwise, which costs it (and us) more CPU than a LAN saves (a
     # 64 KB instance: 5 ms instead of 15).
     api.session.headers["Accept-Encoding"] = "identity"
-    return Embedder(api, load_model, s.max_pixels)
+    return Embedder(api, load_model, s.max_pixels, gate=ingest_gate())
+
+
+def ingest_gate() -> IngestGate:
+    """Holds fetching back while Orthanc receives (the plugin's mark in Redis; see ``Settings.ingest_quiet``)."""
+    s = settings()
+    broker = redis.Redis.from_url(s.redis_url, socket_timeout=1, socket_connect_timeout=1)
+
+    def last_stored() -> float | None:
+        mark = broker.get(INGEST_MARK_KEY)
+        return None if mark is None else float(mark)
+
+    return IngestGate(last_stored, s.ingest_quiet, s.ingest_quiet_max)
 
 
 @functools.cache
