@@ -179,8 +179,11 @@ def test_us_feature_subset_skips_refinement(tmp_path: Path) -> None:
     """A checkpoint naming only the VAE blocks loads, embeds, and never runs the UNet (the ablation's variant)."""
     import torch
 
-    ckpt = torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True)
-    shipped = load_encoder("us")
+    from lookalike.encoders.fused import base_checkpoint
+
+    ckpt = base_checkpoint(torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True))
+    torch.save(ckpt, tmp_path / "base.pt")
+    shipped = load_encoder("us", weights=tmp_path / "base.pt")  # the VAE-diffusion branch the shipped file holds
     views = len(shipped.views)  # 320 fused features per view (whole image, lesion crop)
     assert shipped.net.feat_dim == 320 * views and shipped.net.blocks == ("h", "z", "m", "zr")
     g = torch.Generator().manual_seed(0)

@@ -55,7 +55,7 @@ def test_fused_ultrasound_encoder_serves_what_training_cached(tmp_path) -> None:
 
     from lookalike.encoders import load_encoder
     from lookalike.encoders.base import WEIGHTS_DIR
-    from lookalike.encoders.fused import FusedUltrasoundNet, fused_arch
+    from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch
     from lookalike.lab.training_fused import apply, cache_set, joined
 
     rng = np.random.default_rng(1)
@@ -68,7 +68,7 @@ def test_fused_ultrasound_encoder_serves_what_training_cached(tmp_path) -> None:
     (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
     cached = dict(np.load(cache_set(tmp_path, WEIGHTS_DIR / "us.pt", tmp_path / "cache" / "set.npz")))
 
-    shipped = torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True)
+    shipped = base_checkpoint(torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True))
     arch = fused_arch(shipped["arch"], "vector", ("lesion",), 160, 224)
     torch.manual_seed(0)
     net = FusedUltrasoundNet(arch)
@@ -93,7 +93,7 @@ def test_fused_encoder_at_a_smaller_side_serves_what_round3_cached(tmp_path, blo
 
     from lookalike.encoders import load_encoder
     from lookalike.encoders.base import WEIGHTS_DIR
-    from lookalike.encoders.fused import FusedUltrasoundNet, fused_arch
+    from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch
     from lookalike.lab.training_fused import apply, cache_set_sides, joined
 
     rng = np.random.default_rng(3)
@@ -106,7 +106,7 @@ def test_fused_encoder_at_a_smaller_side_serves_what_round3_cached(tmp_path, blo
     (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
     cached = dict(np.load(cache_set_sides(tmp_path, WEIGHTS_DIR / "us.pt", tmp_path / "c.npz", sides=(side,))))
 
-    shipped = torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True)
+    shipped = base_checkpoint(torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True))
     base_arch = dict(shipped["arch"])
     if base_input == "features":
         base_arch["features"] = ["h", "z"]
