@@ -30,6 +30,9 @@ from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate
 from lookalike.encoders.base import Embedding
 from lookalike.encoders.lesion import LesionBox
 from lookalike.lab.samples import wrap_image
+from lookalike.index.catalogue import InstanceRecord
+from lookalike.index.segments import Manifest
+from lookalike.index.store import IndexStore
 from lookalike.orthanc.client import OrthancNotFoundError, OrthancUnavailableError
 
 if TYPE_CHECKING:
@@ -469,3 +472,57 @@ class Explorer:
             if ds.Modality == "SR" and ds.Manufacturer == "Lookalike":
                 reports.append(ds)
         return reports
+
+
+# ---------------------------------------------------------------- index segments (test_segments, test_index_storage)
+
+
+def record(i: int, study: int | None = None) -> InstanceRecord:
+    study = i // 3 if study is None else study
+    return InstanceRecord(
+        sop_instance_uid=f"1.2.9.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
+        series_instance_uid=f"1.2.9.{study}.1", study_instance_uid=f"1.2.9.{study}", patient_id=f"P{study}",
+        study_date="20240102", modality="US", orthanc_instance_id=f"inst-{i}", orthanc_series_id=f"series-{study}",
+        orthanc_study_id=f"study-{study}", encoder="us", model_version="v1")
+
+
+def clustered(n: int, dim: int, seed: int, clusters: int = 500, latent: int = 12) -> np.ndarray:
+    """Unit vectors with the structure of real embeddings: clusters in a low-dimensional subspace, a little noise.
+
+    ``clusters`` centres in a ``latent``-dimensional space, points scattered around them, mapped to ``dim``
+    dimensions by a fixed random projection, plus isotropic noise; the same seed gives the same projection.
+    """
+    base = np.random.default_rng(1234)
+    centres = base.standard_normal((clusters, latent))
+    projection = base.standard_normal((latent, dim))
+    rng = np.random.default_rng(seed)
+    points = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, latent))
+    return unit(points @ projection + 0.1 * rng.standard_normal((n, dim)))
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def exact(reference: dict[int, np.ndarray], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.array(sorted(reference), dtype=np.int64)
+    matrix = np.stack([reference[i] for i in ids])
+    scores = unit(queries) @ matrix.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), ids[order]
+
+
+def manifest(store: IndexStore) -> Manifest:
+    return Manifest.read(store.index_path("us", "v1"), ("us", "v1"))
+
+
+def bulk_fill(store: IndexStore, sizes: list[int], vectors: np.ndarray) -> dict[int, np.ndarray]:
+    """One saved segment per batch of ``sizes``, as a back-fill's batches leave them; returns id -> vector."""
+    reference, start = {}, 0
+    for size in sizes:
+        rows = range(start, start + size)
+        reference.update(zip(store.add_many([record(i) for i in rows], vectors[start:start + size]),
+                             vectors[start:start + size]))
+        store.flush()
+        start += size
+    return reference

@@ -17,7 +17,7 @@ from lookalike.config import Settings, SettingsError
 from lookalike.index import store as store_module
 from lookalike.index.segments import IndexParams, Segment
 from lookalike.index.store import IndexStore
-from tests.test_segments import bulk_fill, clustered, exact, manifest, record
+from tests.support import bulk_fill, clustered, exact, manifest, record
 
 DIM = 16
 #: Exact searches (so that fp32 results can be compared id for id), graphs from 200 vectors (so that conversion
@@ -161,3 +161,21 @@ def test_status_reads_the_index_without_starting_the_prefetch_threads(
         assert reads == [] and not any(t.name == "index-prefetch" for t in threading.enumerate())
     finally:
         release.set()
+
+
+def test_the_worker_opens_its_index_in_the_configured_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer is the worker: the store it opens takes ``index_storage`` from the site's settings."""
+    from lookalike.worker import tasks
+
+    settings = Settings.from_dict({"index_dir": str(tmp_path / "index"), "index_storage": "fp16"})
+    monkeypatch.setattr(tasks, "settings", lambda: settings)
+    tasks.embedder.cache_clear()
+    try:
+        indexer = tasks.indexer()
+        try:
+            assert indexer.store.params.storage == "fp16"
+            assert indexer.store.index_dir == Path(settings.index_dir)
+        finally:
+            indexer.store.close()
+    finally:
+        tasks.embedder.cache_clear()

@@ -20,43 +20,9 @@ from lookalike.index import segments as segments_module
 from lookalike.index.catalogue import InstanceRecord
 from lookalike.index.segments import IndexParams, Manifest, Segment, size_class
 from lookalike.index.store import IndexStore
+from tests.support import record, clustered, unit, exact, manifest, bulk_fill
 
 DIM = 16
-
-
-def record(i: int, study: int | None = None) -> InstanceRecord:
-    study = i // 3 if study is None else study
-    return InstanceRecord(
-        sop_instance_uid=f"1.2.9.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
-        series_instance_uid=f"1.2.9.{study}.1", study_instance_uid=f"1.2.9.{study}", patient_id=f"P{study}",
-        study_date="20240102", modality="US", orthanc_instance_id=f"inst-{i}", orthanc_series_id=f"series-{study}",
-        orthanc_study_id=f"study-{study}", encoder="us", model_version="v1")
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def clustered(n: int, dim: int, seed: int, clusters: int = 500, latent: int = 12) -> np.ndarray:
-    """Unit vectors with the structure of real embeddings: clusters in a low-dimensional subspace, a little noise.
-
-    ``clusters`` centres in a ``latent``-dimensional space, points scattered around them, mapped to ``dim``
-    dimensions by a fixed random projection, plus isotropic noise; the same seed gives the same projection.
-    """
-    base = np.random.default_rng(1234)
-    centres = base.standard_normal((clusters, latent))
-    projection = base.standard_normal((latent, dim))
-    rng = np.random.default_rng(seed)
-    points = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, latent))
-    return unit(points @ projection + 0.1 * rng.standard_normal((n, dim)))
-
-
-def exact(reference: dict[int, np.ndarray], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.array(sorted(reference), dtype=np.int64)
-    matrix = np.stack([reference[i] for i in ids])
-    scores = unit(queries) @ matrix.T
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, axis=1), ids[order]
 
 
 def check_against_reference(store: IndexStore, reference: dict[int, np.ndarray], seed: int) -> None:
@@ -68,10 +34,6 @@ def check_against_reference(store: IndexStore, reference: dict[int, np.ndarray],
     assert store.size("us", "v1") == len(reference)
     np.testing.assert_allclose(scores, want_scores, atol=1e-5)
     assert (ids == want_ids).all()
-
-
-def manifest(store: IndexStore) -> Manifest:
-    return Manifest.read(store.index_path("us", "v1"), ("us", "v1"))
 
 
 SMALL = IndexParams(ann_above=None, graph_min=48, merge_factor=3, purge_share=0.3)
@@ -280,18 +242,6 @@ def test_the_background_thread_merges_while_adds_go_on(tmp_path: Path) -> None:
 
 #: Small enough that a test's few hundred vectors make graphs; the idle time short enough to wait for.
 SETTLE = IndexParams(ann_above=None, graph_min=48, merge_factor=3, purge_share=0.3, settle_idle_s=0.2)
-
-
-def bulk_fill(store: IndexStore, sizes: list[int], vectors: np.ndarray) -> dict[int, np.ndarray]:
-    """One saved segment per batch of ``sizes``, as a back-fill's batches leave them; returns id -> vector."""
-    reference, start = {}, 0
-    for size in sizes:
-        rows = range(start, start + size)
-        reference.update(zip(store.add_many([record(i) for i in rows], vectors[start:start + size]),
-                             vectors[start:start + size]))
-        store.flush()
-        start += size
-    return reference
 
 
 def settled(layout: dict, params: IndexParams) -> bool:

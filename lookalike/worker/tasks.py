@@ -139,7 +139,7 @@ def indexer():
     """The worker process's index side (the index host's): opens the catalogue and the FAISS files."""
     from lookalike.index.store import IndexStore  # here, not above: FAISS only in the index host's pool process
 
-    return InstanceIndexer(embedder().api, IndexStore(settings().index_dir, snapshot_every=SNAPSHOT_EVERY))
+    return InstanceIndexer(embedder().api, IndexStore.from_settings(settings(), snapshot_every=SNAPSHOT_EVERY))
 
 
 def pipeline():
