@@ -147,7 +147,9 @@ def test_fused_xray_encoder_serves_what_training_cached(tmp_path, hidden) -> Non
     cached = dict(np.load(cache_set(tmp_path, WEIGHTS_DIR / "xr.pt", tmp_path / "c.npz", sides=(128,), chunk=2)))
     images = [load_image(tmp_path / f"{i}.png", "xr") for i in range(3)]
 
-    np.testing.assert_allclose(cached["vec96"], load_encoder("xr").embed(images), atol=1e-5)
+    _, vit = load_net(WEIGHTS_DIR / "xr.pt", 128)  # the shipped ViT (itself, or the shipped fused file's branch)
+    torch.save(vit, tmp_path / "vit.pt")
+    np.testing.assert_allclose(cached["vec96"], load_encoder("xr", weights=tmp_path / "vit.pt").embed(images), atol=1e-5)
 
     torch.manual_seed(0)
     net, _ = load_net(WEIGHTS_DIR / "xr.pt", 128, hidden)

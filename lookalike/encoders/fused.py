@@ -218,12 +218,12 @@ def fused_xray_arch(base_arch: dict[str, Any], im_size: int, image_size: int, di
 def base_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The VAE-diffusion checkpoint a checkpoint holds: itself, or the ``base`` branch of a fused one.
 
-    So that tools written for the VAE-diffusion encoder (its ablation, a new fused head) take either file.
+    So that tools written for the VAE-diffusion encoder or the ViT (the ablation, a new fused head) take either file.
     """
     arch = ckpt["arch"]
     if "base" not in arch:
         return ckpt
     state = {k[len("base."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("base.")}
-    if arch["base_input"] != "vector":  # the base head was never used: the base arch's own head is not there
+    if arch.get("base_input", "vector") != "vector":  # the base head was never used: the base arch's own head is not there
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     return {**ckpt, "arch": arch["base"], "state_dict": state}

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from lookalike.encoders.base import WEIGHTS_DIR, file_sha256
-from lookalike.encoders.fused import FusedXrayNet, fused_xray_arch, join_blocks
+from lookalike.encoders.fused import FusedXrayNet, base_checkpoint, fused_xray_arch, join_blocks
 from lookalike.encoders.preprocessing import build_preprocess
 from lookalike.lab.images import load_image, read_manifest
 from lookalike.lab.training import run_command, save_checkpoint
@@ -50,10 +50,9 @@ MARGIN = 0.01
 
 
 def load_net(base_path: Path, side: int, hidden: int = 0) -> tuple[FusedXrayNet, dict[str, Any]]:
-    """A fused network over the ViT checkpoint at ``side`` (head untrained, or none), and that checkpoint."""
-    ckpt = torch.load(base_path, map_location="cpu", weights_only=True)
-    if "base" in ckpt["arch"]:
-        raise ValueError(f"{base_path} is already a fused checkpoint; give the ViT's")
+    """A fused network over the ViT of ``base_path`` (a ViT checkpoint, or a fused one's ViT branch) at ``side``
+    (head untrained, or none), and the ViT's checkpoint."""
+    ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
     net = FusedXrayNet(fused_xray_arch(ckpt["arch"], side, side, HEAD["dim"], hidden))
     net.base.load_state_dict(ckpt["state_dict"])
     return net.eval(), ckpt
