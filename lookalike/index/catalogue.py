@@ -467,6 +467,23 @@ class Catalogue:
             conn.execute("INSERT OR REPLACE INTO active_models (encoder, model_version, weights) VALUES (?, ?, ?)",
                          (encoder, model_version, weights))
 
+    def replace_active_model(self, encoder: str, expected: tuple[str, str] | None, model_version: str,
+                             weights: str) -> bool:
+        """:meth:`set_active_model` only while the recorded model is still ``expected`` (None: none recorded).
+
+        Read and written in one transaction, under SQLite's write lock: a decision taken on what was read (the
+        worker keeping an updated site on its archive's model) never overwrites a switch another process made
+        meanwhile (``lookalike reindex``). Returns whether it wrote.
+        """
+        with self._write() as conn:
+            found = conn.execute("SELECT model_version, weights FROM active_models WHERE encoder = ?",
+                                 (encoder,)).fetchone()
+            if (None if found is None else (found[0], found[1])) != (None if expected is None else tuple(expected)):
+                return False
+            conn.execute("INSERT OR REPLACE INTO active_models (encoder, model_version, weights) VALUES (?, ?, ?)",
+                         (encoder, model_version, weights))
+        return True
+
     def live_versions(self, encoder: str) -> dict[str, int]:
         """Model version -> live instances, for one encoder."""
         with self._read() as conn:

@@ -202,7 +202,8 @@ def register(orthanc: Any) -> None:
                                 pending=sender.pending(), who=who, host=host)
 
     def status(query: dict, who: str, host: str) -> rest.Response:
-        code, body = rest.status(catalogue, lambda: broker.llen(QUEUE), sender.pending(), api, lookups, floors)
+        code, body = rest.status(catalogue, lambda: broker.llen(QUEUE), sender.pending(), api, lookups, floors,
+                                 settings.weights)
         components = _components(settings.components_file)
         if components is not None:  # `lookalike run`'s supervisor: each process's state, restarts, last exit
             body["components"] = components

@@ -29,6 +29,7 @@ from lookalike.dicom.sr import SimilarCase, build_similarity_report
 from lookalike.encoders.floors import SimilarityFloors
 from lookalike.index.catalogue import CHANGES_CURSOR as CURSOR, Catalogue
 from lookalike.index.search import SCOPES, SimilarStudy, StudyNotIndexedError
+from lookalike.index.upgrade import model_status
 from lookalike.query.audit import AuditLog
 from lookalike.query.lookup_service import AuditUnavailable, LookupRequest, Lookups, LookupUnavailable
 from lookalike.orthanc.client import OrthancApi, OrthancNotFoundError, find_by_uids, get_json, store_instance
@@ -459,9 +460,11 @@ def catch_up_state(catalogue: Catalogue, api: OrthancApi) -> dict[str, Any]:
 
 def status(catalogue: Catalogue, queue_length: Callable[[], int | None], pending: int = 0,
            api: OrthancApi | None = None, lookups: Lookups | None = None,
-           floors: SimilarityFloors | None = None) -> Response:
+           floors: SimilarityFloors | None = None, weights: Mapping[str, str] | None = None) -> Response:
     """``GET /lookalike/status``: what is indexed, what waits, what went wrong lately, how far the catch-up is,
-    and whether the query service answers lookups.
+    whether the query service answers lookups, and per encoder the model lookups use and whether a newer shipped
+    one waits for ``lookalike reindex`` (:func:`lookalike.index.upgrade.model_status`; ``weights`` are
+    ``Settings.weights``).
 
     Read from the catalogue alone, so that it answers while the query service is down. ``catch_up`` compares
     Orthanc's newest change with the last one the worker's catch-up has handled (:func:`catch_up_state`): a gap
@@ -492,6 +495,7 @@ def status(catalogue: Catalogue, queue_length: Callable[[], int | None], pending
         "indexed": counts,
         "queue": {"broker": queued, "plugin_pending": pending, "broker_error": broker_error},
         "catch_up": catch_up,
+        "models": model_status(catalogue, weights or {}),
         "problems": [
             {"instance": p.orthanc_instance_id, "study": p.orthanc_study_id, "sop_instance_uid": p.sop_instance_uid,
              "code": p.code, "message": p.message, "at": p.at, "attempts": p.attempts}

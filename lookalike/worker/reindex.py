@@ -1,6 +1,7 @@
 """Model upgrade without downtime: every indexed instance embedded again by a new checkpoint, then one switch.
 
-``lookalike reindex --encoder us --model FILE`` queues a re-index task per instance that has a vector of the
+``lookalike reindex --encoder us --model FILE`` (without ``--model``: the settings' checkpoint, the shipped one
+unless ``Settings.weights`` names another) queues a re-index task per instance that has a vector of the
 encoder's active model and none of the new one; the worker writes the new vectors beside the old ones (the
 catalogue keys rows by model version), and lookups keep to the active model meanwhile. Once every instance has
 its new vector, the catalogue's active model changes in one transaction: lookups and new instances move to the
@@ -20,6 +21,7 @@ from typing import Callable
 from lookalike.config import TASK_REINDEX_INSTANCE
 from lookalike.worker.backfill import Backfill, BackfillReport, Progress
 from lookalike.index.store import IndexStore
+from lookalike.index.upgrade import keep_archive_model
 from lookalike.orthanc.client import OrthancApi
 
 
@@ -89,6 +91,9 @@ def reindex(api: OrthancApi, store: IndexStore, send: Callable[[str, list, dict]
         ``model_version`` is the active model and no other model's vectors are left (see :func:`refusal`);
         nothing is queued or written.
     """
+    # An archive of an earlier shipped model that nothing started since the update: recorded as the worker would,
+    # so that lookups and new instances stay on it while the new vectors are built (lookalike.index.upgrade).
+    keep_archive_model(store.catalogue, encoder, default_weights)
     reason = refusal(store, encoder, model_version, default_model)
     if reason is not None:
         raise ReindexRefused(reason)

@@ -56,6 +56,7 @@ from lookalike.config import (EMBED_QUEUE, INGEST_MARK_KEY, QUEUE, TASK_CATCH_UP
                               Settings)
 from lookalike.encoders import load_encoder
 from lookalike.encoders.base import resolve_device
+from lookalike.index.upgrade import keep_archive_models
 from lookalike.orthanc.client import HttpOrthanc, OrthancError
 from lookalike.worker.batching import DIED, BatchTask, Item
 from lookalike.worker.celery_app import app
@@ -136,10 +137,16 @@ def ingest_gate() -> IngestGate:
 
 @functools.cache
 def indexer():
-    """The worker process's index side (the index host's): opens the catalogue and the FAISS files."""
+    """The worker process's index side (the index host's): opens the catalogue and the FAISS files.
+
+    Opening it, before the first batch is planned, keeps an archive indexed with an earlier shipped model on that
+    model after an update (:func:`lookalike.index.upgrade.keep_archive_models`), once per start of the writer.
+    """
     from lookalike.index.store import IndexStore  # here, not above: FAISS only in the index host's pool process
 
-    return InstanceIndexer(embedder().api, IndexStore.from_settings(settings(), snapshot_every=SNAPSHOT_EVERY))
+    store = IndexStore.from_settings(settings(), snapshot_every=SNAPSHOT_EVERY)
+    keep_archive_models(store.catalogue, settings().weights)
+    return InstanceIndexer(embedder().api, store)
 
 
 def pipeline():

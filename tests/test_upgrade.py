@@ -1,0 +1,180 @@
+"""An updated Lookalike over an archive indexed with the previous shipped model: the archive stays searchable on
+that model until ``lookalike reindex --encoder us`` moves it to the shipped one (lookalike.index.upgrade)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lookalike.encoders import load_encoder
+from lookalike.encoders.shipped import PREVIOUS_DIR, previous_checkpoint, shipped_version
+from lookalike.index.search import similar_studies
+from lookalike.index.store import IndexStore
+from lookalike.index.upgrade import keep_archive_models
+from lookalike.plugin import rest
+from lookalike.worker.pipeline import InstanceIndexer, Request
+from lookalike.worker.reindex import reindex
+from tests.support import record, unit
+
+#: The ultrasound model shipped before us-vaediff-imnet-1-0c26bdd6 (us.pt at commit f619444).
+PREVIOUS_US = "us-vaediff-1-4b7811ef"
+
+
+def _store(tmp_path: Path, version: str | None, n: int = 9) -> IndexStore:
+    """An index whose ``n`` US instances (3 per study) have vectors of ``version`` (none: an empty index), alike
+    enough that every study answers every other above the model's similarity floor."""
+    store = IndexStore(tmp_path / "index")
+    if version is not None:
+        rng = np.random.default_rng(0)
+        vectors = unit(rng.standard_normal(64) + 0.2 * rng.standard_normal((n, 64)))
+        store.add_many([dataclasses.replace(record(i), model_version=version) for i in range(n)], vectors)
+    return store
+
+
+def _planned_weights(store: IndexStore) -> str:
+    """The checkpoint the worker would embed a newly stored US instance with ("" : the settings' one)."""
+    return InstanceIndexer(None, store).plan([Request("inst-new", "series-new", "study-new")])[0].weights["us"]
+
+
+def test_every_kept_checkpoint_loads_with_the_model_version_it_is_named_by() -> None:
+    kept = sorted(PREVIOUS_DIR.glob("*.pt"))
+    assert PREVIOUS_DIR / f"{PREVIOUS_US}.pt" in kept
+    for path in kept:
+        assert load_encoder(path.stem.split("-", 1)[0], path).model_version == path.stem
+        assert previous_checkpoint(path.stem.split("-", 1)[0], path.stem) == path
+
+
+def test_shipped_version_is_known_without_torch_and_is_what_the_shipped_file_loads_as() -> None:
+    for name in ("us", "xr"):
+        assert shipped_version(name) == load_encoder(name).model_version
+    assert shipped_version("us") != PREVIOUS_US
+
+
+def test_an_archive_of_the_previous_shipped_model_stays_on_it(tmp_path: Path) -> None:
+    store = _store(tmp_path, PREVIOUS_US)
+    assert _planned_weights(store) == ""  # before: the shipped file, another model than the archive's
+
+    kept = keep_archive_models(store.catalogue, {})
+
+    checkpoint = str(PREVIOUS_DIR / f"{PREVIOUS_US}.pt")
+    assert kept == {"us": (PREVIOUS_US, checkpoint)}
+    assert store.catalogue.active_model("us") == (PREVIOUS_US, checkpoint)
+    assert store.catalogue.active_model("xr") is None  # no X-ray vectors: nothing to keep
+    assert _planned_weights(store) == checkpoint
+    assert load_encoder("us", _planned_weights(store)).model_version == PREVIOUS_US
+    assert keep_archive_models(store.catalogue, {}) == {}  # once: the next start finds it recorded
+
+
+def test_lookups_of_a_new_study_search_the_archive_it_stays_on(tmp_path: Path) -> None:
+    store = _store(tmp_path, PREVIOUS_US)
+    keep_archive_models(store.catalogue, {})
+    # A study stored after the update, embedded with the checkpoint the worker planned (the kept one), lies near
+    # study 1; a stray vector of the shipped model (a worker of the old code) must not be searched.
+    near = store.catalogue.rows_for_study("study-1", with_vectors=True)[0].vector
+    store.add_many([dataclasses.replace(record(100, study=100), model_version=PREVIOUS_US),
+                    dataclasses.replace(record(101, study=100), model_version=shipped_version("us"))],
+                   unit(np.stack([near, np.ones(64)])))
+    answer = similar_studies(store, "study-100", limit=5)
+    assert answer and answer[0].orthanc_study_id == "study-1"
+    assert {m.model_version for m in answer} == {PREVIOUS_US}
+
+
+def test_a_fresh_index_uses_the_shipped_model(tmp_path: Path) -> None:
+    store = _store(tmp_path, None)
+    assert keep_archive_models(store.catalogue, {}) == {}
+    assert store.catalogue.active_model("us") is None
+    assert load_encoder("us", _planned_weights(store) or None).model_version == shipped_version("us")
+    assert rest.status(store.catalogue, lambda: 0)[1]["models"] == []
+
+
+def test_an_archive_of_the_shipped_model_is_left_as_it_is(tmp_path: Path) -> None:
+    store = _store(tmp_path, shipped_version("us"))
+    assert keep_archive_models(store.catalogue, {}) == {}
+    assert store.catalogue.active_model("us") is None
+    models = rest.status(store.catalogue, lambda: 0)[1]["models"]
+    assert [(m["encoder"], m["newer_shipped_model"]) for m in models] == [("us", False)]
+
+
+def test_a_recorded_shipped_path_of_an_older_version_moves_to_its_kept_checkpoint(tmp_path: Path) -> None:
+    store = _store(tmp_path, PREVIOUS_US)
+    store.catalogue.set_active_model("us", PREVIOUS_US, "")  # what `reindex` recorded before an update
+    keep_archive_models(store.catalogue, {})
+    assert store.catalogue.active_model("us") == (PREVIOUS_US, str(PREVIOUS_DIR / f"{PREVIOUS_US}.pt"))
+
+
+def test_a_kept_checkpoint_recorded_at_a_path_that_is_gone_is_found_again(tmp_path: Path) -> None:
+    store = _store(tmp_path, PREVIOUS_US)
+    moved = tmp_path / "old-install" / f"{PREVIOUS_US}.pt"
+    moved.parent.mkdir()
+    shutil.copyfile(PREVIOUS_DIR / f"{PREVIOUS_US}.pt", moved)
+    store.catalogue.set_active_model("us", PREVIOUS_US, str(moved))
+    assert keep_archive_models(store.catalogue, {}) == {}  # there: nothing to do
+    moved.unlink()  # the package was installed elsewhere
+    keep_archive_models(store.catalogue, {})
+    assert store.catalogue.active_model("us") == (PREVIOUS_US, str(PREVIOUS_DIR / f"{PREVIOUS_US}.pt"))
+
+
+def test_a_site_checkpoint_in_the_settings_is_the_sites_to_replace(tmp_path: Path) -> None:
+    store = _store(tmp_path, PREVIOUS_US)
+    assert keep_archive_models(store.catalogue, {"us": "/site/us.pt"}) == {}
+    assert store.catalogue.active_model("us") is None
+
+
+def test_an_older_model_without_a_kept_checkpoint_is_not_recorded(tmp_path: Path) -> None:
+    store = _store(tmp_path, "us-vaediff-1-03f70559")  # an earlier release's, not kept
+    assert keep_archive_models(store.catalogue, {}) == {}
+    assert store.catalogue.active_model("us") is None
+
+
+def test_a_switch_made_meanwhile_wins(tmp_path: Path) -> None:
+    store = _store(tmp_path, PREVIOUS_US)
+    store.catalogue.set_active_model("us", "us-other-1-00000000", "/elsewhere.pt")
+    assert not store.catalogue.replace_active_model("us", None, PREVIOUS_US, "kept.pt")
+    assert store.catalogue.active_model("us") == ("us-other-1-00000000", "/elsewhere.pt")
+    assert store.catalogue.replace_active_model("us", ("us-other-1-00000000", "/elsewhere.pt"), PREVIOUS_US, "k")
+    assert store.catalogue.active_model("us") == (PREVIOUS_US, "k")
+
+
+def test_status_says_a_newer_shipped_model_waits_and_the_command(tmp_path: Path) -> None:
+    store = _store(tmp_path, PREVIOUS_US)
+    keep_archive_models(store.catalogue, {})
+    (us,) = rest.status(store.catalogue, lambda: 0)[1]["models"]
+    assert us["active_model"] == PREVIOUS_US and us["shipped_model"] == shipped_version("us")
+    assert us["newer_shipped_model"] is True
+    assert us["action"].startswith("lookalike reindex --encoder us")
+    (site,) = rest.status(store.catalogue, lambda: 0, weights={"us": "/site/us.pt"})[1]["models"]
+    assert site["newer_shipped_model"] is False and "action" not in site
+
+
+def test_reindex_to_the_shipped_model_moves_the_archive_without_a_gap(tmp_path: Path) -> None:
+    """``lookalike reindex --encoder us`` (no --model: weights "") over a catalogue nothing has touched since the
+    update: lookups stay on the archive's model until every instance has its shipped vector, new instances are
+    embedded with the archive's model meanwhile, then one switch to the shipped model recorded as ""."""
+    store = _store(tmp_path, PREVIOUS_US)
+    new_model = shipped_version("us")
+    seen: list[tuple[str, set[str]]] = []  # (checkpoint a re-index task was planned with, versions a lookup used)
+
+    def send(name: str, args: list, kwargs: dict) -> None:
+        instance, series, study = args
+        job = InstanceIndexer(None, store).plan([Request(instance, series, study, model=("us", kwargs["weights"]))])[0]
+        version = load_encoder("us", job.weights["us"] or None).model_version
+        row = next(r for r in store.catalogue.rows_for_study(study, with_vectors=True) if r.orthanc_instance_id
+                   == instance)
+        store.add_many([dataclasses.replace(row.record, model_version=version)], row.vector[None, :])
+        seen.append((job.weights["us"], {m.model_version for m in similar_studies(store, "study-0", limit=5)}))
+        seen.append(("new instance", {load_encoder("us", _planned_weights(store) or None).model_version}))
+
+    report = reindex(None, store, send, "us", new_model, "", default_model=new_model, batch=4, rate=1e6,
+                     settle_timeout=5)
+
+    assert report.switched and report.old_models == [PREVIOUS_US] and report.retired_vectors == 9
+    assert len(seen) == 18 and all(weights == "" for weights, _ in seen[::2])
+    # Until the switch, lookups answer from the archive's model alone, and new instances are embedded with it.
+    assert all(versions == {PREVIOUS_US} for _, versions in seen)
+    assert store.catalogue.active_model("us") == (new_model, "")
+    assert store.catalogue.live_versions("us") == {new_model: 9}
+    assert {m.model_version for m in similar_studies(store, "study-0", limit=5)} == {new_model}
