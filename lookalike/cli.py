@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modality", action="append", choices=("US", "DX", "CR"), help="repeat for several (default: all)")
     p.add_argument("--from", dest="date_from", default="", metavar="YYYYMMDD", help="first study date")
     p.add_argument("--to", dest="date_to", default="", metavar="YYYYMMDD", help="last study date")
-    p.add_argument("--batch", type=int, default=32, help="instances queued before waiting for the worker")
+    p.add_argument("--batch", type=int, default=32, help="most instances left to the worker at once")
     p.add_argument("--rate", type=float, default=20.0, help="instances queued per second at most")
     p.add_argument("--settle-timeout", type=float, default=600.0, help="seconds to wait for one batch")
     p.add_argument("--checkpoint", type=Path, help="resume file (default: under the index folder, per filter)")

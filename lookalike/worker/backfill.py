@@ -1,13 +1,14 @@
 """Back-indexing of an existing archive: the studies Orthanc held before Lookalike, or a remote PACS's.
 
 ``lookalike backfill`` walks the studies that match (modality, study date range), queues every US/DX/CR instance
-that is neither indexed nor recorded as a problem, and waits for the worker to settle each one before the next
-batch, so that the queue never holds more than one batch and the PACS keeps serving. A rate limit spaces the
-tasks further. Each study whose instances are all settled is written to a checkpoint: a run stopped for any
-reason resumes where it stopped. From a remote PACS, the studies are found with C-FIND and brought into Orthanc
-with C-MOVE (Orthanc is the DICOM node that asks), then indexed the same way. A remote study counts as held only
-when Orthanc has every instance the PACS has (NumberOfStudyRelatedInstances, then series and instance queries where
-the counts differ): what is missing is moved, and a study still short afterwards is reported and never
+that is neither indexed nor recorded as a problem, and keeps at most one batch waiting on the worker, so that the
+PACS keeps serving: once a batch is queued it waits for half of it to settle, then tops the queue up again (a
+window, not a barrier: the workers never run dry between two batches, nor wait for the slowest of them). A rate
+limit spaces the tasks further. Each study whose instances are all settled is written to a checkpoint: a run
+stopped for any reason resumes where it stopped. From a remote PACS, the studies are found with C-FIND and brought
+into Orthanc with C-MOVE (Orthanc is the DICOM node that asks), then indexed the same way. A remote study counts as
+held only when Orthanc has every instance the PACS has (NumberOfStudyRelatedInstances, then series and instance
+queries where the counts differ): what is missing is moved, and a study still short afterwards is reported and never
 checkpointed, so that a partial move (a C-MOVE cut by a crash, a study stored in part by hand) is finished by a
 rerun instead of being taken for done.
 
@@ -344,7 +345,8 @@ class Backfill:
     checkpoint
         Where settled studies are remembered (None: nothing is remembered).
     batch
-        Instances queued before waiting for them to settle.
+        Instances queued and not yet settled, at most: once there are this many, the walk waits until half of them
+        are settled, then queues more.
     rate
         Instances queued per second at most.
     settle_timeout
@@ -442,7 +444,7 @@ class Backfill:
             self._outstanding[instance_id] = study_id
             self._unsettled[study_id] += 1
             if len(self._outstanding) >= self.batch:
-                self._settle(report)
+                self._settle(report, down_to=self.batch // 2)
 
     def _instances(self, study_id: str) -> list[tuple[str, str, str]]:
         """(instance id, series id, modality) of every instance of a study; none if it was deleted meanwhile."""
@@ -457,11 +459,13 @@ class Backfill:
         if self.checkpoint is not None:
             self.checkpoint.add(study_id)
 
-    def _settle(self, report: BackfillReport) -> None:
-        """Wait until every outstanding instance is indexed or has a problem; checkpoint the studies completed."""
+    def _settle(self, report: BackfillReport, down_to: int = 0) -> None:
+        """Wait until at most ``down_to`` outstanding instances are neither indexed nor with a problem (0: every
+        one settled); checkpoint the studies completed. Should none settle for ``settle_timeout`` seconds, those
+        still outstanding are reported as waiting and no longer waited for."""
         deadline = self.clock() + self.settle_timeout
         outstanding, unsettled = self._outstanding, self._unsettled
-        while outstanding:
+        while len(outstanding) > down_to:
             for instance_id in list(outstanding):
                 if self.catalogue.is_indexed(instance_id, self.model_version):
                     report.indexed += 1
@@ -471,11 +475,12 @@ class Backfill:
                     continue
                 study_id = outstanding.pop(instance_id)
                 unsettled[study_id] -= 1
+                deadline = self.clock() + self.settle_timeout  # progress: the worker is at it
                 if unsettled[study_id] == 0 and study_id in self._walked:
                     self._done(study_id)
-            if outstanding and self.clock() >= deadline:
+            if len(outstanding) > down_to and self.clock() >= deadline:
                 report.waiting += len(outstanding)
                 outstanding.clear()
                 return
-            if outstanding:
+            if len(outstanding) > down_to:
                 self.sleep(0.2)
