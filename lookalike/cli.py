@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from lookalike.config import ENCODER_FOR_MODALITY, QUEUE, Settings, SettingsError
 from lookalike.encoders import load_encoder
+from lookalike.encoders.shipped import shipped_path
 from lookalike.index.catalogue import CATALOGUE_FILE, Catalogue
 from lookalike.ops.demo import sample_labels, show_example, store_samples
 from lookalike.ops.stack import SOURCE_ROOT, Stack, StackConfig, write_configs
@@ -200,17 +201,20 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     from lookalike.worker.reindex import ReindexRefused, reindex
 
     settings = _settings(args)
-    weights = str(Path(args.model).resolve())
-    model_version = load_encoder(args.encoder, weights).model_version
+    own = settings.weights.get(args.encoder, "")
+    weights = str(Path(args.model).resolve()) if args.model else ""
+    if weights and not own and Path(weights) == shipped_path(args.encoder).resolve():
+        weights = ""  # recorded as "the shipped file", so that the next release's file is not taken for this model
+    model_version = load_encoder(args.encoder, weights or own or None).model_version
     app = make_app(settings)
 
     def send(name: str, task_args: list, kwargs: dict) -> None:
         app.send_task(name, args=task_args, kwargs=kwargs, queue=QUEUE)
 
-    print(f"lookalike: re-indexing {args.encoder} with {model_version} ({weights}); lookups keep the current model"
-          " until every instance has its new vector", file=sys.stderr)
+    print(f"lookalike: re-indexing {args.encoder} with {model_version} ({weights or own or 'shipped'}); lookups keep"
+          " the current model until every instance has its new vector", file=sys.stderr)
     with IndexStore.from_settings(settings) as store:
-        default_weights = settings.weights.get(args.encoder, "")
+        default_weights = own
         # With no active model recorded, the settings' checkpoint is the active one.
         default_model = ("" if store.catalogue.active_model(args.encoder)
                          else load_encoder(args.encoder, default_weights or None).model_version)
@@ -284,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("reindex", help="embed everything again with a new checkpoint, then switch lookups to it")
     p.add_argument("--encoder", required=True, choices=("us", "xr"))
-    p.add_argument("--model", required=True, help="the new checkpoint (lookalike train --out)")
+    p.add_argument("--model", help="the new checkpoint (lookalike train --out); default the settings' one, the shipped"
+                   " file unless `weights` names another (after an update: the newer shipped model)")
     p.add_argument("--batch", type=int, default=32, help="instances queued before waiting for the worker")
     p.add_argument("--rate", type=float, default=20.0, help="instances queued per second at most")
     p.set_defaults(func=cmd_reindex)

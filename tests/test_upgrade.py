@@ -4,6 +4,7 @@ that model until ``lookalike reindex --encoder us`` moves it to the shipped one 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -178,3 +179,15 @@ def test_reindex_to_the_shipped_model_moves_the_archive_without_a_gap(tmp_path: 
     assert store.catalogue.active_model("us") == (new_model, "")
     assert store.catalogue.live_versions("us") == {new_model: 9}
     assert {m.model_version for m in similar_studies(store, "study-0", limit=5)} == {new_model}
+
+
+def test_reindex_without_a_model_means_the_shipped_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``lookalike reindex --encoder us`` names the shipped model: over an index of the previous one it records the
+    kept checkpoint before it starts; over an index of the shipped one it is refused (exit 2), nothing queued."""
+    from lookalike.cli import main
+
+    config = tmp_path / "lookalike.json"
+    config.write_text(json.dumps({"index_dir": str(tmp_path / "index"), "redis_url": "redis://127.0.0.1:1/0"}))
+    _store(tmp_path, shipped_version("us")).close()
+    assert main(["--config", str(config), "reindex", "--encoder", "us"]) == 2
+    assert f"{shipped_version('us')} is already the active us model" in capsys.readouterr().err
