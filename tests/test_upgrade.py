@@ -191,3 +191,12 @@ def test_reindex_without_a_model_means_the_shipped_file(tmp_path: Path, capsys: 
     _store(tmp_path, shipped_version("us")).close()
     assert main(["--config", str(config), "reindex", "--encoder", "us"]) == 2
     assert f"{shipped_version('us')} is already the active us model" in capsys.readouterr().err
+
+
+def test_an_embedding_host_installed_elsewhere_opens_its_own_copy_of_a_kept_checkpoint() -> None:
+    from lookalike.encoders.shipped import local_checkpoint
+
+    kept = str(PREVIOUS_DIR / f"{PREVIOUS_US}.pt")
+    assert local_checkpoint(f"/opt/other-install/weights/previous/{PREVIOUS_US}.pt") == kept
+    assert local_checkpoint(kept) == kept
+    assert local_checkpoint("/site/us.pt") == "/site/us.pt" and local_checkpoint("") == ""

@@ -80,3 +80,12 @@ def previous_checkpoint(name: str, model_version: str) -> Path | None:
     if not path.is_file() or weights_hash(path) != version_hash(model_version):
         return None
     return path
+
+
+def local_checkpoint(weights: str) -> str:
+    """``weights`` as this host can open it: a kept checkpoint recorded by the index host at its install path is
+    this host's copy when the path is not here (an embedding host installed elsewhere); any other path as given."""
+    path = Path(weights)
+    if weights and not path.exists() and path.parent.name == PREVIOUS_DIR.name and (PREVIOUS_DIR / path.name).is_file():
+        return str(PREVIOUS_DIR / path.name)
+    return weights

@@ -56,6 +56,7 @@ from lookalike.config import (EMBED_QUEUE, INGEST_MARK_KEY, QUEUE, TASK_CATCH_UP
                               Settings)
 from lookalike.encoders import load_encoder
 from lookalike.encoders.base import resolve_device
+from lookalike.encoders.shipped import local_checkpoint
 from lookalike.index.upgrade import keep_archive_models
 from lookalike.orthanc.client import HttpOrthanc, OrthancError
 from lookalike.worker.batching import DIED, BatchTask, Item
@@ -93,7 +94,7 @@ def load_model(name: str, weights: str | None = None):
     if os.getpid() == _MAIN_PID:
         raise RuntimeError("the worker's main process must not load a model: only its pool processes embed")
     device = _device()
-    encoder = load_encoder(name, weights=weights or settings().weights.get(name), device=device)
+    encoder = load_encoder(name, weights=local_checkpoint(weights or "") or settings().weights.get(name), device=device)
     if (encoder.model_version, device) not in _announced:
         _announced.add((encoder.model_version, device))
         log.info("encoder %s on %s in process %d", encoder.model_version, device, os.getpid())
