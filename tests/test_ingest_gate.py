@@ -10,7 +10,7 @@ import pytest
 from lookalike.config import TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY
 from lookalike.index.store import IndexStore
 from lookalike.plugin.sender import MARK_EVERY, TaskSender
-from lookalike.worker.ingest_gate import IngestGate
+from lookalike.worker.ingest_gate import RETRY_READ_AFTER, IngestGate
 from lookalike.worker.pipeline import Pipeline, Request
 from tests.support import FakeEncoder, FakeOrthanc, dicom_bytes, random_us
 
@@ -61,6 +61,22 @@ class TestIngestGate:
             assert gate.is_quiet()
             gate.wait()
         assert pacs.now == 0.0
+
+
+    def test_an_unreachable_mark_is_not_asked_for_again_at_once(self) -> None:
+        pacs = Modality(every=0.125, until=1e9)
+        reads = []
+
+        def redis_down() -> float:
+            reads.append(pacs.now)
+            raise ConnectionError("Redis is away")
+
+        gate = IngestGate(redis_down, 1.0, 60.0, clock=pacs.clock, sleep=pacs.sleep)
+        for _ in range(10):
+            assert gate.is_quiet()
+        assert len(reads) == 1
+        pacs.sleep(RETRY_READ_AFTER)
+        assert gate.is_quiet() and len(reads) == 2
 
 
 class RecordingOrthanc(FakeOrthanc):

@@ -10,7 +10,8 @@ a few times a second), and before a batch is fetched the worker waits until no i
 and catches up when the stream ends.
 
 A mark that cannot be read (Redis away, no plugin on this Orthanc) counts as quiet: the gate never stops indexing
-for a fault of its own.
+for a fault of its own, and after a failed read it does not ask again for :data:`RETRY_READ_AFTER` seconds (each
+read of an unreachable Redis costs its connection timeout).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import time
 from typing import Callable
 
 log = logging.getLogger(__name__)
+
+#: Seconds without asking for the mark after a read failed.
+RETRY_READ_AFTER = 5.0
 
 
 class IngestGate:
@@ -43,15 +47,17 @@ class IngestGate:
         self.last_stored = last_stored
         self.quiet, self.quiet_max = quiet, quiet_max
         self.clock, self.sleep = clock, sleep
+        self._unreadable_until = float("-inf")
 
     def _busy_for(self) -> float:
         """Seconds still to wait for the quiet window (0: quiet now)."""
-        if self.quiet <= 0:
+        if self.quiet <= 0 or self.clock() < self._unreadable_until:
             return 0.0
         try:
             last = self.last_stored()
         except Exception as exc:  # noqa: BLE001 (Redis away: index rather than wait on a mark we cannot read)
             log.debug("the ingest mark could not be read: %s: %s", type(exc).__name__, exc)
+            self._unreadable_until = self.clock() + RETRY_READ_AFTER
             return 0.0
         if last is None:
             return 0.0
