@@ -293,11 +293,14 @@ def store_studies(stack: "Stack", made: dict[str, tuple[Path, pydicom.Dataset]],
     return {"ds": ds, "ids": {name: orthanc_study_id(stack, d) for name, d in ds.items()}}
 
 
-def store_lookup_corpus(stack: "Stack", tmp: Path, prefix: str, first_image: int) -> dict:
+def store_lookup_corpus(stack: "Stack", tmp: Path, prefix: str, images: tuple[int, int, int]) -> dict:
     """Four US studies: ``a`` (the query), ``b`` a noisy near copy of it from another patient, ``prior`` an earlier
-    study of ``a``'s patient, ``other`` a third patient's. The images are mirrored sample images, so that other
-    modules' near copies of the same samples do not compete with ``b``."""
-    us = [np.ascontiguousarray(np.fliplr(p)) for p in sample_pixels("US", first_image + 3)[first_image:]]
+    study of ``a``'s patient, ``other`` a third patient's. ``images`` are the sample images (indices among the US
+    samples) of ``a``, ``prior`` and ``other``: ones the shipped model scores above its similarity floor against
+    ``a``, so that every study is listed (what the floor leaves out is the floor corpus's business). They are
+    mirrored, so that other modules' near copies of the same samples do not compete with ``b``."""
+    pixels = sample_pixels("US", max(images) + 1)
+    us = [np.ascontiguousarray(np.fliplr(pixels[i])) for i in images]
     patient_a, patient_b, patient_d = f"{prefix}A0001", f"{prefix}B0002", f"{prefix}D0004"
     made = {
         "a": make_study(us[0], "US", patient_a, tmp, f"{prefix}a", "20250301"),
