@@ -281,7 +281,7 @@ class TestRoutes:
 # --- A site's own weights, and Orthanc's database reset: the status tells what the lookups and the catch-up do ---
 
 
-#: The floor a site measured for its copy of the shipped X-ray model (the shipped file says -0.7679).
+#: The floor a site measured for its copy of the shipped X-ray model (a value the shipped file does not hold).
 SITE_FLOOR = -0.25
 
 
