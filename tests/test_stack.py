@@ -185,8 +185,10 @@ class TestIngestFirst:
         from lookalike.config import INGEST_MARK_KEY
         from lookalike.index.catalogue import CATALOGUE_FILE
 
-        pixels = sample_pixels("US", 8)[7]  # an image the corpus does not use
-        made = {f"quiet{i}": make_study(noisy(pixels, 70 + i), "US", f"PQUIET{i:03d}", tmp_path, f"quiet{i}")
+        # Noise, not a sample image: these studies must not become near copies in other tests' rankings.
+        shape = sample_pixels("US", 1)[0].shape
+        made = {f"quiet{i}": make_study(np.random.default_rng(70 + i).integers(0, 256, shape, dtype=np.uint8), "US",
+                                        f"PQUIET{i:03d}", tmp_path, f"quiet{i}")
                 for i in range(6)}
         store_studies(stack, made, "a burst of six studies")
         broker = redis.Redis.from_url(stack.config.settings().redis_url)
