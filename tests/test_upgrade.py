@@ -1,5 +1,5 @@
 """An updated Lookalike over an archive indexed with the previous shipped model: the archive stays searchable on
-that model until ``lookalike reindex --encoder us`` moves it to the shipped one (lookalike.index.upgrade)."""
+that model until ``lookalike reindex --encoder xr`` moves it to the shipped one (lookalike.index.upgrade)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,13 @@ from lookalike.worker.pipeline import InstanceIndexer, Request
 from lookalike.worker.reindex import reindex
 from tests.support import record, unit
 
-#: The ultrasound model shipped before us-vaediff-imnet-1-0c26bdd6 (us.pt at commit f619444).
-PREVIOUS_US = "us-vaediff-1-4b7811ef"
+#: The X-ray model shipped before xr-vit-imnet-1-de2ca947 (xr.pt at commit f619444), kept in weights/previous.
+PREVIOUS_XR = "xr-vit-1-478a9be8"
+
+
+def xr_record(i: int, study: int | None = None):
+    """An X-ray instance's catalogue record (``record`` makes ultrasound ones)."""
+    return dataclasses.replace(record(i, study), encoder="xr", modality="DX", sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1")
 
 
 def _store(tmp_path: Path, version: str | None, n: int = 9) -> IndexStore:
@@ -32,18 +37,18 @@ def _store(tmp_path: Path, version: str | None, n: int = 9) -> IndexStore:
     if version is not None:
         rng = np.random.default_rng(0)
         vectors = unit(rng.standard_normal(64) + 0.2 * rng.standard_normal((n, 64)))
-        store.add_many([dataclasses.replace(record(i), model_version=version) for i in range(n)], vectors)
+        store.add_many([dataclasses.replace(xr_record(i), model_version=version) for i in range(n)], vectors)
     return store
 
 
 def _planned_weights(store: IndexStore) -> str:
     """The checkpoint the worker would embed a newly stored US instance with ("" : the settings' one)."""
-    return InstanceIndexer(None, store).plan([Request("inst-new", "series-new", "study-new")])[0].weights["us"]
+    return InstanceIndexer(None, store).plan([Request("inst-new", "series-new", "study-new")])[0].weights["xr"]
 
 
 def test_every_kept_checkpoint_loads_with_the_model_version_it_is_named_by() -> None:
     kept = sorted(PREVIOUS_DIR.glob("*.pt"))
-    assert PREVIOUS_DIR / f"{PREVIOUS_US}.pt" in kept
+    assert PREVIOUS_DIR / f"{PREVIOUS_XR}.pt" in kept
     for path in kept:
         assert load_encoder(path.stem.split("-", 1)[0], path).model_version == path.stem
         assert previous_checkpoint(path.stem.split("-", 1)[0], path.stem) == path
@@ -52,151 +57,151 @@ def test_every_kept_checkpoint_loads_with_the_model_version_it_is_named_by() -> 
 def test_shipped_version_is_known_without_torch_and_is_what_the_shipped_file_loads_as() -> None:
     for name in ("us", "xr"):
         assert shipped_version(name) == load_encoder(name).model_version
-    assert shipped_version("us") != PREVIOUS_US
+    assert shipped_version("xr") != PREVIOUS_XR
 
 
 def test_an_archive_of_the_previous_shipped_model_stays_on_it(tmp_path: Path) -> None:
-    store = _store(tmp_path, PREVIOUS_US)
+    store = _store(tmp_path, PREVIOUS_XR)
     assert _planned_weights(store) == ""  # before: the shipped file, another model than the archive's
 
     kept = keep_archive_models(store.catalogue, {})
 
-    checkpoint = str(PREVIOUS_DIR / f"{PREVIOUS_US}.pt")
-    assert kept == {"us": (PREVIOUS_US, checkpoint)}
-    assert store.catalogue.active_model("us") == (PREVIOUS_US, checkpoint)
-    assert store.catalogue.active_model("xr") is None  # no X-ray vectors: nothing to keep
+    checkpoint = str(PREVIOUS_DIR / f"{PREVIOUS_XR}.pt")
+    assert kept == {"xr": (PREVIOUS_XR, checkpoint)}
+    assert store.catalogue.active_model("xr") == (PREVIOUS_XR, checkpoint)
+    assert store.catalogue.active_model("us") is None  # no ultrasound vectors: nothing to keep
     assert _planned_weights(store) == checkpoint
-    assert load_encoder("us", _planned_weights(store)).model_version == PREVIOUS_US
+    assert load_encoder("xr", _planned_weights(store)).model_version == PREVIOUS_XR
     assert keep_archive_models(store.catalogue, {}) == {}  # once: the next start finds it recorded
 
 
 def test_lookups_of_a_new_study_search_the_archive_it_stays_on(tmp_path: Path) -> None:
-    store = _store(tmp_path, PREVIOUS_US)
+    store = _store(tmp_path, PREVIOUS_XR)
     keep_archive_models(store.catalogue, {})
     # A study stored after the update, embedded with the checkpoint the worker planned (the kept one), lies near
     # study 1; a stray vector of the shipped model (a worker of the old code) must not be searched.
     near = store.catalogue.rows_for_study("study-1", with_vectors=True)[0].vector
-    store.add_many([dataclasses.replace(record(100, study=100), model_version=PREVIOUS_US),
-                    dataclasses.replace(record(101, study=100), model_version=shipped_version("us"))],
+    store.add_many([dataclasses.replace(xr_record(100, study=100), model_version=PREVIOUS_XR),
+                    dataclasses.replace(xr_record(101, study=100), model_version=shipped_version("xr"))],
                    unit(np.stack([near, np.ones(64)])))
     answer = similar_studies(store, "study-100", limit=5)
     assert answer and answer[0].orthanc_study_id == "study-1"
-    assert {m.model_version for m in answer} == {PREVIOUS_US}
+    assert {m.model_version for m in answer} == {PREVIOUS_XR}
 
 
 def test_a_fresh_index_uses_the_shipped_model(tmp_path: Path) -> None:
     store = _store(tmp_path, None)
     assert keep_archive_models(store.catalogue, {}) == {}
-    assert store.catalogue.active_model("us") is None
-    assert load_encoder("us", _planned_weights(store) or None).model_version == shipped_version("us")
+    assert store.catalogue.active_model("xr") is None
+    assert load_encoder("xr", _planned_weights(store) or None).model_version == shipped_version("xr")
     assert rest.status(store.catalogue, lambda: 0)[1]["models"] == []
 
 
 def test_an_archive_of_the_shipped_model_is_left_as_it_is(tmp_path: Path) -> None:
-    store = _store(tmp_path, shipped_version("us"))
+    store = _store(tmp_path, shipped_version("xr"))
     assert keep_archive_models(store.catalogue, {}) == {}
-    assert store.catalogue.active_model("us") is None
+    assert store.catalogue.active_model("xr") is None
     models = rest.status(store.catalogue, lambda: 0)[1]["models"]
-    assert [(m["encoder"], m["newer_shipped_model"]) for m in models] == [("us", False)]
+    assert [(m["encoder"], m["newer_shipped_model"]) for m in models] == [("xr", False)]
 
 
 def test_a_recorded_shipped_path_of_an_older_version_moves_to_its_kept_checkpoint(tmp_path: Path) -> None:
-    store = _store(tmp_path, PREVIOUS_US)
-    store.catalogue.set_active_model("us", PREVIOUS_US, "")  # what `reindex` recorded before an update
+    store = _store(tmp_path, PREVIOUS_XR)
+    store.catalogue.set_active_model("xr", PREVIOUS_XR, "")  # what `reindex` recorded before an update
     keep_archive_models(store.catalogue, {})
-    assert store.catalogue.active_model("us") == (PREVIOUS_US, str(PREVIOUS_DIR / f"{PREVIOUS_US}.pt"))
+    assert store.catalogue.active_model("xr") == (PREVIOUS_XR, str(PREVIOUS_DIR / f"{PREVIOUS_XR}.pt"))
 
 
 def test_a_kept_checkpoint_recorded_at_a_path_that_is_gone_is_found_again(tmp_path: Path) -> None:
-    store = _store(tmp_path, PREVIOUS_US)
-    moved = tmp_path / "old-install" / f"{PREVIOUS_US}.pt"
+    store = _store(tmp_path, PREVIOUS_XR)
+    moved = tmp_path / "old-install" / f"{PREVIOUS_XR}.pt"
     moved.parent.mkdir()
-    shutil.copyfile(PREVIOUS_DIR / f"{PREVIOUS_US}.pt", moved)
-    store.catalogue.set_active_model("us", PREVIOUS_US, str(moved))
+    shutil.copyfile(PREVIOUS_DIR / f"{PREVIOUS_XR}.pt", moved)
+    store.catalogue.set_active_model("xr", PREVIOUS_XR, str(moved))
     assert keep_archive_models(store.catalogue, {}) == {}  # there: nothing to do
     moved.unlink()  # the package was installed elsewhere
     keep_archive_models(store.catalogue, {})
-    assert store.catalogue.active_model("us") == (PREVIOUS_US, str(PREVIOUS_DIR / f"{PREVIOUS_US}.pt"))
+    assert store.catalogue.active_model("xr") == (PREVIOUS_XR, str(PREVIOUS_DIR / f"{PREVIOUS_XR}.pt"))
 
 
 def test_a_site_checkpoint_in_the_settings_is_the_sites_to_replace(tmp_path: Path) -> None:
-    store = _store(tmp_path, PREVIOUS_US)
-    assert keep_archive_models(store.catalogue, {"us": "/site/us.pt"}) == {}
-    assert store.catalogue.active_model("us") is None
+    store = _store(tmp_path, PREVIOUS_XR)
+    assert keep_archive_models(store.catalogue, {"xr": "/site/xr.pt"}) == {}
+    assert store.catalogue.active_model("xr") is None
 
 
 def test_an_older_model_without_a_kept_checkpoint_is_not_recorded(tmp_path: Path) -> None:
-    store = _store(tmp_path, "us-vaediff-1-03f70559")  # an earlier release's, not kept
+    store = _store(tmp_path, "xr-vit-1-03f70559")  # an earlier release's, not kept
     assert keep_archive_models(store.catalogue, {}) == {}
-    assert store.catalogue.active_model("us") is None
+    assert store.catalogue.active_model("xr") is None
 
 
 def test_a_switch_made_meanwhile_wins(tmp_path: Path) -> None:
-    store = _store(tmp_path, PREVIOUS_US)
-    store.catalogue.set_active_model("us", "us-other-1-00000000", "/elsewhere.pt")
-    assert not store.catalogue.replace_active_model("us", None, PREVIOUS_US, "kept.pt")
-    assert store.catalogue.active_model("us") == ("us-other-1-00000000", "/elsewhere.pt")
-    assert store.catalogue.replace_active_model("us", ("us-other-1-00000000", "/elsewhere.pt"), PREVIOUS_US, "k")
-    assert store.catalogue.active_model("us") == (PREVIOUS_US, "k")
+    store = _store(tmp_path, PREVIOUS_XR)
+    store.catalogue.set_active_model("xr", "xr-other-1-00000000", "/elsewhere.pt")
+    assert not store.catalogue.replace_active_model("xr", None, PREVIOUS_XR, "kept.pt")
+    assert store.catalogue.active_model("xr") == ("xr-other-1-00000000", "/elsewhere.pt")
+    assert store.catalogue.replace_active_model("xr", ("xr-other-1-00000000", "/elsewhere.pt"), PREVIOUS_XR, "k")
+    assert store.catalogue.active_model("xr") == (PREVIOUS_XR, "k")
 
 
 def test_status_says_a_newer_shipped_model_waits_and_the_command(tmp_path: Path) -> None:
-    store = _store(tmp_path, PREVIOUS_US)
+    store = _store(tmp_path, PREVIOUS_XR)
     keep_archive_models(store.catalogue, {})
     (us,) = rest.status(store.catalogue, lambda: 0)[1]["models"]
-    assert us["active_model"] == PREVIOUS_US and us["shipped_model"] == shipped_version("us")
+    assert us["active_model"] == PREVIOUS_XR and us["shipped_model"] == shipped_version("xr")
     assert us["newer_shipped_model"] is True
-    assert us["action"].startswith("lookalike reindex --encoder us")
-    (site,) = rest.status(store.catalogue, lambda: 0, weights={"us": "/site/us.pt"})[1]["models"]
+    assert us["action"].startswith("lookalike reindex --encoder xr")
+    (site,) = rest.status(store.catalogue, lambda: 0, weights={"xr": "/site/xr.pt"})[1]["models"]
     assert site["newer_shipped_model"] is False and "action" not in site
 
 
 def test_reindex_to_the_shipped_model_moves_the_archive_without_a_gap(tmp_path: Path) -> None:
-    """``lookalike reindex --encoder us`` (no --model: weights "") over a catalogue nothing has touched since the
+    """``lookalike reindex --encoder xr`` (no --model: weights "") over a catalogue nothing has touched since the
     update: lookups stay on the archive's model until every instance has its shipped vector, new instances are
     embedded with the archive's model meanwhile, then one switch to the shipped model recorded as ""."""
-    store = _store(tmp_path, PREVIOUS_US)
-    new_model = shipped_version("us")
+    store = _store(tmp_path, PREVIOUS_XR)
+    new_model = shipped_version("xr")
     seen: list[tuple[str, set[str]]] = []  # (checkpoint a re-index task was planned with, versions a lookup used)
 
     def send(name: str, args: list, kwargs: dict) -> None:
         instance, series, study = args
-        job = InstanceIndexer(None, store).plan([Request(instance, series, study, model=("us", kwargs["weights"]))])[0]
-        version = load_encoder("us", job.weights["us"] or None).model_version
+        job = InstanceIndexer(None, store).plan([Request(instance, series, study, model=("xr", kwargs["weights"]))])[0]
+        version = load_encoder("xr", job.weights["xr"] or None).model_version
         row = next(r for r in store.catalogue.rows_for_study(study, with_vectors=True) if r.orthanc_instance_id
                    == instance)
         store.add_many([dataclasses.replace(row.record, model_version=version)], row.vector[None, :])
-        seen.append((job.weights["us"], {m.model_version for m in similar_studies(store, "study-0", limit=5)}))
-        seen.append(("new instance", {load_encoder("us", _planned_weights(store) or None).model_version}))
+        seen.append((job.weights["xr"], {m.model_version for m in similar_studies(store, "study-0", limit=5)}))
+        seen.append(("new instance", {load_encoder("xr", _planned_weights(store) or None).model_version}))
 
-    report = reindex(None, store, send, "us", new_model, "", default_model=new_model, batch=4, rate=1e6,
+    report = reindex(None, store, send, "xr", new_model, "", default_model=new_model, batch=4, rate=1e6,
                      settle_timeout=5)
 
-    assert report.switched and report.old_models == [PREVIOUS_US] and report.retired_vectors == 9
+    assert report.switched and report.old_models == [PREVIOUS_XR] and report.retired_vectors == 9
     assert len(seen) == 18 and all(weights == "" for weights, _ in seen[::2])
     # Until the switch, lookups answer from the archive's model alone, and new instances are embedded with it.
-    assert all(versions == {PREVIOUS_US} for _, versions in seen)
-    assert store.catalogue.active_model("us") == (new_model, "")
-    assert store.catalogue.live_versions("us") == {new_model: 9}
+    assert all(versions == {PREVIOUS_XR} for _, versions in seen)
+    assert store.catalogue.active_model("xr") == (new_model, "")
+    assert store.catalogue.live_versions("xr") == {new_model: 9}
     assert {m.model_version for m in similar_studies(store, "study-0", limit=5)} == {new_model}
 
 
 def test_reindex_without_a_model_means_the_shipped_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """``lookalike reindex --encoder us`` names the shipped model: over an index of the previous one it records the
+    """``lookalike reindex --encoder xr`` names the shipped model: over an index of the previous one it records the
     kept checkpoint before it starts; over an index of the shipped one it is refused (exit 2), nothing queued."""
     from lookalike.cli import main
 
     config = tmp_path / "lookalike.json"
     config.write_text(json.dumps({"index_dir": str(tmp_path / "index"), "redis_url": "redis://127.0.0.1:1/0"}))
-    _store(tmp_path, shipped_version("us")).close()
-    assert main(["--config", str(config), "reindex", "--encoder", "us"]) == 2
-    assert f"{shipped_version('us')} is already the active us model" in capsys.readouterr().err
+    _store(tmp_path, shipped_version("xr")).close()
+    assert main(["--config", str(config), "reindex", "--encoder", "xr"]) == 2
+    assert f"{shipped_version('xr')} is already the active xr model" in capsys.readouterr().err
 
 
 def test_an_embedding_host_installed_elsewhere_opens_its_own_copy_of_a_kept_checkpoint() -> None:
     from lookalike.encoders.shipped import local_checkpoint
 
-    kept = str(PREVIOUS_DIR / f"{PREVIOUS_US}.pt")
-    assert local_checkpoint(f"/opt/other-install/weights/previous/{PREVIOUS_US}.pt") == kept
+    kept = str(PREVIOUS_DIR / f"{PREVIOUS_XR}.pt")
+    assert local_checkpoint(f"/opt/other-install/weights/previous/{PREVIOUS_XR}.pt") == kept
     assert local_checkpoint(kept) == kept
-    assert local_checkpoint("/site/us.pt") == "/site/us.pt" and local_checkpoint("") == ""
+    assert local_checkpoint("/site/xr.pt") == "/site/xr.pt" and local_checkpoint("") == ""
