@@ -32,7 +32,7 @@ pytestmark = pytest.mark.stack
 
 @pytest.fixture(scope="module")
 def corpus(stack: Stack, tmp_path_factory) -> dict:
-    return store_lookup_corpus(stack, tmp_path_factory.mktemp("rest"), "PRST", (4, 12, 11))
+    return store_lookup_corpus(stack, tmp_path_factory.mktemp("rest"), "PRST", (12, 13, 14))
 
 
 @pytest.fixture(scope="module")

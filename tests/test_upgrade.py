@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from lookalike.encoders import load_encoder
-from lookalike.encoders.shipped import PREVIOUS_DIR, previous_checkpoint, shipped_version
+from lookalike.encoders import shipped as shipped_module
+from lookalike.encoders.base import file_sha256
+from lookalike.encoders.shipped import previous_checkpoint, shipped_version
 from lookalike.index.search import similar_studies
 from lookalike.index.store import IndexStore
 from lookalike.index.upgrade import keep_archive_models
@@ -21,8 +23,32 @@ from lookalike.worker.pipeline import InstanceIndexer, Request
 from lookalike.worker.reindex import reindex
 from tests.support import record, unit
 
-#: The X-ray model shipped before xr-vit-imnet-1-de2ca947 (xr.pt at commit f619444), kept in weights/previous.
-PREVIOUS_XR = "xr-vit-1-478a9be8"
+#: The earlier release's X-ray model and its kept checkpoint's folder: set by ``earlier_release`` for every test.
+PREVIOUS_XR = ""
+PREVIOUS_DIR = Path()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def earlier_release(tmp_path_factory):
+    """An earlier release's X-ray checkpoint kept in ``weights/previous``, as a release that replaces ``xr.pt``
+    keeps it: the shipped file with one weight changed (another model version, the same architecture), in a
+    folder of its own that the shipped-checkpoint module is pointed to."""
+    import torch
+
+    global PREVIOUS_XR, PREVIOUS_DIR
+    folder = tmp_path_factory.mktemp("weights") / "previous"
+    folder.mkdir()
+    checkpoint = torch.load(shipped_module.shipped_path("xr"), map_location="cpu", weights_only=True)
+    name, tensor = next((k, v) for k, v in checkpoint["state_dict"].items() if v.is_floating_point())
+    checkpoint["state_dict"][name] = tensor + 1e-3
+    staged = folder / "staged.pt"
+    torch.save(checkpoint, staged)
+    PREVIOUS_XR = f"xr-{checkpoint['arch']['tag']}-{file_sha256(staged)[:8]}"
+    PREVIOUS_DIR = folder
+    staged.rename(folder / f"{PREVIOUS_XR}.pt")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shipped_module, "PREVIOUS_DIR", folder)
+        yield
 
 
 def xr_record(i: int, study: int | None = None):
