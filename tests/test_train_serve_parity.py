@@ -133,8 +133,8 @@ def test_fused_xray_encoder_serves_what_training_cached(tmp_path, hidden) -> Non
 
     from lookalike.encoders import load_encoder
     from lookalike.encoders.base import WEIGHTS_DIR
-    from lookalike.lab.training_fused import apply
-    from lookalike.lab.training_fused_xr import cache_set, joined, load_net
+    from lookalike.lab.training_fused import apply, joined
+    from lookalike.lab.training_fused_xr import cache_set, load_net
 
     rng = np.random.default_rng(5)
     lines = ["path,label,group,split"]

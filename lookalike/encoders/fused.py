@@ -50,14 +50,35 @@ def rescale(x: torch.Tensor, size: int) -> torch.Tensor:
     return (x - lo) / torch.clamp(hi - lo, min=1e-8)
 
 
-def move_trunk(trunk: Any, fn: Any, *args: Any, **kwargs: Any) -> None:
-    """Apply a module's ``_apply`` function to the ImageNet trunk (not a submodule: not in the checkpoint)."""
-    if trunk is not None:
-        trunk.net._apply(fn, *args, **kwargs)
-        trunk.mean, trunk.std = fn(trunk.mean), fn(trunk.std)
+class _FrozenBranches(nn.Module):
+    """What both fused networks share: ``self.base`` (frozen, always in eval mode) and ``self.trunk``, the ImageNet
+    trunk, which is not a submodule (its weights come from the installed package, not the checkpoint) but moves
+    with ``.to(device)`` and friends."""
+
+    base: nn.Module
+    trunk: Any
+
+    def _freeze_base(self, base: nn.Module, base_arch: dict[str, Any]) -> None:
+        """``base`` as the frozen branch, and its checkpoint's centre (zeros without one) as a buffer."""
+        self.base = base.eval().requires_grad_(False)
+        center = base_arch.get("center")
+        self.register_buffer("base_center", torch.tensor(center if center is not None else [0.0] * base_arch["dim"]))
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "_FrozenBranches":
+        super()._apply(fn, *args, **kwargs)
+        if getattr(self, "trunk", None) is not None:
+            self.trunk.net._apply(fn, *args, **kwargs)
+            self.trunk.mean, self.trunk.std = fn(self.trunk.mean), fn(self.trunk.std)
+        return self
+
+    def train(self, mode: bool = True) -> "_FrozenBranches":
+        """Only the head ever trains: the base stays in eval mode (batch norm statistics frozen, flip averaging)."""
+        super().train(mode)
+        self.base.eval()
+        return self
 
 
-class FusedUltrasoundNet(nn.Module):
+class FusedUltrasoundNet(_FrozenBranches):
     """Frozen VAE-diffusion branch + frozen ImageNet branch + trained projection head (module docstring)."""
 
     def __init__(self, arch: dict[str, Any]) -> None:
@@ -67,27 +88,13 @@ class FusedUltrasoundNet(nn.Module):
         self.base_input = arch["base_input"]
         if self.base_input not in BASE_INPUTS:
             raise ValueError(f"base_input must be one of {BASE_INPUTS}, got {self.base_input!r}")
-        self.base = UltrasoundNet(arch["base"]).eval().requires_grad_(False)
-        center = arch["base"].get("center")
-        self.register_buffer("base_center", torch.tensor(center if center is not None else [0.0] * arch["base"]["dim"]))
+        self._freeze_base(UltrasoundNet(arch["base"]), arch["base"])
         self.im_views = tuple(arch["imagenet"]["views"])
         self.im_size = int(arch["imagenet"]["image_size"])
         self.trunk = build_trunk(self.im_size) if self.im_views else None
         widths = {"vector": arch["base"]["dim"], "features": self.base.feat_dim, "none": 0}
         self.widths = ([widths[self.base_input]] if self.base_input != "none" else []) + [FEATURE_DIM] * len(self.im_views)
         self.head = projection_head(sum(self.widths), arch["head_hidden"], arch["dim"])
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "FusedUltrasoundNet":
-        """``.to(device)`` and friends move the ImageNet trunk too (it is not a submodule: not in the checkpoint)."""
-        super()._apply(fn, *args, **kwargs)
-        move_trunk(self.trunk, fn, *args, **kwargs)
-        return self
-
-    def train(self, mode: bool = True) -> "FusedUltrasoundNet":
-        """Only the head ever trains: both trunks stay in eval mode (batch norm statistics frozen)."""
-        super().train(mode)
-        self.base.eval()
-        return self
 
     def base_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE-diffusion branch on views (B, V, S, S): its trunk features and its vector as it serves it."""
@@ -147,7 +154,7 @@ def fused_arch(base_arch: dict[str, Any], base_input: str, im_views: tuple[str, 
     }
 
 
-class FusedXrayNet(nn.Module):
+class FusedXrayNet(_FrozenBranches):
     """Frozen ViT branch + frozen ImageNet branch on the whole radiograph + trained projection head.
 
     One image (B, 1, S, S) at ``arch["image_size"]``, preprocessed as every encoder's input is:
@@ -166,25 +173,11 @@ class FusedXrayNet(nn.Module):
     def __init__(self, arch: dict[str, Any]) -> None:
         super().__init__()
         self.arch = dict(arch)
-        self.base = XrayNet(arch["base"]).eval().requires_grad_(False)
-        center = arch["base"].get("center")
-        self.register_buffer("base_center", torch.tensor(center if center is not None else [0.0] * arch["base"]["dim"]))
+        self._freeze_base(XrayNet(arch["base"]), arch["base"])
         self.im_size = int(arch["imagenet"]["image_size"])
         self.trunk = build_trunk(self.im_size)
         width = arch["base"]["dim"] + FEATURE_DIM
         self.head = projection_head(width, arch["head_hidden"], arch["dim"]) if arch["head_hidden"] else nn.Identity()
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "FusedXrayNet":
-        """``.to(device)`` and friends move the ImageNet trunk too (as :class:`FusedUltrasoundNet` does)."""
-        super()._apply(fn, *args, **kwargs)
-        move_trunk(self.trunk, fn, *args, **kwargs)
-        return self
-
-    def train(self, mode: bool = True) -> "FusedXrayNet":
-        """Only the head ever trains: both trunks stay in eval mode (the ViT's flip averaging is an eval-mode path)."""
-        super().train(mode)
-        self.base.eval()
-        return self
 
     def blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The ViT's served vector and the ImageNet block, unnormalised (cached once per image by training)."""

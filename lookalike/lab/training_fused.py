@@ -240,9 +240,9 @@ def p_at_5(q: np.ndarray, yq: np.ndarray, gq: np.ndarray, g: np.ndarray, yg: np.
     return {"P@5": round(m["P@5"], 4), "macro-P@5": round(m["macro-P@5"], 4)}
 
 
-def labels(cache: dict[str, Any], idx: np.ndarray) -> np.ndarray:
-    """Integer labels of rows ``idx``."""
-    return np.array([LABELS[v] for v in cache["label"][idx]], dtype=np.int64)
+def labels(cache: dict[str, Any], idx: np.ndarray, names: dict[str, int] = LABELS) -> np.ndarray:
+    """Integer labels of rows ``idx`` (``names``: label -> integer; the ultrasound labels unless given)."""
+    return np.array([names[v] for v in cache["label"][idx]], dtype=np.int64)
 
 
 def leave_one_hospital_out(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], trained: bool, seed: int,

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from lookalike.encoders.base import WEIGHTS_DIR, file_sha256
-from lookalike.encoders.fused import FusedXrayNet, base_checkpoint, fused_xray_arch, join_blocks
+from lookalike.encoders.fused import FusedXrayNet, base_checkpoint, fused_xray_arch
 from lookalike.encoders.preprocessing import build_preprocess
 from lookalike.lab.images import load_image, read_manifest
 from lookalike.lab.training import run_command, save_checkpoint
-from lookalike.lab.training_fused import HEAD, apply, epochs_of, p_at_5, rows_of, side_of, train_head
+from lookalike.lab.training_fused import HEAD, apply, epochs_of, joined, labels, p_at_5, rows_of, side_of, train_head
 
 LABELS = {"normal": 0, "pneumonia": 1}
 SIDES = (128, 160, 224)
@@ -86,16 +86,6 @@ def cache_set(data: Path, base_path: Path, out: Path, sides: tuple[int, ...] = S
     return out
 
 
-def joined(cache: dict[str, Any], blocks: tuple[str, ...]) -> np.ndarray:
-    """The head's input for cached blocks: :func:`lookalike.encoders.fused.join_blocks`."""
-    return join_blocks([torch.from_numpy(cache[b]) for b in blocks]).numpy()
-
-
-def labels(cache: dict[str, Any], idx: np.ndarray) -> np.ndarray:
-    """Integer labels of rows ``idx``."""
-    return np.array([LABELS[v] for v in cache["label"][idx]], dtype=np.int64)
-
-
 def candidate(cache: dict[str, Any], blocks: tuple[str, ...], trained: bool, seed: int,
               epochs: int) -> dict[str, Any]:
     """One candidate: its head on the train rows (fixed epochs, the last kept), val and test figures as served."""
@@ -105,8 +95,8 @@ def candidate(cache: dict[str, Any], blocks: tuple[str, ...], trained: bool, see
     lab, grp = cache["label"], cache["group"]
     head, center = None, None
     if trained:
-        _, head = train_head(x[tr], labels(cache, tr), list(grp[tr]), seed, epochs,
-                             (x[va], labels(cache, va), list(grp[va])), (x[tr], labels(cache, tr), list(grp[tr])))
+        train = (x[tr], labels(cache, tr, LABELS), list(grp[tr]))
+        _, head = train_head(*train, seed, epochs, (x[va], labels(cache, va, LABELS), list(grp[va])), train)
         center = apply(head, x[tr]).mean(axis=0).astype(np.float32)
     v = apply(head, x, center)
     return {"head": head, "center": center,
