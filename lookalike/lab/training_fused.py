@@ -24,18 +24,21 @@ import argparse
 import json
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import GaussianFilter
 
 from lookalike.encoders.base import WEIGHTS_DIR, file_sha256, centre_vectors
 from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch, join_blocks, rescale
 from lookalike.encoders.lesion import finder_from_checkpoint, prepare_views
 from lookalike.encoders.preprocessing import build_preprocess
 from lookalike.encoders.pretrained import build_trunk
+from lookalike.lab.augment import noisy_copy
 from lookalike.lab.evaluate import CROSS_DOMAIN_LABELS
 from lookalike.lab.images import load_image, read_manifest
 from lookalike.lab.metrics import retrieval_metrics
@@ -93,6 +96,18 @@ for _s in ROUND3_SIDES:
         for _b in ("vec", "vae"):
             ROUND3[f"head_{_b}{_s}_crop{_s}_e{_e}"] = ((f"{_b}{_s}", f"crop{_s}"), True)
 
+#: Round 6 (rule of the model card written before its runs): the round-3 views; ``blurS`` is the lesion crop at S
+#: smoothed by a Gaussian (``cache --blur``) before the ImageNet trunk; ``_aug`` heads train on each image's clean
+#: blocks and on its near copy's (``cache --noisy-seed``), one of the two drawn per image and step. 30 epochs.
+ROUND6: dict[str, tuple[tuple[str, ...], bool]] = {"shipped_served": (("vec64",), False)}
+for _s in ROUND3_SIDES:
+    ROUND6[f"concat_vec{_s}_blur{_s}"] = ((f"vec{_s}", f"blur{_s}"), False)
+    for _b in ("vec", "feat", "vae"):
+        ROUND6[f"baseline_{_b}{_s}_e30"] = ((f"{_b}{_s}",), True)
+    ROUND6[f"head_vec{_s}_blur{_s}_e30"] = ((f"vec{_s}", f"blur{_s}"), True)
+    ROUND6[f"head_vec{_s}_blur{_s}_aug_e30"] = ((f"vec{_s}", f"blur{_s}"), True)
+    ROUND6[f"head_vec{_s}_crop{_s}_aug_e30"] = ((f"vec{_s}", f"crop{_s}"), True)
+
 HEAD = {"hidden": 256, "dim": 128, "epochs": 30, "lr": 1e-3, "per_class": 16, "margin": 0.2, "ce_weight": 1.0}
 
 
@@ -146,11 +161,14 @@ class FixedBoxes:
 
 
 def cache_set_sides(data: Path, base_path: Path, out: Path, sides: tuple[int, ...] = ROUND3_SIDES,
-                    chunk: int = 32) -> Path:
+                    chunk: int = 32, blur: float = 0.0, noisy_seed: int | None = None) -> Path:
     """Round 3's blocks of every image (module ``ROUND3``), each computed as the served network at that side would.
 
     The finder runs once per image; its boxes make the views at 64 (the shipped encoder's own input: ``vec64``)
     and at each side S, where the base branch sees the views resized S -> 64 and the ImageNet trunk the crop at S.
+    ``blur`` > 0 adds ``blurS``, the crop smoothed as a checkpoint with that ``smooth_sigma`` serves it (round 6).
+    ``noisy_seed`` adds ``noisy_<block>`` for every block: the same computation on a near copy of each image
+    (:func:`lookalike.lab.augment.noisy_copy`, its own finder pass), drawn from that seed and the set's name.
     """
     ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
     net = FusedUltrasoundNet(fused_arch(ckpt["arch"], "vector", (), 64, 64))
@@ -158,29 +176,42 @@ def cache_set_sides(data: Path, base_path: Path, out: Path, sides: tuple[int, ..
     net.eval()
     finder = finder_from_checkpoint(ckpt)
     trunks = {s: build_trunk(s) for s in sides}
+    smooth = GaussianFilter(2, blur) if blur > 0 else None
     pres = {s: build_preprocess(s) for s in (64, *sides)}
+    li = net.views.index("lesion")
+    rng = np.random.default_rng([noisy_seed, zlib.crc32(data.name.encode())]) if noisy_seed is not None else None
+
+    def blocks_of(images: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        boxes = finder.find(images)
+        got = {}
+        for s, pre in pres.items():
+            x, _ = prepare_views(images, pre, net.views, FixedBoxes(boxes), net.arch["lesion_margin"])
+            feat, vec = net.base_outputs(x)
+            got[f"vec{s}"] = vec
+            if s != 64:
+                got[f"feat{s}"] = feat
+                crop = rescale(x[:, [li]], s)
+                got[f"crop{s}"] = trunks[s](crop)
+                if smooth is not None:
+                    got[f"blur{s}"] = trunks[s](rescale(smooth(crop), s))
+        return got
+
     rows = read_manifest(data)
     parts: dict[str, list[np.ndarray]] = {}
     t0 = time.time()
     with torch.no_grad():
         for i in range(0, len(rows), chunk):
             images = [load_image(r["path"], "us") for r in rows[i : i + chunk]]
-            boxes = finder.find(images)
-            got = {}
-            for s, pre in pres.items():
-                x, _ = prepare_views(images, pre, net.views, FixedBoxes(boxes), net.arch["lesion_margin"])
-                feat, vec = net.base_outputs(x)
-                got[f"vec{s}"] = vec
-                if s != 64:
-                    got[f"feat{s}"] = feat
-                    got[f"crop{s}"] = trunks[s](rescale(x[:, [net.views.index("lesion")]], s))
+            got = blocks_of(images)
+            if rng is not None:
+                got.update({f"noisy_{k}": v for k, v in blocks_of([noisy_copy(im, rng) for im in images]).items()})
             for k, v in got.items():
                 parts.setdefault(k, []).append(v.float().numpy())
             done = min(i + chunk, len(rows))
             print(f"[cache3] {data.name} {done}/{len(rows)} ({time.time() - t0:.0f} s)", flush=True)
     meta = {c: np.array([r.get(c, "") for r in rows]) for c in ("path", "label", "group", "split", "device")}
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **{k: np.concatenate(v) for k, v in parts.items()}, **meta)
+    np.savez(out, **{k: np.concatenate(v) for k, v in parts.items()}, **meta, blur_sigma=np.array(blur))
     return out
 
 
@@ -216,9 +247,13 @@ def epochs_of(candidate: str) -> int:
 
 def train_head(x: np.ndarray, y: np.ndarray, groups: list[str], seed: int, epochs: int,
                val: tuple[np.ndarray, np.ndarray, list[str]], gallery: tuple[np.ndarray, np.ndarray, list[str]]) -> tuple[float, Any]:
-    """A fresh head on ``x`` for a fixed number of epochs (the last is kept: val chooses nothing here)."""
+    """A fresh head on ``x`` for a fixed number of epochs (the last is kept: val chooses nothing here).
+
+    ``x`` is (n, d), or (copies, n, d) with the clean blocks first: each step draws one copy per image.
+    """
     h = HEAD
-    return fit_head(x[None], y, val[0], val[1], val[2], x, groups, hidden=h["hidden"], dim=h["dim"], epochs=epochs,
+    views = x if x.ndim == 3 else x[None]
+    return fit_head(views, y, val[0], val[1], val[2], views[0], groups, hidden=h["hidden"], dim=h["dim"], epochs=epochs,
                     seed=seed, per_class=h["per_class"], lr=h["lr"], margin=h["margin"], ce_weight=h["ce_weight"],
                     gallery=gallery, keep_best=False)
 
@@ -245,11 +280,28 @@ def labels(cache: dict[str, Any], idx: np.ndarray, names: dict[str, int] = LABEL
     return np.array([names[v] for v in cache["label"][idx]], dtype=np.int64)
 
 
+def noisy_blocks(cache: dict[str, Any]) -> dict[str, Any]:
+    """The cache as its near copies' blocks (``noisy_<block>``, ``cache --noisy-seed``) under the blocks' names."""
+    return {**cache, **{k[len("noisy_"):]: v for k, v in cache.items() if k.startswith("noisy_")}}
+
+
+def head_input(cache: dict[str, Any], blocks: tuple[str, ...], augmented: bool) -> np.ndarray:
+    """(copies, n, d) training input: the joined blocks, and the near copies' too when ``augmented``."""
+    return np.stack([joined(cache, blocks)] + ([joined(noisy_blocks(cache), blocks)] if augmented else []))
+
+
+def augmented_of(candidate: str) -> bool:
+    """Whether a candidate's head trains on near copies too: ``_aug`` in its name."""
+    return "aug" in candidate.split("_")
+
+
 def leave_one_hospital_out(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], trained: bool, seed: int,
-                           epochs: int = HEAD["epochs"], only_labels: tuple[str, ...] = ()) -> dict[str, float]:
+                           epochs: int = HEAD["epochs"], only_labels: tuple[str, ...] = (),
+                           augmented: bool = False) -> dict[str, float]:
     """The selection rule: head trained on one hospital's train rows, P@5 of the other's val rows vs its train rows.
 
     ``only_labels`` keeps only rows of those labels everywhere (a diagnostic; the rule uses every row).
+    ``augmented``: the head trains on the near copies' blocks too (:func:`head_input`).
     """
     def rows(c: dict[str, Any], split: str) -> np.ndarray:
         idx = rows_of(c, (split,))
@@ -258,14 +310,14 @@ def leave_one_hospital_out(caches: dict[str, dict[str, Any]], blocks: tuple[str,
     out = {}
     for src, dst in (("busi", "bus_bra"), ("bus_bra", "busi")):
         s, d = caches[src], caches[dst]
-        xs = joined(s, blocks)
+        xs = head_input(s, blocks, augmented and trained)
         tr = rows(s, "train")
         dv, dt = rows(d, "val"), rows(d, "train")
         xd = joined(d, blocks)
         head = None
         if trained:
             gal = (xd[dt], labels(d, dt), list(d["group"][dt]))
-            _, head = train_head(xs[tr], labels(s, tr), list(s["group"][tr]), seed, epochs,
+            _, head = train_head(xs[:, tr], labels(s, tr), list(s["group"][tr]), seed, epochs,
                                  (xd[dv], labels(d, dv), list(d["group"][dv])), gal)
         q, g = apply(head, xd[dv]), apply(head, xd[dt])
         out[f"{src}->{dst}"] = p_at_5(q, d["label"][dv], d["group"][dv], g, d["label"][dt], d["group"][dt])["P@5"]
@@ -274,22 +326,39 @@ def leave_one_hospital_out(caches: dict[str, dict[str, Any]], blocks: tuple[str,
 
 
 def final_head(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], seed: int,
-               epochs: int = HEAD["epochs"]) -> tuple[Any, np.ndarray]:
+               epochs: int = HEAD["epochs"], augmented: bool = False) -> tuple[Any, np.ndarray]:
     """The head trained on both hospitals' train rows (fixed epochs) and the training images' mean embedding."""
     xs, ys, gs, vs, yv, gv = [], [], [], [], [], []
     for name in TRAIN_SETS:
         c = caches[name]
-        x = joined(c, blocks)
+        x = head_input(c, blocks, augmented)
         tr, va = rows_of(c, ("train",)), rows_of(c, ("val",))
-        xs.append(x[tr])
+        xs.append(x[:, tr])
         ys.append(labels(c, tr))
         gs += list(c["group"][tr])
-        vs.append(x[va])
+        vs.append(x[0, va])
         yv.append(labels(c, va))
         gv += list(c["group"][va])
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    _, head = train_head(x, y, gs, seed, epochs, (np.concatenate(vs), np.concatenate(yv), gv), (x, y, gs))
-    return head, apply(head, x).mean(axis=0).astype(np.float32)
+    x, y = np.concatenate(xs, axis=1), np.concatenate(ys)
+    _, head = train_head(x, y, gs, seed, epochs, (np.concatenate(vs), np.concatenate(yv), gv), (x[0], y, gs))
+    return head, apply(head, x[0]).mean(axis=0).astype(np.float32)
+
+
+def near_copies(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], head: Any,
+                center: np.ndarray | None) -> dict[str, float]:
+    """Share of each training hospital's ``val`` images whose near copy is their top match (round 6's screen).
+
+    Gallery: the copies of the val images and the hospital's ``train`` images, as ``bench/near_copy.py --split
+    val`` has it (its copies are drawn anew; the bench on the served checkpoint decides).
+    """
+    out = {}
+    for name in TRAIN_SETS:
+        c = caches[name]
+        va, tr = rows_of(c, ("val",)), rows_of(c, ("train",))
+        v, n = apply(head, joined(c, blocks), center), apply(head, joined(noisy_blocks(c), blocks), center)
+        scores = v[va] @ np.concatenate([n[va], v[tr]]).T
+        out[name] = round(float((scores.argmax(axis=1) == np.arange(len(va))).mean()), 4)
+    return out
 
 
 def figures(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], head: Any, center: np.ndarray | None) -> dict[str, Any]:
@@ -329,7 +398,8 @@ def pooled_val(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], head:
 def round3_decision(report: dict[str, Any]) -> dict[str, Any]:
     """The rule's tests 1 (LOHO >= best same-split baseline) and 2 (pooled val >= shipped as served) per candidate.
 
-    Test 3 (cost) is the bench's; a candidate that fails 1 or 2 is refused whatever its cost.
+    Test 3 (cost) is the bench's; a candidate that fails 1 or 2 is refused whatever its cost. Round 6 prints its
+    near-copy screen beside them (test 4, decided by ``bench/near_copy.py`` on the served checkpoint).
     """
     shipped = report["shipped_served"]["figures"]["pooled_val"]["P@5"]
     out = {}
@@ -343,9 +413,10 @@ def round3_decision(report: dict[str, Any]) -> dict[str, Any]:
         pv = r["figures"]["pooled_val"]["P@5"]
         out[name] = {"loho": r["loho"]["score"], "best_baseline": best, "pooled_val": pv, "shipped_pooled_val": shipped,
                      "passes_1": bool(base) and r["loho"]["score"] >= best, "passes_2": pv >= shipped}
+        out[name]["near_copies"] = r.get("near_copies")
         print(f"[rule] {name:28s} LOHO {r['loho']['score']:.3f} vs baselines {best:.3f}  pooled val {pv:.3f} vs "
               f"shipped {shipped:.3f}  -> {'pass' if out[name]['passes_1'] and out[name]['passes_2'] else 'refused'}"
-              " (before cost)", flush=True)
+              f" (before cost; near-copy screen {r.get('near_copies')})", flush=True)
     return out
 
 
@@ -363,41 +434,46 @@ def select(cache_dir: Path, seed: int = 0, only: list[str] | None = None, loho_l
         if only and name not in only:
             continue
         t0 = time.time()
-        loho = leave_one_hospital_out(caches, blocks, trained, seed, epochs_of(name), loho_labels)
-        head, center = final_head(caches, blocks, seed, epochs_of(name)) if trained else (None, None)
-        report[name] = {"blocks": list(blocks), "trained": trained, "loho": loho,
+        aug = augmented_of(name)
+        loho = leave_one_hospital_out(caches, blocks, trained, seed, epochs_of(name), loho_labels, aug)
+        head, center = final_head(caches, blocks, seed, epochs_of(name), aug) if trained else (None, None)
+        report[name] = {"blocks": list(blocks), "trained": trained, "augmented": aug, "loho": loho,
                         "figures": figures(caches, blocks, head, center)}
+        if all(f"noisy_{b}" in caches[t] for b in blocks for t in TRAIN_SETS):
+            report[name]["near_copies"] = near_copies(caches, blocks, head, center)
         f = report[name]["figures"]
         print(f"[select] {name:28s} LOHO {loho['score']:.3f} ({loho['busi->bus_bra']:.3f}/{loho['bus_bra->busi']:.3f})"
               f"  val busi {f['busi_val']['P@5']:.3f} bus_bra {f['bus_bra_val']['P@5']:.3f}  test busi "
               f"{f['busi']['P@5']:.3f} bus_bra {f['bus_bra']['P@5']:.3f} cross {f[CROSS_SET]['P@5']:.3f}"
-              f"  pooled val {f['pooled_val']['P@5']:.3f}"
+              f"  pooled val {f['pooled_val']['P@5']:.3f}  near copies {report[name].get('near_copies')}"
               f"  ({time.time() - t0:.0f} s)", flush=True)
     return report
 
 
 def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int = 0) -> Path:
     """Write ``candidate`` (a trained one) as a servable ultrasound checkpoint over the base checkpoint."""
-    blocks, trained = {**CANDIDATES, **ROUND3}[candidate]
+    blocks, trained = {**CANDIDATES, **ROUND3, **ROUND6}[candidate]
     if not trained:
         raise ValueError(f"{candidate} has no head to ship")
     caches = load_caches(cache_dir)
-    head, center = final_head(caches, blocks, seed, epochs_of(candidate))
+    aug = augmented_of(candidate)
+    head, center = final_head(caches, blocks, seed, epochs_of(candidate), aug)
     kinds = {b.rstrip("0123456789") for b in blocks}
     base_input = "vector" if "vec" in kinds else ("features" if {"feat", "vae"} & kinds else "none")
-    im = [b for b in blocks if b.startswith(("crop", "whole"))]
+    im = [b for b in blocks if b.startswith(("crop", "blur", "whole"))]
     sizes = {side_of(b) for b in im}
-    # round 3: views made at the blocks' side S (round 1 made them at VIEW_SIZE whatever the ImageNet side)
-    view_size = side_of(blocks[0]) if candidate in ROUND3 else VIEW_SIZE
+    sigma = float(caches[TRAIN_SETS[0]]["blur_sigma"]) if "blur" in kinds else 0.0
+    # round 3 on: views made at the blocks' side S (round 1 made them at VIEW_SIZE whatever the ImageNet side)
+    view_size = side_of(blocks[0]) if candidate in {**ROUND3, **ROUND6} else VIEW_SIZE
     if len(sizes) > 1:
         raise ValueError("one ImageNet side per encoder")
     ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
     base_arch = dict(ckpt["arch"])
     if "vae" in kinds:
         base_arch["features"] = ["h", "z"]
-    views = tuple("lesion" if b.startswith("crop") else "whole" for b in im)
+    views = tuple("lesion" if b.startswith(("crop", "blur")) else "whole" for b in im)
     arch = fused_arch(base_arch, base_input, views, sizes.pop() if sizes else view_size, view_size,
-                      HEAD["dim"], HEAD["hidden"])
+                      HEAD["dim"], HEAD["hidden"], sigma)
     arch["center"] = [float(v) for v in center]
     net = FusedUltrasoundNet(arch)
     if "vae" in kinds:  # the base head is not used (features only): keep the trunk's weights
@@ -407,7 +483,8 @@ def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int =
         load_base(net, ckpt)
     net.head.load_state_dict(head.state_dict())
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("base.vae.decoder.")}
-    meta = {"candidate": candidate, "blocks": list(blocks), "head": {**HEAD, "epochs": epochs_of(candidate)}, "seed": seed, "base": f"{base_path.name} sha256 {file_sha256(base_path)[:8]}",
+    meta = {"candidate": candidate, "blocks": list(blocks), "head": {**HEAD, "epochs": epochs_of(candidate)},
+            "augmented": aug, "seed": seed, "base": f"{base_path.name} sha256 {file_sha256(base_path)[:8]}",
             "command": run_command(None), "torch": torch.__version__,
             "figures": figures(caches, blocks, head, center)}
     return save_checkpoint(out, arch, state, meta, lesion=ckpt["lesion"])
@@ -421,15 +498,18 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--data", nargs="+", type=Path, required=True)
     c.add_argument("--cache", type=Path, required=True)
     c.add_argument("--round3", action="store_true", help="round 3's blocks: views at 128 and 160 px, one finder pass")
+    c.add_argument("--blur", type=float, default=0.0, help="with --round3: also the crop smoothed by this sigma (px)")
+    c.add_argument("--noisy-seed", type=int, help="with --round3: also every block of a near copy of each image")
     s = sub.add_parser("select")
     s.add_argument("--round3", action="store_true", help="round 3's candidates and the rule's tests 1-2")
+    s.add_argument("--round6", action="store_true", help="round 6's candidates, tests 1-2 and the near-copy screen")
     s.add_argument("--cache", type=Path, required=True)
     s.add_argument("--only", nargs="*")
     s.add_argument("--out-json", type=Path)
     s.add_argument("--loho-labels", nargs="*", default=[], help="diagnostic: LOHO on rows of these labels only")
     f = sub.add_parser("fit")
     f.add_argument("--cache", type=Path, required=True)
-    f.add_argument("--candidate", required=True, choices=sorted(k for k, v in {**CANDIDATES, **ROUND3}.items() if v[1]))
+    f.add_argument("--candidate", required=True, choices=sorted(k for k, v in {**CANDIDATES, **ROUND3, **ROUND6}.items() if v[1]))
     f.add_argument("--out", type=Path, required=True)
     for q in (c, f):
         q.add_argument("--base", type=Path, default=WEIGHTS_DIR / "us.pt", help="the VAE-diffusion checkpoint")
@@ -441,10 +521,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(a.seed)
     if a.cmd == "cache":
         for d in a.data:
-            (cache_set_sides if a.round3 else cache_set)(d, a.base, a.cache / f"{d.resolve().name}.npz")
+            out = a.cache / f"{d.resolve().name}.npz"
+            if a.round3:
+                cache_set_sides(d, a.base, out, blur=a.blur, noisy_seed=a.noisy_seed)
+            else:
+                cache_set(d, a.base, out)
     elif a.cmd == "select":
-        report = select(a.cache, a.seed, a.only, tuple(a.loho_labels), ROUND3 if a.round3 else CANDIDATES)
-        if a.round3 and "shipped_served" in report:
+        rounds = ROUND6 if a.round6 else (ROUND3 if a.round3 else CANDIDATES)
+        report = select(a.cache, a.seed, a.only, tuple(a.loho_labels), rounds)
+        if (a.round3 or a.round6) and "shipped_served" in report:
             report["rule"] = round3_decision(report)
         if a.out_json:
             a.out_json.write_text(json.dumps(report, indent=1))
