@@ -84,11 +84,13 @@ def test_fused_ultrasound_encoder_serves_what_training_cached(tmp_path) -> None:
     np.testing.assert_allclose(served, trained, atol=1e-5)
 
 
-@pytest.mark.parametrize(("blocks", "base_input", "side"), [(("vec128", "crop128"), "vector", 128),
-                                                            (("vae160", "crop160"), "features", 160)])
-def test_fused_encoder_at_a_smaller_side_serves_what_round3_cached(tmp_path, blocks, base_input, side) -> None:
+@pytest.mark.parametrize(("blocks", "base_input", "side", "blur"), [(("vec128", "crop128"), "vector", 128, 0.0),
+                                                                    (("vae160", "crop160"), "features", 160, 0.0),
+                                                                    (("vec128", "blur128"), "vector", 128, 1.0)])
+def test_fused_encoder_at_a_smaller_side_serves_what_round3_cached(tmp_path, blocks, base_input, side, blur) -> None:
     """Round 3 makes both views once at the ImageNet side (128 or 160) from one finder pass, the VAE-diffusion branch
-    resizing them to 64: a checkpoint whose views are made at that side serves exactly the cached blocks' vectors."""
+    resizing them to 64: a checkpoint whose views are made at that side serves exactly the cached blocks' vectors,
+    with its ImageNet view smoothed (round 6's ``blurS`` blocks) or not."""
     import torch
 
     from lookalike.encoders import load_encoder
@@ -104,13 +106,13 @@ def test_fused_encoder_at_a_smaller_side_serves_what_round3_cached(tmp_path, blo
         Image.fromarray(img).save(tmp_path / f"{i}.png")
         lines.append(f"{i}.png,benign,g{i},train")
     (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
-    cached = dict(np.load(cache_set_sides(tmp_path, WEIGHTS_DIR / "us.pt", tmp_path / "c.npz", sides=(side,))))
+    cached = dict(np.load(cache_set_sides(tmp_path, WEIGHTS_DIR / "us.pt", tmp_path / "c.npz", sides=(side,), blur=blur)))
 
     shipped = base_checkpoint(torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True))
     base_arch = dict(shipped["arch"])
     if base_input == "features":
         base_arch["features"] = ["h", "z"]
-    arch = fused_arch(base_arch, base_input, ("lesion",), side, side)
+    arch = fused_arch(base_arch, base_input, ("lesion",), side, side, smooth_sigma=blur)
     torch.manual_seed(0)
     net = FusedUltrasoundNet(arch)
     state = shipped["state_dict"] if base_input == "vector" else {
@@ -122,6 +124,50 @@ def test_fused_encoder_at_a_smaller_side_serves_what_round3_cached(tmp_path, blo
     assert enc.image_size == side
     served = enc.embed([load_image(tmp_path / f"{i}.png", "us") for i in range(3)])
     np.testing.assert_allclose(served, apply(net.head.eval(), joined(cached, blocks)), atol=1e-5)
+
+
+def test_head_served_beside_the_base_vector_is_what_training_scored(tmp_path) -> None:
+    """Round 7: a checkpoint whose head is served beside the base vector (``base_share``) serves exactly
+    ``lab.training_fused.served`` on the cached blocks, which is what selection scored; its cosine between two
+    images is the weighted sum of the head's (centred) cosine and the base vector's."""
+    import torch
+
+    from lookalike.encoders import load_encoder
+    from lookalike.encoders.base import WEIGHTS_DIR
+    from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch
+    from lookalike.lab.training_fused import apply, cache_set_sides, joined, served
+
+    rng = np.random.default_rng(5)
+    lines = ["path,label,group,split"]
+    for i, shape in enumerate([(300, 400), (256, 256), (180, 240)]):
+        img = (rng.random(shape) * 255).astype(np.uint8)
+        img[shape[0] // 3 : shape[0] // 2, shape[1] // 3 : shape[1] // 2] //= 4
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,benign,g{i},train")
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    blocks = ("vec128", "blur128")
+    cached = dict(np.load(cache_set_sides(tmp_path, WEIGHTS_DIR / "us.pt", tmp_path / "c.npz", sides=(128,), blur=1.0)))
+
+    shipped = base_checkpoint(torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True))
+    torch.manual_seed(0)
+    arch = fused_arch(dict(shipped["arch"]), "vector", ("lesion",), 128, 128, smooth_sigma=1.0)
+    head_net = FusedUltrasoundNet(arch)
+    center = apply(head_net.head.eval(), joined(cached, blocks)).mean(axis=0)
+    arch.update(dim=arch["dim"] + shipped["arch"]["dim"], head_dim=arch["dim"], base_share=0.5,
+                head_center=[float(v) for v in center], center=None)
+    net = FusedUltrasoundNet(arch)
+    net.head.load_state_dict(head_net.head.state_dict())
+    net.base.load_state_dict(shipped["state_dict"], strict=False)
+    torch.save({"arch": arch, "state_dict": net.state_dict(), "lesion": shipped["lesion"]}, tmp_path / "beside.pt")
+
+    enc = load_encoder("us", weights=tmp_path / "beside.pt")
+    got = enc.embed([load_image(tmp_path / f"{i}.png", "us") for i in range(3)])
+    assert got.shape == (3, arch["dim"])
+    want = served(cached, blocks, net.head.eval(), center, 0.5)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    head_part = apply(net.head.eval(), joined(cached, blocks), center)
+    base_part = cached["vec128"] / np.linalg.norm(cached["vec128"], axis=1, keepdims=True)
+    np.testing.assert_allclose(got @ got.T, 0.5 * head_part @ head_part.T + 0.5 * base_part @ base_part.T, atol=1e-5)
 
 
 @pytest.mark.parametrize("hidden", [256, 0])

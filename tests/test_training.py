@@ -239,3 +239,23 @@ def test_console_command_passes_zero_valued_options_to_the_recipe(dataset: Path,
     meta = torch.load(out, weights_only=True)["meta"]
     assert meta["hyper"]["pretrain_epochs"] == 0 and meta["hyper"]["head_refit_epochs"] == 0
     assert "head_refit" not in meta["figures"] and "vae_l1_last" not in meta["figures"]
+
+
+def test_near_copy_screen_finds_exact_copies_and_misses_unrelated_ones() -> None:
+    """``near_copies`` (round 6's screen) is 1.0 when each val image's copy has its own blocks, and falls when the
+    copies' blocks belong to other images; ``head_input`` stacks the copies after the clean blocks."""
+    from lookalike.lab.training_fused import head_input, near_copies
+
+    rng = np.random.default_rng(0)
+    split = np.array(["train"] * 30 + ["val"] * 10)
+    meta = {"label": np.array(["benign", "malignant"] * 20), "group": np.array([f"g{i}" for i in range(40)]),
+            "split": split}
+    x = rng.normal(size=(40, 16)).astype(np.float32)
+    same = {"busi": {**meta, "vec16": x, "noisy_vec16": x + 0.01}, "bus_bra": {**meta, "vec16": x, "noisy_vec16": x}}
+    assert near_copies(same, ("vec16",), None, None) == {"busi": 1.0, "bus_bra": 1.0}
+    other = {k: {**c, "noisy_vec16": rng.normal(size=(40, 16)).astype(np.float32)} for k, c in same.items()}
+    assert max(near_copies(other, ("vec16",), None, None).values()) < 0.5
+    stacked = head_input(same["busi"], ("vec16",), augmented=True)
+    assert stacked.shape == (2, 40, 16)
+    assert not np.allclose(stacked[0], stacked[1])
+    assert head_input(same["busi"], ("vec16",), augmented=False).shape == (1, 40, 16)

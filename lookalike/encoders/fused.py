@@ -19,6 +19,11 @@ to ``arch["image_size"]`` and min-max scaled, by the one function serving and tr
 3. Each branch block is L2-normalised (so that the 1280-wide block does not drown the 128-wide one) and the
    blocks are concatenated; the trained :func:`~lookalike.encoders.ultrasound.projection_head` maps them to
    ``dim``; :class:`~lookalike.encoders.base.Encoder` L2-normalises and centres as for every encoder.
+4. With ``arch["base_share"]`` b > 0 the head's output (L2-normalised, centred on ``arch["head_center"]``,
+   L2-normalised) times sqrt(1 - b) is served beside the VAE-diffusion branch's vector times sqrt(b), so a cosine
+   is (1 - b) x the head's + b x the base's. A triplet head pulls a class together until the class's other images
+   score as high as an image's own near copy; the base vector keeps what tells one image from another. The head's
+   width is then ``arch["head_dim"]`` and ``arch["dim"]`` the served width, both together.
 
 Only the head is trained (``lookalike.lab.training_fused``): both trunks are frozen, so their features are
 computed once per image and cached, which is what a 2-core CPU affords.
@@ -99,7 +104,13 @@ class FusedUltrasoundNet(_FrozenBranches):
         self.smooth = GaussianFilter(2, sigma) if sigma > 0 else None
         widths = {"vector": arch["base"]["dim"], "features": self.base.feat_dim, "none": 0}
         self.widths = ([widths[self.base_input]] if self.base_input != "none" else []) + [FEATURE_DIM] * len(self.im_views)
-        self.head = projection_head(sum(self.widths), arch["head_hidden"], arch["dim"])
+        head_dim = int(arch.get("head_dim", arch["dim"]))
+        self.head = projection_head(sum(self.widths), arch["head_hidden"], head_dim)
+        self.base_share = float(arch.get("base_share", 0.0))
+        if self.base_share and self.base_input != "vector":
+            raise ValueError("base_share needs base_input 'vector': the base's vector is served beside the head")
+        head_center = arch.get("head_center")
+        self.register_buffer("head_center", torch.tensor(head_center if head_center is not None else [0.0] * head_dim))
 
     def base_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE-diffusion branch on views (B, V, S, S): its trunk features and its vector as it serves it."""
@@ -135,8 +146,20 @@ class FusedUltrasoundNet(_FrozenBranches):
         return join_blocks(self.blocks(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, V, S, S) in [0, 1] -> (B, dim) unnormalised embedding."""
-        return self.head(self.features(x))
+        """(B, V, S, S) in [0, 1] -> (B, dim) unnormalised embedding ((B, dim + base dim) with ``base_share``)."""
+        blocks = self.blocks(x)
+        out = self.head(join_blocks(blocks))
+        if not self.base_share:
+            return out
+        return beside_base(out, blocks[0], self.head_center, self.base_share)
+
+
+def beside_base(head_out: torch.Tensor, base_vector: torch.Tensor, head_center: torch.Tensor,
+                share: float) -> torch.Tensor:
+    """The head's output (normalised, centred, normalised) and the base's vector, weighted so that a cosine is
+    (1 - share) x the head's + share x the base's (module docstring, step 4)."""
+    h = F.normalize(F.normalize(head_out, dim=1) - head_center, dim=1)
+    return torch.cat([h * (1.0 - share) ** 0.5, F.normalize(base_vector, dim=1) * share ** 0.5], dim=1)
 
 
 def join_blocks(blocks: list[torch.Tensor]) -> torch.Tensor:

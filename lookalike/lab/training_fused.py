@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from monai.networks.layers import GaussianFilter
 
 from lookalike.encoders.base import WEIGHTS_DIR, file_sha256, centre_vectors
-from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch, join_blocks, rescale
+from lookalike.encoders.fused import (FusedUltrasoundNet, base_checkpoint, beside_base, fused_arch, join_blocks,
+                                      rescale)
 from lookalike.encoders.lesion import finder_from_checkpoint, prepare_views
 from lookalike.encoders.preprocessing import build_preprocess
 from lookalike.encoders.pretrained import build_trunk
@@ -107,6 +108,15 @@ for _s in ROUND3_SIDES:
     ROUND6[f"head_vec{_s}_blur{_s}_e30"] = ((f"vec{_s}", f"blur{_s}"), True)
     ROUND6[f"head_vec{_s}_blur{_s}_aug_e30"] = ((f"vec{_s}", f"blur{_s}"), True)
     ROUND6[f"head_vec{_s}_crop{_s}_aug_e30"] = ((f"vec{_s}", f"crop{_s}"), True)
+
+#: Round 7 (its rule in the model card, written before its runs): round 6's heads that passed its tests 1-2, each
+#: served beside the shipped vector it was given (``_baseB``: a cosine is (100 - B)% the head's + B% the vector's),
+#: and round 6's yardsticks again (the same computation, so the same figures) for the rule's tests 1 and 2.
+ROUND7: dict[str, tuple[tuple[str, ...], bool]] = {k: v for k, v in ROUND6.items() if k.startswith(("shipped", "baseline"))}
+for _name in ("head_vec128_crop128_aug_e30", "head_vec160_blur160_e30", "head_vec160_blur160_aug_e30",
+              "head_vec160_crop160_aug_e30"):
+    for _b in (25, 50):
+        ROUND7[_name.replace("_e30", f"_base{_b}_e30")] = ROUND6[_name]
 
 HEAD = {"hidden": 256, "dim": 128, "epochs": 30, "lr": 1e-3, "per_class": 16, "margin": 0.2, "ce_weight": 1.0}
 
@@ -295,13 +305,31 @@ def augmented_of(candidate: str) -> bool:
     return "aug" in candidate.split("_")
 
 
+def share_of(candidate: str) -> float:
+    """The base vector's share of a candidate's cosine: ``_baseB`` in its name -> B / 100, else 0."""
+    tokens = [t for t in candidate.split("_") if t.startswith("base") and t[4:].isdigit()]
+    return int(tokens[0][4:]) / 100.0 if tokens else 0.0
+
+
+def served(cache: dict[str, Any], blocks: tuple[str, ...], head: Any, center: np.ndarray | None,
+           share: float = 0.0) -> np.ndarray:
+    """Every row's vector as the fitted checkpoint serves it: the head on the joined blocks, centred; with
+    ``share`` > 0 beside the base vector (the first block) by :func:`lookalike.encoders.fused.beside_base`."""
+    x = joined(cache, blocks)
+    if not share:
+        return apply(head, x, center)
+    h, base = torch.from_numpy(apply(head, x)), torch.from_numpy(block(cache, blocks[0]))
+    return beside_base(h, base, torch.from_numpy(center), share).numpy()
+
+
 def leave_one_hospital_out(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], trained: bool, seed: int,
                            epochs: int = HEAD["epochs"], only_labels: tuple[str, ...] = (),
-                           augmented: bool = False) -> dict[str, float]:
+                           augmented: bool = False, share: float = 0.0) -> dict[str, float]:
     """The selection rule: head trained on one hospital's train rows, P@5 of the other's val rows vs its train rows.
 
     ``only_labels`` keeps only rows of those labels everywhere (a diagnostic; the rule uses every row).
-    ``augmented``: the head trains on the near copies' blocks too (:func:`head_input`).
+    ``augmented``: the head trains on the near copies' blocks too (:func:`head_input`). ``share`` > 0: served
+    beside the base vector (:func:`served`), the head's output centred on its training hospital's train rows.
     """
     def rows(c: dict[str, Any], split: str) -> np.ndarray:
         idx = rows_of(c, (split,))
@@ -319,7 +347,11 @@ def leave_one_hospital_out(caches: dict[str, dict[str, Any]], blocks: tuple[str,
             gal = (xd[dt], labels(d, dt), list(d["group"][dt]))
             _, head = train_head(xs[:, tr], labels(s, tr), list(s["group"][tr]), seed, epochs,
                                  (xd[dv], labels(d, dv), list(d["group"][dv])), gal)
-        q, g = apply(head, xd[dv]), apply(head, xd[dt])
+        if share:
+            v = served(d, blocks, head, apply(head, xs[0, tr]).mean(axis=0), share)
+            q, g = v[dv], v[dt]
+        else:
+            q, g = apply(head, xd[dv]), apply(head, xd[dt])
         out[f"{src}->{dst}"] = p_at_5(q, d["label"][dv], d["group"][dv], g, d["label"][dt], d["group"][dt])["P@5"]
     out["score"] = round(float(np.mean(list(out.values()))), 4)
     return out
@@ -345,7 +377,7 @@ def final_head(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], seed:
 
 
 def near_copies(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], head: Any,
-                center: np.ndarray | None) -> dict[str, float]:
+                center: np.ndarray | None, share: float = 0.0) -> dict[str, float]:
     """Share of each training hospital's ``val`` images whose near copy is their top match (round 6's screen).
 
     Gallery: the copies of the val images and the hospital's ``train`` images, as ``bench/near_copy.py --split
@@ -355,17 +387,18 @@ def near_copies(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], head
     for name in TRAIN_SETS:
         c = caches[name]
         va, tr = rows_of(c, ("val",)), rows_of(c, ("train",))
-        v, n = apply(head, joined(c, blocks), center), apply(head, joined(noisy_blocks(c), blocks), center)
+        v, n = served(c, blocks, head, center, share), served(noisy_blocks(c), blocks, head, center, share)
         scores = v[va] @ np.concatenate([n[va], v[tr]]).T
         out[name] = round(float((scores.argmax(axis=1) == np.arange(len(va))).mean()), 4)
     return out
 
 
-def figures(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], head: Any, center: np.ndarray | None) -> dict[str, Any]:
+def figures(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], head: Any, center: np.ndarray | None,
+            share: float = 0.0) -> dict[str, Any]:
     """Val (val vs train) and test (protocol) figures of one candidate on every cached set, per bus_bra scanner too."""
-    out: dict[str, Any] = {"pooled_val": pooled_val(caches, blocks, head, center)}
+    out: dict[str, Any] = {"pooled_val": pooled_val(caches, blocks, head, center, share)}
     for name, c in caches.items():
-        v = apply(head, joined(c, blocks), center)
+        v = served(c, blocks, head, center, share)
         lab, grp = c["label"], c["group"]
         if name == CROSS_SET:
             q = np.flatnonzero(np.isin(lab, CROSS_DOMAIN_LABELS))
@@ -381,12 +414,12 @@ def figures(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], head: An
 
 
 def pooled_val(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], head: Any,
-               center: np.ndarray | None) -> dict[str, float]:
+               center: np.ndarray | None, share: float = 0.0) -> dict[str, float]:
     """P@5 of busi + bus_bra ``val`` rows against busi + bus_bra ``train`` rows (the rule's second test)."""
     vs, ls, gs, sp = [], [], [], []
     for name in TRAIN_SETS:
         c = caches[name]
-        vs.append(apply(head, joined(c, blocks), center))
+        vs.append(served(c, blocks, head, center, share))
         ls += list(c["label"])
         gs += [f"{name}/{g}" for g in c["group"]]  # group ids of two hospitals must not collide
         sp += list(c["split"])
@@ -434,13 +467,13 @@ def select(cache_dir: Path, seed: int = 0, only: list[str] | None = None, loho_l
         if only and name not in only:
             continue
         t0 = time.time()
-        aug = augmented_of(name)
-        loho = leave_one_hospital_out(caches, blocks, trained, seed, epochs_of(name), loho_labels, aug)
+        aug, share = augmented_of(name), share_of(name)
+        loho = leave_one_hospital_out(caches, blocks, trained, seed, epochs_of(name), loho_labels, aug, share)
         head, center = final_head(caches, blocks, seed, epochs_of(name), aug) if trained else (None, None)
-        report[name] = {"blocks": list(blocks), "trained": trained, "augmented": aug, "loho": loho,
-                        "figures": figures(caches, blocks, head, center)}
-        if all(f"noisy_{b}" in caches[t] for b in blocks for t in TRAIN_SETS):
-            report[name]["near_copies"] = near_copies(caches, blocks, head, center)
+        report[name] = {"blocks": list(blocks), "trained": trained, "augmented": aug, "base_share": share,
+                        "loho": loho, "figures": figures(caches, blocks, head, center, share)}
+        if all(f"noisy_{b.replace('vae', 'feat')}" in caches[t] for b in blocks for t in TRAIN_SETS):
+            report[name]["near_copies"] = near_copies(caches, blocks, head, center, share)
         f = report[name]["figures"]
         print(f"[select] {name:28s} LOHO {loho['score']:.3f} ({loho['busi->bus_bra']:.3f}/{loho['bus_bra->busi']:.3f})"
               f"  val busi {f['busi_val']['P@5']:.3f} bus_bra {f['bus_bra_val']['P@5']:.3f}  test busi "
@@ -452,11 +485,11 @@ def select(cache_dir: Path, seed: int = 0, only: list[str] | None = None, loho_l
 
 def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int = 0) -> Path:
     """Write ``candidate`` (a trained one) as a servable ultrasound checkpoint over the base checkpoint."""
-    blocks, trained = {**CANDIDATES, **ROUND3, **ROUND6}[candidate]
+    blocks, trained = {**CANDIDATES, **ROUND3, **ROUND6, **ROUND7}[candidate]
     if not trained:
         raise ValueError(f"{candidate} has no head to ship")
     caches = load_caches(cache_dir)
-    aug = augmented_of(candidate)
+    aug, share = augmented_of(candidate), share_of(candidate)
     head, center = final_head(caches, blocks, seed, epochs_of(candidate), aug)
     kinds = {b.rstrip("0123456789") for b in blocks}
     base_input = "vector" if "vec" in kinds else ("features" if {"feat", "vae"} & kinds else "none")
@@ -464,7 +497,7 @@ def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int =
     sizes = {side_of(b) for b in im}
     sigma = float(caches[TRAIN_SETS[0]]["blur_sigma"]) if "blur" in kinds else 0.0
     # round 3 on: views made at the blocks' side S (round 1 made them at VIEW_SIZE whatever the ImageNet side)
-    view_size = side_of(blocks[0]) if candidate in {**ROUND3, **ROUND6} else VIEW_SIZE
+    view_size = side_of(blocks[0]) if candidate in {**ROUND3, **ROUND6, **ROUND7} else VIEW_SIZE
     if len(sizes) > 1:
         raise ValueError("one ImageNet side per encoder")
     ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
@@ -474,7 +507,11 @@ def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int =
     views = tuple("lesion" if b.startswith(("crop", "blur")) else "whole" for b in im)
     arch = fused_arch(base_arch, base_input, views, sizes.pop() if sizes else view_size, view_size,
                       HEAD["dim"], HEAD["hidden"], sigma)
-    arch["center"] = [float(v) for v in center]
+    if share:  # the head's centre is applied inside, before the base vector joins it; nothing centres after
+        arch.update(dim=HEAD["dim"] + int(base_arch["dim"]), head_dim=HEAD["dim"], base_share=share,
+                    head_center=[float(v) for v in center], center=None)
+    else:
+        arch["center"] = [float(v) for v in center]
     net = FusedUltrasoundNet(arch)
     if "vae" in kinds:  # the base head is not used (features only): keep the trunk's weights
         state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("head.")}
@@ -484,9 +521,9 @@ def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int =
     net.head.load_state_dict(head.state_dict())
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("base.vae.decoder.")}
     meta = {"candidate": candidate, "blocks": list(blocks), "head": {**HEAD, "epochs": epochs_of(candidate)},
-            "augmented": aug, "seed": seed, "base": f"{base_path.name} sha256 {file_sha256(base_path)[:8]}",
+            "augmented": aug, "base_share": share, "seed": seed, "base": f"{base_path.name} sha256 {file_sha256(base_path)[:8]}",
             "command": run_command(None), "torch": torch.__version__,
-            "figures": figures(caches, blocks, head, center)}
+            "figures": figures(caches, blocks, head, center, share)}
     return save_checkpoint(out, arch, state, meta, lesion=ckpt["lesion"])
 
 
@@ -503,13 +540,14 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("select")
     s.add_argument("--round3", action="store_true", help="round 3's candidates and the rule's tests 1-2")
     s.add_argument("--round6", action="store_true", help="round 6's candidates, tests 1-2 and the near-copy screen")
+    s.add_argument("--round7", action="store_true", help="round 7's candidates (round 6's heads beside the vector)")
     s.add_argument("--cache", type=Path, required=True)
     s.add_argument("--only", nargs="*")
     s.add_argument("--out-json", type=Path)
     s.add_argument("--loho-labels", nargs="*", default=[], help="diagnostic: LOHO on rows of these labels only")
     f = sub.add_parser("fit")
     f.add_argument("--cache", type=Path, required=True)
-    f.add_argument("--candidate", required=True, choices=sorted(k for k, v in {**CANDIDATES, **ROUND3, **ROUND6}.items() if v[1]))
+    f.add_argument("--candidate", required=True, choices=sorted(k for k, v in {**CANDIDATES, **ROUND3, **ROUND6, **ROUND7}.items() if v[1]))
     f.add_argument("--out", type=Path, required=True)
     for q in (c, f):
         q.add_argument("--base", type=Path, default=WEIGHTS_DIR / "us.pt", help="the VAE-diffusion checkpoint")
@@ -527,9 +565,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cache_set(d, a.base, out)
     elif a.cmd == "select":
-        rounds = ROUND6 if a.round6 else (ROUND3 if a.round3 else CANDIDATES)
+        rounds = ROUND7 if a.round7 else ROUND6 if a.round6 else (ROUND3 if a.round3 else CANDIDATES)
         report = select(a.cache, a.seed, a.only, tuple(a.loho_labels), rounds)
-        if (a.round3 or a.round6) and "shipped_served" in report:
+        if (a.round3 or a.round6 or a.round7) and "shipped_served" in report:
             report["rule"] = round3_decision(report)
         if a.out_json:
             a.out_json.write_text(json.dumps(report, indent=1))
