@@ -332,3 +332,24 @@ class TestLookAhead:
         [first, second] = embedder.run([Job("o1", None, None), Job("o1", None, None)])
         assert api.fetched.count("o1") == 3
         assert first.record.sop_instance_uid == second.record.sop_instance_uid == overwritten.SOPInstanceUID
+
+    def test_the_encoder_is_asked_for_once_per_batch_and_checkpoint(self) -> None:
+        """The loader checks a checkpoint's file each time it is asked: a batch asks once per (encoder, checkpoint),
+        its instances fetched ahead or not, and each batch asks again (a checkpoint replaced meanwhile is the next
+        batch's); instances of another checkpoint are embedded by that checkpoint's encoder."""
+        api, asked, made = FakeOrthanc(), [], {}
+        for k in range(8):
+            api.add(f"e{k}", dicom_bytes(random_us(70 + k)))
+
+        def encoders(name: str, weights: str | None = None) -> FakeEncoder:
+            asked.append((name, weights))
+            return made.setdefault(weights, FakeEncoder())
+
+        jobs = [Job(f"e{k}", None, None, {"us": "/other.pt"} if k % 2 else {}) for k in range(8)]
+        embedder = Embedder(api, encoders, 10_000_000)
+        first = embedder.run(jobs[:4], ahead=jobs[4:])
+        assert sorted(asked, key=str) == [("us", "/other.pt"), ("us", None)]
+        second = embedder.run(jobs[4:])  # fetched ahead: prepared without threads
+        assert sorted(asked, key=str) == [("us", "/other.pt"), ("us", "/other.pt"), ("us", None), ("us", None)]
+        assert [r.outcome.status for r in first + second] == ["indexed"] * 8
+        assert [len(b) for b in made[None].batches] == [len(b) for b in made["/other.pt"].batches] == [2, 2]
