@@ -259,3 +259,21 @@ def test_near_copy_screen_finds_exact_copies_and_misses_unrelated_ones() -> None
     assert stacked.shape == (2, 40, 16)
     assert not np.allclose(stacked[0], stacked[1])
     assert head_input(same["busi"], ("vec16",), augmented=False).shape == (1, 40, 16)
+
+
+def test_a_head_that_is_mostly_the_shipped_vector_must_beat_it_when_the_round_asks() -> None:
+    """Round 8's test 1: beating the baselines is not enough for a head served beside the shipped vector; its
+    leave-one-hospital-out score must reach the shipped encoder's too."""
+    from lookalike.lab.training_fused import round3_decision
+
+    def row(blocks: tuple[str, ...], loho: float, pooled_val: float) -> dict:
+        return {"blocks": list(blocks), "loho": {"score": loho}, "figures": {"pooled_val": {"P@5": pooled_val}}}
+
+    report = {"shipped_served": row(("vec64",), 0.735, 0.727),
+              "baseline_vec160_e30": row(("vec160",), 0.716, 0.734),
+              "head_vec160_blur160_base75_e30": row(("vec160", "blur160"), 0.725, 0.80),
+              "head_vec160_crop160_base75_e30": row(("vec160", "crop160"), 0.740, 0.80)}
+    plain, strict = round3_decision(report), round3_decision(report, above_shipped=True)
+    assert plain["head_vec160_blur160_base75_e30"]["passes_1"] and plain["head_vec160_crop160_base75_e30"]["passes_1"]
+    assert not strict["head_vec160_blur160_base75_e30"]["passes_1"]
+    assert strict["head_vec160_crop160_base75_e30"]["passes_1"]
