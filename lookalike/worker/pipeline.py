@@ -31,12 +31,13 @@ import numpy as np
 from lookalike.config import ENCODER_FOR_MODALITY
 from lookalike.dicom.decode import DecodedImage
 from lookalike.dicom.errors import LookalikeDicomError, NotIndexableError
-from lookalike.dicom.instance import PreparedInstance, prepare_instance
+from lookalike.dicom.instance import PreparedInstance
 from lookalike.encoders.base import Embedding
 from lookalike.index.catalogue import InstanceRecord
 from lookalike.orthanc.client import (OrthancApi, OrthancAuthError, OrthancError, OrthancNotFoundError,
-                                      OrthancUnavailableError, get_json, instance_series, orthanc_resource_id)
+                                      OrthancUnavailableError, get_json, orthanc_resource_id)
 from lookalike.orthanc.ingest import series_is_queued
+from lookalike.worker.fetcher import Fetched, fetch_instance
 from lookalike.worker.ingest_gate import IngestGate
 
 if TYPE_CHECKING:  # FAISS: embedding hosts and the worker's main process import this module, and open no index
@@ -188,15 +189,22 @@ class Embedder:
     gate
         Holds each batch's fetching back while Orthanc receives instances (see
         :mod:`lookalike.worker.ingest_gate`); None: fetch at once.
+    fetch_ahead
+        Fetches and decodes an instance of the next batch, ``(instance, series, study)``, as
+        :func:`~lookalike.worker.fetcher.fetch_instance` does (the worker's runs it in a process of its own,
+        :class:`~lookalike.worker.fetcher.FetchProcess`, so that it does not take the GIL from the encoder);
+        None: in this process.
     """
 
     def __init__(self, api: OrthancApi, encoders: Callable[[str, str | None], Encoder], max_pixels: int,
-                 threads: int = 4, gate: IngestGate | None = None) -> None:
+                 threads: int = 4, gate: IngestGate | None = None,
+                 fetch_ahead: Callable[[str, str | None, str | None], Fetched] | None = None) -> None:
         self.api = api
         self.encoders = encoders
         self.max_pixels = max_pixels
         self.threads = threads
         self.gate = gate
+        self.fetch_ahead = fetch_ahead
         #: Instances of the next batch fetched and decoded while this one embeds: instance id -> (decoded, series,
         #: study), filled by a thread of their own, used once by the next :meth:`run` and then dropped.
         self._ahead: dict[str, tuple[PreparedInstance, str | None, str | None]] = {}
@@ -260,22 +268,15 @@ class Embedder:
             if self.gate is not None and not self.gate.is_quiet():
                 return
             try:
-                self._ahead[job.instance_id] = self._fetch(job)
+                self._ahead[job.instance_id] = (self._fetch(job) if self.fetch_ahead is None
+                                                else self.fetch_ahead(job.instance_id, job.series_id, job.study_id))
             except Exception:  # noqa: BLE001 (Orthanc away, bad input, anything: the batch itself says what)
                 continue
 
-    def _fetch(self, job: Job) -> tuple[PreparedInstance | LookalikeDicomError, str | None, str | None]:
+    def _fetch(self, job: Job) -> Fetched:
         """The decoded instance (or why it cannot be), its series and its study (looked up when the job does not
         name them)."""
-        series_id, study_id = job.series_id, job.study_id
-        data = self.api.get_bytes(f"/instances/{job.instance_id}/file")
-        if series_id is None or study_id is None:
-            series = instance_series(self.api, job.instance_id)
-            series_id, study_id = series["ID"], series["ParentStudy"]
-        try:
-            return prepare_instance(data, self.max_pixels), series_id, study_id
-        except LookalikeDicomError as exc:
-            return exc, series_id, study_id
+        return fetch_instance(self.api, job.instance_id, job.series_id, job.study_id, self.max_pixels)
 
     def _prepare_or_problem(self, job: Job, fetched: tuple | None) -> tuple[Encoder, PreparedInstance, Job] | Result:
         try:

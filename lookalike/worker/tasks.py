@@ -62,6 +62,7 @@ from lookalike.orthanc.client import HttpOrthanc, OrthancError
 from lookalike.worker.batching import DIED, BatchTask, Item
 from lookalike.worker.celery_app import app
 from lookalike.worker.change_log import UNWRITABLE, ChangeLogFollower
+from lookalike.worker.fetcher import FetchProcess
 from lookalike.worker.ingest_gate import IngestGate
 from lookalike.worker.pipeline import Embedder, InstanceIndexer, Job, Outcome, Pipeline, Request, Result
 
@@ -121,7 +122,15 @@ def embedder():
     # DICOM files as stored: Orthanc gzips them otherwise, which costs it (and us) more CPU than a LAN saves (a
     # 64 KB instance: 5 ms instead of 15).
     api.session.headers["Accept-Encoding"] = "identity"
-    return Embedder(api, load_model, s.max_pixels, gate=ingest_gate())
+    # The next batch is fetched and decoded in a process of its own: in a thread here it took the GIL from the
+    # encoder's forward (see lookalike.worker.fetcher).
+    return Embedder(api, load_model, s.max_pixels, gate=ingest_gate(), fetch_ahead=fetch_process(api).fetch)
+
+
+@functools.cache
+def fetch_process(api: HttpOrthanc) -> FetchProcess:
+    """The worker process's helper that fetches and decodes ahead (started on its first instance)."""
+    return FetchProcess(api, settings().max_pixels)
 
 
 def ingest_gate() -> IngestGate:
@@ -186,9 +195,12 @@ def _open_index(**_) -> None:
 
 @worker_process_shutdown.connect
 def _save_index(**_) -> None:
-    """Save the FAISS snapshots on the way out, so that the next start replays little."""
+    """Save the FAISS snapshots on the way out, so that the next start replays little; stop the process that
+    fetches ahead."""
     if indexer.cache_info().currsize:
         indexer().store.close()
+    if fetch_process.cache_info().currsize:
+        fetch_process(embedder().api).close()
 
 
 def send(name: str, args: list, kwargs: dict | None = None, **options) -> None:
