@@ -10,6 +10,18 @@ from PIL import Image
 from lookalike.dicom.decode import decode_image
 from lookalike.lab.samples import wrap_image
 from lookalike.lab.images import load_image
+from tests.support import write_image_set
+
+
+def _three_scans(root, seed: int) -> None:
+    """Three noise images of different shapes, each with a dark "lesion", as a training set (``0.png`` ...)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, shape in enumerate([(300, 400), (256, 256), (180, 240)]):
+        img = (rng.random(shape) * 255).astype(np.uint8)
+        img[shape[0] // 3 : shape[0] // 2, shape[1] // 3 : shape[1] // 2] //= 4
+        rows.append((f"{i}.png", Image.fromarray(img), "benign", f"g{i}", "train"))
+    write_image_set(root, rows)
 
 
 def _scan_with_text() -> np.ndarray:
@@ -58,14 +70,7 @@ def test_fused_ultrasound_encoder_serves_what_training_cached(tmp_path) -> None:
     from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch
     from lookalike.lab.training_fused import apply, cache_set, joined
 
-    rng = np.random.default_rng(1)
-    lines = ["path,label,group,split"]
-    for i, shape in enumerate([(300, 400), (256, 256), (180, 240)]):
-        img = (rng.random(shape) * 255).astype(np.uint8)
-        img[shape[0] // 3 : shape[0] // 2, shape[1] // 3 : shape[1] // 2] //= 4  # a dark "lesion"
-        Image.fromarray(img).save(tmp_path / f"{i}.png")
-        lines.append(f"{i}.png,benign,g{i},train")
-    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    _three_scans(tmp_path, seed=1)
     cached = dict(np.load(cache_set(tmp_path, WEIGHTS_DIR / "us.pt", tmp_path / "cache" / "set.npz")))
 
     shipped = base_checkpoint(torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True))
@@ -98,14 +103,7 @@ def test_fused_encoder_at_a_smaller_side_serves_what_round3_cached(tmp_path, blo
     from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch
     from lookalike.lab.training_fused import apply, cache_set_sides, joined
 
-    rng = np.random.default_rng(3)
-    lines = ["path,label,group,split"]
-    for i, shape in enumerate([(300, 400), (256, 256), (180, 240)]):
-        img = (rng.random(shape) * 255).astype(np.uint8)
-        img[shape[0] // 3 : shape[0] // 2, shape[1] // 3 : shape[1] // 2] //= 4
-        Image.fromarray(img).save(tmp_path / f"{i}.png")
-        lines.append(f"{i}.png,benign,g{i},train")
-    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    _three_scans(tmp_path, seed=3)
     cached = dict(np.load(cache_set_sides(tmp_path, WEIGHTS_DIR / "us.pt", tmp_path / "c.npz", sides=(side,), blur=blur)))
 
     shipped = base_checkpoint(torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True))
@@ -137,14 +135,7 @@ def test_head_served_beside_the_base_vector_is_what_training_scored(tmp_path) ->
     from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch
     from lookalike.lab.training_fused import apply, cache_set_sides, joined, served
 
-    rng = np.random.default_rng(5)
-    lines = ["path,label,group,split"]
-    for i, shape in enumerate([(300, 400), (256, 256), (180, 240)]):
-        img = (rng.random(shape) * 255).astype(np.uint8)
-        img[shape[0] // 3 : shape[0] // 2, shape[1] // 3 : shape[1] // 2] //= 4
-        Image.fromarray(img).save(tmp_path / f"{i}.png")
-        lines.append(f"{i}.png,benign,g{i},train")
-    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    _three_scans(tmp_path, seed=5)
     blocks = ("vec128", "blur128")
     cached = dict(np.load(cache_set_sides(tmp_path, WEIGHTS_DIR / "us.pt", tmp_path / "c.npz", sides=(128,), blur=1.0)))
 
