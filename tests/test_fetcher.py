@@ -4,7 +4,12 @@ instance, the same problem (class, message, code), the same Orthanc errors; a he
 from __future__ import annotations
 
 import os
+import pickle
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,23 +90,42 @@ def test_an_embedder_fetching_ahead_in_the_helper_gives_the_same_results(api: Fa
         assert a.vector is None or np.array_equal(a.vector, b.vector)
 
 
-def test_the_helper_ends_when_the_process_it_serves_is_killed(api: FakeOrthanc, tmp_path) -> None:
-    """A pool process killed outright (out of memory, kill -9) says nothing to its helper: the helper goes too."""
-    import subprocess
-    import sys
-    import time
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
+
+def test_the_helper_ends_when_the_process_it_serves_is_killed() -> None:
+    """A pool process killed outright (out of memory, kill -9) says nothing to its helper: the helper goes too."""
     script = ("import os, sys; sys.path[:0] = sys.argv[1:2]; from tests.support import FakeOrthanc;"
               "from lookalike.worker.fetcher import FetchProcess; p = FetchProcess(FakeOrthanc(), 1000)\n"
               "try: p.fetch('missing', 'se', 'st')\nexcept Exception: pass\n"
               "print(p.process.pid, flush=True); import time; time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", script, os.getcwd()], stdout=subprocess.PIPE, text=True)
     helper = int(parent.stdout.readline())
+    assert _running(helper)
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{helper}") and \
-            open(f"/proc/{helper}/stat").read().split(")")[1].split()[0] != "Z":
+    while time.monotonic() < deadline and _running(helper):
         time.sleep(0.2)
-    alive = os.path.exists(f"/proc/{helper}") and open(f"/proc/{helper}/stat").read().split(")")[1].split()[0] != "Z"
-    assert not alive
+    assert not _running(helper)
+
+
+def test_an_error_that_does_not_pickle_arrives_in_words(api: FakeOrthanc, monkeypatch) -> None:
+    class Unpicklable(Exception):
+        def __reduce__(self):
+            raise TypeError("no")
+
+    def fail(*_args, **_kwargs):
+        raise Unpicklable("Orthanc said something odd")
+
+    from lookalike.worker import fetcher
+
+    assert pickle.loads(fetcher._answer(api, 1000, ("good", "se", "st")))[0] == "ok"  # noqa: SLF001
+    monkeypatch.setattr(fetcher, "fetch_instance", fail)
+    kind, error = pickle.loads(fetcher._answer(api, 1000, ("good", "se", "st")))  # noqa: SLF001
+    assert kind == "raise" and isinstance(error, RuntimeError) and "Orthanc said something odd" in str(error)

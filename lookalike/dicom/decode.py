@@ -136,7 +136,11 @@ def read_dataset(data: bytes | bytearray | memoryview | str | os.PathLike) -> py
     """
     if isinstance(data, (bytes, bytearray, memoryview)):
         with io.BytesIO(bytes(data)) as fp:
-            return _read_from(fp, len(data), "<bytes>")
+            ds = _read_from(fp, len(data), "<bytes>")
+        # Every element is read by now (nothing deferred): drop the closed buffer, which would only keep the bytes
+        # alive and stop the dataset from pickling (the worker's fetch-ahead process sends it through a pipe).
+        ds.buffer = None
+        return ds
     path = os.fspath(data)
     with open(path, "rb") as fp:
         return _read_from(fp, os.fstat(fp.fileno()).st_size, path)

@@ -58,35 +58,18 @@ def fetch_instance(api: OrthancApi, instance_id: str, series_id: str | None, stu
         return exc, series_id, study_id
 
 
-def _carried(error: LookalikeDicomError) -> tuple:
-    """An error as it crosses the pipe: pickling an exception calls its class with ``args`` again, which is not how
-    every one of ours is made (``NotIndexableError`` prefixes its message); class, args and attributes are."""
-    return type(error), error.args, dict(vars(error))
-
-
-def _rebuilt(carried: tuple) -> LookalikeDicomError:
-    cls, args, attributes = carried
-    error = cls.__new__(cls)
-    error.args = args
-    vars(error).update(attributes)
-    return error
-
-
 def _answer(api: OrthancApi, max_pixels: int, request: tuple) -> bytes:
-    """The pickled answer to one request: ``("ok", fetched)`` or ``("raise", exception)``."""
+    """The pickled answer to one request: ``("ok", fetched)`` or ``("raise", exception)``; a problem
+    (:class:`~lookalike.dicom.errors.LookalikeDicomError`) pickles with its attributes, as Celery needs too."""
     try:
-        prepared, series_id, study_id = fetch_instance(api, *request, max_pixels)
-        if isinstance(prepared, LookalikeDicomError):
-            answer: tuple = ("ok", (_carried(prepared), series_id, study_id))
-        else:
-            prepared.dataset.buffer = None  # the closed BytesIO it was read from: it does not pickle, nor is read
-            answer = ("ok", (prepared, series_id, study_id))
+        answer: tuple = ("ok", fetch_instance(api, *request, max_pixels))
     except Exception as exc:  # noqa: BLE001 (raised again on the other side, as it would have been there)
         answer = ("raise", exc)
     try:
         return pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # noqa: BLE001 (an exception that does not pickle: its words do)
-        return pickle.dumps(("raise", RuntimeError(f"{type(exc).__name__}: {exc}")))
+        what = answer[1] if answer[0] == "raise" else exc
+        return pickle.dumps(("raise", RuntimeError(f"{type(what).__name__}: {what}")))
 
 
 def serve(requests_fd: int, answers_fd: int) -> None:
@@ -159,8 +142,7 @@ class FetchProcess:
                 raise FetchProcessDied(f"the process fetching ahead ended: {type(exc).__name__}: {exc}") from exc
         if kind == "raise":
             raise value
-        prepared, series_id, study_id = value
-        return (_rebuilt(prepared) if isinstance(prepared, tuple) else prepared), series_id, study_id
+        return value
 
     def _stop(self) -> None:
         process, self.process = self.process, None

@@ -18,6 +18,7 @@ Bad input ends as a recorded problem on its own instance (code and message in th
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -193,7 +194,7 @@ class Embedder:
         Fetches and decodes an instance of the next batch, ``(instance, series, study)``, as
         :func:`~lookalike.worker.fetcher.fetch_instance` does (the worker's runs it in a process of its own,
         :class:`~lookalike.worker.fetcher.FetchProcess`, so that it does not take the GIL from the encoder);
-        None: in this process.
+        None: :func:`~lookalike.worker.fetcher.fetch_instance` in this process.
     """
 
     def __init__(self, api: OrthancApi, encoders: Callable[[str, str | None], Encoder], max_pixels: int,
@@ -204,10 +205,10 @@ class Embedder:
         self.max_pixels = max_pixels
         self.threads = threads
         self.gate = gate
-        self.fetch_ahead = fetch_ahead
+        self.fetch_ahead = fetch_ahead or functools.partial(fetch_instance, api, max_pixels=max_pixels)
         #: Instances of the next batch fetched and decoded while this one embeds: instance id -> (decoded, series,
         #: study), filled by a thread of their own, used once by the next :meth:`run` and then dropped.
-        self._ahead: dict[str, tuple[PreparedInstance, str | None, str | None]] = {}
+        self._ahead: dict[str, Fetched] = {}
         self._ahead_thread: threading.Thread | None = None
         #: The encoders of the batch :meth:`run` prepares, by (name, checkpoint): looked up once per batch.
         self._batch_encoders: dict[tuple[str, str | None], Encoder] = {}
@@ -268,8 +269,7 @@ class Embedder:
             if self.gate is not None and not self.gate.is_quiet():
                 return
             try:
-                self._ahead[job.instance_id] = (self._fetch(job) if self.fetch_ahead is None
-                                                else self.fetch_ahead(job.instance_id, job.series_id, job.study_id))
+                self._ahead[job.instance_id] = self.fetch_ahead(job.instance_id, job.series_id, job.study_id)
             except Exception:  # noqa: BLE001 (Orthanc away, bad input, anything: the batch itself says what)
                 continue
 

@@ -115,22 +115,29 @@ def _device() -> str:
 
 
 @functools.cache
-def embedder():
-    """The worker process's embedding stage: Orthanc and the models, no index (what an embedding host has)."""
+def orthanc_api() -> HttpOrthanc:
+    """The worker process's client of Orthanc's REST API."""
     s = settings()
     api = HttpOrthanc(s.orthanc_url, s.orthanc_user, s.orthanc_password)
     # DICOM files as stored: Orthanc gzips them otherwise, which costs it (and us) more CPU than a LAN saves (a
     # 64 KB instance: 5 ms instead of 15).
     api.session.headers["Accept-Encoding"] = "identity"
-    # The next batch is fetched and decoded in a process of its own: in a thread here it took the GIL from the
-    # encoder's forward (see lookalike.worker.fetcher).
-    return Embedder(api, load_model, s.max_pixels, gate=ingest_gate(), fetch_ahead=fetch_process(api).fetch)
+    return api
 
 
 @functools.cache
-def fetch_process(api: HttpOrthanc) -> FetchProcess:
+def embedder():
+    """The worker process's embedding stage: Orthanc and the models, no index (what an embedding host has)."""
+    # The next batch is fetched and decoded in a process of its own: in a thread here it took the GIL from the
+    # encoder's forward (see lookalike.worker.fetcher).
+    return Embedder(orthanc_api(), load_model, settings().max_pixels, gate=ingest_gate(),
+                    fetch_ahead=fetch_process().fetch)
+
+
+@functools.cache
+def fetch_process() -> FetchProcess:
     """The worker process's helper that fetches and decodes ahead (started on its first instance)."""
-    return FetchProcess(api, settings().max_pixels)
+    return FetchProcess(orthanc_api(), settings().max_pixels)
 
 
 def ingest_gate() -> IngestGate:
@@ -156,7 +163,7 @@ def indexer():
 
     store = IndexStore.from_settings(settings(), snapshot_every=SNAPSHOT_EVERY)
     keep_archive_models(store.catalogue, settings().weights)
-    return InstanceIndexer(embedder().api, store)
+    return InstanceIndexer(orthanc_api(), store)
 
 
 def pipeline():
@@ -200,7 +207,7 @@ def _save_index(**_) -> None:
     if indexer.cache_info().currsize:
         indexer().store.close()
     if fetch_process.cache_info().currsize:
-        fetch_process(embedder().api).close()
+        fetch_process().close()
 
 
 def send(name: str, args: list, kwargs: dict | None = None, **options) -> None:
