@@ -109,22 +109,24 @@ for _s in ROUND3_SIDES:
     ROUND6[f"head_vec{_s}_blur{_s}_aug_e30"] = ((f"vec{_s}", f"blur{_s}"), True)
     ROUND6[f"head_vec{_s}_crop{_s}_aug_e30"] = ((f"vec{_s}", f"crop{_s}"), True)
 
-#: Round 7 (its rule in the model card, written before its runs): round 6's heads that passed its tests 1-2, each
-#: served beside the shipped vector it was given (``_baseB``: a cosine is (100 - B)% the head's + B% the vector's),
-#: and round 6's yardsticks again (the same computation, so the same figures) for the rule's tests 1 and 2.
-ROUND7: dict[str, tuple[tuple[str, ...], bool]] = {k: v for k, v in ROUND6.items() if k.startswith(("shipped", "baseline"))}
-for _name in ("head_vec128_crop128_aug_e30", "head_vec160_blur160_e30", "head_vec160_blur160_aug_e30",
-              "head_vec160_crop160_aug_e30"):
-    for _b in (25, 50):
-        ROUND7[_name.replace("_e30", f"_base{_b}_e30")] = ROUND6[_name]
+def beside_base(shares: tuple[int, ...]) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """Round 6's heads that passed its tests 1-2, each served beside the shipped vector it was given at each share
+    (``_baseB``: a cosine is (100 - B)% the head's + B% the vector's), and round 6's yardsticks again (the same
+    computation, so the same figures) for the rule's tests 1 and 2."""
+    out = {k: v for k, v in ROUND6.items() if k.startswith(("shipped", "baseline"))}
+    for name in ("head_vec128_crop128_aug_e30", "head_vec160_blur160_e30", "head_vec160_blur160_aug_e30",
+                 "head_vec160_crop160_aug_e30"):
+        for share in shares:
+            out[name.replace("_e30", f"_base{share}_e30")] = ROUND6[name]
+    return out
 
-#: Round 8 (its rule in the model card, written after round 7's figures): the same four heads with the base vector
-#: taking a larger share, 65% and 75%, and the yardsticks again.
-ROUND8: dict[str, tuple[tuple[str, ...], bool]] = {k: v for k, v in ROUND6.items() if k.startswith(("shipped", "baseline"))}
-for _name in ("head_vec128_crop128_aug_e30", "head_vec160_blur160_e30", "head_vec160_blur160_aug_e30",
-              "head_vec160_crop160_aug_e30"):
-    for _b in (65, 75):
-        ROUND8[_name.replace("_e30", f"_base{_b}_e30")] = ROUND6[_name]
+
+#: Rounds 7 and 8 (their rules in the model card, each written before its runs): the base vector's share 25% and
+#: 50%, then 65% and 75%.
+ROUND7 = beside_base((25, 50))
+ROUND8 = beside_base((65, 75))
+#: Every candidate of every round, by name (``fit`` takes any trained one).
+ALL_CANDIDATES = {**CANDIDATES, **ROUND3, **ROUND6, **ROUND7, **ROUND8}
 
 HEAD = {"hidden": 256, "dim": 128, "epochs": 30, "lr": 1e-3, "per_class": 16, "margin": 0.2, "ce_weight": 1.0}
 
@@ -498,7 +500,7 @@ def select(cache_dir: Path, seed: int = 0, only: list[str] | None = None, loho_l
 
 def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int = 0) -> Path:
     """Write ``candidate`` (a trained one) as a servable ultrasound checkpoint over the base checkpoint."""
-    blocks, trained = {**CANDIDATES, **ROUND3, **ROUND6, **ROUND7, **ROUND8}[candidate]
+    blocks, trained = ALL_CANDIDATES[candidate]
     if not trained:
         raise ValueError(f"{candidate} has no head to ship")
     caches = load_caches(cache_dir)
@@ -510,7 +512,7 @@ def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int =
     sizes = {side_of(b) for b in im}
     sigma = float(caches[TRAIN_SETS[0]]["blur_sigma"]) if "blur" in kinds else 0.0
     # round 3 on: views made at the blocks' side S (round 1 made them at VIEW_SIZE whatever the ImageNet side)
-    view_size = side_of(blocks[0]) if candidate in {**ROUND3, **ROUND6, **ROUND7, **ROUND8} else VIEW_SIZE
+    view_size = side_of(blocks[0]) if candidate not in CANDIDATES else VIEW_SIZE
     if len(sizes) > 1:
         raise ValueError("one ImageNet side per encoder")
     ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
@@ -561,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--loho-labels", nargs="*", default=[], help="diagnostic: LOHO on rows of these labels only")
     f = sub.add_parser("fit")
     f.add_argument("--cache", type=Path, required=True)
-    f.add_argument("--candidate", required=True, choices=sorted(k for k, v in {**CANDIDATES, **ROUND3, **ROUND6, **ROUND7, **ROUND8}.items() if v[1]))
+    f.add_argument("--candidate", required=True, choices=sorted(k for k, v in ALL_CANDIDATES.items() if v[1]))
     f.add_argument("--out", type=Path, required=True)
     for q in (c, f):
         q.add_argument("--base", type=Path, default=WEIGHTS_DIR / "us.pt", help="the VAE-diffusion checkpoint")
