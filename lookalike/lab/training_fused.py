@@ -109,7 +109,7 @@ for _s in ROUND3_SIDES:
     ROUND6[f"head_vec{_s}_blur{_s}_aug_e30"] = ((f"vec{_s}", f"blur{_s}"), True)
     ROUND6[f"head_vec{_s}_crop{_s}_aug_e30"] = ((f"vec{_s}", f"crop{_s}"), True)
 
-def beside_base(shares: tuple[int, ...]) -> dict[str, tuple[tuple[str, ...], bool]]:
+def heads_beside_base(shares: tuple[int, ...]) -> dict[str, tuple[tuple[str, ...], bool]]:
     """Round 6's heads that passed its tests 1-2, each served beside the shipped vector it was given at each share
     (``_baseB``: a cosine is (100 - B)% the head's + B% the vector's), and round 6's yardsticks again (the same
     computation, so the same figures) for the rule's tests 1 and 2."""
@@ -123,8 +123,8 @@ def beside_base(shares: tuple[int, ...]) -> dict[str, tuple[tuple[str, ...], boo
 
 #: Rounds 7 and 8 (their rules in the model card, each written before its runs): the base vector's share 25% and
 #: 50%, then 65% and 75%.
-ROUND7 = beside_base((25, 50))
-ROUND8 = beside_base((65, 75))
+ROUND7 = heads_beside_base((25, 50))
+ROUND8 = heads_beside_base((65, 75))
 #: Every candidate of every round, by name (``fit`` takes any trained one).
 ALL_CANDIDATES = {**CANDIDATES, **ROUND3, **ROUND6, **ROUND7, **ROUND8}
 
