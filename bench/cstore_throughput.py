@@ -10,7 +10,8 @@ The split: CPU seconds each process of a stack used while storescu sent (``/proc
 worker with its pool processes; storescu from the children's rusage), per 100 instances, and how many instances
 the worker had indexed (or fetched, for those then pending) by the time the last C-STORE was answered. Orthanc's
 CPU with the worker minus without it is what the worker's fetches (and its catch-up) cost inside Orthanc, at
-Orthanc's own priority.
+Orthanc's own priority. Before each round every stack is left to finish what the last round set off (its
+``STABLE_STUDY`` events, the worker's reconciles and writes), so that no stack's leftovers run in another's round.
 
     .venv/bin/python bench/cstore_throughput.py [--instances 1000] [--rounds 3] [--ingest-quiet-max S]
 
@@ -74,6 +75,26 @@ def cpu_by_part(stack: Stack) -> dict[str, float]:
     return usage
 
 
+def settle(stacks: list[Stack], idle_cpu: float = 0.05, timeout: float = 120.0) -> float:
+    """Wait until every stack is idle: all its processes together used under ``idle_cpu`` CPU seconds in the last
+    second. A round leaves work behind (Orthanc's ``STABLE_STUDY`` events ``StableAge`` seconds after each study,
+    the reconcile tasks they queue, the worker's writes), which must not land on the next stack's round. Seconds
+    waited."""
+    start = time.monotonic()
+
+    def used() -> float:
+        return sum(_cpu(p) for stack in stacks for proc in stack.procs.values() for p in _descendants(proc.pid))
+
+    before = used()
+    while time.monotonic() - start < timeout:
+        time.sleep(1.0)
+        now = used()
+        if now - before < idle_cpu:
+            break
+        before = now
+    return time.monotonic() - start
+
+
 def store_round(stack: Stack, files: list[Path]) -> tuple[float, dict[str, float], int]:
     """Instances/s of one storescu run, the CPU seconds each part used meanwhile, instances indexed by its end."""
     before = cpu_by_part(stack)
@@ -114,6 +135,7 @@ def main() -> None:
             for r in range(args.rounds):
                 for i, (name, stack) in enumerate(stacks.items()):
                     files = make_instances(tmp / f"{i}-{r}", args.instances, prefix=f"R{r}S{i}")
+                    waited = settle(list(stacks.values()))
                     indexed_before = args.instances * r
                     rate, used, indexed = store_round(stack, files)
                     rates[name].append(rate)
@@ -123,7 +145,8 @@ def main() -> None:
                     if stack.with_worker:
                         during.append(indexed - indexed_before)
                         extra = f"  indexed while storing {during[-1]}/{args.instances}"
-                    print(f"round {r + 1}: {name:18s} {rate:7.1f} instances/s  CPU s/100: {line}{extra}", flush=True)
+                    print(f"round {r + 1}: {name:18s} {rate:7.1f} instances/s  CPU s/100: {line}{extra}"
+                          f"  (idle after {waited:.0f} s)", flush=True)
                     if stack.with_worker:  # let the worker finish, so that its backlog does not slow the next round
                         wait_indexed(stack, args.instances * (r + 1), timeout=1800)
                     for f in files:

@@ -20,12 +20,14 @@ FAKE_ORTHANC = SimpleNamespace(
 
 
 class FakeApi:
-    """Orthanc's REST API answering from a dict of path -> JSON."""
+    """Orthanc's REST API answering from a dict of path -> JSON; ``asked`` lists the paths it was asked for."""
 
     def __init__(self, answers: dict[str, object]) -> None:
         self.answers = answers
+        self.asked: list[str] = []
 
     def get_bytes(self, path: str) -> bytes:
+        self.asked.append(path)
         if path not in self.answers:
             raise OrthancNotFoundError(path)
         return json.dumps(self.answers[path]).encode()
@@ -65,6 +67,39 @@ class TestChangeHandler:
         handler, sent, _ = self._handler({"/studies/st1/series": [_series("SR")]})
         handler(9, 1, "st1")
         assert sent == []
+
+    def test_stable_study_whose_instance_was_queued_is_reconciled_without_asking_orthanc_again(self) -> None:
+        handler, sent, errors = self._handler({"/instances/i1/series": _series("US")})
+        handler(3, 3, "i1")
+        handler(9, 1, "st1")
+        assert sent[-1] == (TASK_RECONCILE_STUDY, "st1") and errors == []
+        assert handler.api.asked == ["/instances/i1/series"]
+
+    def test_a_study_is_asked_about_again_once_it_was_stable(self) -> None:
+        handler, sent, _ = self._handler({"/instances/i1/series": _series("US"), "/studies/st1/series": []})
+        handler(3, 3, "i1")
+        handler(9, 1, "st1")
+        handler(9, 1, "st1")  # stable again (an instance was deleted meanwhile): Orthanc is asked, it holds nothing
+        assert sent == [(TASK_INDEX_INSTANCE, "i1", "s1", "st1"), (TASK_RECONCILE_STUDY, "st1")]
+        assert handler.api.asked == ["/instances/i1/series", "/studies/st1/series"]
+
+    def test_a_deleted_study_is_forgotten(self) -> None:
+        handler, sent, _ = self._handler({"/instances/i1/series": _series("US"), "/studies/st1/series": []})
+        handler(3, 3, "i1")
+        handler(1, 1, "st1")
+        handler(9, 1, "st1")
+        assert sent == [(TASK_INDEX_INSTANCE, "i1", "s1", "st1"), (TASK_FORGET, "study", "st1")]
+
+    def test_the_oldest_remembered_study_is_forgotten_first(self) -> None:
+        answers = {f"/instances/i{k}/series": {**_series("US"), "ParentStudy": f"st{k}"} for k in (1, 2)}
+        api, sent = FakeApi({**answers, "/studies/st1/series": [_series("US")]}), []
+        handler = ChangeHandler(FAKE_ORTHANC, api, lambda *a: sent.append(a), pytest.fail, remember=1)
+        handler(3, 3, "i1")
+        handler(3, 3, "i2")
+        handler(9, 1, "st1")  # forgotten: asked again, still reconciled
+        handler(9, 1, "st2")  # remembered
+        assert sent[-2:] == [(TASK_RECONCILE_STUDY, "st1"), (TASK_RECONCILE_STUDY, "st2")]
+        assert api.asked[2:] == ["/studies/st1/series"]
 
     def test_deletion_is_forwarded_with_its_level(self) -> None:
         handler, sent, _ = self._handler({})

@@ -18,7 +18,7 @@ Imports the configuration and the REST client alone: the plugin runs it in Ortha
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 from lookalike.config import ENCODER_FOR_MODALITY, TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY
@@ -59,13 +59,18 @@ class Work:
     args: tuple
 
 
-def meaning(api: OrthancApi, change_type: str | None, level: str | None, resource_id: str) -> Work | None:
+def meaning(api: OrthancApi, change_type: str | None, level: str | None, resource_id: str,
+            image_studies: Container[str] = ()) -> Work | None:
     """What one Orthanc change means for the index: the task to queue, or None when it means nothing.
 
     - ``NewInstance`` of an image modality: index it (with its series and study, so that the worker asks Orthanc
       for the file alone);
     - ``StableStudy`` holding an image series: reconcile it (index what an event lost);
     - ``Deleted`` at any level: forget it (idempotent: a deletion handled twice removes nothing more).
+
+    ``image_studies``: studies the caller already knows to hold an image series (it queued one of their instances):
+    their ``StableStudy`` is reconciled without asking Orthanc for the study's series again. A series' Modality never
+    changes, so the knowledge does not go stale; a study deleted since is reconciled to nothing.
 
     Raises :class:`~lookalike.orthanc.client.OrthancNotFoundError` when the resource is gone meanwhile (nothing to
     index), and what Orthanc raises otherwise.
@@ -76,7 +81,9 @@ def meaning(api: OrthancApi, change_type: str | None, level: str | None, resourc
             return None
         return Work(TASK_INDEX_INSTANCE, (resource_id, series["ID"], series["ParentStudy"]))
     if change_type == STABLE_STUDY:
-        return Work(TASK_RECONCILE_STUDY, (resource_id,)) if study_is_queued(study_series(api, resource_id)) else None
+        if resource_id in image_studies or study_is_queued(study_series(api, resource_id)):
+            return Work(TASK_RECONCILE_STUDY, (resource_id,))
+        return None
     if change_type == DELETED and level in LEVELS:
         return Work(TASK_FORGET, (LEVELS[level], resource_id))
     return None
