@@ -7,11 +7,12 @@ next round starts). The figures are ratios of instances/s to Orthanc without the
 storescu sends, one association per round, ``TCP_NODELAY=1`` on both sides.
 
 The split: CPU seconds each process of a stack used while storescu sent (``/proc/<pid>/stat``, all threads; the
-worker with its pool processes; storescu from the children's rusage), per 100 instances, and how many instances
-the worker had indexed (or fetched, for those then pending) by the time the last C-STORE was answered. Orthanc's
-CPU with the worker minus without it is what the worker's fetches (and its catch-up) cost inside Orthanc, at
-Orthanc's own priority. Before each round every stack is left to finish what the last round set off (its
-``STABLE_STUDY`` events, the worker's reconciles and writes), so that no stack's leftovers run in another's round.
+worker with its pool processes; the relay, Orthanc's child that sends the plugin's tasks; storescu from the
+children's rusage), per 100 instances, and how many instances the worker had indexed (or fetched, for those then
+pending) by the time the last C-STORE was answered. Orthanc's CPU with the worker minus without it is what the
+worker's fetches (and its catch-up) cost inside Orthanc, at Orthanc's own priority. Before each round every stack
+is left to finish what the last round set off (its ``STABLE_STUDY`` events, the worker's reconciles and writes), so
+that no stack's leftovers run in another's round.
 
     .venv/bin/python bench/cstore_throughput.py [--instances 1000] [--rounds 3] [--ingest-quiet-max S]
 
@@ -39,7 +40,7 @@ from lookalike.ops.demo import wait_indexed  # noqa: E402
 from lookalike.ops.stack import Stack, StackConfig, storescu  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK")
-PARTS = ("orthanc", "redis", "worker", "storescu")
+PARTS = ("orthanc", "relay", "redis", "worker", "storescu")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -66,9 +67,11 @@ def _cpu(pid: int) -> float:
 
 
 def cpu_by_part(stack: Stack) -> dict[str, float]:
-    """CPU seconds so far of Orthanc, Redis, the worker (with its pool) and the storescu runs."""
+    """CPU seconds so far of Orthanc, the plugin's task relay (Orthanc's child), Redis, the worker (with its pool)
+    and the storescu runs."""
     procs = stack.procs
-    usage = {"orthanc": _cpu(procs["orthanc"].pid), "redis": _cpu(procs["redis"].pid) if "redis" in procs else 0.0,
+    usage = {"orthanc": _cpu(procs["orthanc"].pid),
+             "relay": sum(_cpu(p) for p in _descendants(procs["orthanc"].pid)[1:]), "redis": _cpu(procs["redis"].pid) if "redis" in procs else 0.0,
              "worker": sum(_cpu(p) for p in _descendants(procs["worker"].pid)) if "worker" in procs else 0.0}
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     usage["storescu"] = children.ru_utime + children.ru_stime

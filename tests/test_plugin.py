@@ -224,14 +224,16 @@ orthanc = SimpleNamespace(
 )
 from lookalike.plugin.entry import register
 register(orthanc)
-print(json.dumps({"routes": calls, "loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("faiss", "torch"))
+print(json.dumps({"routes": calls,
+                  "loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("faiss", "torch", "celery"))
                   + sorted(m for m in sys.modules if m in ("lookalike.index.store", "lookalike.index.vector_index"))}))
 """
 
 
-def test_the_plugin_registers_without_loading_faiss_or_the_index(tmp_path) -> None:
-    """What ``register`` imports in Orthanc's process: the routes, but neither FAISS, torch nor the index store
-    (lookups are the query service's; the stack test checks Orthanc's own memory map)."""
+def test_the_plugin_registers_without_loading_faiss_celery_or_the_index(tmp_path) -> None:
+    """What ``register`` imports in Orthanc's process: the routes, but neither FAISS, torch, Celery nor the index
+    store (lookups are the query service's, sending tasks the relay's; the stack test checks Orthanc's own memory
+    map)."""
     import subprocess
     import sys
 

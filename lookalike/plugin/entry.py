@@ -28,16 +28,15 @@ from typing import Any, Callable
 
 import redis
 
-from lookalike.config import INGEST_MARK_KEY, QUEUE, Settings
+from lookalike.config import QUEUE, Settings
 from lookalike.encoders.floors import SimilarityFloors
 from lookalike.index.catalogue import CATALOGUE_FILE, Catalogue
 from lookalike.orthanc.client import OrthancError, OrthancNotFoundError
 from lookalike.plugin import rest
 from lookalike.plugin.events import ChangeHandler
-from lookalike.plugin.sender import TaskSender
+from lookalike.plugin.relay import RelayClient, relay_command
 from lookalike.query.audit import AuditLog
 from lookalike.query.lookup_service import LookupClient, LookupUnavailable
-from lookalike.worker.celery_app import make_app
 
 
 class InProcessOrthanc:
@@ -111,7 +110,6 @@ def register(orthanc: Any) -> None:
     # The two paths are the loader script's (deploy/orthanc/lookalike_plugin.py); every other key is a setting.
     settings = Settings.from_dict({k: v for k, v in section.items() if k not in ("site_packages", "source_root")})
 
-    app = make_app(settings)
     api = InProcessOrthanc(orthanc)
     # Read-only, for the three reads the module's docstring names and justifies; lookups go to the query service.
     catalogue = Catalogue(Path(settings.index_dir) / CATALOGUE_FILE, readonly=True)
@@ -120,10 +118,10 @@ def register(orthanc: Any) -> None:
     floors = SimilarityFloors(settings.weights.values(), catalogue)
     lookups = LookupClient(settings.lookup_socket, settings.lookup_secret, settings.lookup_timeout, catalogue)
     broker = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
-    # The worker waits for a quiet moment before fetching from Orthanc (lookalike.worker.ingest_gate): the sender
-    # marks when instances arrive, from its own thread, a few times a second at most.
-    sender = TaskSender(app.send_task, on_error=orthanc.LogError, on_recovery=orthanc.LogWarning,
-                        mark_ingest=lambda at: broker.set(INGEST_MARK_KEY, repr(at)))
+    # Celery's work runs in the relay process, below Orthanc's priority (lookalike.plugin.relay); it also marks in
+    # Redis when instances arrive, which the worker waits on before fetching (lookalike.worker.ingest_gate).
+    command, env = relay_command([section.get("source_root", ""), section.get("site_packages", "")])
+    sender = RelayClient(command, env, settings.to_dict(), orthanc.LogError, orthanc.LogWarning)
 
     orthanc.RegisterOnChangeCallback(ChangeHandler(orthanc, api, sender.send, orthanc.LogError))
     callers = CallerAddresses()

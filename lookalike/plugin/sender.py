@@ -1,4 +1,5 @@
-"""Hands tasks to Celery from a thread of its own, so that no Orthanc callback ever waits on Redis."""
+"""Hands tasks to Celery from a thread of its own, in the relay process (:mod:`lookalike.plugin.relay`): whoever
+sends never waits on Redis, and a broker outage drops tasks at once, said in one line."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ class TaskSender:
     send_task
         ``celery_app.send_task``: called as ``send_task(name, args=..., queue=...)``.
     on_error
-        Called with one line when the broker starts failing (Orthanc's log, in the plugin): once per outage, however
-        long it lasts and however many tasks it drops, and without a traceback (a broker outage is not a bug).
+        Called with one line when the broker starts failing (Orthanc's log, through the relay): once per outage,
+        however long it lasts and however many tasks it drops, and without a traceback (a broker outage is not a
+        bug).
     on_recovery
         Called with one line when a task goes through again after an outage, saying how many were dropped.
     mark_ingest
