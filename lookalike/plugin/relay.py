@@ -141,7 +141,7 @@ class RelayClient:
         try:
             proc.stdin.write(line + "\n")
             proc.stdin.flush()
-        except (OSError, ValueError):  # it died since: its reader says so in Orthanc's log
+        except (OSError, ValueError):  # it died since (EPIPE: Orthanc ignores SIGPIPE); its reader says so in the log
             self.dropped += 1
 
     def _running(self) -> subprocess.Popen | None:
@@ -168,7 +168,7 @@ class RelayClient:
         """The relay's lines into Orthanc's log and the backlog count, until it ends."""
         for line in proc.stdout:
             kind, _, text = line.rstrip("\n").partition(" ")
-            if kind == "P":
+            if kind == "P" and text.isdigit():
                 self._held = int(text)
             elif kind == "E":
                 self._log_error(text)
