@@ -40,6 +40,12 @@ def _series(modality: str) -> dict:
     return {"ID": "s1", "ParentStudy": "st1", "MainDicomTags": {"Modality": modality}}
 
 
+def _instances_of(series: dict, *instances: str) -> dict[str, object]:
+    """Orthanc's answers about these instances of one series: each one's parent, and the series."""
+    return {**{f"/instances/{i}": {"ID": i, "ParentSeries": series["ID"]} for i in instances},
+            f"/series/{series['ID']}": series}
+
+
 class TestChangeHandler:
     def _handler(self, answers: dict) -> tuple[ChangeHandler, list, list]:
         sent, errors = [], []
@@ -48,15 +54,24 @@ class TestChangeHandler:
 
     @pytest.mark.parametrize("modality", ["US", "DX", "CR"])
     def test_new_image_instance_is_queued(self, modality: str) -> None:
-        handler, sent, errors = self._handler({"/instances/i1/series": _series(modality)})
+        handler, sent, errors = self._handler(_instances_of(_series(modality), "i1"))
         handler(3, 3, "i1")
         assert sent == [(TASK_INDEX_INSTANCE, "i1", "s1", "st1")] and errors == []
 
     @pytest.mark.parametrize("modality", ["SR", "KO", "PR", "CT", "DOC"])
     def test_other_modalities_are_ignored(self, modality: str) -> None:
-        handler, sent, errors = self._handler({"/instances/i1/series": _series(modality)})
+        handler, sent, errors = self._handler(_instances_of(_series(modality), "i1"))
         handler(3, 3, "i1")
         assert sent == [] and errors == []
+
+    def test_a_series_is_asked_about_once_not_once_per_instance(self) -> None:
+        """Orthanc's answer about a series lists its instances: asked per instance, it costs Orthanc time that grows
+        with the square of the series."""
+        handler, sent, _ = self._handler(_instances_of(_series("US"), "i1", "i2", "i3"))
+        for i in ("i1", "i2", "i3"):
+            handler(3, 3, i)
+        assert [args[1] for args in sent] == ["i1", "i2", "i3"]
+        assert handler.api.asked == ["/instances/i1", "/series/s1", "/instances/i2", "/instances/i3"]
 
     def test_stable_study_with_images_is_reconciled(self) -> None:
         handler, sent, _ = self._handler({"/studies/st1/series": [_series("SR"), _series("US")]})
@@ -69,37 +84,44 @@ class TestChangeHandler:
         assert sent == []
 
     def test_stable_study_whose_instance_was_queued_is_reconciled_without_asking_orthanc_again(self) -> None:
-        handler, sent, errors = self._handler({"/instances/i1/series": _series("US")})
+        handler, sent, errors = self._handler(_instances_of(_series("US"), "i1"))
         handler(3, 3, "i1")
         handler(9, 1, "st1")
         assert sent[-1] == (TASK_RECONCILE_STUDY, "st1") and errors == []
-        assert handler.api.asked == ["/instances/i1/series"]
+        assert "/studies/st1/series" not in handler.api.asked
 
     def test_a_study_is_asked_about_again_once_it_was_stable(self) -> None:
-        handler, sent, _ = self._handler({"/instances/i1/series": _series("US"), "/studies/st1/series": []})
+        handler, sent, _ = self._handler({**_instances_of(_series("US"), "i1"), "/studies/st1/series": []})
         handler(3, 3, "i1")
         handler(9, 1, "st1")
         handler(9, 1, "st1")  # stable again (an instance was deleted meanwhile): Orthanc is asked, it holds nothing
         assert sent == [(TASK_INDEX_INSTANCE, "i1", "s1", "st1"), (TASK_RECONCILE_STUDY, "st1")]
-        assert handler.api.asked == ["/instances/i1/series", "/studies/st1/series"]
+        assert handler.api.asked.count("/studies/st1/series") == 1
 
-    def test_a_deleted_study_is_forgotten(self) -> None:
-        handler, sent, _ = self._handler({"/instances/i1/series": _series("US"), "/studies/st1/series": []})
+    def test_a_deleted_study_or_series_is_forgotten(self) -> None:
+        handler, sent, _ = self._handler({**_instances_of(_series("US"), "i1", "i2"), "/studies/st1/series": []})
         handler(3, 3, "i1")
         handler(1, 1, "st1")
         handler(9, 1, "st1")
-        assert sent == [(TASK_INDEX_INSTANCE, "i1", "s1", "st1"), (TASK_FORGET, "study", "st1")]
+        handler(1, 2, "s1")
+        handler(3, 3, "i2")
+        assert sent == [(TASK_INDEX_INSTANCE, "i1", "s1", "st1"), (TASK_FORGET, "study", "st1"),
+                        (TASK_FORGET, "series", "s1"), (TASK_INDEX_INSTANCE, "i2", "s1", "st1")]
+        assert handler.api.asked.count("/series/s1") == 2
 
     def test_the_oldest_remembered_study_is_forgotten_first(self) -> None:
-        answers = {f"/instances/i{k}/series": {**_series("US"), "ParentStudy": f"st{k}"} for k in (1, 2)}
-        api, sent = FakeApi({**answers, "/studies/st1/series": [_series("US")]}), []
+        answers = {**_instances_of({**_series("US"), "ParentStudy": "st1"}, "i1"),
+                   **_instances_of({**_series("US"), "ID": "s2", "ParentStudy": "st2"}, "i2"),
+                   "/studies/st1/series": [_series("US")]}
+        api, sent = FakeApi(answers), []
         handler = ChangeHandler(FAKE_ORTHANC, api, lambda *a: sent.append(a), pytest.fail, remember=1)
         handler(3, 3, "i1")
         handler(3, 3, "i2")
+        asked = len(api.asked)
         handler(9, 1, "st1")  # forgotten: asked again, still reconciled
         handler(9, 1, "st2")  # remembered
         assert sent[-2:] == [(TASK_RECONCILE_STUDY, "st1"), (TASK_RECONCILE_STUDY, "st2")]
-        assert api.asked[2:] == ["/studies/st1/series"]
+        assert api.asked[asked:] == ["/studies/st1/series"]
 
     def test_deletion_is_forwarded_with_its_level(self) -> None:
         handler, sent, _ = self._handler({})
@@ -116,7 +138,7 @@ class TestChangeHandler:
             raise RuntimeError("broker down")
 
         errors: list[str] = []
-        handler = ChangeHandler(FAKE_ORTHANC, FakeApi({"/instances/i1/series": _series("US")}), broken, errors.append)
+        handler = ChangeHandler(FAKE_ORTHANC, FakeApi(_instances_of(_series("US"), "i1")), broken, errors.append)
         handler(3, 3, "i1")
         assert len(errors) == 1 and "Traceback" in errors[0] and "broker down" in errors[0]
 

@@ -18,7 +18,8 @@ Imports the configuration and the REST client alone: the plugin runs it in Ortha
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lookalike.config import ENCODER_FOR_MODALITY, TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY
@@ -59,8 +60,59 @@ class Work:
     args: tuple
 
 
+class Remembered:
+    """What earlier changes told about Orthanc's resources, so that the next change costs Orthanc less.
+
+    Each question is CPU taken in Orthanc while it stores (in its own process, for the plugin):
+
+    - an instance's series: ``/instances/{id}`` (an answer of fixed size) names its parent, and the parent's Modality
+      and study are asked once per series (``/series/{id}``). ``/instances/{id}/series`` lists every instance of
+      the series: in a series of 1000 it took 6.9 ms over HTTP against 1.2 ms, so one such question per instance
+      costs Orthanc time that grows with the square of the series;
+    - the studies one of whose instances was queued: their ``StableStudy`` is reconciled without asking for the
+      study's series.
+
+    A series' Modality and parent never change. Both are bounded (``size`` each), the oldest forgotten first; a
+    forgotten one costs its question again, nothing else. A deleted or stable resource is forgotten.
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._series: OrderedDict[str, dict] = OrderedDict()
+        self._image_studies: OrderedDict[str, None] = OrderedDict()
+
+    def series_of(self, api: OrthancApi, instance_id: str) -> dict:
+        """The series of an instance, as :func:`~lookalike.orthanc.client.instance_series` gives it (its ``ID``,
+        ``ParentStudy`` and ``MainDicomTags`` with ``Modality``)."""
+        series_id = get_json(api, f"/instances/{instance_id}")["ParentSeries"]
+        series = self._series.get(series_id)
+        if series is None:
+            found = get_json(api, f"/series/{series_id}")
+            series = {"ID": series_id, "ParentStudy": found["ParentStudy"],
+                      "MainDicomTags": {"Modality": series_modality(found)}}
+            self._keep(self._series, series_id, series)
+        return series
+
+    def queued_in(self, study_id: str) -> None:
+        """An instance of this study was queued: the study holds an image series."""
+        self._keep(self._image_studies, study_id, None)
+
+    def holds_images(self, study_id: str) -> bool:
+        return study_id in self._image_studies
+
+    def forget(self, resource_id: str) -> None:
+        self._series.pop(resource_id, None)
+        self._image_studies.pop(resource_id, None)
+
+    def _keep(self, kept: OrderedDict, key: str, value: object) -> None:
+        kept[key] = value
+        kept.move_to_end(key)
+        while len(kept) > self.size:
+            kept.popitem(last=False)
+
+
 def meaning(api: OrthancApi, change_type: str | None, level: str | None, resource_id: str,
-            image_studies: Container[str] = ()) -> Work | None:
+            remembered: Remembered | None = None) -> Work | None:
     """What one Orthanc change means for the index: the task to queue, or None when it means nothing.
 
     - ``NewInstance`` of an image modality: index it (with its series and study, so that the worker asks Orthanc
@@ -68,23 +120,29 @@ def meaning(api: OrthancApi, change_type: str | None, level: str | None, resourc
     - ``StableStudy`` holding an image series: reconcile it (index what an event lost);
     - ``Deleted`` at any level: forget it (idempotent: a deletion handled twice removes nothing more).
 
-    ``image_studies``: studies the caller already knows to hold an image series (it queued one of their instances):
-    their ``StableStudy`` is reconciled without asking Orthanc for the study's series again. A series' Modality never
-    changes, so the knowledge does not go stale; a study deleted since is reconciled to nothing.
+    ``remembered``: what the caller's earlier changes told (:class:`Remembered`), used and kept up to date here, so
+    that a caller handling a stream of changes asks Orthanc less; None asks Orthanc everything.
 
     Raises :class:`~lookalike.orthanc.client.OrthancNotFoundError` when the resource is gone meanwhile (nothing to
     index), and what Orthanc raises otherwise.
     """
     if change_type == NEW_INSTANCE:
-        series = instance_series(api, resource_id)
+        series = remembered.series_of(api, resource_id) if remembered else instance_series(api, resource_id)
         if not series_is_queued(series):
             return None
+        if remembered:
+            remembered.queued_in(series["ParentStudy"])
         return Work(TASK_INDEX_INSTANCE, (resource_id, series["ID"], series["ParentStudy"]))
     if change_type == STABLE_STUDY:
-        if resource_id in image_studies or study_is_queued(study_series(api, resource_id)):
+        known = remembered is not None and remembered.holds_images(resource_id)
+        if remembered:
+            remembered.forget(resource_id)  # a later instance of the study is remembered anew
+        if known or study_is_queued(study_series(api, resource_id)):
             return Work(TASK_RECONCILE_STUDY, (resource_id,))
         return None
     if change_type == DELETED and level in LEVELS:
+        if remembered:
+            remembered.forget(resource_id)
         return Work(TASK_FORGET, (LEVELS[level], resource_id))
     return None
 

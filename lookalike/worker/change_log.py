@@ -25,7 +25,8 @@ from typing import Callable
 from lookalike.config import TASK_INDEX_INSTANCE
 from lookalike.index.catalogue import CHANGES_CURSOR, Catalogue
 from lookalike.orthanc.client import OrthancApi, OrthancNotFoundError, get_json
-from lookalike.orthanc.ingest import DELETED, NEW_INSTANCE, change_anchor, cursor_reset_reason, meaning
+from lookalike.orthanc.ingest import (DELETED, NEW_INSTANCE, Remembered, change_anchor, cursor_reset_reason,
+                                      meaning)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class ChangeLogFollower:
         self.clock = clock
         self._queued: dict[str, float] = {}  # instance id -> when this follower queued it
         self._horizon: int | None = None  # the newest change seen by the previous pass
+        self._remembered = Remembered()  # series asked once each, not once per instance (a CT series of thousands)
 
     def step(self) -> CatchUpReport:
         """One periodic pass: every change up to the newest one the previous pass saw (all, the first time)."""
@@ -159,7 +161,7 @@ class ChangeLogFollower:
         kind, level, resource = change.get("ChangeType"), change.get("ResourceType"), change.get("ID", "")
         if kind == DELETED:
             # Idempotent and rare: re-sending a deletion the fast path already handled removes nothing more.
-            work = meaning(self.api, kind, level, resource)
+            work = meaning(self.api, kind, level, resource, self._remembered)
             if work is not None:
                 self.send(work.task, list(work.args), {})
                 report.forgotten.append(resource)
@@ -173,7 +175,7 @@ class ChangeLogFollower:
         if queued_at is not None and self.clock() - queued_at < self.requeue_after:
             return False
         try:
-            work = meaning(self.api, kind, level, resource)
+            work = meaning(self.api, kind, level, resource, self._remembered)
         except OrthancNotFoundError:
             return True  # deleted since: nothing to index
         if work is None:
