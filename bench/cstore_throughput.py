@@ -14,7 +14,7 @@ worker's fetches (and its catch-up) cost inside Orthanc, at Orthanc's own priori
 is left to finish what the last round set off (its ``STABLE_STUDY`` events, the worker's reconciles and writes), so
 that no stack's leftovers run in another's round.
 
-    .venv/bin/python bench/cstore_throughput.py [--instances 1000] [--rounds 3] [--ingest-quiet-max S]
+    .venv/bin/python bench/cstore_throughput.py [--instances 1000] [--rounds 3] [--per-study 1] [--ingest-quiet-max S]
 
 ``--instances`` far above what the worker's deferral cap covers (``ingest_quiet_max`` seconds of sending, 20 by
 default; ``--ingest-quiet-max`` sets it for the worker's stack) shows sustained ingest: the worker then indexes
@@ -71,7 +71,8 @@ def cpu_by_part(stack: Stack) -> dict[str, float]:
     and the storescu runs."""
     procs = stack.procs
     usage = {"orthanc": _cpu(procs["orthanc"].pid),
-             "relay": sum(_cpu(p) for p in _descendants(procs["orthanc"].pid)[1:]), "redis": _cpu(procs["redis"].pid) if "redis" in procs else 0.0,
+             "relay": sum(_cpu(p) for p in _descendants(procs["orthanc"].pid)[1:]),
+             "redis": _cpu(procs["redis"].pid) if "redis" in procs else 0.0,
              "worker": sum(_cpu(p) for p in _descendants(procs["worker"].pid)) if "worker" in procs else 0.0}
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     usage["storescu"] = children.ru_utime + children.ru_stime
@@ -118,6 +119,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--per-study", type=int, default=1,
+                        help="instances per study, one series each (1: single-instance studies, the worst case for "
+                             "the plugin's per-study events; hundreds: what the plugin's per-series costs do)")
     parser.add_argument("--ingest-quiet-max", type=float, default=None,
                         help="the worker's ingest_quiet_max (default: the settings' own)")
     args = parser.parse_args()
@@ -137,7 +141,8 @@ def main() -> None:
                 stack.start()
             for r in range(args.rounds):
                 for i, (name, stack) in enumerate(stacks.items()):
-                    files = make_instances(tmp / f"{i}-{r}", args.instances, prefix=f"R{r}S{i}")
+                    files = make_instances(tmp / f"{i}-{r}", args.instances, prefix=f"R{r}S{i}",
+                                           per_study=args.per_study)
                     waited = settle(list(stacks.values()))
                     indexed_before = args.instances * r
                     rate, used, indexed = store_round(stack, files)
@@ -158,7 +163,8 @@ def main() -> None:
             for stack in stacks.values():
                 stack.stop()
     base = statistics.median(rates["without plugin"])
-    print(f"\nC-STORE of {args.instances} US instances, {args.rounds} rounds, medians (goal: ratio >= 0.9):")
+    print(f"\nC-STORE of {args.instances} US instances ({args.per_study} per study), {args.rounds} rounds, medians "
+          "(goal: ratio >= 0.9):")
     for name, values in rates.items():
         rate = statistics.median(values)
         split = "  ".join(f"{k} {statistics.median(u[k] for u in cpu[name]) * 100 / args.instances:5.2f}"
