@@ -17,7 +17,8 @@ from lookalike.lab.samples import wrap_image
 from lookalike.encoders.base import Embedding
 from lookalike.worker.pipeline import Embedder, InstanceIndexer, Job, Pipeline, Request, Result
 from lookalike.index.store import IndexStore
-from tests.support import SAMPLES, FakeEncoder, FakeOrthanc, dicom_bytes, live_rows, random_us, require_programs, wait_for
+from tests.support import (SAMPLES, FakeEncoder, FakeOrthanc, child_pids, dicom_bytes, live_rows, random_us,
+                           require_programs, wait_for)
 
 RECORD_FIELDS = ("sop_instance_uid", "sop_class_uid", "series_instance_uid", "study_instance_uid", "patient_id",
                  "study_date", "modality", "orthanc_instance_id", "orthanc_series_id", "orthanc_study_id", "encoder",
@@ -178,10 +179,6 @@ class TestDevice:
 
 # -- the real worker --------------------------------------------------------------------------------------------
 
-def _children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def _maps_torch(pid: int) -> bool:
     """Whether a process has torch's library mapped (imported torch; CUDA needs it first)."""
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
@@ -236,7 +233,7 @@ class TestRealWorker:
             wait_for(lambda: stack.worker_ready(), timeout=60, what="the worker")
             main = stack.procs["worker"].pid
             wait_for(lambda: log.exists() and "embedding a batch" in log.read_text(), timeout=120, what="a batch")
-            [child] = _children(main)
+            [child] = child_pids(main)
             os.kill(child, signal.SIGKILL)
             wait_for(lambda: _count(stack) >= len(files), timeout=300, interval=0.5, what="every instance")
             time.sleep(1.0)
@@ -249,7 +246,7 @@ class TestRealWorker:
             status = stack.http().get(f"{config.orthanc_url}/lookalike/status", timeout=30).json()
             assert status["problems"] == []
             # The model lives in the pool process; the process that forks it never even imported torch.
-            [child] = _children(main)
+            [child] = child_pids(main)
             assert _maps_torch(child) and not _maps_torch(main)
             assert re.search(rf"encoder us-\S+ on cpu in process {child}\b", text)
 
@@ -285,8 +282,8 @@ class TestRealWorker:
             wait_for(lambda: _count(stack) >= len(files), timeout=300, interval=0.5, what="every instance")
             rows = live_rows(stack)
             assert len(rows) == len({instance for _, instance, _, _ in rows}) == len(files)
-            [writer] = _children(stack.procs["writer"].pid)
-            [embedder] = _children(stack.procs["embedder"].pid)
+            [writer] = child_pids(stack.procs["writer"].pid)
+            [embedder] = child_pids(stack.procs["embedder"].pid)
             assert _maps_torch(embedder) and not _maps_torch(writer)
             opened = lambda pid: {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()  # noqa: E731
                                   if fd.is_symlink()}

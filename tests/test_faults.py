@@ -21,7 +21,7 @@ import pytest
 
 from lookalike.lab.samples import wrap_image
 from lookalike.ops.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env, storescu
-from tests.support import SAMPLES, live_rows, require_programs, wait_for
+from tests.support import SAMPLES, child_pids, live_rows, require_programs, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -139,24 +139,13 @@ def _records(lines: list[str]) -> dict[str, int]:
                              or line.lstrip().startswith('File "'))}
 
 
-def _children(pid: int) -> list[int]:
-    """The processes ``pid`` started that still run (Orthanc's: the plugin's task relay)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
 class TestRelayKilled:
     def test_kill_9_of_the_task_relay_mid_ingest_stops_nothing_and_loses_nothing(self, fault_stack: Stack,
                                                                                   instances: list[Path]) -> None:
         before = len(_orthanc_log_lines(fault_stack))
         orthanc = fault_stack.procs["orthanc"]
         sender = _storescu(fault_stack, instances)
-        relay = wait_for(lambda: _children(orthanc.pid), timeout=60, what="the plugin's task relay")[0]
+        relay = wait_for(lambda: child_pids(orthanc.pid), timeout=60, what="the plugin's task relay")[0]
         os.kill(relay, signal.SIGKILL)  # tasks keep coming: the plugin writes into a pipe nobody reads any more
         assert sender.wait(timeout=300) == 0, "Orthanc refused C-STOREs after its task relay was killed"
         assert orthanc.poll() is None
@@ -164,7 +153,7 @@ class TestRelayKilled:
         lines = _orthanc_log_lines(fault_stack)[before:]
         assert [line for line in lines if "task relay" in line and "ended" in line and "-9" in line], \
             "the relay's end is not in Orthanc's log"
-        assert relay not in _children(orthanc.pid) and _children(orthanc.pid), "no new relay took over"
+        assert relay not in child_pids(orthanc.pid) and child_pids(orthanc.pid), "no new relay took over"
 
 
 class TestRedisStopped:
