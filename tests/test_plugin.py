@@ -10,6 +10,7 @@ import pytest
 
 from lookalike.config import QUEUE, TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY
 from lookalike.orthanc.client import OrthancNotFoundError
+from lookalike.orthanc.ingest import Remembered
 from lookalike.plugin.events import ChangeHandler
 from lookalike.plugin.sender import TaskSender
 
@@ -114,7 +115,7 @@ class TestChangeHandler:
                    **_instances_of({**_series("US"), "ID": "s2", "ParentStudy": "st2"}, "i2"),
                    "/studies/st1/series": [_series("US")]}
         api, sent = FakeApi(answers), []
-        handler = ChangeHandler(FAKE_ORTHANC, api, lambda *a: sent.append(a), pytest.fail, remember=1)
+        handler = ChangeHandler(FAKE_ORTHANC, api, lambda *a: sent.append(a), pytest.fail, Remembered(size=1))
         handler(3, 3, "i1")
         handler(3, 3, "i2")
         asked = len(api.asked)

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lookalike.config import ENCODER_FOR_MODALITY, TASK_FORGET, TASK_INDEX_INSTANCE, TASK_RECONCILE_STUDY
-from lookalike.orthanc.client import OrthancApi, get_json, instance_series, study_series
+from lookalike.orthanc.client import OrthancApi, get_json, study_series
 
 #: Change types as Orthanc's change log names them.
 NEW_INSTANCE, STABLE_STUDY, DELETED = "NewInstance", "StableStudy", "Deleted"
@@ -112,7 +112,7 @@ class Remembered:
 
 
 def meaning(api: OrthancApi, change_type: str | None, level: str | None, resource_id: str,
-            remembered: Remembered | None = None) -> Work | None:
+            remembered: Remembered) -> Work | None:
     """What one Orthanc change means for the index: the task to queue, or None when it means nothing.
 
     - ``NewInstance`` of an image modality: index it (with its series and study, so that the worker asks Orthanc
@@ -120,29 +120,26 @@ def meaning(api: OrthancApi, change_type: str | None, level: str | None, resourc
     - ``StableStudy`` holding an image series: reconcile it (index what an event lost);
     - ``Deleted`` at any level: forget it (idempotent: a deletion handled twice removes nothing more).
 
-    ``remembered``: what the caller's earlier changes told (:class:`Remembered`), used and kept up to date here, so
-    that a caller handling a stream of changes asks Orthanc less; None asks Orthanc everything.
+    ``remembered``: what the caller's earlier changes told (:class:`Remembered`, one per stream of changes), used
+    and kept up to date here, so that the stream asks Orthanc less.
 
     Raises :class:`~lookalike.orthanc.client.OrthancNotFoundError` when the resource is gone meanwhile (nothing to
     index), and what Orthanc raises otherwise.
     """
     if change_type == NEW_INSTANCE:
-        series = remembered.series_of(api, resource_id) if remembered else instance_series(api, resource_id)
+        series = remembered.series_of(api, resource_id)
         if not series_is_queued(series):
             return None
-        if remembered:
-            remembered.queued_in(series["ParentStudy"])
+        remembered.queued_in(series["ParentStudy"])
         return Work(TASK_INDEX_INSTANCE, (resource_id, series["ID"], series["ParentStudy"]))
     if change_type == STABLE_STUDY:
-        known = remembered is not None and remembered.holds_images(resource_id)
-        if remembered:
-            remembered.forget(resource_id)  # a later instance of the study is remembered anew
+        known = remembered.holds_images(resource_id)
+        remembered.forget(resource_id)  # a later instance of the study is remembered anew
         if known or study_is_queued(study_series(api, resource_id)):
             return Work(TASK_RECONCILE_STUDY, (resource_id,))
         return None
     if change_type == DELETED and level in LEVELS:
-        if remembered:
-            remembered.forget(resource_id)
+        remembered.forget(resource_id)
         return Work(TASK_FORGET, (LEVELS[level], resource_id))
     return None
 

@@ -32,13 +32,12 @@ class ChangeHandler:
         ``RelayClient.send``: queues a Celery task by name without waiting.
     log_error
         Where errors go (``orthanc.LogError`` in the plugin): a callback never raises into Orthanc.
-    remember
-        How many series, and how many studies with a queued instance, are remembered
-        (:class:`~lookalike.orthanc.ingest.Remembered`).
+    remembered
+        What earlier changes told (:class:`~lookalike.orthanc.ingest.Remembered`); a fresh one by default.
     """
 
     def __init__(self, orthanc: Any, api: OrthancApi, send: Callable[..., None], log_error: Callable[[str], None],
-                 remember: int = 10_000) -> None:
+                 remembered: Remembered | None = None) -> None:
         self.api = api
         self.send = send
         self.log_error = log_error
@@ -46,7 +45,7 @@ class ChangeHandler:
         # The orthanc module's constants -> the names of Orthanc's change log, which ``meaning`` speaks.
         self._kinds = {ct.NEW_INSTANCE: NEW_INSTANCE, ct.STABLE_STUDY: STABLE_STUDY, ct.DELETED: DELETED}
         self._levels = {rt.PATIENT: "Patient", rt.STUDY: "Study", rt.SERIES: "Series", rt.INSTANCE: "Instance"}
-        self._remembered = Remembered(remember)
+        self._remembered = remembered or Remembered()
 
     def __call__(self, change_type: int, level: int, resource_id: str) -> None:
         try:
