@@ -277,3 +277,35 @@ def test_a_head_that_is_mostly_the_shipped_vector_must_beat_it_when_the_round_as
     assert plain["head_vec160_blur160_base75_e30"]["passes_1"] and plain["head_vec160_crop160_base75_e30"]["passes_1"]
     assert not strict["head_vec160_blur160_base75_e30"]["passes_1"]
     assert strict["head_vec160_crop160_base75_e30"]["passes_1"]
+
+
+def test_instance_term_keeps_an_images_own_copy_above_its_classmates() -> None:
+    """Round 9's ``_inst`` heads: class losses alone pull a class together until an image's near copy no longer
+    outranks its classmates; the instance term (NT-Xent between an image and its copy) keeps it first."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 16)
+    centres = rng.standard_normal((3, 12)).astype(np.float32) * 3
+    own = (centres[y] + 0.5 * rng.standard_normal((48, 12))).astype(np.float32)
+    views = np.stack([own + 0.2 * rng.standard_normal(own.shape).astype(np.float32) for _ in range(2)])
+    copies = own + 0.2 * rng.standard_normal(own.shape).astype(np.float32)  # drawn apart from training's
+
+    def copy_first(head: torch.nn.Module | None) -> float:
+        def out(x: np.ndarray) -> np.ndarray:
+            t = torch.from_numpy(x)
+            return torch.nn.functional.normalize(t if head is None else head(t), dim=1).numpy()
+
+        with torch.no_grad():
+            q, c = out(views[0]), out(copies)
+        scores = q @ np.concatenate([c, q]).T
+        scores[:, len(q):][np.eye(len(q), dtype=bool)] = -np.inf  # an image is not its own match
+        return float((scores.argmax(axis=1) == np.arange(len(q))).mean())
+
+    common = dict(hidden=32, dim=16, epochs=30, seed=0, per_class=4, keep_best=False)
+    groups = [f"t{i}" for i in range(48)]
+    _, plain = fit_head(views, y, own, y, groups, own, groups, **common)
+    _, inst = fit_head(views, y, own, y, groups, own, groups, instance_weight=1.0, **common)
+    assert copy_first(None) == 1.0  # the inputs themselves: every copy is its image's top match
+    assert copy_first(plain) < 0.9
+    assert copy_first(inst) >= copy_first(plain) + 0.1
+    with pytest.raises(ValueError, match="copies"):
+        fit_head(views[:1], y, own, y, groups, own, groups, instance_weight=1.0, **common)

@@ -125,10 +125,21 @@ def heads_beside_base(shares: tuple[int, ...]) -> dict[str, tuple[tuple[str, ...
 #: 50%, then 65% and 75%.
 ROUND7 = heads_beside_base((25, 50))
 ROUND8 = heads_beside_base((65, 75))
+#: Round 9 (its rule in the model card, written before its runs): round 7's four heads trained with the instance
+#: term (``_inst``, :data:`INSTANCE`) on their near copies, served alone and beside the vector at 50% and 65%.
+ROUND9: dict[str, tuple[tuple[str, ...], bool]] = {k: v for k, v in ROUND6.items() if k.startswith(("shipped", "baseline"))}
+for _name in ("head_vec128_crop128_aug_e30", "head_vec160_blur160_e30", "head_vec160_blur160_aug_e30",
+              "head_vec160_crop160_aug_e30"):
+    _inst = _name.replace("_aug_e30", "_e30").replace("_e30", "_aug_inst_e30")
+    for _share in (0, 50, 65):
+        ROUND9[_inst.replace("_e30", f"_base{_share}_e30") if _share else _inst] = ROUND6[_name]
 #: Every candidate of every round, by name (``fit`` takes any trained one).
-ALL_CANDIDATES = {**CANDIDATES, **ROUND3, **ROUND6, **ROUND7, **ROUND8}
+ALL_CANDIDATES = {**CANDIDATES, **ROUND3, **ROUND6, **ROUND7, **ROUND8, **ROUND9}
 
 HEAD = {"hidden": 256, "dim": 128, "epochs": 30, "lr": 1e-3, "per_class": 16, "margin": 0.2, "ce_weight": 1.0}
+#: The instance term of ``_inst`` heads (round 9): weight and temperature of the NT-Xent between an image and its
+#: near copy (:func:`lookalike.lab.training_us.fit_head`).
+INSTANCE = {"instance_weight": 1.0, "instance_temperature": 0.1}
 
 
 def cache_net(base_path: Path) -> tuple[Any, Any, Any]:
@@ -266,16 +277,18 @@ def epochs_of(candidate: str) -> int:
 
 
 def train_head(x: np.ndarray, y: np.ndarray, groups: list[str], seed: int, epochs: int,
-               val: tuple[np.ndarray, np.ndarray, list[str]], gallery: tuple[np.ndarray, np.ndarray, list[str]]) -> tuple[float, Any]:
+               val: tuple[np.ndarray, np.ndarray, list[str]], gallery: tuple[np.ndarray, np.ndarray, list[str]],
+               instance: bool = False) -> tuple[float, Any]:
     """A fresh head on ``x`` for a fixed number of epochs (the last is kept: val chooses nothing here).
 
     ``x`` is (n, d), or (copies, n, d) with the clean blocks first: each step draws one copy per image.
+    ``instance``: with the instance term (:data:`INSTANCE`) between each image's clean blocks and its copy's.
     """
     h = HEAD
     views = x if x.ndim == 3 else x[None]
     return fit_head(views, y, val[0], val[1], val[2], views[0], groups, hidden=h["hidden"], dim=h["dim"], epochs=epochs,
                     seed=seed, per_class=h["per_class"], lr=h["lr"], margin=h["margin"], ce_weight=h["ce_weight"],
-                    gallery=gallery, keep_best=False)
+                    gallery=gallery, keep_best=False, **(INSTANCE if instance else {}))
 
 
 def apply(head: Any, x: np.ndarray, center: np.ndarray | None = None) -> np.ndarray:
@@ -315,6 +328,11 @@ def augmented_of(candidate: str) -> bool:
     return "aug" in candidate.split("_")
 
 
+def instance_of(candidate: str) -> bool:
+    """Whether a candidate's head trains with the instance term: ``_inst`` in its name (round 9)."""
+    return "inst" in candidate.split("_")
+
+
 def share_of(candidate: str) -> float:
     """The base vector's share of a candidate's cosine: ``_baseB`` in its name -> B / 100, else 0."""
     tokens = [t for t in candidate.split("_") if t.startswith("base") and t[4:].isdigit()]
@@ -334,12 +352,13 @@ def served(cache: dict[str, Any], blocks: tuple[str, ...], head: Any, center: np
 
 def leave_one_hospital_out(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], trained: bool, seed: int,
                            epochs: int = HEAD["epochs"], only_labels: tuple[str, ...] = (),
-                           augmented: bool = False, share: float = 0.0) -> dict[str, float]:
+                           augmented: bool = False, share: float = 0.0, instance: bool = False) -> dict[str, float]:
     """The selection rule: head trained on one hospital's train rows, P@5 of the other's val rows vs its train rows.
 
     ``only_labels`` keeps only rows of those labels everywhere (a diagnostic; the rule uses every row).
     ``augmented``: the head trains on the near copies' blocks too (:func:`head_input`). ``share`` > 0: served
     beside the base vector (:func:`served`), the head's output centred on its training hospital's train rows.
+    ``instance``: the head trains with the instance term (:func:`train_head`).
     """
     def rows(c: dict[str, Any], split: str) -> np.ndarray:
         idx = rows_of(c, (split,))
@@ -356,7 +375,7 @@ def leave_one_hospital_out(caches: dict[str, dict[str, Any]], blocks: tuple[str,
         if trained:
             gal = (xd[dt], labels(d, dt), list(d["group"][dt]))
             _, head = train_head(xs[:, tr], labels(s, tr), list(s["group"][tr]), seed, epochs,
-                                 (xd[dv], labels(d, dv), list(d["group"][dv])), gal)
+                                 (xd[dv], labels(d, dv), list(d["group"][dv])), gal, instance)
         if share:
             v = served(d, blocks, head, apply(head, xs[0, tr]).mean(axis=0), share)
             q, g = v[dv], v[dt]
@@ -368,7 +387,7 @@ def leave_one_hospital_out(caches: dict[str, dict[str, Any]], blocks: tuple[str,
 
 
 def final_head(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], seed: int,
-               epochs: int = HEAD["epochs"], augmented: bool = False) -> tuple[Any, np.ndarray]:
+               epochs: int = HEAD["epochs"], augmented: bool = False, instance: bool = False) -> tuple[Any, np.ndarray]:
     """The head trained on both hospitals' train rows (fixed epochs) and the training images' mean embedding."""
     xs, ys, gs, vs, yv, gv = [], [], [], [], [], []
     for name in TRAIN_SETS:
@@ -382,7 +401,7 @@ def final_head(caches: dict[str, dict[str, Any]], blocks: tuple[str, ...], seed:
         yv.append(labels(c, va))
         gv += list(c["group"][va])
     x, y = np.concatenate(xs, axis=1), np.concatenate(ys)
-    _, head = train_head(x, y, gs, seed, epochs, (np.concatenate(vs), np.concatenate(yv), gv), (x[0], y, gs))
+    _, head = train_head(x, y, gs, seed, epochs, (np.concatenate(vs), np.concatenate(yv), gv), (x[0], y, gs), instance)
     return head, apply(head, x[0]).mean(axis=0).astype(np.float32)
 
 
@@ -482,10 +501,10 @@ def select(cache_dir: Path, seed: int = 0, only: list[str] | None = None, loho_l
         if only and name not in only:
             continue
         t0 = time.time()
-        aug, share = augmented_of(name), share_of(name)
-        loho = leave_one_hospital_out(caches, blocks, trained, seed, epochs_of(name), loho_labels, aug, share)
-        head, center = final_head(caches, blocks, seed, epochs_of(name), aug) if trained else (None, None)
-        report[name] = {"blocks": list(blocks), "trained": trained, "augmented": aug, "base_share": share,
+        aug, share, inst = augmented_of(name), share_of(name), instance_of(name)
+        loho = leave_one_hospital_out(caches, blocks, trained, seed, epochs_of(name), loho_labels, aug, share, inst)
+        head, center = final_head(caches, blocks, seed, epochs_of(name), aug, inst) if trained else (None, None)
+        report[name] = {"blocks": list(blocks), "trained": trained, "augmented": aug, "base_share": share, "instance": inst,
                         "loho": loho, "figures": figures(caches, blocks, head, center, share)}
         if all(f"noisy_{b.replace('vae', 'feat')}" in caches[t] for b in blocks for t in TRAIN_SETS):
             report[name]["near_copies"] = near_copies(caches, blocks, head, center, share)
@@ -504,8 +523,8 @@ def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int =
     if not trained:
         raise ValueError(f"{candidate} has no head to ship")
     caches = load_caches(cache_dir)
-    aug, share = augmented_of(candidate), share_of(candidate)
-    head, center = final_head(caches, blocks, seed, epochs_of(candidate), aug)
+    aug, share, inst = augmented_of(candidate), share_of(candidate), instance_of(candidate)
+    head, center = final_head(caches, blocks, seed, epochs_of(candidate), aug, inst)
     kinds = {b.rstrip("0123456789") for b in blocks}
     base_input = "vector" if "vec" in kinds else ("features" if {"feat", "vae"} & kinds else "none")
     im = [b for b in blocks if b.startswith(("crop", "blur", "whole"))]
@@ -535,7 +554,8 @@ def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int =
         load_base(net, ckpt)
     net.head.load_state_dict(head.state_dict())
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("base.vae.decoder.")}
-    meta = {"candidate": candidate, "blocks": list(blocks), "head": {**HEAD, "epochs": epochs_of(candidate)},
+    meta = {"candidate": candidate, "blocks": list(blocks),
+            "head": {**HEAD, "epochs": epochs_of(candidate), **(INSTANCE if inst else {})},
             "augmented": aug, "base_share": share, "seed": seed, "base": f"{base_path.name} sha256 {file_sha256(base_path)[:8]}",
             "command": run_command(None), "torch": torch.__version__,
             "figures": figures(caches, blocks, head, center, share)}
@@ -557,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--round6", action="store_true", help="round 6's candidates, tests 1-2 and the near-copy screen")
     s.add_argument("--round7", action="store_true", help="round 7's candidates (round 6's heads beside the vector)")
     s.add_argument("--round8", action="store_true", help="round 8's candidates (the vector's share 65% and 75%)")
+    s.add_argument("--round9", action="store_true", help="round 9's candidates (heads with the instance term)")
     s.add_argument("--cache", type=Path, required=True)
     s.add_argument("--only", nargs="*")
     s.add_argument("--out-json", type=Path)
@@ -581,10 +602,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cache_set(d, a.base, out)
     elif a.cmd == "select":
-        rounds = ROUND8 if a.round8 else ROUND7 if a.round7 else ROUND6 if a.round6 else (ROUND3 if a.round3 else CANDIDATES)
+        rounds = ROUND9 if a.round9 else ROUND8 if a.round8 else ROUND7 if a.round7 else ROUND6 if a.round6 else (ROUND3 if a.round3 else CANDIDATES)
         report = select(a.cache, a.seed, a.only, tuple(a.loho_labels), rounds)
-        if (a.round3 or a.round6 or a.round7 or a.round8) and "shipped_served" in report:
-            report["rule"] = round3_decision(report, above_shipped=a.round8)
+        if (a.round3 or a.round6 or a.round7 or a.round8 or a.round9) and "shipped_served" in report:
+            report["rule"] = round3_decision(report, above_shipped=a.round8 or a.round9)
         if a.out_json:
             a.out_json.write_text(json.dumps(report, indent=1))
     else:

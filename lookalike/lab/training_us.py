@@ -167,6 +167,8 @@ def fit_head(
     ce_weight: float = 1.0,
     gallery: tuple[np.ndarray, np.ndarray, list[str]] | None = None,
     keep_best: bool = True,
+    instance_weight: float = 0.0,
+    instance_temperature: float = 0.1,
 ) -> tuple[float, Any]:
     """Train a fresh projection head on fixed trunk features; return (best val P@5, that head in eval mode).
 
@@ -177,7 +179,17 @@ def fit_head(
     un-augmented ``train`` gallery) is kept. ``gallery`` (features, labels, groups) replaces that gallery, e.g.
     another hospital's images when val is that hospital's; ``keep_best=False`` keeps the last epoch instead
     (val then chooses nothing) and returns its val P@5.
+
+    ``instance_weight`` > 0 adds MONAI's ``ContrastiveLoss`` (NT-Xent at ``instance_temperature``) between the
+    head's output on each image's first copy and on another of its copies, the other images of the step as
+    negatives: class losses alone pull a class together until an image's own near copy no longer outranks its
+    classmates. It needs at least two copies.
     """
+    from monai.losses import ContrastiveLoss
+
+    if instance_weight > 0 and train_views.shape[0] < 2:
+        raise ValueError("the instance term needs each image's copies: train_views has one")
+    instance = ContrastiveLoss(temperature=instance_temperature) if instance_weight > 0 else None
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n_classes = int(y.max()) + 1
@@ -198,6 +210,10 @@ def fit_head(
             e = head(views[copy, torch.from_numpy(idx)])
             loss = batch_hard_triplet_loss(F.normalize(e, dim=1), yt[idx], margin)
             loss = loss + ce_weight * F.cross_entropy(clf(e), yt[idx])
+            if instance is not None:
+                other = torch.from_numpy(rng.integers(1, views.shape[0], size=len(idx)))
+                rows = torch.from_numpy(idx)
+                loss = loss + instance_weight * instance(head(views[0, rows]), head(views[other, rows]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
