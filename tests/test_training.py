@@ -309,3 +309,24 @@ def test_instance_term_keeps_an_images_own_copy_above_its_classmates() -> None:
     assert copy_first(inst) >= copy_first(plain) + 0.1
     with pytest.raises(ValueError, match="copies"):
         fit_head(views[:1], y, own, y, groups, own, groups, instance_weight=1.0, **common)
+
+
+def test_xray_near_copy_screen_finds_copies_only_where_they_are_the_images_own() -> None:
+    """The X-ray round 2 screen (``training_fused_xr.candidate``) counts a val image whose near copy's blocks are its
+    own top match; copies made of other images' blocks are not found."""
+    from lookalike.lab.training_fused_xr import candidate
+
+    rng = np.random.default_rng(0)
+    n = 60
+    cache = {"vec128": rng.normal(size=(n, 8)).astype(np.float32), "whole128": rng.normal(size=(n, 16)).astype(np.float32),
+             "label": np.array(["normal", "pneumonia"] * (n // 2)), "group": np.array([f"g{i}" for i in range(n)]),
+             "split": np.array(["train"] * 40 + ["val"] * 10 + ["test"] * 10)}
+    own = {**cache, "noisy_vec128": cache["vec128"] + 0.01, "noisy_whole128": cache["whole128"] - 0.01}
+    other = {**cache, "noisy_vec128": rng.normal(size=(n, 8)).astype(np.float32),
+             "noisy_whole128": rng.normal(size=(n, 16)).astype(np.float32)}
+    blocks = ("vec128", "whole128")
+    assert candidate(own, blocks, False, 0, 1)["near_copies"] == 1.0
+    assert candidate(other, blocks, False, 0, 1)["near_copies"] < 0.5
+    assert "near_copies" not in candidate(cache, blocks, False, 0, 1)
+    trained = candidate(own, blocks, True, 0, 2, augmented=True, instance=True)
+    assert trained["head"] is not None and trained["near_copies"] >= 0.9  # the head keeps a copy this close
