@@ -88,10 +88,13 @@ def test_filing_the_same_answer_again_points_to_the_report_filed_before(explorer
     before = len(explorer.lookalike_reports("b"))
     explorer.look_up()
     first = explorer.file_report()
+    # an earlier test may have filed this very answer already (it follows the top result, which may be "b")
+    filed = before if first["status"].startswith("Already filed on") else before + 1
+    assert len(explorer.lookalike_reports("b")) == filed
     explorer.page.evaluate("$('#lookalike-status').empty()")
     again = explorer.file_report()
     assert again["href"] == first["href"] and again["status"].startswith("Already filed on")
-    assert len(explorer.lookalike_reports("b")) == before + 1
+    assert len(explorer.lookalike_reports("b")) == filed
 
 
 def test_a_late_answer_for_the_previous_study_is_not_shown(explorer: Explorer, corpus: dict) -> None:
@@ -137,7 +140,8 @@ def test_the_page_shows_images_side_by_side_and_no_other_patients_identity(explo
     first = explorer.page.locator(".lookalike-result").first
     assert first.locator(".lookalike-patient").inner_text() == "another patient"
     assert first.locator(".lookalike-rank").inner_text() == "1"
-    assert float(first.locator(".lookalike-score").inner_text()) > 0.9
+    shown = [float(t) for t in explorer.page.locator(".lookalike-result .lookalike-score").all_inner_texts()]
+    assert shown == sorted(shown, reverse=True) and shown[0] > shown[1] + 0.1  # the near copy stands apart
     assert "US" in first.inner_text() and "2024-06-11" in first.inner_text()
     sources = first.locator("img").evaluate_all("imgs => imgs.map(i => i.getAttribute('src'))")
     instances = [src.split("/instances/")[1].split("/")[0] for src in sources]
