@@ -56,6 +56,8 @@ ROUND2: dict[str, tuple[tuple[str, ...], bool]] = {
     "head_vec128_whole128_e10": (("vec128", "whole128"), True),
     "head_vec128_whole128_aug_inst_e10": (("vec128", "whole128"), True),
     "head_vec128_whole128_aug_inst_e30": (("vec128", "whole128"), True),
+    # ablation, added after the decision and choosing nothing: the ImageNet block alone, same recipe (what the ViT adds)
+    "head_whole128_aug_inst_e10": (("whole128",), True),
 }
 ALL_CANDIDATES = {**CANDIDATES, **ROUND2}
 
