@@ -125,8 +125,9 @@ def heads_beside_base(shares: tuple[int, ...]) -> dict[str, tuple[tuple[str, ...
 #: 50%, then 65% and 75%.
 ROUND7 = heads_beside_base((25, 50))
 ROUND8 = heads_beside_base((65, 75))
-#: Round 9 (its rule in the model card, written before its runs): round 7's four heads trained with the instance
-#: term (``_inst``, :data:`INSTANCE`) on their near copies, served alone and beside the vector at 50% and 65%.
+#: Round 9 (its rule in the model card, written before its runs): round 7's heads (three: its two blur160 heads are
+#: one once trained on near copies) with the instance term (``_inst``, :data:`INSTANCE`), served alone and beside
+#: the vector at 50% and 65%.
 ROUND9: dict[str, tuple[tuple[str, ...], bool]] = {k: v for k, v in ROUND6.items() if k.startswith(("shipped", "baseline"))}
 for _name in ("head_vec128_crop128_aug_e30", "head_vec160_blur160_e30", "head_vec160_blur160_aug_e30",
               "head_vec160_crop160_aug_e30"):
