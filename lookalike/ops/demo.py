@@ -43,6 +43,32 @@ def sample_labels(index_csv: Path) -> dict[str, str]:
         return {row["study_instance_uid"]: row["label"] for row in csv.DictReader(f)}
 
 
+def label_agreement(answers: dict[str, list[str]], labels: dict[str, str],
+                    modality_of: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Per modality, how often the studies a lookup answered share the query study's label, beside chance.
+
+    ``answers`` maps a query study (Study Instance UID) to the studies its lookup answered, ``labels`` and
+    ``modality_of`` give each sample study's label and modality. ``agreement`` is the share of the answers shown
+    (of known label) that share the query's label; ``chance`` the mean, over queries, of the share of the other
+    sample studies of the query's modality that do. One lookup can be lucky or not: this is the sample's figure.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for query, answered in answers.items():
+        label, modality = labels.get(query), modality_of.get(query)
+        if label is None or modality is None:
+            continue
+        shown = [labels[a] for a in answered if a in labels]
+        others = [labels[u] for u in labels if u != query and modality_of.get(u) == modality]
+        m = out.setdefault(modality, {"queries": 0, "answers": 0, "same": 0, "chance_sum": 0.0})
+        m["queries"] += 1
+        m["answers"] += len(shown)
+        m["same"] += sum(x == label for x in shown)
+        m["chance_sum"] += sum(x == label for x in others) / len(others) if others else 0.0
+    return {mod: {"queries": m["queries"], "answers": m["answers"],
+                  "agreement": m["same"] / m["answers"] if m["answers"] else float("nan"),
+                  "chance": m["chance_sum"] / m["queries"]} for mod, m in sorted(out.items())}
+
+
 def show_example(stack: Stack, labels: dict[str, str] | None = None) -> None:
     """One lookup over REST, as a PACS viewer would make it, printed with the command that makes it.
 
@@ -72,3 +98,22 @@ def show_example(stack: Stack, labels: dict[str, str] | None = None) -> None:
         )
     if "similar" not in answer:
         print("  " + json.dumps(answer))
+    if labels:
+        show_agreement(stack, studies, labels)
+
+
+def show_agreement(stack: Stack, studies: list[dict], labels: dict[str, str]) -> None:
+    """Every sample study looked up as above, summed up per modality (:func:`label_agreement`)."""
+    http, url = stack.http(), stack.config.orthanc_url
+    answers: dict[str, list[str]] = {}
+    modality_of: dict[str, str] = {}
+    for s in studies:
+        uid = s["MainDicomTags"].get("StudyInstanceUID", "")
+        series = http.get(f"{url}/studies/{s['ID']}/series", timeout=10).json()
+        modality_of[uid] = next((x["MainDicomTags"].get("Modality", "") for x in series), "")
+        found = http.get(f"{url}/lookalike/studies/{s['ID']}/similar?limit=5", timeout=30).json()
+        answers[uid] = [a["study_instance_uid"] for a in found.get("similar", [])]
+    print("\nEvery sample study looked up the same way (top 5; labels from deploy/samples/index.csv):")
+    for modality, m in label_agreement(answers, labels, modality_of).items():
+        print(f"  {modality}: {m['queries']} queries, {m['answers']} answers shown, {m['agreement']:.2f} of them share "
+              f"the query's label (chance {m['chance']:.2f})")
