@@ -1,6 +1,7 @@
 """The index at archive scale, through the product's own path: :class:`IndexStore` writes, ``similar_studies`` reads.
 
-For each size: a fresh index folder is filled with synthetic 128-d vectors, 3 instances per study, in batches of
+For each size: a fresh index folder is filled with synthetic vectors (``--dim``, 256 by default: the shipped
+ultrasound encoder's; the X-ray encoder's is 128), 3 instances per study, in batches of
 50,000 through ``IndexStore.add_many`` (a bulk import), and the writer closes (which settles the index: what a
 reader finds after a back-fill). Then, at that size:
 
@@ -15,11 +16,11 @@ reader finds after a back-fill). Then, at that size:
 - cold start: a fresh reader process opening the index and answering its first lookup (and its imports apart);
   a fresh writer process's first add. The files were just written, so they are in the page cache.
 
-Data: study centres drawn around 2,000 cluster centres in a 16-d latent space, mapped to 128-d by a fixed random
+Data: study centres drawn around 2,000 cluster centres in a 16-d latent space, mapped to ``--dim`` by a fixed random
 projection plus isotropic noise (low intrinsic dimension, as real embeddings); a study's 3 instances scatter
 around its centre.
 
-    .venv/bin/python bench/index_scale.py [--sizes 10000,100000,1000000] [--queries 200] [--storage fp16]
+    .venv/bin/python bench/index_scale.py [--sizes 10000,100000,1000000] [--queries 200] [--storage fp16] [--dim 128]
 
 ``--storage fp16``: segments store half-precision vectors (``IndexParams.storage``); recall@10 is still measured
 against exact float32 search, so the table shows what half precision costs.
@@ -47,7 +48,7 @@ from lookalike.index.search import similar_studies
 from lookalike.index.segments import IndexParams, Manifest, Segment
 from lookalike.index.store import IndexStore
 
-DIM = 128
+DIM = int(os.environ.get("INDEX_SCALE_DIM", "256"))  # --dim; children read it from the environment
 PER_STUDY = 3
 SNAPSHOT_EVERY = 200  # lookalike.worker.tasks.SNAPSHOT_EVERY, the worker's
 FILL_BATCH = 50_000
@@ -157,14 +158,14 @@ with IndexStore(sys.argv[1], snapshot_every=200) as store:
 """
 
 COLD_WRITER = """
-import sys, time, json
+import os, sys, time, json
 import numpy as np
 from lookalike.index.catalogue import InstanceRecord
 from lookalike.index.store import IndexStore
 r = InstanceRecord(*(["2.25.cold"] + ["x"] * 9 + ["us", "bench"]))
 t1 = time.perf_counter()
 store = IndexStore(sys.argv[1], snapshot_every=200, background_compaction=False)
-store.add(r, np.ones(128, dtype=np.float32))
+store.add(r, np.ones(int(os.environ.get("INDEX_SCALE_DIM", "256")), dtype=np.float32))
 t2 = time.perf_counter()
 store.delete_instance("x")
 store.close()
@@ -299,12 +300,16 @@ def run_size(n: int, queries: int, base: Path, counter: WriteCounter, params: In
 
 
 def main() -> None:
+    global DIM
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--dir", default=None, help="folder for the indexes (default: a temporary one)")
     parser.add_argument("--storage", default="fp32", choices=("fp32", "fp16"), help="how segments store vectors")
+    parser.add_argument("--dim", type=int, default=DIM, help="vector dimension (the shipped US encoder's: 256)")
     args = parser.parse_args()
+    DIM = args.dim
+    os.environ["INDEX_SCALE_DIM"] = str(DIM)  # the writer and reader processes it starts
     params = IndexParams(storage=args.storage)
     counter = WriteCounter()
     sizes = [int(s) for s in args.sizes.split(",")]
