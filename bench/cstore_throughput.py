@@ -37,24 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import make_instances  # noqa: E402
 
 from lookalike.ops.demo import wait_indexed  # noqa: E402
-from lookalike.ops.stack import Stack, StackConfig, storescu  # noqa: E402
+from lookalike.ops.stack import Stack, StackConfig, child_pids, storescu  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK")
 PARTS = ("orthanc", "relay", "redis", "worker", "storescu")
 
 
 def _descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (a Celery worker's pool processes)."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-    return found
+    """``pid`` and every process below it (a Celery worker's pool processes and their fetch helpers)."""
+    return [pid] + [d for child in child_pids(pid) for d in _descendants(child)]
 
 
 def _cpu(pid: int) -> float:

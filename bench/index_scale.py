@@ -1,7 +1,7 @@
 """The index at archive scale, through the product's own path: :class:`IndexStore` writes, ``similar_studies`` reads.
 
-For each size: a fresh index folder is filled with synthetic vectors (``--dim``, 256 by default: the shipped
-ultrasound encoder's; the X-ray encoder's is 128), 3 instances per study, in batches of
+For each size: a fresh index folder is filled with synthetic vectors (``--dim``; by default the shipped
+ultrasound encoder's, read from its checkpoint: 256 now; the X-ray encoder's is 128), 3 instances per study, in batches of
 50,000 through ``IndexStore.add_many`` (a bulk import), and the writer closes (which settles the index: what a
 reader finds after a back-fill). Then, at that size:
 
@@ -48,7 +48,6 @@ from lookalike.index.search import similar_studies
 from lookalike.index.segments import IndexParams, Manifest, Segment
 from lookalike.index.store import IndexStore
 
-DIM = int(os.environ.get("INDEX_SCALE_DIM", "256"))  # --dim; children read it from the environment
 PER_STUDY = 3
 SNAPSHOT_EVERY = 200  # lookalike.worker.tasks.SNAPSHOT_EVERY, the worker's
 FILL_BATCH = 50_000
@@ -73,10 +72,11 @@ def record(i: int) -> InstanceRecord:
 class Data:
     """Clustered study vectors, made in chunks so that 1M of them never sit in memory twice."""
 
-    def __init__(self, seed: int = 0, clusters: int = 2000, latent: int = 16) -> None:
+    def __init__(self, dim: int, seed: int = 0, clusters: int = 2000, latent: int = 16) -> None:
         rng = np.random.default_rng(seed)
+        self.dim = dim
         self.centres = rng.standard_normal((clusters, latent)).astype(np.float32)
-        self.projection = rng.standard_normal((latent, DIM)).astype(np.float32) / np.sqrt(latent)
+        self.projection = rng.standard_normal((latent, dim)).astype(np.float32) / np.sqrt(latent)
         self.seed = seed
 
     def vectors(self, start: int, stop: int) -> np.ndarray:
@@ -87,7 +87,7 @@ class Data:
         cluster = rng.integers(0, len(self.centres), n_studies)
         study_latent = self.centres[cluster] + 0.45 * rng.standard_normal((n_studies, self.centres.shape[1]))
         study_vec = study_latent @ self.projection
-        inst = np.repeat(study_vec, PER_STUDY, axis=0) + 0.25 * rng.standard_normal((n_studies * PER_STUDY, DIM))
+        inst = np.repeat(study_vec, PER_STUDY, axis=0) + 0.25 * rng.standard_normal((n_studies * PER_STUDY, self.dim))
         inst += 0.15 * rng.standard_normal(inst.shape)
         out = inst[start - first * PER_STUDY: stop - first * PER_STUDY].astype(np.float32)
         return out / np.linalg.norm(out, axis=1, keepdims=True)
@@ -151,21 +151,21 @@ sys.path.insert(0, sys.argv[4])
 from index_scale import Data, record
 from lookalike.index.store import IndexStore
 first, count = int(sys.argv[2]), int(sys.argv[3])
-vectors = Data(seed=7).vectors(first, first + count)
+vectors = Data(int(sys.argv[5]), seed=7).vectors(first, first + count)
 with IndexStore(sys.argv[1], snapshot_every=200) as store:
     for j in range(count):
         store.add(record(first + j), vectors[j])
 """
 
 COLD_WRITER = """
-import os, sys, time, json
+import sys, time, json
 import numpy as np
 from lookalike.index.catalogue import InstanceRecord
 from lookalike.index.store import IndexStore
 r = InstanceRecord(*(["2.25.cold"] + ["x"] * 9 + ["us", "bench"]))
 t1 = time.perf_counter()
 store = IndexStore(sys.argv[1], snapshot_every=200, background_compaction=False)
-store.add(r, np.ones(int(os.environ.get("INDEX_SCALE_DIM", "256")), dtype=np.float32))
+store.add(r, np.ones(int(sys.argv[2]), dtype=np.float32))
 t2 = time.perf_counter()
 store.delete_instance("x")
 store.close()
@@ -173,9 +173,9 @@ print(json.dumps({"open_and_first_add_s": t2 - t1}))
 """
 
 
-def run_size(n: int, queries: int, base: Path, counter: WriteCounter, params: IndexParams) -> dict:
+def run_size(n: int, dim: int, queries: int, base: Path, counter: WriteCounter, params: IndexParams) -> dict:
     folder = base / f"n{n}"
-    data = Data()
+    data = Data(dim)
     result: dict = {"n": n}
     store = IndexStore(folder, snapshot_every=SNAPSHOT_EVERY, params=params)
     t = time.perf_counter()
@@ -279,7 +279,7 @@ def run_size(n: int, queries: int, base: Path, counter: WriteCounter, params: In
 
     # Lookups while a worker process adds instances one at a time (saves every 200, merges in the background).
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(folder), str(n + 10_000), "1500",
-                               str(Path(__file__).resolve().parent)])
+                               str(Path(__file__).resolve().parent), str(dim)])
     busy_ms = []
     while writer.poll() is None and len(busy_ms) < 5 * queries:
         study = studies[len(busy_ms) % len(studies)]
@@ -293,35 +293,42 @@ def run_size(n: int, queries: int, base: Path, counter: WriteCounter, params: In
     cold = subprocess.run([sys.executable, "-c", COLD, str(folder), studies[1]], capture_output=True, text=True,
                           check=True)
     result["cold"] = json.loads(cold.stdout)
-    cold = subprocess.run([sys.executable, "-c", COLD_WRITER, str(folder)], capture_output=True, text=True,
+    cold = subprocess.run([sys.executable, "-c", COLD_WRITER, str(folder), str(dim)], capture_output=True, text=True,
                           check=True)
     result["cold_writer"] = json.loads(cold.stdout)
     return result
 
 
+def shipped_dim(encoder: str = "us") -> int:
+    """The shipped encoder's vector size, from its checkpoint, read in a child process: torch stays out of this one,
+    whose resident memory is the reader's figure."""
+    code = ("import sys, torch; from lookalike.encoders.shipped import shipped_path; "
+            "print(torch.load(shipped_path(sys.argv[1]), map_location='cpu', weights_only=True)['arch']['dim'])")
+    return int(subprocess.run([sys.executable, "-c", code, encoder], capture_output=True, text=True,
+                              check=True).stdout)
+
+
 def main() -> None:
-    global DIM
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--dir", default=None, help="folder for the indexes (default: a temporary one)")
     parser.add_argument("--storage", default="fp32", choices=("fp32", "fp16"), help="how segments store vectors")
-    parser.add_argument("--dim", type=int, default=DIM, help="vector dimension (the shipped US encoder's: 256)")
+    parser.add_argument("--dim", type=int, default=None, help="vector dimension (default: the shipped US encoder's)")
     args = parser.parse_args()
-    DIM = args.dim
-    os.environ["INDEX_SCALE_DIM"] = str(DIM)  # the writer and reader processes it starts
+    dim = args.dim or shipped_dim()
     params = IndexParams(storage=args.storage)
     counter = WriteCounter()
     sizes = [int(s) for s in args.sizes.split(",")]
     results = []
     with tempfile.TemporaryDirectory(dir=args.dir) as base:
         for n in sizes:
-            r = run_size(n, args.queries, Path(base), counter, params)
+            r = run_size(n, dim, args.queries, Path(base), counter, params)
             results.append(r)
             print(f"n={n}: filled in {r['fill_s']:.0f} s, the writer's close (settling) {r['compaction_s']:.0f} s: "
                   f"{r['layout_after_fill']}; merges `lookalike compact` found left: {r['merges_left']}; "
                   f"layout the lookups read: {r['layout_for_lookups']}", flush=True)
-    print(f"\nIndexStore + similar_studies, {DIM}-d, {PER_STUDY} instances per study, exact below "
+    print(f"\nIndexStore + similar_studies, {dim}-d, {PER_STUDY} instances per study, exact below "
           f"{params.ann_above} vectors, HNSW M={params.hnsw_m} efSearch={params.ef_search} above, {params.storage} vectors; "
           f"{os.cpu_count()} CPUs")
     print("| vectors | add p50 / max ms (fsync alone) | add_many of 32, per instance p50 / max ms | delete p50 / "

@@ -64,17 +64,6 @@ def require_tool(name: str) -> str:
     return path
 
 
-def child_pids(pid: int) -> list[int]:
-    """The running processes ``pid`` started, from any of its threads (Orthanc starts the plugin's relay from one)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
 def wait_for(probe, timeout: float = 60.0, interval: float = 0.25, what: str = "condition"):
     """Poll ``probe`` until it returns something truthy; that value."""
     deadline = time.monotonic() + timeout

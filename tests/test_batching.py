@@ -17,8 +17,9 @@ from lookalike.lab.samples import wrap_image
 from lookalike.encoders.base import Embedding
 from lookalike.worker.pipeline import Embedder, InstanceIndexer, Job, Pipeline, Request, Result
 from lookalike.index.store import IndexStore
-from tests.support import (SAMPLES, FakeEncoder, FakeOrthanc, child_pids, dicom_bytes, live_rows, random_us,
-                           require_programs, wait_for)
+from lookalike.ops.stack import child_pids
+from tests.support import (SAMPLES, FakeEncoder, FakeOrthanc, dicom_bytes, live_rows, random_us, require_programs,
+                           wait_for)
 
 RECORD_FIELDS = ("sop_instance_uid", "sop_class_uid", "series_instance_uid", "study_instance_uid", "patient_id",
                  "study_date", "modality", "orthanc_instance_id", "orthanc_series_id", "orthanc_study_id", "encoder",

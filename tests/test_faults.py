@@ -20,8 +20,8 @@ import pydicom
 import pytest
 
 from lookalike.lab.samples import wrap_image
-from lookalike.ops.stack import ORTHANC_AET, Stack, StackConfig, dcmtk_env, storescu
-from tests.support import SAMPLES, child_pids, live_rows, require_programs, wait_for
+from lookalike.ops.stack import ORTHANC_AET, Stack, StackConfig, child_pids, dcmtk_env, storescu
+from tests.support import SAMPLES, live_rows, require_programs, wait_for
 
 pytestmark = pytest.mark.stack
 

@@ -129,11 +129,9 @@ ROUND8 = heads_beside_base((65, 75))
 #: one once trained on near copies) with the instance term (``_inst``, :data:`INSTANCE`), served alone and beside
 #: the vector at 50% and 65%.
 ROUND9: dict[str, tuple[tuple[str, ...], bool]] = {k: v for k, v in ROUND6.items() if k.startswith(("shipped", "baseline"))}
-for _name in ("head_vec128_crop128_aug_e30", "head_vec160_blur160_e30", "head_vec160_blur160_aug_e30",
-              "head_vec160_crop160_aug_e30"):
-    _inst = _name.replace("_aug_e30", "_e30").replace("_e30", "_aug_inst_e30")
-    for _share in (0, 50, 65):
-        ROUND9[_inst.replace("_e30", f"_base{_share}_e30") if _share else _inst] = ROUND6[_name]
+for _s, _im in ((128, "crop"), (160, "blur"), (160, "crop")):
+    for _share in ("", "_base50", "_base65"):
+        ROUND9[f"head_vec{_s}_{_im}{_s}_aug_inst{_share}_e30"] = ((f"vec{_s}", f"{_im}{_s}"), True)
 #: Every candidate of every round, by name (``fit`` takes any trained one).
 ALL_CANDIDATES = {**CANDIDATES, **ROUND3, **ROUND6, **ROUND7, **ROUND8, **ROUND9}
 

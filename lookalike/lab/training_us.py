@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.losses import ContrastiveLoss
 
 from lookalike.encoders.lesion import finder_from_checkpoint
 from lookalike.encoders.ultrasound import (UltrasoundNet, build_scheduler, build_unet, build_vae, default_arch,
@@ -185,8 +186,6 @@ def fit_head(
     negatives: class losses alone pull a class together until an image's own near copy no longer outranks its
     classmates. It needs at least two copies.
     """
-    from monai.losses import ContrastiveLoss
-
     if instance_weight > 0 and train_views.shape[0] < 2:
         raise ValueError("the instance term needs each image's copies: train_views has one")
     instance = ContrastiveLoss(temperature=instance_temperature) if instance_weight > 0 else None

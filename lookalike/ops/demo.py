@@ -78,12 +78,10 @@ def show_example(stack: Stack, labels: dict[str, str] | None = None) -> None:
     http = stack.http()
     url = stack.config.orthanc_url
     studies = http.get(f"{url}/studies?expand", timeout=10).json()
-    query = sorted(studies, key=lambda s: s["MainDicomTags"].get("StudyInstanceUID", ""))[0]
-    for s in studies:
-        series = http.get(f"{url}/studies/{s['ID']}/series", timeout=10).json()
-        if any(x["MainDicomTags"].get("Modality") == "US" for x in series):
-            query = s
-            break
+    modalities = {s["ID"]: {x["MainDicomTags"].get("Modality", "")
+                            for x in http.get(f"{url}/studies/{s['ID']}/series", timeout=10).json()} for s in studies}
+    query = next((s for s in studies if "US" in modalities[s["ID"]]),
+                 min(studies, key=lambda s: s["MainDicomTags"].get("StudyInstanceUID", "")))
     answer = http.get(f"{url}/lookalike/studies/{query['ID']}/similar?limit=5", timeout=30).json()
     print("\nExample lookup (a US study):")
     print(f"  curl -u admin:PASSWORD {url}/lookalike/studies/{query['ID']}/similar?limit=5")
@@ -99,18 +97,18 @@ def show_example(stack: Stack, labels: dict[str, str] | None = None) -> None:
     if "similar" not in answer:
         print("  " + json.dumps(answer))
     if labels:
-        show_agreement(stack, studies, labels)
+        show_agreement(stack, studies, modalities, labels)
 
 
-def show_agreement(stack: Stack, studies: list[dict], labels: dict[str, str]) -> None:
-    """Every sample study looked up as above, summed up per modality (:func:`label_agreement`)."""
+def show_agreement(stack: Stack, studies: list[dict], modalities: dict[str, set[str]], labels: dict[str, str]) -> None:
+    """Every sample study looked up as above, summed up per modality (:func:`label_agreement`); ``modalities``: each
+    study's series' modalities by Orthanc id (a sample study holds one)."""
     http, url = stack.http(), stack.config.orthanc_url
     answers: dict[str, list[str]] = {}
     modality_of: dict[str, str] = {}
     for s in studies:
         uid = s["MainDicomTags"].get("StudyInstanceUID", "")
-        series = http.get(f"{url}/studies/{s['ID']}/series", timeout=10).json()
-        modality_of[uid] = next((x["MainDicomTags"].get("Modality", "") for x in series), "")
+        modality_of[uid] = min(modalities[s["ID"]], default="")
         found = http.get(f"{url}/lookalike/studies/{s['ID']}/similar?limit=5", timeout=30).json()
         answers[uid] = [a["study_instance_uid"] for a in found.get("similar", [])]
     print("\nEvery sample study looked up the same way (top 5; labels from deploy/samples/index.csv):")

@@ -808,6 +808,18 @@ class Stack:
         self.stop()
 
 
+def child_pids(pid: int) -> list[int]:
+    """The running processes ``pid`` started, from any of its threads (Orthanc starts the plugin's relay from one,
+    a Celery worker its pool processes): what tests and benchmarks look for below a stack's process."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # the thread or the process ended meanwhile
+            continue
+    return found
+
+
 def storescu(config: StackConfig, files: list[Path], aet: str = "STORESCU", timeout: float = 120) -> subprocess.CompletedProcess:
     """Send files with DCMTK's ``storescu``, as a modality would."""
     argv = ["storescu", "-aet", aet, "-aec", ORTHANC_AET, "127.0.0.1", str(config.dicom_port), *map(str, files)]
