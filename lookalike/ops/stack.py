@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import pwd
+import random
 import secrets
 import shutil
 import signal
@@ -62,13 +63,26 @@ FAILING_AFTER = 3
 STABLE_AFTER = 60.0
 
 
+def _ephemeral_ports() -> range:
+    """The kernel's range for the local ports of outgoing connections (``ip_local_port_range``)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
 def free_port(preferred: int = 0) -> int:
     """A TCP port on loopback that nothing listens on right now: ``preferred`` if it is free.
 
     Probed as the servers bind (SO_REUSEADDR), so a port of ours that only has connections closing (TIME_WAIT)
-    after a restart still counts as free and keeps its number.
+    after a restart still counts as free and keeps its number. Other ports are drawn below the kernel's ephemeral
+    range: a port from that range can become the local port of any client's outgoing connection between this probe
+    and the server's bind (seen: Orthanc refusing to start on a port a test's HTTP client had just been given).
     """
-    for port in (preferred, 0) if preferred else (0,):
+    ephemeral = _ephemeral_ports()
+    drawn = random.sample(range(20000, ephemeral.start), 64) if ephemeral.start > 20064 else []
+    for port in ([preferred] if preferred else []) + drawn + [0]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
