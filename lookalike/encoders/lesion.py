@@ -1,4 +1,8 @@
-"""Lesion finder for breast ultrasound: a small MONAI UNet that segments the lesion, reduced to one box.
+"""Lesion finder for breast ultrasound: a MONAI segmentation network that outlines the lesion, reduced to one box.
+
+Two networks: ``FlexibleUNet`` over EfficientNet-Lite0 started from its packaged ImageNet weights
+(:mod:`lookalike.encoders.lesion_backbone`, tag :data:`FLEX_TAG`), and the earlier small ``UNet`` trained from
+nothing (:data:`TAG`), which checkpoints written before keep using. The checkpoint's ``arch`` says which.
 
 It runs on what the ultrasound encoder receives (the decoded frame cropped to its imaging region), inside the
 encoder's own embedding path (:meth:`lookalike.encoders.base.Encoder.embed_with_boxes`), so the worker,
@@ -29,6 +33,7 @@ from scipy import ndimage
 from lookalike.encoders.preprocessing import build_preprocess, check_image
 
 TAG = "unet-1"
+FLEX_TAG = "flexunet-lite0-1"
 
 
 @dataclass(frozen=True)
@@ -46,8 +51,19 @@ class LesionBox:
         return LesionBox(self.x0 + dx, self.y0 + dy, self.x1 + dx, self.y1 + dy, self.confidence)
 
 
-def default_arch(image_size: int = 96) -> dict[str, Any]:
-    """Configuration stored in the checkpoint; enough to rebuild the network and the box rule."""
+def default_arch(image_size: int = 96, backbone: str | None = None) -> dict[str, Any]:
+    """Configuration stored in the checkpoint; enough to rebuild the network and the box rule.
+
+    ``backbone="efficientnet-lite0"`` gives the pretrained ``FlexibleUNet``; None the small ``UNet``.
+    """
+    rule = {"threshold": 0.5, "min_area": 0.002}
+    if backbone is not None:
+        from lookalike.encoders.lesion_backbone import BACKBONE
+
+        if backbone != BACKBONE:
+            raise ValueError(f"unknown lesion backbone {backbone!r}; known: {BACKBONE}")
+        return {"name": "lesion", "tag": FLEX_TAG, "image_size": image_size, "backbone": backbone,
+                "decoder_channels": [64, 32, 24, 16, 8], **rule}
     return {
         "name": "lesion",
         "tag": TAG,
@@ -55,13 +71,20 @@ def default_arch(image_size: int = 96) -> dict[str, Any]:
         "channels": [16, 32, 64, 128, 128],
         "strides": [2, 2, 2, 2],
         "num_res_units": 1,
-        "threshold": 0.5,
-        "min_area": 0.002,
+        **rule,
     }
 
 
-def build_net(arch: dict[str, Any]) -> Any:
-    """MONAI ``UNet`` (2-D, one input channel, one logit channel) described by ``arch``."""
+def build_net(arch: dict[str, Any], pretrained: bool = False) -> Any:
+    """The network ``arch`` describes: (B, 1, S, S) in [0, 1] -> lesion logits (B, 1, S, S).
+
+    ``pretrained`` starts a backbone from its packaged ImageNet weights (training); serving loads a checkpoint's
+    own weights over the network and never needs them.
+    """
+    if arch.get("backbone"):
+        from lookalike.encoders.lesion_backbone import build_flexible_unet
+
+        return build_flexible_unet(arch, pretrained)
     from monai.networks.nets import UNet  # here, not above: monai brings torch; base imports this module
 
     return UNet(

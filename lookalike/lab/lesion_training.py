@@ -95,6 +95,7 @@ def train_finder(
     seed: int = 0,
     *,
     image_size: int = 96,
+    backbone: str | None = None,
     batch_size: int = 32,
     lr: float = 2e-3,
     threads: int | None = None,
@@ -110,6 +111,9 @@ def train_finder(
         Folders holding ``manifest.csv`` with ``path,split`` and an optional ``mask`` column.
     out : Path
         Checkpoint (``{"arch", "state_dict", "meta"}``) that :func:`lookalike.lab.lesions.load_finder` reads.
+    backbone : str, optional
+        ``"efficientnet-lite0"``: MONAI ``FlexibleUNet`` over that network, started from its packaged ImageNet
+        weights; None: the small ``UNet`` from nothing (:func:`lookalike.encoders.lesion.default_arch`).
     max_train : int, optional
         A random subset of this many training rows (tests, CPU budget).
 
@@ -125,14 +129,14 @@ def train_finder(
     val_rows = [r for r in val_rows if r.get("mask")]
     if not train_rows or not val_rows:
         raise ValueError(f"need train rows and val rows with masks ({len(train_rows)}, {len(val_rows)})")
-    arch = default_arch(image_size)
+    arch = default_arch(image_size, backbone)
     x_tr, m_tr = load_pairs(train_rows, image_size)
     x_va, m_va = load_pairs(val_rows, image_size)
     log(f"[lesion] {len(train_rows)} train ({sum(bool(r.get('mask')) for r in train_rows)} with a mask), "
         f"{len(val_rows)} val images, {image_size} px, {device}; read in {time.time() - t_begin:.0f} s")
     aug = build_pair_augment(image_size)
     aug.set_random_state(seed=seed)
-    net = build_net(arch).to(device)
+    net = build_net(arch, pretrained=True).to(device)
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     n_batches = max(1, len(x_tr) // batch_size)
@@ -147,7 +151,7 @@ def train_finder(
             "val_best": {"dice": best, "epoch": max(history, key=lambda h: h["val_dice"])["epoch"]},
             "history": history,
             "data": {"dirs": [str(d) for d in data], "n_train": len(train_rows), "n_val": len(val_rows)},
-            "hyper": {"epochs": epochs, "image_size": image_size, "batch_size": batch_size, "lr": lr,
+            "hyper": {"epochs": epochs, "image_size": image_size, "backbone": backbone, "batch_size": batch_size, "lr": lr,
                       "max_train": max_train},
             "seed": seed,
             "train_seconds": round(time.time() - t_begin, 1),
@@ -196,12 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--backbone", choices=["efficientnet-lite0"], default=None,
+                   help="a pretrained encoder under MONAI's FlexibleUNet (default: the small UNet from nothing)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-train", type=int, default=None)
     a = p.parse_args(argv)
-    train_finder(a.data, a.out, a.epochs, a.seed, image_size=a.image_size, batch_size=a.batch_size, lr=a.lr,
+    train_finder(a.data, a.out, a.epochs, a.seed, image_size=a.image_size, backbone=a.backbone,
+                 batch_size=a.batch_size, lr=a.lr,
                  threads=a.threads, max_train=a.max_train)
     return 0
 
