@@ -21,6 +21,7 @@ candidate as a checkpoint ``load_encoder`` serves. breast_lesions_usg is only ev
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -132,6 +133,9 @@ ROUND9: dict[str, tuple[tuple[str, ...], bool]] = {k: v for k, v in ROUND6.items
 for _s, _im in ((128, "crop"), (160, "blur"), (160, "crop")):
     for _share in ("", "_base50", "_base65"):
         ROUND9[f"head_vec{_s}_{_im}{_s}_aug_inst{_share}_e30"] = ((f"vec{_s}", f"{_im}{_s}"), True)
+#: Round 10 (issue 18): round 9's candidates again, on blocks made with a retrained lesion finder (``cache
+#: --finder``); the shipped encoder to beat is round 9's winner, read from round 9's report (``--against``).
+ROUND10 = {k: v for k, v in ROUND9.items() if k != "shipped_served"}
 #: Every candidate of every round, by name (``fit`` takes any trained one).
 ALL_CANDIDATES = {**CANDIDATES, **ROUND3, **ROUND6, **ROUND7, **ROUND8, **ROUND9}
 
@@ -191,7 +195,8 @@ class FixedBoxes:
 
 
 def cache_set_sides(data: Path, base_path: Path, out: Path, sides: tuple[int, ...] = ROUND3_SIDES,
-                    chunk: int = 32, blur: float = 0.0, noisy_seed: int | None = None) -> Path:
+                    chunk: int = 32, blur: float = 0.0, noisy_seed: int | None = None,
+                    finder_path: Path | None = None) -> Path:
     """Round 3's blocks of every image (module ``ROUND3``), each computed as the served network at that side would.
 
     The finder runs once per image; its boxes make the views at 64 (the shipped encoder's own input: ``vec64``)
@@ -199,12 +204,15 @@ def cache_set_sides(data: Path, base_path: Path, out: Path, sides: tuple[int, ..
     ``blur`` > 0 adds ``blurS``, the crop smoothed as a checkpoint with that ``smooth_sigma`` serves it (round 6).
     ``noisy_seed`` adds ``noisy_<block>`` for every block: the same computation on a near copy of each image
     (:func:`lookalike.lab.augment.noisy_copy`, its own finder pass), drawn from that seed and the set's name.
+    ``finder_path`` (round 10): the lesion finder of that checkpoint instead of the base checkpoint's; the cache
+    records the sha256 of the finder it was made with (``finder_sha256``), which ``fit`` checks.
     """
     ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
     net = FusedUltrasoundNet(fused_arch(ckpt["arch"], "vector", (), 64, 64))
     load_base(net, ckpt)
     net.eval()
-    finder = finder_from_checkpoint(ckpt)
+    lesion = finder_entry(ckpt, finder_path)
+    finder = finder_from_checkpoint(lesion)
     trunks = {s: build_trunk(s) for s in sides}
     smooth = GaussianFilter(2, blur) if blur > 0 else None
     pres = {s: build_preprocess(s) for s in (64, *sides)}
@@ -241,8 +249,29 @@ def cache_set_sides(data: Path, base_path: Path, out: Path, sides: tuple[int, ..
             print(f"[cache3] {data.name} {done}/{len(rows)} ({time.time() - t0:.0f} s)", flush=True)
     meta = {c: np.array([r.get(c, "") for r in rows]) for c in ("path", "label", "group", "split", "device")}
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **{k: np.concatenate(v) for k, v in parts.items()}, **meta, blur_sigma=np.array(blur))
+    np.savez(out, **{k: np.concatenate(v) for k, v in parts.items()}, **meta, blur_sigma=np.array(blur),
+             finder_sha256=np.array(state_sha256(lesion)))
     return out
+
+
+def finder_entry(base_ckpt: dict[str, Any], finder_path: Path | None) -> dict[str, Any]:
+    """The ``lesion`` entry a fitted checkpoint carries: ``{"arch", "state_dict"}`` of the finder in
+    ``finder_path`` (a ``lookalike train-lesions`` checkpoint), or the base checkpoint's own finder."""
+    if finder_path is None:
+        return base_ckpt["lesion"]
+    ckpt = torch.load(finder_path, map_location="cpu", weights_only=True)
+    if ckpt.get("arch", {}).get("name") != "lesion":
+        raise ValueError(f"{finder_path}: not a lesion finder checkpoint")
+    return {"arch": ckpt["arch"], "state_dict": ckpt["state_dict"]}
+
+
+def state_sha256(entry: dict[str, Any]) -> str:
+    """A finder's identity: sha256 over its arch and weights, so a cache and a fit can be checked to match."""
+    h = hashlib.sha256(json.dumps(entry["arch"], sort_keys=True).encode())
+    for k in sorted(entry["state_dict"]):
+        h.update(k.encode())
+        h.update(entry["state_dict"][k].detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()
 
 
 def side_of(name: str) -> int:
@@ -516,12 +545,22 @@ def select(cache_dir: Path, seed: int = 0, only: list[str] | None = None, loho_l
     return report
 
 
-def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int = 0) -> Path:
-    """Write ``candidate`` (a trained one) as a servable ultrasound checkpoint over the base checkpoint."""
+def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int = 0,
+        finder_path: Path | None = None) -> Path:
+    """Write ``candidate`` (a trained one) as a servable ultrasound checkpoint over the base checkpoint.
+
+    The checkpoint carries the finder the cache was made with (``finder_path``, or the base checkpoint's); a
+    cache made with another finder is refused, since the head was trained on that finder's crops.
+    """
     blocks, trained = ALL_CANDIDATES[candidate]
     if not trained:
         raise ValueError(f"{candidate} has no head to ship")
     caches = load_caches(cache_dir)
+    ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
+    lesion = finder_entry(ckpt, finder_path)
+    made_with = {str(c["finder_sha256"]) for c in caches.values() if "finder_sha256" in c}
+    if made_with and made_with != {state_sha256(lesion)}:
+        raise ValueError(f"{cache_dir} was made with another lesion finder than {finder_path or base_path}")
     aug, share, inst = augmented_of(candidate), share_of(candidate), instance_of(candidate)
     head, center = final_head(caches, blocks, seed, epochs_of(candidate), aug, inst)
     kinds = {b.rstrip("0123456789") for b in blocks}
@@ -533,7 +572,6 @@ def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int =
     view_size = side_of(blocks[0]) if candidate not in CANDIDATES else VIEW_SIZE
     if len(sizes) > 1:
         raise ValueError("one ImageNet side per encoder")
-    ckpt = base_checkpoint(torch.load(base_path, map_location="cpu", weights_only=True))
     base_arch = dict(ckpt["arch"])
     if "vae" in kinds:
         base_arch["features"] = ["h", "z"]
@@ -558,7 +596,7 @@ def fit(cache_dir: Path, candidate: str, base_path: Path, out: Path, seed: int =
             "augmented": aug, "base_share": share, "seed": seed, "base": f"{base_path.name} sha256 {file_sha256(base_path)[:8]}",
             "command": run_command(None), "torch": torch.__version__,
             "figures": figures(caches, blocks, head, center, share)}
-    return save_checkpoint(out, arch, state, meta, lesion=ckpt["lesion"])
+    return save_checkpoint(out, arch, state, meta, lesion=lesion)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,12 +609,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--round3", action="store_true", help="round 3's blocks: views at 128 and 160 px, one finder pass")
     c.add_argument("--blur", type=float, default=0.0, help="with --round3: also the crop smoothed by this sigma (px)")
     c.add_argument("--noisy-seed", type=int, help="with --round3: also every block of a near copy of each image")
+    c.add_argument("--finder", type=Path, help="with --round3: this lesion finder (train-lesions) instead of --base's")
     s = sub.add_parser("select")
     s.add_argument("--round3", action="store_true", help="round 3's candidates and the rule's tests 1-2")
     s.add_argument("--round6", action="store_true", help="round 6's candidates, tests 1-2 and the near-copy screen")
     s.add_argument("--round7", action="store_true", help="round 7's candidates (round 6's heads beside the vector)")
     s.add_argument("--round8", action="store_true", help="round 8's candidates (the vector's share 65% and 75%)")
     s.add_argument("--round9", action="store_true", help="round 9's candidates (heads with the instance term)")
+    s.add_argument("--round10", action="store_true", help="round 9's candidates on a retrained finder's blocks")
+    s.add_argument("--against", nargs=2, metavar=("REPORT", "CANDIDATE"),
+                   help="the shipped encoder's row in an earlier select report: the LOHO and pooled val to beat")
     s.add_argument("--cache", type=Path, required=True)
     s.add_argument("--only", nargs="*")
     s.add_argument("--out-json", type=Path)
@@ -585,30 +627,35 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--cache", type=Path, required=True)
     f.add_argument("--candidate", required=True, choices=sorted(k for k, v in ALL_CANDIDATES.items() if v[1]))
     f.add_argument("--out", type=Path, required=True)
+    f.add_argument("--finder", type=Path, help="the lesion finder the cache was made with, when not --base's")
     for q in (c, f):
         q.add_argument("--base", type=Path, default=WEIGHTS_DIR / "us.pt", help="the VAE-diffusion checkpoint")
     for q in (c, s, f):
         q.add_argument("--threads", type=int, default=2)
         q.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.cmd == "select" and a.round10 and not a.against:
+        p.error("--round10 needs --against: the shipped encoder's figures come from the report that chose it")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     if a.cmd == "cache":
         for d in a.data:
             out = a.cache / f"{d.resolve().name}.npz"
             if a.round3:
-                cache_set_sides(d, a.base, out, blur=a.blur, noisy_seed=a.noisy_seed)
+                cache_set_sides(d, a.base, out, blur=a.blur, noisy_seed=a.noisy_seed, finder_path=a.finder)
             else:
                 cache_set(d, a.base, out)
     elif a.cmd == "select":
-        rounds = ROUND9 if a.round9 else ROUND8 if a.round8 else ROUND7 if a.round7 else ROUND6 if a.round6 else (ROUND3 if a.round3 else CANDIDATES)
+        rounds = ROUND10 if a.round10 else ROUND9 if a.round9 else ROUND8 if a.round8 else ROUND7 if a.round7 else ROUND6 if a.round6 else (ROUND3 if a.round3 else CANDIDATES)
         report = select(a.cache, a.seed, a.only, tuple(a.loho_labels), rounds)
-        if (a.round3 or a.round6 or a.round7 or a.round8 or a.round9) and "shipped_served" in report:
-            report["rule"] = round3_decision(report, above_shipped=a.round8 or a.round9)
+        if a.against:
+            report["shipped_served"] = json.loads(Path(a.against[0]).read_text())[a.against[1]]
+        if (a.round3 or a.round6 or a.round7 or a.round8 or a.round9 or a.round10) and "shipped_served" in report:
+            report["rule"] = round3_decision(report, above_shipped=a.round8 or a.round9 or a.round10)
         if a.out_json:
             a.out_json.write_text(json.dumps(report, indent=1))
     else:
-        print(fit(a.cache, a.candidate, a.base, a.out, a.seed))
+        print(fit(a.cache, a.candidate, a.base, a.out, a.seed, a.finder))
     return 0
 
 
