@@ -109,6 +109,64 @@ def test_finder_finds_the_box_of_a_bright_ellipse(finder_file: Path) -> None:
     assert finder.find([speckle_only / 255.0]) == [None]
 
 
+@pytest.fixture(scope="module")
+def pretrained_finder_file(finder_file: Path) -> Path:
+    """The pretrained FlexibleUNet finder, fine-tuned for a few seeded epochs on the same synthetic scans."""
+    from lookalike.lab.lesion_training import train_finder
+
+    out = finder_file.parent / "lesion-lite0.pt"
+    meta = train_finder([finder_file.parent], out, epochs=8, seed=0, image_size=64, backbone="efficientnet-lite0",
+                        batch_size=8, lr=2e-3, threads=1, log=lambda s: None)
+    assert meta["hyper"]["backbone"] == "efficientnet-lite0"
+    return out
+
+
+def test_pretrained_backbone_starts_from_the_packaged_imagenet_weights() -> None:
+    """The finder's encoder is EfficientNet-Lite0 with the weights of the installed package (no download), giving
+    MONAI's FlexibleUNet five maps at strides 2-32; without ``pretrained`` those weights are not read."""
+    from lookalike.encoders.lesion import build_net, default_arch
+    from lookalike.encoders.lesion_backbone import CHANNELS
+    from lookalike.encoders.pretrained import weights_file
+
+    imagenet = torch.load(weights_file(), map_location="cpu", weights_only=True)
+    arch = default_arch(64, "efficientnet-lite0")
+    net = build_net(arch, pretrained=True).eval()
+    torch.testing.assert_close(net.encoder.stem[0].weight, imagenet["_conv_stem.weight"])
+    torch.testing.assert_close(net.encoder.blocks[-1]._project_conv.weight, imagenet["_blocks.15._project_conv.weight"])
+    torch.manual_seed(0)
+    fresh = build_net(arch, pretrained=False)
+    assert not torch.equal(fresh.encoder.stem[0].weight, imagenet["_conv_stem.weight"])
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        maps = net.encoder(x)
+        assert [tuple(m.shape[1:]) for m in maps] == [(c, 64 // 2 ** (i + 1), 64 // 2 ** (i + 1))
+                                                      for i, c in enumerate(CHANNELS)]
+        assert net(x).shape == (2, 1, 64, 64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        build_net(default_arch(48, "efficientnet-lite0"))
+    with pytest.raises(ValueError, match="unknown lesion backbone"):
+        default_arch(64, "resnet-50")
+
+
+def test_pretrained_finder_finds_the_ellipse_and_serves_without_the_package_weights(
+    pretrained_finder_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serving loads the checkpoint's own (fine-tuned) weights over an unpretrained network: the packaged ImageNet
+    file is never read, and two loads give the same box."""
+    import lookalike.encoders.lesion_backbone as backbone
+
+    def no_file() -> Path:
+        raise AssertionError("serving read the ImageNet weights file")
+
+    monkeypatch.setattr(backbone, "weights_file", no_file)
+    rng = np.random.default_rng(42)
+    img, mask = scan(rng, 150, 110, (100.0, 40.0, 22.0, 15.0))
+    (box,) = load_finder(pretrained_finder_file).find([img / 255.0])
+    assert box is not None and 0.5 < box.confidence <= 1.0
+    assert box_iou((box.x0, box.y0, box.x1, box.y1), true_box(mask)) >= 0.5
+    assert load_finder(pretrained_finder_file).find([img / 255.0]) == [box]
+
+
 def test_component_rule_keeps_the_most_probable_lesion_and_drops_specks() -> None:
     prob = np.zeros((48, 48), np.float32)
     prob[5:10, 5:10] = 0.95  # small, confident: mass 25 * 0.95

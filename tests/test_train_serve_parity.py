@@ -124,6 +124,40 @@ def test_fused_encoder_at_a_smaller_side_serves_what_round3_cached(tmp_path, blo
     np.testing.assert_allclose(served, apply(net.head.eval(), joined(cached, blocks)), atol=1e-5)
 
 
+def test_a_retrained_finder_travels_from_the_cache_into_the_served_checkpoint(tmp_path) -> None:
+    """Round 10: blocks cached with another finder (``cache --finder``) are what a checkpoint carrying that finder
+    serves, the cache names the finder it was made with, and ``fit`` refuses a cache made with another one."""
+    import torch
+
+    from lookalike.encoders import load_encoder
+    from lookalike.encoders.base import WEIGHTS_DIR
+    from lookalike.encoders.fused import FusedUltrasoundNet, base_checkpoint, fused_arch
+    from lookalike.encoders.lesion import build_net, default_arch
+    from lookalike.lab.training import save_checkpoint
+    from lookalike.lab.training_fused import apply, cache_set_sides, finder_entry, fit, joined, state_sha256
+
+    torch.manual_seed(0)
+    arch = default_arch(64, "efficientnet-lite0")
+    finder_file = save_checkpoint(tmp_path / "finder.pt", arch, build_net(arch, pretrained=True).state_dict(), {})
+    _three_scans(tmp_path, seed=7)
+    cached = dict(np.load(cache_set_sides(tmp_path, WEIGHTS_DIR / "us.pt", tmp_path / "c" / "set.npz", sides=(128,),
+                                          finder_path=finder_file)))
+    shipped = base_checkpoint(torch.load(WEIGHTS_DIR / "us.pt", map_location="cpu", weights_only=True))
+    lesion = finder_entry(shipped, finder_file)
+    assert str(cached["finder_sha256"]) == state_sha256(lesion) != state_sha256(shipped["lesion"])
+
+    fused = fused_arch(dict(shipped["arch"]), "vector", ("lesion",), 128, 128)
+    net = FusedUltrasoundNet(fused)
+    net.base.load_state_dict(shipped["state_dict"], strict=False)
+    torch.save({"arch": fused, "state_dict": net.state_dict(), "lesion": lesion}, tmp_path / "fused.pt")
+    enc = load_encoder("us", weights=tmp_path / "fused.pt")
+    served = enc.embed([load_image(tmp_path / f"{i}.png", "us") for i in range(3)])
+    np.testing.assert_allclose(served, apply(net.head.eval(), joined(cached, ("vec128", "crop128"))), atol=1e-5)
+
+    with pytest.raises(ValueError, match="another lesion finder"):
+        fit(tmp_path / "c", "head_vec128_crop128_aug_inst_base65_e30", WEIGHTS_DIR / "us.pt", tmp_path / "x.pt")
+
+
 def test_head_served_beside_the_base_vector_is_what_training_scored(tmp_path) -> None:
     """Round 7: a checkpoint whose head is served beside the base vector (``base_share``) serves exactly
     ``lab.training_fused.served`` on the cached blocks, which is what selection scored; its cosine between two
