@@ -1,9 +1,9 @@
 """C-STORE throughput into Orthanc with the Lookalike plugin against Orthanc alone, and where the CPU goes.
 
-Three Orthancs run in this one process run, alternately, on the same instances (fresh UIDs each round): without
-the plugin; with the plugin and no worker (tasks wait in Redis: the cost of the Orthanc side alone); with the
-plugin and its worker indexing while the instances arrive, on the same cores (it finishes its backlog before the
-next round starts). The figures are ratios of instances/s to Orthanc without the plugin (goal: >= 0.9). DCMTK's
+Three Orthancs run in this one process run, alternately (each round led by the next), on the same instances (fresh
+UIDs each round): without the plugin; with the plugin and no worker (tasks wait in Redis: the cost of the Orthanc
+side alone); with the plugin and its worker indexing while the instances arrive, on the same cores (it finishes its
+backlog before the next round starts). The figures are ratios of instances/s to Orthanc without the plugin (goal: >= 0.9). DCMTK's
 storescu sends, one association per round, ``TCP_NODELAY=1`` on both sides.
 
 The split: CPU seconds each process of a stack used while storescu sent (``/proc/<pid>/stat``, all threads; the
@@ -130,8 +130,12 @@ def main() -> None:
         try:
             for stack in stacks.values():
                 stack.start()
+            names = list(stacks)
             for r in range(args.rounds):
-                for i, (name, stack) in enumerate(stacks.items()):
+                # each round starts with the next stack: a drift within a round (rates fell from the first to the
+                # last of a round's runs) lands on every stack alike instead of always on the last
+                for name in names[r % len(names):] + names[: r % len(names)]:
+                    stack, i = stacks[name], names.index(name)
                     files = make_instances(tmp / f"{i}-{r}", args.instances, prefix=f"R{r}S{i}",
                                            per_study=args.per_study)
                     waited = settle(list(stacks.values()))
