@@ -3,8 +3,8 @@
 Three Orthancs run in this one process run, alternately (each round led by the next), on the same instances (fresh
 UIDs each round): without the plugin; with the plugin and no worker (tasks wait in Redis: the cost of the Orthanc
 side alone); with the plugin and its worker indexing while the instances arrive, on the same cores (it finishes its
-backlog before the next round starts). The figures are ratios of instances/s to Orthanc without the plugin (goal: >= 0.9). DCMTK's
-storescu sends, one association per round, ``TCP_NODELAY=1`` on both sides.
+backlog before the next round starts). The figures are ratios of instances/s to Orthanc without the plugin (goal:
+>= 0.9). DCMTK's storescu sends, one association per round, ``TCP_NODELAY=1`` on both sides.
 
 The split: CPU seconds each process of a stack used while storescu sent (``/proc/<pid>/stat``, all threads; the
 worker with its pool processes; the relay, Orthanc's child that sends the plugin's tasks; storescu from the

@@ -279,6 +279,16 @@ def test_a_head_that_is_mostly_the_shipped_vector_must_beat_it_when_the_round_as
     assert strict["head_vec160_crop160_base75_e30"]["passes_1"]
 
 
+def test_round10_is_refused_without_the_report_that_chose_the_shipped_encoder(tmp_path: Path, capsys) -> None:
+    """Round 10 judges heads on a new finder's blocks against the shipped encoder with its own finder, whose row only
+    an earlier report holds: without ``--against`` the command stops before reading any cache."""
+    from lookalike.lab.training_fused import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["select", "--round10", "--cache", str(tmp_path / "no-cache")])
+    assert stop.value.code == 2 and "--against" in capsys.readouterr().err
+
+
 def test_instance_term_keeps_an_images_own_copy_above_its_classmates() -> None:
     """Round 9's ``_inst`` heads: class losses alone pull a class together until an image's near copy no longer
     outranks its classmates; the instance term (NT-Xent between an image and its copy) keeps it first."""

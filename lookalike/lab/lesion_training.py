@@ -24,6 +24,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose, EnsureTyped, Lambdad, RandAffined, RandFlipd, ScaleIntensityRanged
 
 from lookalike.encoders.lesion import build_net, component_box, default_arch
+from lookalike.encoders.lesion_backbone import BACKBONE
 from lookalike.encoders.preprocessing import build_preprocess
 from lookalike.lab.augment import scanner_intensity_steps
 from lookalike.lab.images import load_image_with_region
@@ -151,8 +152,8 @@ def train_finder(
             "val_best": {"dice": best, "epoch": max(history, key=lambda h: h["val_dice"])["epoch"]},
             "history": history,
             "data": {"dirs": [str(d) for d in data], "n_train": len(train_rows), "n_val": len(val_rows)},
-            "hyper": {"epochs": epochs, "image_size": image_size, "backbone": backbone, "batch_size": batch_size, "lr": lr,
-                      "max_train": max_train},
+            "hyper": {"epochs": epochs, "image_size": image_size, "backbone": backbone, "batch_size": batch_size,
+                      "lr": lr, "max_train": max_train},
             "seed": seed,
             "train_seconds": round(time.time() - t_begin, 1),
             "command": run_command(command),
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--backbone", choices=["efficientnet-lite0"], default=None,
+    p.add_argument("--backbone", choices=[BACKBONE], default=None,
                    help="a pretrained encoder under MONAI's FlexibleUNet (default: the small UNet from nothing)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)

@@ -646,12 +646,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cache_set(d, a.base, out)
     elif a.cmd == "select":
-        rounds = ROUND10 if a.round10 else ROUND9 if a.round9 else ROUND8 if a.round8 else ROUND7 if a.round7 else ROUND6 if a.round6 else (ROUND3 if a.round3 else CANDIDATES)
-        report = select(a.cache, a.seed, a.only, tuple(a.loho_labels), rounds)
+        rounds = {"round3": ROUND3, "round6": ROUND6, "round7": ROUND7, "round8": ROUND8, "round9": ROUND9,
+                  "round10": ROUND10}
+        chosen = [r for r in rounds if getattr(a, r)]  # the latest round named wins
+        report = select(a.cache, a.seed, a.only, tuple(a.loho_labels), rounds[chosen[-1]] if chosen else CANDIDATES)
         if a.against:
             report["shipped_served"] = json.loads(Path(a.against[0]).read_text())[a.against[1]]
-        if (a.round3 or a.round6 or a.round7 or a.round8 or a.round9 or a.round10) and "shipped_served" in report:
-            report["rule"] = round3_decision(report, above_shipped=a.round8 or a.round9 or a.round10)
+        if chosen and "shipped_served" in report:
+            report["rule"] = round3_decision(report, above_shipped=chosen[-1] in ("round8", "round9", "round10"))
         if a.out_json:
             a.out_json.write_text(json.dumps(report, indent=1))
     else:
