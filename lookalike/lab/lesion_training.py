@@ -7,6 +7,14 @@ ultrasound, and each mask with its image. Rows without a mask (normal images) tr
 nothing. Loss: MONAI ``DiceCELoss`` (sigmoid, Dice over the whole batch so that empty masks are fine).
 Augmentation: flips and an affine (rotation, zoom, shift) on image and mask together, then the scanner
 intensity steps (:func:`lookalike.lab.augment.scanner_intensity_steps`) on the image.
+
+Steadiness (``--consistency W``): the finder decides box or none by a threshold, and an encoder that crops
+to its box jumps when that decision flips on a re-encoded copy of the same image. With W > 0 every step also
+sees a near copy of its batch (:func:`lookalike.lab.augment.noisy_copy`'s grey-level noise), the copy is
+trained on the same mask, and W times the mean squared difference of the two probability maps is added. Every
+epoch counts the val images whose box changes on their own near copy (box on one side only, or box IoU under
+0.8; copies seeded apart from ``bench/near_copy.py``'s); the kept epoch is the steadiest of those within 2 % of
+the best val Dice, then the best Dice. ``--init FILE`` starts from a trained finder (same architecture).
 """
 
 from __future__ import annotations
@@ -26,30 +34,38 @@ from monai.transforms import Compose, EnsureTyped, Lambdad, RandAffined, RandFli
 from lookalike.encoders.lesion import build_net, component_box, default_arch
 from lookalike.encoders.lesion_backbone import BACKBONE
 from lookalike.encoders.preprocessing import build_preprocess
-from lookalike.lab.augment import scanner_intensity_steps
+from lookalike.lab.augment import noisy_copy, scanner_intensity_steps
 from lookalike.lab.images import load_image_with_region
-from lookalike.lab.lesions import dice, load_mask
+from lookalike.lab.lesions import box_iou, dice, load_mask
 from lookalike.lab.training import (Log, plain_tensors, print_log, run_command, save_checkpoint, split_rows,
                                          start_run)
 
 
-def load_pairs(rows: Sequence[dict[str, str]], size: int) -> tuple[Any, Any]:
-    """Images and masks of the rows at ``size`` px: (n, 1, S, S) image tensor, (n, 1, S, S) mask in [0, 1].
+STEADY_IOU = 0.8  # a box that moves this far between an image and its near copy counts as unsteady
+STEADY_DICE_SHARE = 0.98  # epochs within this share of the best val Dice compete on steadiness
+
+
+def load_pairs(rows: Sequence[dict[str, str]], size: int,
+               copy_rng: np.random.Generator | None = None) -> tuple[Any, Any, Any]:
+    """Images and masks of the rows at ``size`` px: (n, 1, S, S) image tensor, (n, 1, S, S) mask in [0, 1], and
+    with ``copy_rng`` each image's near copy made in its own pixels as ``bench/near_copy.py`` makes it (else None).
 
     The image goes through the serving preprocessing; the mask (empty where the row has none) is cropped to
     the same imaging region and area-resized, so its values are the lesion's share of each pixel.
     """
     pre = build_preprocess(size)
-    xs, ms = [], []
+    xs, cs, ms = [], [], []
     for r in rows:
         img, region = load_image_with_region(r["path"], "us")
         xs.append(pre(img))
+        if copy_rng is not None:
+            cs.append(pre(noisy_copy(img, copy_rng)))
         mask = load_mask(r["mask"], region) if r.get("mask") else np.zeros(img.shape, bool)
         if mask.shape != img.shape:
             raise ValueError(f"{r['mask']}: mask shape {mask.shape} differs from its image's {img.shape}")
         m = torch.from_numpy(mask.astype(np.float32))[None, None]
         ms.append(F.interpolate(m, size=(size, size), mode="area")[0])
-    return torch.stack(xs), torch.stack(ms)
+    return torch.stack(xs), torch.stack(ms), torch.stack(cs) if cs else None
 
 
 def build_pair_augment(size: int) -> Any:
@@ -73,11 +89,39 @@ def build_pair_augment(size: int) -> Any:
     )
 
 
-def val_dice(net: Any, x: Any, m: Any, arch: dict[str, Any], batch: int = 128) -> float:
-    """Mean Dice on the rows that have a lesion, with the finder's component rule, at the training size."""
+def probabilities(net: Any, x: Any, batch: int = 128) -> np.ndarray:
+    """The finder's (n, S, S) lesion probabilities at the training size, in eval mode."""
     net.eval()
     with torch.no_grad():
-        probs = torch.cat([torch.sigmoid(net(x[i : i + batch])) for i in range(0, len(x), batch)])[:, 0].numpy()
+        return torch.cat([torch.sigmoid(net(x[i : i + batch])) for i in range(0, len(x), batch)])[:, 0].numpy()
+
+
+def unsteady(probs: np.ndarray, copy_probs: np.ndarray, arch: dict[str, Any]) -> int:
+    """How many images change their box on their near copy: a box on one side only, or box IoU < STEADY_IOU."""
+    n = 0
+    for p, c in zip(probs, copy_probs):
+        a = component_box(p, arch["threshold"], arch["min_area"])
+        b = component_box(c, arch["threshold"], arch["min_area"])
+        if (a is None) != (b is None) or (a is not None and box_iou(a[0], b[0]) < STEADY_IOU):
+            n += 1
+    return n
+
+
+def kept_epoch(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch a run keeps: the best val Dice, or with steadiness counted, the steadiest epoch within
+    STEADY_DICE_SHARE of the best val Dice, then the best Dice among those."""
+    best = max(h["val_dice"] for h in history)
+    if "val_unsteady" not in history[0]:
+        return max(history, key=lambda h: h["val_dice"])
+    close = [h for h in history if h["val_dice"] >= STEADY_DICE_SHARE * best]
+    return min(close, key=lambda h: (h["val_unsteady"], -h["val_dice"]))
+
+
+def val_dice(net: Any, x: Any, m: Any, arch: dict[str, Any], batch: int = 128,
+             probs: np.ndarray | None = None) -> float:
+    """Mean Dice on the rows that have a lesion, with the finder's component rule, at the training size."""
+    if probs is None:
+        probs = probabilities(net, x, batch)
     truth = m[:, 0].numpy() > 0.5
     scores = []
     for p, t in zip(probs, truth):
@@ -97,6 +141,8 @@ def train_finder(
     *,
     image_size: int = 96,
     backbone: str | None = None,
+    init: Path | None = None,
+    consistency: float = 0.0,
     batch_size: int = 32,
     lr: float = 2e-3,
     threads: int | None = None,
@@ -115,6 +161,11 @@ def train_finder(
     backbone : str, optional
         ``"efficientnet-lite0"``: MONAI ``FlexibleUNet`` over that network, started from its packaged ImageNet
         weights; None: the small ``UNet`` from nothing (:func:`lookalike.encoders.lesion.default_arch`).
+    init : Path, optional
+        A trained finder to start from; its architecture must be the one ``image_size`` and ``backbone`` name.
+        Its own val figures become epoch 0 of the history, so a run that makes it no better keeps it.
+    consistency : float
+        Weight of the near-copy term (module docstring); 0 trains as before, without copies.
     max_train : int, optional
         A random subset of this many training rows (tests, CPU budget).
 
@@ -127,33 +178,44 @@ def train_finder(
     device, amp = start_run(seed, threads)
     rng = np.random.default_rng(seed)
     _, _, train_rows, val_rows = split_rows(data, max_train, rng)
-    val_rows = [r for r in val_rows if r.get("mask")]
-    if not train_rows or not val_rows:
+    if not train_rows or not any(r.get("mask") for r in val_rows):
         raise ValueError(f"need train rows and val rows with masks ({len(train_rows)}, {len(val_rows)})")
     arch = default_arch(image_size, backbone)
-    x_tr, m_tr = load_pairs(train_rows, image_size)
-    x_va, m_va = load_pairs(val_rows, image_size)
+    steady = consistency > 0
+    x_tr, m_tr, _ = load_pairs(train_rows, image_size)
+    # Dice counts the val rows with a lesion; steadiness counts every val row (a normal image boxed on its copy)
+    x_va, m_va, c_va = load_pairs(val_rows, image_size, np.random.default_rng(seed + 1) if steady else None)
     log(f"[lesion] {len(train_rows)} train ({sum(bool(r.get('mask')) for r in train_rows)} with a mask), "
         f"{len(val_rows)} val images, {image_size} px, {device}; read in {time.time() - t_begin:.0f} s")
     aug = build_pair_augment(image_size)
     aug.set_random_state(seed=seed)
-    net = build_net(arch, pretrained=True).to(device)
+    net = build_net(arch, pretrained=init is None).to(device)
+    if init is not None:
+        start = torch.load(init, map_location="cpu", weights_only=True)
+        if start["arch"] != arch:
+            raise ValueError(f"{init}: its finder is {start['arch']}, this run trains {arch}")
+        net.load_state_dict(start["state_dict"])
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     n_batches = max(1, len(x_tr) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * n_batches), pct_start=0.1)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    best, best_state, history = -1.0, None, []
+    history: list[dict[str, Any]] = []
+    states: dict[int, dict[str, Any]] = {}  # epochs that may still be kept
+    saved = -1
 
     def describe(status: str) -> dict[str, Any]:
         """The checkpoint's ``meta`` as of now; ``status`` says whether the run had finished."""
+        kept = kept_epoch(history)
         return {
-            "status": f"{status} after epoch {len(history)} of {epochs}",
-            "val_best": {"dice": best, "epoch": max(history, key=lambda h: h["val_dice"])["epoch"]},
+            "status": f"{status} after epoch {history[-1]['epoch']} of {epochs}",
+            "val_best": {"dice": kept["val_dice"], "epoch": kept["epoch"],
+                         **({"unsteady": kept["val_unsteady"]} if steady else {})},
             "history": history,
             "data": {"dirs": [str(d) for d in data], "n_train": len(train_rows), "n_val": len(val_rows)},
             "hyper": {"epochs": epochs, "image_size": image_size, "backbone": backbone, "batch_size": batch_size,
-                      "lr": lr, "max_train": max_train},
+                      "lr": lr, "max_train": max_train, "init": str(init) if init else None,
+                      "consistency": consistency},
             "seed": seed,
             "train_seconds": round(time.time() - t_begin, 1),
             "command": run_command(command),
@@ -161,6 +223,32 @@ def train_finder(
             "device": device.type,
         }
 
+    def end_epoch(epoch: int, loss: float | None, seconds: float) -> None:
+        """Validate, remember the epoch, and write the checkpoint when the kept epoch changes."""
+        nonlocal saved
+        net.cpu()
+        probs = probabilities(net, x_va)
+        entry: dict[str, Any] = {"epoch": epoch, "loss": loss, "val_dice": round(val_dice(net, x_va, m_va, arch,
+                                                                                          probs=probs), 4)}
+        if steady:
+            entry["val_unsteady"] = unsteady(probs, probabilities(net, c_va), arch)
+        net.to(device)
+        history.append(entry)
+        states[epoch] = {k: t.detach().cpu().clone() for k, t in net.state_dict().items()}
+        top = max(h["val_dice"] for h in history)
+        for h in history:
+            if h["val_dice"] < STEADY_DICE_SHARE * top:
+                states.pop(h["epoch"], None)
+        log(f"[lesion] epoch {epoch}/{epochs} loss {loss if loss is not None else '-'} val Dice {entry['val_dice']:.3f}"
+            + (f" unsteady {entry['val_unsteady']}/{len(c_va)}" if steady else "") + f" ({seconds:.0f} s)")
+        kept = kept_epoch(history)["epoch"]
+        if kept != saved:
+            # the kept epoch is on disk whenever it changes: a run stopped early keeps it
+            save_checkpoint(out, arch, states[kept], describe("running"))
+            saved = kept
+
+    if init is not None:
+        end_epoch(0, None, 0.0)
     for ep in range(epochs):
         net.train()
         t0, tot = time.time(), 0.0
@@ -168,28 +256,29 @@ def train_finder(
         for b in range(n_batches):
             idx = perm[b * batch_size : (b + 1) * batch_size]
             pairs = [aug({"image": x_tr[i], "mask": m_tr[i]}) for i in idx]
-            xb = torch.stack([p["image"] for p in pairs]).to(device)
+            xb = torch.stack([p["image"] for p in pairs])
             mb = torch.stack([p["mask"] for p in pairs]).to(device)
+            if steady:
+                xb = torch.cat([xb, torch.from_numpy(noisy_copy(xb.numpy(), rng))])
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                loss = loss_fn(net(xb).float(), mb)
+                logits = net(xb.to(device)).float()
+            if steady:
+                own, copy = logits.chunk(2)
+                loss = 0.5 * (loss_fn(own, mb) + loss_fn(copy, mb))
+                loss = loss + consistency * F.mse_loss(torch.sigmoid(own), torch.sigmoid(copy))
+            else:
+                loss = loss_fn(logits, mb)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
             tot += float(loss.detach())
-        v = val_dice(net.cpu(), x_va, m_va, arch)
-        net.to(device)
-        history.append({"epoch": ep + 1, "loss": round(tot / n_batches, 4), "val_dice": round(v, 4)})
-        log(f"[lesion] epoch {ep + 1}/{epochs} loss {tot / n_batches:.4f} val Dice {v:.3f} ({time.time() - t0:.0f} s)")
-        if v > best:
-            best = v
-            best_state = {k: t.detach().cpu().clone() for k, t in net.state_dict().items()}
-            # the best so far is on disk at every improvement: a run stopped early keeps it
-            save_checkpoint(out, arch, best_state, describe("running"))
+        end_epoch(ep + 1, round(tot / n_batches, 4), time.time() - t0)
     meta = describe("finished")
-    save_checkpoint(out, arch, best_state, meta)
-    log(f"[lesion] saved {out} (best val Dice {best:.3f}, {meta['train_seconds']} s)")
+    save_checkpoint(out, arch, states[meta["val_best"]["epoch"]], meta)
+    log(f"[lesion] saved {out} (epoch {meta['val_best']['epoch']}, val Dice {meta['val_best']['dice']:.3f}, "
+        f"{meta['train_seconds']} s)")
     return meta
 
 
@@ -203,13 +292,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--backbone", choices=[BACKBONE], default=None,
                    help="a pretrained encoder under MONAI's FlexibleUNet (default: the small UNet from nothing)")
+    p.add_argument("--init", type=Path, help="start from this trained finder (same architecture)")
+    p.add_argument("--consistency", type=float, default=0.0,
+                   help="weight of the near-copy term; > 0 also keeps the steadiest epoch near the best val Dice")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-train", type=int, default=None)
     a = p.parse_args(argv)
-    train_finder(a.data, a.out, a.epochs, a.seed, image_size=a.image_size, backbone=a.backbone,
-                 batch_size=a.batch_size, lr=a.lr,
+    train_finder(a.data, a.out, a.epochs, a.seed, image_size=a.image_size, backbone=a.backbone, init=a.init,
+                 consistency=a.consistency, batch_size=a.batch_size, lr=a.lr,
                  threads=a.threads, max_train=a.max_train)
     return 0
 
