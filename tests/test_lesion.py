@@ -109,6 +109,65 @@ def test_finder_finds_the_box_of_a_bright_ellipse(finder_file: Path) -> None:
     assert finder.find([speckle_only / 255.0]) == [None]
 
 
+def test_a_finder_trained_for_steadiness_starts_from_its_init_and_counts_unsteady_images(finder_file: Path,
+                                                                                          tmp_path: Path) -> None:
+    """``--init`` + ``--consistency``: the starting finder's own val figures are epoch 0, every epoch counts the
+    val images whose box changes on a near copy, and the kept checkpoint is the epoch the history names."""
+    from lookalike.lab.lesion_training import train_finder
+
+    start = torch.load(finder_file, weights_only=True)["meta"]
+    out = tmp_path / "steady.pt"
+    meta = train_finder([finder_file.parent], out, epochs=2, seed=0, image_size=48, init=finder_file, consistency=20.0,
+                        batch_size=8, lr=1e-3, threads=1, log=lambda s: None)
+    history = meta["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[0]["val_dice"] == start["val_best"]["dice"], "epoch 0 is the starting finder, unchanged"
+    assert all(0 <= h["val_unsteady"] <= meta["data"]["n_val"] for h in history)
+    kept = next(h for h in history if h["epoch"] == meta["val_best"]["epoch"])
+    assert (meta["val_best"]["dice"], meta["val_best"]["unsteady"]) == (kept["val_dice"], kept["val_unsteady"])
+    none = train_finder([finder_file.parent], tmp_path / "none.pt", epochs=0, image_size=48, init=finder_file,
+                        consistency=20.0, threads=1, log=lambda s: None)
+    assert none["val_best"]["epoch"] == 0, "no epoch trained: the starting finder is kept"
+    saved, began = (torch.load(f, weights_only=True)["state_dict"] for f in (tmp_path / "none.pt", finder_file))
+    assert saved.keys() == began.keys() and all(torch.equal(saved[k], began[k]) for k in began)
+
+
+def test_a_finder_of_another_architecture_is_refused_as_a_start(finder_file: Path, tmp_path: Path) -> None:
+    from lookalike.lab.lesion_training import train_finder
+
+    with pytest.raises(ValueError, match="this run trains"):
+        train_finder([finder_file.parent], tmp_path / "x.pt", epochs=1, image_size=64, init=finder_file,
+                     threads=1, log=lambda s: None)
+
+
+def test_unsteady_counts_a_box_lost_found_or_moved_on_the_copy() -> None:
+    from lookalike.encoders.lesion import default_arch
+    from lookalike.lab.lesion_training import unsteady
+
+    arch = default_arch(32)
+    blob = np.zeros((32, 32), np.float32)
+    blob[8:16, 8:16] = 0.9
+    moved = np.roll(blob, 6, axis=1)
+    empty = np.zeros_like(blob)
+    probs = np.stack([blob, blob, empty, blob, empty])
+    copies = np.stack([blob, empty, blob, moved, empty])
+    assert unsteady(probs, copies, arch) == 3
+    assert unsteady(probs, probs, arch) == 0
+
+
+def test_the_kept_epoch_is_the_steadiest_near_the_best_dice() -> None:
+    """Without steadiness counted, the best val Dice; with it, the fewest unsteady images among epochs within 2 %
+    of the best Dice (an epoch further off is never kept for its steadiness), then the best Dice."""
+    from lookalike.lab.lesion_training import kept_epoch
+
+    plain = [{"epoch": 1, "val_dice": 0.80}, {"epoch": 2, "val_dice": 0.85}, {"epoch": 3, "val_dice": 0.84}]
+    assert kept_epoch(plain)["epoch"] == 2
+    steady = [{**h, "val_unsteady": u} for h, u in zip(plain, (0, 5, 2))]
+    assert kept_epoch(steady)["epoch"] == 3
+    tied = [{**h, "val_unsteady": 2} for h in plain]
+    assert kept_epoch(tied)["epoch"] == 2
+
+
 @pytest.fixture(scope="module")
 def pretrained_finder_file(finder_file: Path) -> Path:
     """The pretrained FlexibleUNet finder, fine-tuned for a few seeded epochs on the same synthetic scans."""

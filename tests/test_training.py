@@ -289,6 +289,22 @@ def test_round10_is_refused_without_the_report_that_chose_the_shipped_encoder(tm
     assert stop.value.code == 2 and "--against" in capsys.readouterr().err
 
 
+def test_round11_judges_each_head_by_its_mean_over_seeds() -> None:
+    """One lucky seed does not pass a head: tests 1-2 read the mean of the seeds' LOHO and pooled val."""
+    from lookalike.lab.training_fused import seed_mean_decision
+
+    def row(loho: float, pooled_val: float) -> dict:
+        return {"loho": {"score": loho}, "figures": {"pooled_val": {"P@5": pooled_val}}}
+
+    reports = {0: {"lucky": row(0.78, 0.83), "steady": row(0.75, 0.83)},
+               1: {"lucky": row(0.72, 0.83), "steady": row(0.75, 0.82)},
+               2: {"lucky": row(0.72, 0.83), "steady": row(0.74, 0.81)}}
+    rule = seed_mean_decision(reports, {"loho": 0.743, "pooled_val": 0.820})
+    assert not rule["lucky"]["passes_1"] and rule["lucky"]["passes_2"]
+    assert rule["steady"]["passes_1"] and rule["steady"]["passes_2"]
+    assert rule["steady"]["loho_by_seed"] == [0.75, 0.75, 0.74]
+
+
 def test_instance_term_keeps_an_images_own_copy_above_its_classmates() -> None:
     """Round 9's ``_inst`` heads: class losses alone pull a class together until an image's near copy no longer
     outranks its classmates; the instance term (NT-Xent between an image and its copy) keeps it first."""

@@ -136,6 +136,14 @@ for _s, _im in ((128, "crop"), (160, "blur"), (160, "crop")):
 #: Round 10 (issue 18): round 9's candidates again, on blocks made with a retrained lesion finder (``cache
 #: --finder``); the shipped encoder to beat is round 9's winner, read from round 9's report (``--against``).
 ROUND10 = {k: v for k, v in ROUND9.items() if k != "shipped_served"}
+#: Round 11 (issue 18): round 10's heads that passed its tests 1-2 and the shipped head's form, on blocks made with a
+#: finder trained for steadiness, each judged by its mean over :data:`ROUND11_SEEDS` against fixed yardsticks.
+ROUND11 = {k: ROUND10[k] for k in ("head_vec128_crop128_aug_inst_base50_e30", "head_vec128_crop128_aug_inst_base65_e30",
+                                   "head_vec160_blur160_aug_inst_base50_e30", "head_vec160_blur160_aug_inst_base65_e30")}
+ROUND11_SEEDS = (0, 1, 2)
+#: The shipped encoder's LOHO and pooled val, each the mean of seeds 0-2 on its own finder's blocks (the US card's
+#: seed table): round 11's tests 1 and 2.
+ROUND11_YARDSTICK = {"loho": 0.743, "pooled_val": 0.820}
 #: Every candidate of every round, by name (``fit`` takes any trained one).
 ALL_CANDIDATES = {**CANDIDATES, **ROUND3, **ROUND6, **ROUND7, **ROUND8, **ROUND9}
 
@@ -515,6 +523,24 @@ def round3_decision(report: dict[str, Any], above_shipped: bool = False) -> dict
     return out
 
 
+def seed_mean_decision(reports: dict[int, dict[str, Any]], yardstick: dict[str, float]) -> dict[str, Any]:
+    """Round 11's tests 1-2: each candidate's LOHO and pooled val, averaged over the seeds' reports, against the
+    shipped encoder's seed means; a one-seed difference under 0.03 says nothing (the US card's seed table)."""
+    out = {}
+    for name in next(iter(reports.values())):
+        loho = [reports[s][name]["loho"]["score"] for s in reports]
+        pooled = [reports[s][name]["figures"]["pooled_val"]["P@5"] for s in reports]
+        row = {"loho": float(np.mean(loho)), "pooled_val": float(np.mean(pooled)), "loho_by_seed": loho,
+               "pooled_val_by_seed": pooled}
+        row["passes_1"] = row["loho"] >= yardstick["loho"]
+        row["passes_2"] = row["pooled_val"] >= yardstick["pooled_val"]
+        out[name] = row
+        print(f"[rule] {name:40s} LOHO {row['loho']:.3f} ({' '.join(f'{v:.3f}' for v in loho)}) vs "
+              f"{yardstick['loho']:.3f}  pooled val {row['pooled_val']:.3f} vs {yardstick['pooled_val']:.3f}  -> "
+              f"{'pass' if row['passes_1'] and row['passes_2'] else 'refused'} (before near copies and cost)", flush=True)
+    return out
+
+
 def load_caches(cache_dir: Path) -> dict[str, dict[str, Any]]:
     """The cached sets, by data set name."""
     return {p.stem: dict(np.load(p)) for p in sorted(cache_dir.glob("*.npz"))}
@@ -617,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--round8", action="store_true", help="round 8's candidates (the vector's share 65% and 75%)")
     s.add_argument("--round9", action="store_true", help="round 9's candidates (heads with the instance term)")
     s.add_argument("--round10", action="store_true", help="round 9's candidates on a retrained finder's blocks")
+    s.add_argument("--round11", action="store_true",
+                   help="round 10's passing heads on a steady finder's blocks, each over seeds 0-2 (--seed is ignored)")
     s.add_argument("--against", nargs=2, metavar=("REPORT", "CANDIDATE"),
                    help="the shipped encoder's row in an earlier select report: the LOHO and pooled val to beat")
     s.add_argument("--cache", type=Path, required=True)
@@ -645,6 +673,11 @@ def main(argv: list[str] | None = None) -> int:
                 cache_set_sides(d, a.base, out, blur=a.blur, noisy_seed=a.noisy_seed, finder_path=a.finder)
             else:
                 cache_set(d, a.base, out)
+    elif a.cmd == "select" and a.round11:
+        reports = {seed: select(a.cache, seed, a.only, tuple(a.loho_labels), ROUND11) for seed in ROUND11_SEEDS}
+        rule = seed_mean_decision(reports, ROUND11_YARDSTICK)
+        if a.out_json:
+            a.out_json.write_text(json.dumps({"seeds": reports, "yardstick": ROUND11_YARDSTICK, "rule": rule}, indent=1))
     elif a.cmd == "select":
         rounds = {"round3": ROUND3, "round6": ROUND6, "round7": ROUND7, "round8": ROUND8, "round9": ROUND9,
                   "round10": ROUND10}
