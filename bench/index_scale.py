@@ -173,6 +173,12 @@ print(json.dumps({"open_and_first_add_s": t2 - t1}))
 """
 
 
+def progress(n: int, text: str) -> None:
+    """One line per finished phase on stderr: at 10M a phase takes many minutes, and a stopped run still tells."""
+    print(f"[{n:,}] {text} ({time.strftime('%H:%M:%S')}, RSS {rss_bytes() / 1024 ** 3:.1f} GiB)", file=sys.stderr,
+          flush=True)
+
+
 def run_size(n: int, dim: int, queries: int, base: Path, counter: WriteCounter, params: IndexParams) -> dict:
     folder = base / f"n{n}"
     data = Data(dim)
@@ -183,10 +189,12 @@ def run_size(n: int, dim: int, queries: int, base: Path, counter: WriteCounter, 
         stop = min(n, start + FILL_BATCH)
         store.add_many([record(i) for i in range(start, stop)], data.vectors(start, stop))
     result["fill_s"] = time.perf_counter() - t
+    progress(n, f"filled in {result['fill_s']:.0f} s")
     t = time.perf_counter()
     store.close()  # as a back-fill's writer stops: it settles the index before it returns
     result["compaction_s"] = time.perf_counter() - t
     result["layout_after_fill"] = layout(store)
+    progress(n, f"settled in {result['compaction_s']:.0f} s: {result['layout_after_fill']}")
     store = IndexStore(folder, snapshot_every=SNAPSHOT_EVERY, params=params)
     result["merges_left"] = store.compact(settle=True)  # what `lookalike compact` would still find: 0
 
@@ -224,6 +232,8 @@ def run_size(n: int, dim: int, queries: int, base: Path, counter: WriteCounter, 
             os.fsync(probe.fileno())
             fsync_ms.append((time.perf_counter() - t) * 1000)
     result["fsync_ms"] = statistics.median(fsync_ms)
+    progress(n, f"single adds p50 {result['add_ms'][0]:.2f} ms, add_many of 32 per instance p50 "
+                f"{result['batch_ms'][0]:.2f} ms, deletes p50 {result['delete_ms'][0]:.2f} ms")
     store.close()  # settles the adds' small segments
     result["layout_for_lookups"] = layout(store)
 
@@ -264,6 +274,8 @@ def run_size(n: int, dim: int, queries: int, base: Path, counter: WriteCounter, 
     result["reader_rss"] = rss_bytes()
     result["disk_per_vector"] = folder_bytes(store.index_path("us", "bench")) / n
     result["catalogue_per_vector"] = catalogue_bytes(folder) / n
+    progress(n, f"lookups of a fresh reader p50/p95 {result['lookup_ms'][0]:.1f}/{result['lookup_ms'][1]:.1f} ms, warm "
+                f"p95 {result['warm_ms'][1]:.1f} ms; reader RSS {result['reader_rss'] / 1024 ** 3:.2f} GiB")
 
     exact = IndexStore(folder, readonly=True, params=IndexParams(ann_above=None))
     checked = studies[: min(100, queries)]
@@ -276,6 +288,7 @@ def run_size(n: int, dim: int, queries: int, base: Path, counter: WriteCounter, 
     result["recall10_instances"] = float(np.mean([len(set(a) & set(e)) / 10
                                                   for a, e in zip(ann_ids.tolist(), exact_ids.tolist())]))
     exact.close()
+    progress(n, f"recall@10 studies {result['recall10_studies']:.3f}, instances {result['recall10_instances']:.3f}")
 
     # Lookups while a worker process adds instances one at a time (saves every 200, merges in the background).
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(folder), str(n + 10_000), "1500",
