@@ -117,11 +117,9 @@ def kept_epoch(history: list[dict[str, Any]]) -> dict[str, Any]:
     return min(close, key=lambda h: (h["val_unsteady"], -h["val_dice"]))
 
 
-def val_dice(net: Any, x: Any, m: Any, arch: dict[str, Any], batch: int = 128,
-             probs: np.ndarray | None = None) -> float:
-    """Mean Dice on the rows that have a lesion, with the finder's component rule, at the training size."""
-    if probs is None:
-        probs = probabilities(net, x, batch)
+def val_dice(probs: np.ndarray, m: Any, arch: dict[str, Any]) -> float:
+    """Mean Dice of the finder's ``probs`` on the rows that have a lesion, with its component rule, at the training
+    size."""
     truth = m[:, 0].numpy() > 0.5
     scores = []
     for p, t in zip(probs, truth):
@@ -228,8 +226,7 @@ def train_finder(
         nonlocal saved
         net.cpu()
         probs = probabilities(net, x_va)
-        entry: dict[str, Any] = {"epoch": epoch, "loss": loss, "val_dice": round(val_dice(net, x_va, m_va, arch,
-                                                                                          probs=probs), 4)}
+        entry: dict[str, Any] = {"epoch": epoch, "loss": loss, "val_dice": round(val_dice(probs, m_va, arch), 4)}
         if steady:
             entry["val_unsteady"] = unsteady(probs, probabilities(net, c_va), arch)
         net.to(device)
